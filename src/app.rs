@@ -1,0 +1,253 @@
+//! Wiring: open storage, load keys, fold views, build the HTTP servers, spawn workers, and
+//! shut down cleanly when the shutdown future resolves.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId};
+use tokio::sync::{Notify, RwLock};
+
+use crate::{
+    config::Config,
+    core::{
+        log_entry::{Entry, LogRecord},
+        views::{BotMembership, Views},
+    },
+    federation::client::FederationClient,
+    keys::{RemoteKeys, SigningKey},
+    metrics::Metrics,
+    store::{Store, StoreError},
+};
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The state of a pending join, for retries and the admin API.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JoinStatus {
+    /// Consecutive failures.
+    pub failures: u32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When the next attempt is due (ms since the epoch).
+    pub next_attempt_ms: u64,
+}
+
+/// Everything a handler or worker needs.
+pub struct Fedlink {
+    /// The validated config.
+    pub cfg: Config,
+    /// Our server name.
+    pub server_name: OwnedServerName,
+    /// The bot's user id.
+    pub bot: OwnedUserId,
+    /// Our signing key.
+    pub key: Arc<SigningKey>,
+    /// Storage.
+    pub store: Arc<Store>,
+    /// Outbound client.
+    pub client: Arc<FederationClient>,
+    /// Remote key cache.
+    pub keys: Arc<RemoteKeys>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The folded views.
+    pub views: RwLock<Views>,
+    /// Serialises check-against-state, append and fold.
+    pub ingest: tokio::sync::Mutex<()>,
+    /// Wakes the join worker.
+    pub join_wake: Notify,
+    /// Join retry state per room.
+    pub joins: Mutex<HashMap<OwnedRoomId, JoinStatus>>,
+    /// Admin bearer token.
+    pub admin_token: String,
+}
+
+impl Fedlink {
+    /// Open storage and build the services; folds the log into the views.
+    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let key = Arc::new(SigningKey::load_or_create(&cfg.keys.signing_key)?);
+        let admin_token = cfg.admin_token()?;
+        let store = Arc::new(Store::open(&cfg.storage.path).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
+        let metrics = Arc::new(Metrics::new());
+        let client = Arc::new(FederationClient::new(&cfg, key.clone(), metrics.clone())?);
+        let keys = Arc::new(RemoteKeys::new(
+            store.clone(),
+            client.clone(),
+            metrics.clone(),
+            &cfg.server_name,
+            &key.key_id(),
+            &key.public_key_base64(),
+        ));
+        let bot: OwnedUserId = cfg.bot_user_id().try_into().context("bot.localpart")?;
+        let views = fold_views(&store, bot.clone(), false)?;
+        let app = Arc::new(Self {
+            server_name: cfg.server_name.clone().try_into().context("server_name")?,
+            bot,
+            key,
+            store,
+            client,
+            keys,
+            metrics,
+            views: RwLock::new(views),
+            ingest: tokio::sync::Mutex::new(()),
+            join_wake: Notify::new(),
+            joins: Mutex::new(HashMap::new()),
+            admin_token,
+            cfg,
+        });
+        Ok(app)
+    }
+
+    /// Append entries and fold them into the views. Call with the ingest lock held, and
+    /// [`Store::flush`] before acknowledging them.
+    pub async fn append(
+        &self,
+        entries: Vec<Entry>,
+        txn: Option<(&str, &str, &serde_json::Value)>,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let kinds: Vec<&'static str> = entries.iter().map(Entry::kind).collect();
+        let records = self.store.append(entries, txn, now_ms())?;
+        {
+            let mut views = self.views.write().await;
+            for r in &records {
+                views.apply(r);
+            }
+            self.update_view_gauges(&views);
+        }
+        for k in kinds {
+            self.metrics.log_appends.with_label_values(&[k]).inc();
+        }
+        self.metrics.log_entries.set(self.store.last_seq() as i64);
+        Ok(records)
+    }
+
+    fn update_view_gauges(&self, views: &Views) {
+        let joined = views.rooms.values().filter(|r| r.bot_joined()).count();
+        let pending = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::Invited { .. })).count();
+        self.metrics.rooms_joined.set(joined as i64);
+        self.metrics.rooms_pending_join.set(pending as i64);
+    }
+
+    /// Write a views snapshot.
+    pub async fn snapshot(&self) -> Result<(), StoreError> {
+        let views = self.views.read().await.clone();
+        self.store.save_views(&views).await?;
+        self.metrics.views_snapshots.inc();
+        Ok(())
+    }
+}
+
+/// Load the snapshot (unless `rebuild`) and fold every later record.
+pub fn fold_views(store: &Store, bot: OwnedUserId, rebuild: bool) -> anyhow::Result<Views> {
+    let mut views = match (rebuild, store.load_views()?) {
+        (false, Some(v)) if v.bot_user_id == bot => v,
+        _ => Views::new(bot),
+    };
+    let from = views.folded_seq;
+    let mut n = 0u64;
+    for rec in store.records_after(from) {
+        views.apply(&rec?);
+        n += 1;
+    }
+    tracing::info!(from_seq = from, folded = n, rooms = views.rooms.len(), "views ready");
+    Ok(views)
+}
+
+/// Bound listeners, so tests can use port 0 and learn the real ports.
+pub struct Listeners {
+    /// The federation (TLS) listener.
+    pub federation: std::net::TcpListener,
+    /// The metrics/admin listener.
+    pub metrics: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Bind the configured addresses.
+    pub fn bind(cfg: &Config) -> anyhow::Result<Self> {
+        let f = std::net::TcpListener::bind(cfg.federation_addr()?).with_context(|| format!("listen.federation {}", cfg.listen.federation))?;
+        let m = std::net::TcpListener::bind(cfg.metrics_addr()?).with_context(|| format!("listen.metrics {}", cfg.listen.metrics))?;
+        f.set_nonblocking(true)?;
+        m.set_nonblocking(true)?;
+        Ok(Self { federation: f, metrics: m })
+    }
+
+    /// The bound addresses (federation, metrics).
+    pub fn addrs(&self) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.federation.local_addr()?, self.metrics.local_addr()?))
+    }
+}
+
+/// Run fedlink until `shutdown` resolves.
+pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cfg.tls.cert, &cfg.tls.key)
+        .await
+        .with_context(|| format!("tls.cert {} / tls.key {}", cfg.tls.cert.display(), cfg.tls.key.display()))?;
+    let app = Fedlink::open(cfg)?;
+    app.metrics.log_entries.set(app.store.last_seq() as i64);
+    {
+        let views = app.views.read().await;
+        app.update_view_gauges(&views);
+    }
+    let (fed_addr, metrics_addr) = listeners.addrs()?;
+    tracing::info!(server_name = %app.server_name, key_id = %app.key.key_id(), %fed_addr, %metrics_addr, "fedlink starting");
+
+    let handle = axum_server::Handle::new();
+    let fed_router = crate::federation::server::router(app.clone());
+    let fed = axum_server::from_tcp_rustls(listeners.federation, tls)
+        .handle(handle.clone())
+        .serve(fed_router.into_make_service());
+    let admin_router = crate::admin::router(app.clone());
+    let admin_listener = tokio::net::TcpListener::from_std(listeners.metrics)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut admin_stop = stop_rx.clone();
+    let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(async move {
+        let _ = admin_stop.wait_for(|s| *s).await;
+    });
+
+    let joins = tokio::spawn(crate::federation::membership::join_worker(app.clone(), stop_rx.clone()));
+    let snapshots = tokio::spawn(snapshot_worker(app.clone(), stop_rx.clone()));
+
+    let fed_task = tokio::spawn(fed);
+    let admin_task = tokio::spawn(async move { admin.await });
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    handle.graceful_shutdown(Some(Duration::from_secs(10)));
+    let _ = fed_task.await;
+    let _ = admin_task.await;
+    let _ = joins.await;
+    let _ = snapshots.await;
+    app.snapshot().await?;
+    app.store.flush().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Writes a views snapshot every few seconds when the log has grown.
+async fn snapshot_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut last = app.views.read().await.folded_seq;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        app.metrics.storage_bytes.set(app.store.size_on_disk() as i64);
+        let now = app.views.read().await.folded_seq;
+        if now != last {
+            match app.snapshot().await {
+                Ok(()) => last = now,
+                Err(e) => tracing::warn!(error = %e, "views snapshot failed"),
+            }
+        }
+    }
+}

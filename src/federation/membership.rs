@@ -1,0 +1,379 @@
+//! The bot's own membership: accepting invites (`PUT /_matrix/federation/v2/invite`) and
+//! joining through the inviter's server (`make_join` then `send_join` v2).
+//! <https://spec.matrix.org/v1.16/server-server-api/#joining-rooms>
+//!
+//! An accepted invite is logged before it is answered; the join worker then joins every
+//! room whose invite is pending, with backoff on transient failures. Because pending invites
+//! live in the views, a restart resumes them. The state and auth chain a resident server
+//! returns are signature-checked and auth-checked before anything is logged, then stored in
+//! one batch: outlier events, the `bot_joined` record, and the join event.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use reqwest::Method;
+use ruma::{
+    canonical_json::CanonicalJsonValue, events::TimelineEventType, room_version_rules::RoomVersionRules,
+    OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId,
+};
+use serde_json::{json, Value};
+
+use super::{client::enc, error::MatrixError};
+use crate::{
+    app::{now_ms, Fedlink, JoinStatus},
+    core::{
+        backoff::Backoff,
+        log_entry::{BotInvited, BotJoined, Entry, PduEntry, PduStatus, StateRef},
+        pdu::{canonical_object, is_supported, rules_for, Pdu, SUPPORTED_ROOM_VERSIONS},
+        views::BotMembership,
+    },
+    rooms::{check_auth, verify_signatures},
+};
+
+/// Handle `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}` from `origin`.
+pub async fn handle_invite(
+    app: &Fedlink,
+    origin: &str,
+    room_id: &str,
+    event_id: &str,
+    body: Value,
+) -> Result<Value, MatrixError> {
+    let result = invite_inner(app, origin, room_id, event_id, body).await;
+    let label = if result.is_ok() { "accepted" } else { "rejected" };
+    app.metrics.invites.with_label_values(&[label]).inc();
+    if let Err(e) = &result {
+        tracing::info!(%origin, %room_id, error = %e, "refused an invite for the bot");
+    }
+    result
+}
+
+async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str, body: Value) -> Result<Value, MatrixError> {
+    let version_str = body.get("room_version").and_then(Value::as_str).ok_or_else(|| MatrixError::bad_json("missing room_version"))?;
+    let version = RoomVersionId::try_from(version_str).map_err(|_| MatrixError::bad_json("bad room_version"))?;
+    if !is_supported(&version) {
+        return Err(MatrixError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            format!("fedlink supports room versions 10, 11 and 12, not {version}"),
+        )
+        .with("room_version", json!(version.as_str())));
+    }
+    let rules = rules_for(&version).expect("supported version has rules");
+    let event = body.get("event").cloned().ok_or_else(|| MatrixError::bad_json("missing event"))?;
+    let obj = canonical_object(event).map_err(|e| MatrixError::bad_json(e.to_string()))?;
+    let pdu = Pdu::parse(obj, &rules).map_err(|e| MatrixError::bad_json(e.to_string()))?;
+    if pdu.event_id.as_str() != event_id {
+        return Err(MatrixError::invalid_param("event id in the path does not match the event"));
+    }
+    if pdu.room_id.as_str() != room_id {
+        return Err(MatrixError::invalid_param("room id in the path does not match the event"));
+    }
+    if pdu.kind != TimelineEventType::RoomMember || pdu.membership().as_deref() != Some("invite") {
+        return Err(MatrixError::invalid_param("not an invite event"));
+    }
+    if pdu.state_key.as_deref() != Some(app.bot.as_str()) {
+        return Err(MatrixError::forbidden(format!("fedlink only accepts invites for {}", app.bot)));
+    }
+    if pdu.sender.server_name().as_str() != origin {
+        return Err(MatrixError::forbidden("the inviter is not a user of the requesting server"));
+    }
+    let mut obj = verify_signatures(&app.keys, pdu.json.clone(), &rules)
+        .await
+        .map_err(|e| MatrixError::forbidden(e.to_string()))?;
+    ruma::signatures::sign_event(app.server_name.as_str(), &*app.key, &mut obj, &rules.redaction)
+        .map_err(|e| MatrixError::bad_json(e.to_string()))?;
+    let signed = serde_json::to_value(&obj).expect("canonical JSON serializes");
+
+    let _lock = app.ingest.lock().await;
+    let already_joined = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| r.bot_joined());
+    if !already_joined {
+        let entry = Entry::BotInvited(BotInvited {
+            room_id: pdu.room_id.clone(),
+            room_version: version,
+            event_id: pdu.event_id.clone(),
+            inviter: pdu.sender.clone(),
+            event: signed.clone(),
+        });
+        app.append(vec![entry], None).await?;
+        app.store.flush().await?;
+        app.joins.lock().expect("joins lock").remove(&pdu.room_id);
+        app.join_wake.notify_one();
+    }
+    tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, "accepted an invite for the bot");
+    Ok(json!({ "event": signed }))
+}
+
+/// Why a join failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Retrying later may work (network, 5xx, 429).
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying will not help until something changes (a new invite).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl From<super::client::ClientError> for JoinError {
+    fn from(e: super::client::ClientError) -> Self {
+        if e.is_transient() {
+            JoinError::Transient(e.to_string())
+        } else {
+            JoinError::Permanent(e.to_string())
+        }
+    }
+}
+
+/// Joins every room with a pending invite; retries with backoff; resumes after restarts.
+pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let pending: Vec<(OwnedRoomId, OwnedUserId)> = app
+            .views
+            .read()
+            .await
+            .rooms
+            .iter()
+            .filter_map(|(id, r)| match &r.bot {
+                BotMembership::Invited { inviter, .. } => Some((id.clone(), inviter.clone())),
+                _ => None,
+            })
+            .collect();
+        let now = now_ms();
+        let mut next_due: Option<u64> = None;
+        for (room_id, inviter) in pending {
+            let due = app.joins.lock().expect("joins lock").get(&room_id).map(|s| s.next_attempt_ms).unwrap_or(0);
+            if due > now {
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                continue;
+            }
+            let result = join_room(&app, &room_id, &inviter).await;
+            let mut joins = app.joins.lock().expect("joins lock");
+            match result {
+                Ok(()) => {
+                    joins.remove(&room_id);
+                    app.metrics.joins.with_label_values(&["ok"]).inc();
+                }
+                Err(e) => {
+                    let status = joins.entry(room_id.clone()).or_insert_with(JoinStatus::default);
+                    status.failures += 1;
+                    status.last_error = Some(e.to_string());
+                    let (label, due) = match &e {
+                        JoinError::Transient(_) => ("transient_error", now_ms() + Backoff::DEFAULT.delay(status.failures).as_millis() as u64),
+                        JoinError::Permanent(_) => ("permanent_error", u64::MAX),
+                    };
+                    status.next_attempt_ms = due;
+                    app.metrics.joins.with_label_values(&[label]).inc();
+                    tracing::warn!(%room_id, failures = status.failures, error = %e, "join failed");
+                    if due != u64::MAX {
+                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    }
+                }
+            }
+        }
+        let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = app.join_wake.notified() => {}
+            _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Join `room_id` through `inviter`'s server.
+pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUserId) -> Result<(), JoinError> {
+    let resident: OwnedServerName = inviter.server_name().to_owned();
+    let vers: String = SUPPORTED_ROOM_VERSIONS.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
+    let path = format!("/_matrix/federation/v1/make_join/{}/{}?{vers}", enc(room_id.as_str()), enc(app.bot.as_str()));
+    let resp = app.client.request(resident.as_str(), Method::GET, &path, None).await?;
+    let version = resp
+        .get("room_version")
+        .and_then(Value::as_str)
+        .and_then(|v| RoomVersionId::try_from(v).ok())
+        .unwrap_or(RoomVersionId::V1);
+    let rules = rules_for(&version).ok_or_else(|| JoinError::Permanent(format!("unsupported room version {version}")))?;
+    let template = resp.get("event").cloned().ok_or_else(|| JoinError::Permanent("make_join answer has no event".into()))?;
+    let mut obj = canonical_object(template).map_err(|e| JoinError::Permanent(format!("make_join template: {e}")))?;
+    for k in ["event_id", "signatures", "hashes", "unsigned"] {
+        obj.remove(k);
+    }
+    let str_field = |o: &ruma::canonical_json::CanonicalJsonObject, k: &str| match o.get(k) {
+        Some(CanonicalJsonValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let membership = match obj.get("content") {
+        Some(CanonicalJsonValue::Object(c)) => match c.get("membership") {
+            Some(CanonicalJsonValue::String(m)) => Some(m.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    if str_field(&obj, "type").as_deref() != Some("m.room.member")
+        || str_field(&obj, "state_key").as_deref() != Some(app.bot.as_str())
+        || str_field(&obj, "sender").as_deref() != Some(app.bot.as_str())
+        || str_field(&obj, "room_id").as_deref() != Some(room_id.as_str())
+        || membership.as_deref() != Some("join")
+    {
+        return Err(JoinError::Permanent("make_join template is not a join of the bot to this room".into()));
+    }
+    obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::Int::new(now_ms() as i64).unwrap_or_default()));
+    if obj.contains_key("origin") {
+        obj.insert("origin".into(), CanonicalJsonValue::String(app.server_name.to_string()));
+    }
+    ruma::signatures::hash_and_sign_event(app.server_name.as_str(), &*app.key, &mut obj, &rules.redaction)
+        .map_err(|e| JoinError::Permanent(format!("signing the join: {e}")))?;
+    let join = Pdu::parse(obj, &rules).map_err(|e| JoinError::Permanent(format!("our join event: {e}")))?;
+
+    let path = format!(
+        "/_matrix/federation/v2/send_join/{}/{}?omit_members=false",
+        enc(room_id.as_str()),
+        enc(join.event_id.as_str())
+    );
+    let resp = app.client.request(resident.as_str(), Method::PUT, &path, Some(&join.to_value())).await?;
+    if resp.get("members_omitted").and_then(Value::as_bool) == Some(true) {
+        return Err(JoinError::Permanent("resident server omitted members despite omit_members=false".into()));
+    }
+    let list = |k: &str| -> Result<Vec<Value>, JoinError> {
+        match resp.get(k) {
+            Some(Value::Array(a)) => Ok(a.clone()),
+            _ => Err(JoinError::Permanent(format!("send_join answer has no `{k}` list"))),
+        }
+    };
+    let state = list("state")?;
+    let auth_chain = list("auth_chain")?;
+    // The resident may have countersigned our join (restricted rooms): prefer its copy.
+    let join = match resp.get("event").cloned().map(canonical_object) {
+        Some(Ok(o)) => match Pdu::parse(o, &rules) {
+            Ok(p) if p.event_id == join.event_id => p,
+            _ => join,
+        },
+        _ => join,
+    };
+
+    let mut events: BTreeMap<OwnedEventId, Pdu> = BTreeMap::new();
+    let mut state_ids: BTreeSet<OwnedEventId> = BTreeSet::new();
+    for (raw, is_state) in state.into_iter().map(|v| (v, true)).chain(auth_chain.into_iter().map(|v| (v, false))) {
+        let obj = canonical_object(raw).map_err(|e| JoinError::Permanent(format!("state event: {e}")))?;
+        let pdu = Pdu::parse(obj, &rules).map_err(|e| JoinError::Permanent(format!("state event: {e}")))?;
+        if pdu.room_id != *room_id {
+            return Err(JoinError::Permanent(format!("state event {} is from another room", pdu.event_id)));
+        }
+        if is_state {
+            if pdu.state_key.is_none() {
+                return Err(JoinError::Permanent(format!("{} in `state` is not a state event", pdu.event_id)));
+            }
+            state_ids.insert(pdu.event_id.clone());
+        }
+        if events.contains_key(&pdu.event_id) || app.store.has_event(pdu.event_id.as_str()).unwrap_or(false) {
+            continue;
+        }
+        let obj = verify_signatures(&app.keys, pdu.json, &rules).await.map_err(|e| match e {
+            crate::rooms::Rejection::Keys(m) => JoinError::Transient(m),
+            other => JoinError::Permanent(format!("state event: {other}")),
+        })?;
+        let pdu = Pdu::parse(obj, &rules).map_err(|e| JoinError::Permanent(e.to_string()))?;
+        events.insert(pdu.event_id.clone(), pdu);
+    }
+    let ordered = auth_order(&events);
+    if ordered.len() != events.len() {
+        return Err(JoinError::Permanent("the returned auth chain has a cycle".into()));
+    }
+    let mut checked: BTreeMap<OwnedEventId, Pdu> = BTreeMap::new();
+    for id in ordered {
+        let pdu = events.remove(&id).expect("ordered ids come from the map");
+        check_auth(&app.store, None, &pdu, &rules, &checked)
+            .map_err(|e| JoinError::Permanent(format!("state event {id} fails auth: {e}")))?;
+        checked.insert(id, pdu);
+    }
+    check_join_against_state(app, &join, &rules, &checked, &state_ids)?;
+
+    let state_refs: Vec<StateRef> = state_ids
+        .iter()
+        .filter_map(|id| {
+            let p = checked.get(id).cloned().or_else(|| crate::rooms::load_pdu(&app.store, id, &rules))?;
+            Some(StateRef {
+                event_type: p.kind.to_string(),
+                state_key: p.state_key.clone().unwrap_or_default(),
+                event_id: p.event_id.clone(),
+                membership: p.membership(),
+            })
+        })
+        .collect();
+    let n_state = state_refs.len();
+    let _lock = app.ingest.lock().await;
+    let mut entries: Vec<Entry> = checked
+        .values()
+        .filter(|p| !app.store.has_event(p.event_id.as_str()).unwrap_or(false))
+        .map(|p| Entry::Pdu(PduEntry::new(p, resident.clone(), PduStatus::Outlier)))
+        .collect();
+    let n_new = entries.len();
+    entries.push(Entry::BotJoined(BotJoined {
+        room_id: room_id.clone(),
+        room_version: version.clone(),
+        join_event_id: join.event_id.clone(),
+        via: resident.clone(),
+        state: state_refs,
+    }));
+    if !app.store.has_event(join.event_id.as_str()).unwrap_or(false) {
+        entries.push(Entry::Pdu(PduEntry::new(&join, resident.clone(), PduStatus::Accepted)));
+    }
+    app.append(entries, None).await.map_err(|e| JoinError::Transient(e.to_string()))?;
+    app.store.flush().await.map_err(|e| JoinError::Transient(e.to_string()))?;
+    tracing::info!(%room_id, %version, via = %resident, state = n_state, new_events = n_new, "bot joined room");
+    Ok(())
+}
+
+/// Check our own join against the returned state (and its auth events).
+fn check_join_against_state(
+    app: &Fedlink,
+    join: &Pdu,
+    rules: &RoomVersionRules,
+    checked: &BTreeMap<OwnedEventId, Pdu>,
+    state_ids: &BTreeSet<OwnedEventId>,
+) -> Result<(), JoinError> {
+    check_auth(&app.store, None, join, rules, checked).map_err(|e| JoinError::Permanent(format!("our join fails auth: {e}")))?;
+    let state: BTreeMap<(String, String), &Pdu> = state_ids
+        .iter()
+        .filter_map(|id| checked.get(id))
+        .filter_map(|p| p.state_key.clone().map(|sk| ((p.kind.to_string(), sk), p)))
+        .collect();
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, join, |t, sk| {
+        state.get(&(t.to_string(), sk.to_owned())).map(|p| (*p).clone())
+    })
+    .map_err(|e| JoinError::Permanent(format!("our join is not allowed by the room state: {e}")))
+}
+
+/// Order events so each comes after its auth events (Kahn's algorithm, ties by depth then id).
+pub fn auth_order(events: &BTreeMap<OwnedEventId, Pdu>) -> Vec<OwnedEventId> {
+    let mut pending: BTreeMap<&OwnedEventId, usize> = events
+        .iter()
+        .map(|(id, p)| (id, p.auth_events.iter().filter(|a| events.contains_key(*a)).count()))
+        .collect();
+    let mut out = Vec::with_capacity(events.len());
+    let mut ready: BTreeSet<(u64, &OwnedEventId)> =
+        pending.iter().filter(|(_, n)| **n == 0).map(|(id, _)| (events[*id].depth, *id)).collect();
+    let mut dependents: BTreeMap<&OwnedEventId, Vec<&OwnedEventId>> = BTreeMap::new();
+    for (id, p) in events {
+        for a in &p.auth_events {
+            if let Some((k, _)) = events.get_key_value(a) {
+                dependents.entry(k).or_default().push(id);
+            }
+        }
+    }
+    while let Some(first) = ready.iter().next().cloned() {
+        ready.remove(&first);
+        let id = first.1;
+        out.push(id.clone());
+        for d in dependents.get(id).into_iter().flatten() {
+            let n = pending.get_mut(d).expect("dependent is in the map");
+            *n -= 1;
+            if *n == 0 {
+                ready.insert((events[*d].depth, *d));
+            }
+        }
+    }
+    // Cycles cannot pass auth; leave them out so their dependents fail loudly.
+    out
+}

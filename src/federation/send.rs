@@ -1,0 +1,281 @@
+//! `PUT /_matrix/federation/v1/send/{txnId}`: transaction ingest.
+//! <https://spec.matrix.org/v1.16/server-server-api/#put_matrixfederationv1sendtxnid>
+//!
+//! Limits first (50 PDUs, 100 EDUs, 64 KiB per PDU), then a retransmitted transaction is
+//! answered from the stored response. Each PDU is parsed and signature-checked without a
+//! lock, then auth-checked and appended under the ingest lock; EDUs fedlink cares about are
+//! validated (a server speaks only for its own users) and appended with the transaction's
+//! response in one batch. The store is flushed before the 200 goes out.
+
+use std::collections::BTreeMap;
+
+use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
+use serde_json::{json, Value};
+
+use super::error::MatrixError;
+use crate::{
+    app::Fedlink,
+    core::{
+        log_entry::{Entry, PduEntry, PduStatus, PresenceEntry, ReceiptEntry, TypingEntry},
+        pdu::{canonical_object, rules_for, Pdu},
+    },
+    rooms::{check_auth, verify_signatures, Rejection},
+};
+
+/// Most PDUs in one transaction.
+pub const MAX_PDUS: usize = 50;
+/// Most EDUs in one transaction.
+pub const MAX_EDUS: usize = 100;
+
+/// Handle one transaction from an authenticated `origin`.
+pub async fn handle_send(app: &Fedlink, origin: &str, txn_id: &str, body: Value) -> Result<Value, MatrixError> {
+    let started = std::time::Instant::now();
+    let result = handle_inner(app, origin, txn_id, body).await;
+    app.metrics.transaction_seconds.observe(started.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok((_, true)) => "retransmit",
+        Ok((_, false)) => "ok",
+        Err(_) => "rejected",
+    };
+    app.metrics.transactions.with_label_values(&[label]).inc();
+    result.map(|(v, _)| v)
+}
+
+async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) -> Result<(Value, bool), MatrixError> {
+    let Value::Object(mut body) = body else { return Err(MatrixError::bad_json("transaction must be a JSON object")) };
+    if let Some(o) = body.get("origin") {
+        if o.as_str() != Some(origin) {
+            return Err(MatrixError::forbidden("transaction origin does not match the authenticated origin"));
+        }
+    }
+    let pdus = match body.remove("pdus") {
+        Some(Value::Array(a)) => a,
+        None => Vec::new(),
+        Some(_) => return Err(MatrixError::bad_json("`pdus` must be an array")),
+    };
+    let edus = match body.remove("edus") {
+        Some(Value::Array(a)) => a,
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => return Err(MatrixError::bad_json("`edus` must be an array")),
+    };
+    if pdus.len() > MAX_PDUS || edus.len() > MAX_EDUS {
+        return Err(MatrixError::bad_json(format!(
+            "transaction has {} PDUs and {} EDUs; at most {MAX_PDUS} and {MAX_EDUS} are allowed",
+            pdus.len(),
+            edus.len()
+        )));
+    }
+    if let Some(resp) = app.store.txn_response(origin, txn_id)? {
+        tracing::debug!(%origin, %txn_id, "retransmitted transaction answered from the log");
+        return Ok((resp, true));
+    }
+
+    // Parse and verify signatures without holding the lock.
+    let mut results: BTreeMap<String, Value> = BTreeMap::new();
+    let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
+    for raw in pdus {
+        match precheck(app, raw).await {
+            Ok(Some((pdu, room))) => verified.push((pdu, room)),
+            Ok(None) => {}
+            Err((Some(id), rej)) => {
+                reject(app, &id, &rej, &mut results);
+            }
+            Err((None, rej)) => {
+                app.metrics.pdus_received.with_label_values(&["rejected"]).inc();
+                app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
+                tracing::info!(%origin, reason = %rej, "dropping unparseable PDU");
+            }
+        }
+    }
+    verified.sort_by_key(|(p, _)| p.depth);
+
+    let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
+    let _lock = app.ingest.lock().await;
+    if let Some(resp) = app.store.txn_response(origin, txn_id)? {
+        return Ok((resp, true));
+    }
+    for (pdu, room_id) in verified {
+        let id = pdu.event_id.to_string();
+        if app.store.has_event(&id)? {
+            app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
+            results.insert(id, json!({}));
+            continue;
+        }
+        let views = app.views.read().await;
+        let Some(room) = views.rooms.get(&room_id).filter(|r| r.bot_joined()) else {
+            drop(views);
+            reject(app, &id, &Rejection::Room("fedlink is not in this room".into()), &mut results);
+            continue;
+        };
+        let Some(rules) = rules_for(&room.version) else {
+            drop(views);
+            reject(app, &id, &Rejection::Room("unsupported room version".into()), &mut results);
+            continue;
+        };
+        let checked = check_auth(&app.store, Some(room), &pdu, &rules, &BTreeMap::new());
+        drop(views);
+        match checked {
+            Ok(status) => {
+                app.append(vec![Entry::Pdu(PduEntry::new(&pdu, via.clone(), status))], None).await?;
+                let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
+                app.metrics.pdus_received.with_label_values(&[label]).inc();
+                tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");
+                results.insert(id, json!({}));
+            }
+            Err(rej) => reject(app, &id, &rej, &mut results),
+        }
+    }
+
+    let mut entries = Vec::new();
+    for edu in edus {
+        let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or("").to_owned();
+        let label = edu_metric_label(&edu_type);
+        match parse_edu(app, &via, &edu).await {
+            Ok(mut e) if !e.is_empty() => {
+                entries.append(&mut e);
+                app.metrics.edus_received.with_label_values(&[label, "logged"]).inc();
+            }
+            Ok(_) => {
+                app.metrics.edus_received.with_label_values(&[label, "ignored"]).inc();
+            }
+            Err(reason) => {
+                tracing::info!(%origin, edu_type = %edu_type, %reason, "rejecting EDU");
+                app.metrics.edus_received.with_label_values(&[label, "rejected"]).inc();
+            }
+        }
+    }
+    let response = json!({ "pdus": results });
+    app.append(entries, Some((origin, txn_id, &response))).await?;
+    app.store.flush().await?;
+    Ok((response, false))
+}
+
+fn reject(app: &Fedlink, id: &str, rej: &Rejection, results: &mut BTreeMap<String, Value>) {
+    app.metrics.pdus_received.with_label_values(&["rejected"]).inc();
+    app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
+    tracing::info!(event_id = %id, reason = %rej, "rejecting PDU");
+    results.insert(id.to_owned(), json!({ "error": rej.to_string() }));
+}
+
+type PreError = (Option<String>, Rejection);
+
+/// Parse a PDU against its room's rules and verify its signatures.
+/// `Ok(None)` means already known (answered as success without work).
+async fn precheck(app: &Fedlink, raw: Value) -> Result<Option<(Pdu, OwnedRoomId)>, PreError> {
+    let room_id = raw
+        .get("room_id")
+        .and_then(Value::as_str)
+        .and_then(|r| RoomId::parse(r).ok())
+        .ok_or((None, Rejection::Format("PDU has no valid room_id".into())))?;
+    let version = app.views.read().await.rooms.get(&room_id).map(|r| r.version.clone());
+    let Some(version) = version else {
+        return Err((None, Rejection::Room(format!("unknown room {room_id}"))));
+    };
+    let rules = rules_for(&version).ok_or((None, Rejection::Room("unsupported room version".into())))?;
+    let obj = canonical_object(raw).map_err(|e| (None, Rejection::Format(e.to_string())))?;
+    let pdu = Pdu::parse(obj, &rules).map_err(|e| (None, Rejection::Format(e.to_string())))?;
+    let id = pdu.event_id.to_string();
+    if pdu.room_id != room_id {
+        return Err((Some(id), Rejection::Format("room_id mismatch".into())));
+    }
+    if app.store.has_event(&id).unwrap_or(false) {
+        app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
+        return Ok(None);
+    }
+    let obj = verify_signatures(&app.keys, pdu.json, &rules).await.map_err(|r| (Some(id.clone()), r))?;
+    let pdu = Pdu::parse(obj, &rules).map_err(|e| (Some(id), Rejection::Format(e.to_string())))?;
+    Ok(Some((pdu, room_id)))
+}
+
+fn edu_metric_label(edu_type: &str) -> &'static str {
+    match edu_type {
+        "m.receipt" => "m.receipt",
+        "m.typing" => "m.typing",
+        "m.presence" => "m.presence",
+        _ => "other",
+    }
+}
+
+fn own_user(origin: &OwnedServerName, user: &str) -> Result<OwnedUserId, String> {
+    let u = UserId::parse(user).map_err(|e| format!("bad user id `{user}`: {e}"))?;
+    if u.server_name() != origin {
+        return Err(format!("{origin} may not speak for {u}"));
+    }
+    Ok(u)
+}
+
+/// Validate one EDU into log entries. Types fedlink does not act on give no entries.
+async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Result<Vec<Entry>, String> {
+    let edu_type = edu.get("edu_type").and_then(Value::as_str).ok_or("EDU has no edu_type")?;
+    let content = edu.get("content").and_then(Value::as_object).ok_or("EDU content must be an object")?;
+    let mut out = Vec::new();
+    match edu_type {
+        "m.receipt" => {
+            let views = app.views.read().await;
+            for (room, by_type) in content {
+                let room_id = RoomId::parse(room).map_err(|e| format!("bad room id: {e}"))?;
+                if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined()) {
+                    continue;
+                }
+                let by_type = by_type.as_object().ok_or("receipt types must be an object")?;
+                for (receipt_type, by_user) in by_type {
+                    if receipt_type != "m.read" {
+                        continue;
+                    }
+                    for (user, r) in by_user.as_object().ok_or("receipt users must be an object")? {
+                        let user_id = own_user(origin, user)?;
+                        let event_id: OwnedEventId = r
+                            .get("event_ids")
+                            .and_then(Value::as_array)
+                            .and_then(|a| a.last())
+                            .and_then(Value::as_str)
+                            .and_then(|e| e.try_into().ok())
+                            .ok_or("receipt needs event_ids")?;
+                        let data = r.get("data");
+                        out.push(Entry::Receipt(ReceiptEntry {
+                            origin: origin.clone(),
+                            room_id: room_id.clone(),
+                            receipt_type: receipt_type.clone(),
+                            user_id,
+                            event_id,
+                            ts: data.and_then(|d| d.get("ts")).and_then(Value::as_u64),
+                            thread_id: data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from),
+                        }));
+                    }
+                }
+            }
+        }
+        "m.typing" => {
+            let room_id = content
+                .get("room_id")
+                .and_then(Value::as_str)
+                .and_then(|r| RoomId::parse(r).ok())
+                .ok_or("typing needs room_id")?;
+            let user = content.get("user_id").and_then(Value::as_str).ok_or("typing needs user_id")?;
+            let user_id = own_user(origin, user)?;
+            let typing = content.get("typing").and_then(Value::as_bool).ok_or("typing needs typing")?;
+            if app.views.read().await.rooms.get(&room_id).is_some_and(|r| r.bot_joined()) {
+                out.push(Entry::Typing(TypingEntry { origin: origin.clone(), room_id, user_id, typing }));
+            }
+        }
+        "m.presence" => {
+            let push = content.get("push").and_then(Value::as_array).ok_or("presence needs push")?;
+            for p in push {
+                let user = p.get("user_id").and_then(Value::as_str).ok_or("presence needs user_id")?;
+                let user_id = own_user(origin, user)?;
+                let presence = p.get("presence").and_then(Value::as_str).ok_or("presence needs presence")?;
+                if !matches!(presence, "online" | "unavailable" | "offline") {
+                    return Err(format!("unknown presence `{presence}`"));
+                }
+                out.push(Entry::Presence(PresenceEntry {
+                    origin: origin.clone(),
+                    user_id,
+                    presence: presence.to_owned(),
+                    last_active_ago: p.get("last_active_ago").and_then(Value::as_u64),
+                }));
+            }
+        }
+        _ => {}
+    }
+    Ok(out)
+}

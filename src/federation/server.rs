@@ -1,0 +1,167 @@
+//! The federation HTTP server: routes, X-Matrix authentication of every request that needs
+//! it (signature over the raw request target, destination check, allow-list), body limits,
+//! and JSON errors for everything else.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, Path, Query, State},
+    http::Uri,
+    http::{HeaderMap, Method, StatusCode},
+    routing::{get, put},
+    Json, Router,
+};
+use ruma::canonical_json::CanonicalJsonObject;
+use serde_json::{json, Value};
+
+use super::{auth, error::MatrixError};
+use crate::app::{now_ms, Fedlink};
+
+type AppState = Arc<Fedlink>;
+
+/// The federation router.
+pub fn router(app: Arc<Fedlink>) -> Router {
+    let limit = app.cfg.federation.max_request_bytes;
+    Router::new()
+        .route("/_matrix/key/v2/server", get(key_server))
+        .route("/_matrix/key/v2/server/{key_id}", get(key_server))
+        .route("/_matrix/federation/v1/version", get(version))
+        .route("/_matrix/federation/v1/send/{txn_id}", put(send))
+        .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
+        .route("/_matrix/federation/v1/query/profile", get(profile))
+        .fallback(unrecognized)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn unrecognized(State(app): State<AppState>, method: Method, uri: Uri) -> MatrixError {
+    app.metrics.requests_rejected.with_label_values(&["unrecognized"]).inc();
+    tracing::debug!(%method, uri = %uri, "unrecognized federation request");
+    MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request")
+}
+
+/// Authenticate a request; returns the verified origin.
+pub async fn authenticate(
+    app: &Fedlink,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<String, MatrixError> {
+    let reject = |reason: &'static str, err: MatrixError| {
+        app.metrics.requests_rejected.with_label_values(&[reason]).inc();
+        tracing::info!(reason, error = %err.message, uri = %uri.path(), "refused federation request");
+        err
+    };
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| reject("missing_auth", MatrixError::unauthorized("missing X-Matrix authorization")))?;
+    let x = auth::parse_header(header).map_err(|e| reject("malformed_auth", MatrixError::unauthorized(e.to_string())))?;
+    if let Some(d) = &x.destination {
+        if d != app.server_name.as_str() {
+            return Err(reject("wrong_destination", MatrixError::unauthorized(format!("this server is {}, not {d}", app.server_name))));
+        }
+    }
+    if ruma::ServerName::parse(&x.origin).is_err() {
+        return Err(reject("malformed_auth", MatrixError::unauthorized("origin is not a server name")));
+    }
+    if !app.cfg.is_allowed(&x.origin) {
+        return Err(reject("not_allowed", MatrixError::forbidden(format!("{} is not allowed to federate with this server", x.origin))));
+    }
+    let content = auth::body_value(body).map_err(|e| reject("bad_body", MatrixError::bad_json(e.to_string())))?;
+    let keys = app
+        .keys
+        .keys(&x.origin, std::slice::from_ref(&x.key), now_ms())
+        .await
+        .map_err(|e| reject("unknown_key", MatrixError::unauthorized(e.to_string())))?;
+    let public = keys.get(&x.key).map(|k| k.encode()).unwrap_or_default();
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    auth::verify_request(&x, &public, app.server_name.as_str(), method.as_str(), target, content.as_ref())
+        .map_err(|e| reject("bad_signature", MatrixError::unauthorized(e.to_string())))?;
+    Ok(x.origin)
+}
+
+fn body_or_413(app: &Fedlink, body: Result<Bytes, BytesRejection>) -> Result<Bytes, MatrixError> {
+    body.map_err(|e| {
+        app.metrics.requests_rejected.with_label_values(&["too_large"]).inc();
+        MatrixError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", e.body_text())
+    })
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, MatrixError> {
+    serde_json::from_slice(body).map_err(|e| MatrixError::bad_json(format!("body is not JSON: {e}")))
+}
+
+/// `GET /_matrix/key/v2/server`: our key, self-signed.
+async fn key_server(State(app): State<AppState>) -> Json<Value> {
+    Json(key_document(&app))
+}
+
+/// The signed key document.
+pub fn key_document(app: &Fedlink) -> Value {
+    let valid_until = now_ms() + app.cfg.keys.validity_hours * 3600 * 1000;
+    let doc = json!({
+        "server_name": app.server_name.as_str(),
+        "valid_until_ts": valid_until,
+        "verify_keys": { app.key.key_id(): { "key": app.key.public_key_base64() } },
+        "old_verify_keys": {},
+    });
+    let mut obj: CanonicalJsonObject = crate::core::pdu::canonical_object(doc).expect("key document is canonical");
+    ruma::signatures::sign_json(app.server_name.as_str(), &*app.key, &mut obj).expect("key document signs");
+    serde_json::to_value(obj).expect("serializes")
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({ "server": { "name": "fedlink", "version": env!("CARGO_PKG_VERSION") } }))
+}
+
+async fn send(
+    State(app): State<AppState>,
+    Path(txn_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let body = body_or_413(&app, body)?;
+    let origin = authenticate(&app, &method, &uri, &headers, &body).await?;
+    let value = parse_json(&body)?;
+    super::send::handle_send(&app, &origin, &txn_id, value).await.map(Json)
+}
+
+async fn invite(
+    State(app): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let body = body_or_413(&app, body)?;
+    let origin = authenticate(&app, &method, &uri, &headers, &body).await?;
+    let value = parse_json(&body)?;
+    super::membership::handle_invite(&app, &origin, &room_id, &event_id, value).await.map(Json)
+}
+
+async fn profile(
+    State(app): State<AppState>,
+    Query(q): Query<BTreeMap<String, String>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    authenticate(&app, &method, &uri, &headers, &[]).await?;
+    let user = q.get("user_id").ok_or_else(|| MatrixError::invalid_param("user_id is required"))?;
+    if user != app.bot.as_str() {
+        return Err(MatrixError::not_found("no such user"));
+    }
+    let name = app.cfg.bot.displayname.clone();
+    Ok(Json(match q.get("field").map(String::as_str) {
+        Some("displayname") => json!({ "displayname": name }),
+        Some("avatar_url") => json!({}),
+        None => json!({ "displayname": name }),
+        Some(_) => return Err(MatrixError::invalid_param("unknown profile field")),
+    }))
+}

@@ -1,0 +1,31 @@
+//! fedlink: a federation-level linked-identity sync engine for private Matrix federations.
+//!
+//! fedlink runs under its own federation server name as a real peer of the homeservers.
+//! Its bot sits in rooms; everything it accepts goes into an append-only event log in sled;
+//! views are folded from that log.
+//!
+//! # Layout
+//! - [`config`]: typed config (TOML + `FEDLINK_*` env), validation naming the bad key.
+//! - [`core`]: pure logic, no I/O: log records, the PDU model, views, backoff.
+//! - [`store`]: the only module that touches sled: log, event index, txn responses, views
+//!   snapshot, remote key cache.
+//! - [`keys`]: our signing key (Synapse file format) and the remote key cache.
+//! - [`rooms`]: checks on received PDUs (signatures, hashes, authorization rules).
+//! - [`federation`]: X-Matrix auth, discovery, outbound client, inbound server, `/send`
+//!   ingest, the bot's invites and joins.
+//! - [`admin`]: `/metrics` and the bearer-token admin API.
+//! - [`metrics`]: every `fedlink_*` metric.
+//! - [`app`]: wiring, workers, shutdown.
+//!
+//! # Data flow
+//! `federation /send, invites, joins -> checks (rooms) -> store (log) -> core::views`.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod core;
+pub mod federation;
+pub mod keys;
+pub mod metrics;
+pub mod rooms;
+pub mod store;

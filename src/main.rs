@@ -1,0 +1,104 @@
+//! The `fedlink` command: parses the CLI, sets up logging, and hands over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fedlink::{app, config::Config, keys::SigningKey};
+
+#[derive(Parser)]
+#[command(name = "fedlink", version, about = "Federation-level linked-identity sync for Matrix")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the federation peer.
+    Run {
+        /// Config file.
+        #[arg(short, long, env = "FEDLINK_CONFIG")]
+        config: PathBuf,
+    },
+    /// Write a new signing key in Synapse's format (refuses to overwrite).
+    GenerateKey {
+        /// Output path.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Validate the config and print it with secrets redacted.
+    CheckConfig {
+        /// Config file.
+        #[arg(short, long, env = "FEDLINK_CONFIG")]
+        config: PathBuf,
+    },
+    /// Rebuild every view from the event log.
+    Replay {
+        /// Config file.
+        #[arg(short, long, env = "FEDLINK_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn load(path: &PathBuf) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FEDLINK_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::GenerateKey { output } => {
+            let key = SigningKey::generate();
+            key.write_new(&output)?;
+            println!("wrote {} ({})", output.display(), key.key_id());
+            Ok(())
+        }
+        Cmd::CheckConfig { config } => {
+            let cfg = load(&config)?;
+            cfg.admin_token()?;
+            print!("{}", toml::to_string_pretty(&cfg.redacted())?);
+            eprintln!("config OK");
+            Ok(())
+        }
+        Cmd::Replay { config } => {
+            let cfg = load(&config)?;
+            let store = fedlink::store::Store::open(&cfg.storage.path).context("storage.path")?;
+            let bot = cfg.bot_user_id().try_into().context("bot.localpart")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                store.clear_views()?;
+                let views = app::fold_views(&store, bot, true)?;
+                store.save_views(&views).await?;
+                println!("replayed {} log entries into {} rooms", views.folded_seq, views.rooms.len());
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Run { config } => {
+            let cfg = load(&config)?;
+            let listeners = app::Listeners::bind(&cfg)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(app::run(cfg, listeners, shutdown_signal()))
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,102 @@
+//! Prometheus metrics, all named `fedlink_*`. Labels carry only small fixed sets (results,
+//! reasons, EDU types), never user, room or event ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Every metric fedlink exports.
+pub struct Metrics {
+    registry: Registry,
+    /// PDUs received over `/send`, by result (`accepted`, `soft_failed`, `duplicate`, `rejected`).
+    pub pdus_received: IntCounterVec,
+    /// PDUs rejected, by reason.
+    pub pdus_rejected: IntCounterVec,
+    /// EDUs received, by type and result (`logged`, `ignored`, `rejected`).
+    pub edus_received: IntCounterVec,
+    /// Transactions, by result (`ok`, `retransmit`, `rejected`).
+    pub transactions: IntCounterVec,
+    /// Time to process a `/send` transaction.
+    pub transaction_seconds: Histogram,
+    /// Requests refused before reaching a handler, by reason.
+    pub requests_rejected: IntCounterVec,
+    /// Remote key fetches, by result.
+    pub key_fetches: IntCounterVec,
+    /// Invites to the bot, by result.
+    pub invites: IntCounterVec,
+    /// Join attempts, by result.
+    pub joins: IntCounterVec,
+    /// Outbound federation requests, by result (`ok`, `http_error`, `network_error`).
+    pub outbound_requests: IntCounterVec,
+    /// Records in the event log.
+    pub log_entries: IntGauge,
+    /// Records appended, by kind.
+    pub log_appends: IntCounterVec,
+    /// sled size on disk.
+    pub storage_bytes: IntGauge,
+    /// Rooms the bot is joined to.
+    pub rooms_joined: IntGauge,
+    /// Rooms with an invite pending a join.
+    pub rooms_pending_join: IntGauge,
+    /// Views snapshots written.
+    pub views_snapshots: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    /// Create and register all metrics.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let transaction_seconds = Histogram::with_opts(
+            HistogramOpts::new("fedlink_transaction_duration_seconds", "Time to process an inbound /send transaction")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("static metric definition");
+        r.register(Box::new(transaction_seconds.clone())).expect("metric registered once");
+        let views_snapshots = IntCounter::new("fedlink_views_snapshots_total", "Views snapshots written").expect("static");
+        r.register(Box::new(views_snapshots.clone())).expect("metric registered once");
+        Self {
+            pdus_received: counter_vec(&r, "fedlink_pdus_received_total", "PDUs received over /send by result", &["result"]),
+            pdus_rejected: counter_vec(&r, "fedlink_pdus_rejected_total", "PDUs rejected by reason", &["reason"]),
+            edus_received: counter_vec(&r, "fedlink_edus_received_total", "EDUs received by type and result", &["edu_type", "result"]),
+            transactions: counter_vec(&r, "fedlink_transactions_total", "Inbound transactions by result", &["result"]),
+            transaction_seconds,
+            requests_rejected: counter_vec(&r, "fedlink_requests_rejected_total", "Federation requests refused by reason", &["reason"]),
+            key_fetches: counter_vec(&r, "fedlink_key_fetches_total", "Remote server key fetches by result", &["result"]),
+            invites: counter_vec(&r, "fedlink_invites_received_total", "Invites for the bot by result", &["result"]),
+            joins: counter_vec(&r, "fedlink_joins_total", "Bot join attempts by result", &["result"]),
+            outbound_requests: counter_vec(&r, "fedlink_outbound_requests_total", "Outbound federation requests by result", &["result"]),
+            log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
+            log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),
+            storage_bytes: gauge(&r, "fedlink_storage_bytes", "Size of the sled database on disk"),
+            rooms_joined: gauge(&r, "fedlink_rooms_joined", "Rooms the bot is joined to"),
+            rooms_pending_join: gauge(&r, "fedlink_rooms_pending_join", "Rooms with an accepted invite whose join has not completed"),
+            views_snapshots,
+            registry: r,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

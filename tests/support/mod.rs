@@ -1,0 +1,12 @@
+//! Shared support code for fedlink's integration tests.
+//!
+//! Include it from a test crate with `mod support;`. The main piece is
+//! [`synapse`], which starts real Synapse homeservers on loopback (see
+//! `scripts/test.sh` for how the Synapse virtualenv is installed).
+
+#![allow(dead_code)]
+
+pub mod synapse;
+
+#[allow(unused_imports)]
+pub use synapse::*;
