@@ -132,6 +132,17 @@ async fn scenario(hs1: &Synapse, hs2: &Synapse) -> Result<()> {
     .context("federation hs2 -> hs1")?;
 
     let from_a = a.send_text(&room, "hello carol").await?;
+    // Synapse answers 200 but silently drops a receipt for an event it does not
+    // have yet, so wait for the event to federate first.
+    wait_until("alice's message to reach the second server", WAIT, || async {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(&room),
+            enc(&from_a)
+        );
+        Ok(c.get(&path).await.ok().map(drop))
+    })
+    .await?;
     c.send_receipt(&room, &from_a).await?;
     wait_until("carol's receipt to reach alice over federation", WAIT, || async {
         Ok(sees_receipt(&a, &room, &from_a, &c.user_id).await?.then_some(()))

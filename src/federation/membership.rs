@@ -99,7 +99,10 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         });
         app.append(vec![entry], None).await?;
         app.store.flush().await?;
-        app.joins.lock().expect("joins lock").remove(&pdu.room_id);
+        app.joins
+            .lock()
+            .expect("joins lock")
+            .insert(pdu.room_id.clone(), JoinStatus { next_attempt_ms: now_ms() + FIRST_JOIN_DELAY_MS, ..Default::default() });
         app.join_wake.notify_one();
     }
     tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, "accepted an invite for the bot");
@@ -112,10 +115,21 @@ pub enum JoinError {
     /// Retrying later may work (network, 5xx, 429).
     #[error("{0}")]
     Transient(String),
+    /// The resident's state does not allow the join yet (it may not have stored our
+    /// invite when we asked): retried a few times, then given up.
+    #[error("{0}")]
+    NotYet(String),
     /// Retrying will not help until something changes (a new invite).
     #[error("{0}")]
     Permanent(String),
 }
+
+/// How many `NotYet` failures are retried before giving up.
+pub const MAX_NOT_YET_ATTEMPTS: u32 = 5;
+
+/// Delay before the first join attempt after an invite, so the inviting server has
+/// stored its invite before we ask it for a join template.
+pub const FIRST_JOIN_DELAY_MS: u64 = 500;
 
 impl From<super::client::ClientError> for JoinError {
     fn from(e: super::client::ClientError) -> Self {
@@ -160,9 +174,11 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                     let status = joins.entry(room_id.clone()).or_insert_with(JoinStatus::default);
                     status.failures += 1;
                     status.last_error = Some(e.to_string());
+                    let retry_at = now_ms() + Backoff::DEFAULT.delay(status.failures).as_millis() as u64;
                     let (label, due) = match &e {
-                        JoinError::Transient(_) => ("transient_error", now_ms() + Backoff::DEFAULT.delay(status.failures).as_millis() as u64),
-                        JoinError::Permanent(_) => ("permanent_error", u64::MAX),
+                        JoinError::Transient(_) => ("transient_error", retry_at),
+                        JoinError::NotYet(_) if status.failures < MAX_NOT_YET_ATTEMPTS => ("not_yet", retry_at),
+                        JoinError::NotYet(_) | JoinError::Permanent(_) => ("permanent_error", u64::MAX),
                     };
                     status.next_attempt_ms = due;
                     app.metrics.joins.with_label_values(&[label]).inc();
@@ -333,7 +349,7 @@ fn check_join_against_state(
     checked: &BTreeMap<OwnedEventId, Pdu>,
     state_ids: &BTreeSet<OwnedEventId>,
 ) -> Result<(), JoinError> {
-    check_auth(&app.store, None, join, rules, checked).map_err(|e| JoinError::Permanent(format!("our join fails auth: {e}")))?;
+    check_auth(&app.store, None, join, rules, checked).map_err(|e| JoinError::NotYet(format!("our join fails auth: {e}")))?;
     let state: BTreeMap<(String, String), &Pdu> = state_ids
         .iter()
         .filter_map(|id| checked.get(id))
@@ -342,7 +358,7 @@ fn check_join_against_state(
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, join, |t, sk| {
         state.get(&(t.to_string(), sk.to_owned())).map(|p| (*p).clone())
     })
-    .map_err(|e| JoinError::Permanent(format!("our join is not allowed by the room state: {e}")))
+    .map_err(|e| JoinError::NotYet(format!("our join is not allowed by the room state: {e}")))
 }
 
 /// Order events so each comes after its auth events (Kahn's algorithm, ties by depth then id).

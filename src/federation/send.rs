@@ -75,8 +75,10 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     for raw in pdus {
         match precheck(app, raw).await {
-            Ok(Some((pdu, room))) => verified.push((pdu, room)),
-            Ok(None) => {}
+            Ok(Pre::Fresh(pdu, room)) => verified.push((pdu, room)),
+            Ok(Pre::Known(id)) => {
+                results.insert(id, json!({}));
+            }
             Err((Some(id), rej)) => {
                 reject(app, &id, &rej, &mut results);
             }
@@ -159,9 +161,16 @@ fn reject(app: &Fedlink, id: &str, rej: &Rejection, results: &mut BTreeMap<Strin
 
 type PreError = (Option<String>, Rejection);
 
+/// The outcome of the lock-free checks.
+enum Pre {
+    /// Already in the log: answered as success without more work.
+    Known(String),
+    /// Parsed and signature-checked; auth checks come next.
+    Fresh(Pdu, OwnedRoomId),
+}
+
 /// Parse a PDU against its room's rules and verify its signatures.
-/// `Ok(None)` means already known (answered as success without work).
-async fn precheck(app: &Fedlink, raw: Value) -> Result<Option<(Pdu, OwnedRoomId)>, PreError> {
+async fn precheck(app: &Fedlink, raw: Value) -> Result<Pre, PreError> {
     let room_id = raw
         .get("room_id")
         .and_then(Value::as_str)
@@ -180,11 +189,11 @@ async fn precheck(app: &Fedlink, raw: Value) -> Result<Option<(Pdu, OwnedRoomId)
     }
     if app.store.has_event(&id).unwrap_or(false) {
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
-        return Ok(None);
+        return Ok(Pre::Known(id));
     }
     let obj = verify_signatures(&app.keys, pdu.json, &rules).await.map_err(|r| (Some(id.clone()), r))?;
     let pdu = Pdu::parse(obj, &rules).map_err(|e| (Some(id), Rejection::Format(e.to_string())))?;
-    Ok(Some((pdu, room_id)))
+    Ok(Pre::Fresh(pdu, room_id))
 }
 
 fn edu_metric_label(edu_type: &str) -> &'static str {

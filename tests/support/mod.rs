@@ -10,3 +10,6 @@ pub mod synapse;
 
 #[allow(unused_imports)]
 pub use synapse::*;
+
+pub mod fake_peer;
+pub mod fedlink_proc;

@@ -45,6 +45,20 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// Password given to every user created by [`Synapse::register`].
 pub const TEST_PASSWORD: &str = "fedlink-test-password";
 
+/// `python -c` program equivalent to `python -m synapse.app.homeserver`, except
+/// that it first asks Linux to SIGKILL the homeserver when the thread that
+/// spawned it exits (`prctl(PR_SET_PDEATHSIG)`), so a test binary that is killed
+/// or aborts leaves no Synapse behind. Consequence: start a [`Synapse`] from the
+/// runtime that uses it (not from a short-lived helper thread).
+const PYTHON_BOOT: &str = "\
+import ctypes, runpy, signal
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+runpy.run_module('synapse.app.homeserver', run_name='__main__', alter_sys=True)
+";
+
 /// The Python interpreter of the virtualenv that has `matrix-synapse` installed.
 ///
 /// Taken from `FEDLINK_SYNAPSE_PYTHON`, else `<crate root>/.venv/bin/python`.
@@ -395,7 +409,7 @@ federation_rr_transactions_per_room_per_second: 10000
         let stderr = fs::File::create(d.join("stderr.log"))?;
         let began = Instant::now();
         let child = Command::new(&python)
-            .args(["-m", "synapse.app.homeserver", "-c"])
+            .args(["-c", PYTHON_BOOT, "-c"])
             .arg(self.config_path())
             .current_dir(&d)
             .env("PYTHONUNBUFFERED", "1")
@@ -447,8 +461,14 @@ federation_rr_transactions_per_room_per_second: 10000
 }
 
 impl Drop for Synapse {
+    /// Kills the homeserver. Set `FEDLINK_KEEP_SYNAPSE_DIRS=1` to keep its
+    /// directory (config, database, logs) for a post-mortem.
     fn drop(&mut self) {
         self.stop();
+        if std::env::var_os("FEDLINK_KEEP_SYNAPSE_DIRS").is_some_and(|v| v == "1") {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept Synapse {} directory: {}", self.server_name, self.dir.path().display());
+        }
     }
 }
 

@@ -1,0 +1,312 @@
+//! In-process integration tests: fedlink against a fake peer that owns keys and signs
+//! events. They cover the key server, X-Matrix checks, invite + join for room versions
+//! 10/11/12, every rejection path of `/send`, retransmission, restart, and replay.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use fedlink::{app::fold_views, keys::SigningKey, store::Store};
+use ruma::RoomVersionId;
+use serde_json::{json, Value};
+use support::{enc, fake_peer::FakePeer, fedlink_proc::Fedlink, wait_until};
+
+const LOOPBACK: &str = "[federation]\nverify_tls = false\n";
+
+async fn wait_joined(f: &Fedlink, room: &str) -> Value {
+    wait_until("bot joined", Duration::from_secs(20), || async {
+        let (s, v) = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(room))).await;
+        if s == 200 && v["bot_membership"] == "joined" {
+            return Ok(Some(v));
+        }
+        Err(anyhow::anyhow!("room as the admin API shows it: {v}"))
+    })
+    .await
+    .unwrap()
+}
+
+/// A fedlink whose bot has joined a room hosted by the peer.
+async fn joined(version: RoomVersionId) -> (tempfile::TempDir, Fedlink, FakePeer, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let room = peer.create_room("alice", version);
+    let (s, _) = peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    assert_eq!(s, StatusCode::OK);
+    wait_joined(&f, &room).await;
+    (dir, f, peer, room)
+}
+
+#[tokio::test]
+async fn key_server_serves_a_self_signed_key_that_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let doc: Value = http.get(format!("{}/_matrix/key/v2/server", f.fed_url)).send().await.unwrap().json().await.unwrap();
+    let keys = fedlink::keys::remote::parse_key_response(&f.name, doc.clone()).expect("self-signed key document");
+    let key = SigningKey::load_or_create(&dir.path().join("signing.key")).unwrap();
+    assert_eq!(keys[0].0, key.key_id());
+    assert_eq!(keys[0].1.key, key.public_key_base64());
+    let week_ms = 6 * 24 * 3600 * 1000;
+    assert!(doc["valid_until_ts"].as_u64().unwrap() > support::fake_peer::now_ms() + week_ms);
+    // The same document does not pass as another server's.
+    assert!(fedlink::keys::remote::parse_key_response("localhost:1", doc).is_err());
+    let v: Value = http.get(format!("{}/_matrix/federation/v1/version", f.fed_url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["server"]["name"], "fedlink");
+}
+
+#[tokio::test]
+async fn requests_without_valid_x_matrix_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let body = json!({ "origin": peer.name, "origin_server_ts": 1, "pdus": [], "edus": [] });
+    let path = "/_matrix/federation/v1/send/t1";
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+
+    let r = http.put(format!("{}{path}", f.fed_url)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_UNAUTHORIZED");
+
+    // Signed with a key that is not the origin's.
+    let mallory = SigningKey::generate();
+    let (s, v) = peer.request_as(&mallory, &peer.name, &f.name, &f.fed_url, Method::PUT, path, Some(&body)).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{v}");
+
+    // Addressed to another server.
+    let (s, _) = peer.request(&"other.example".to_string(), &f.fed_url, Method::PUT, path, Some(&body)).await;
+    assert_eq!(s, 401);
+
+    // Signature over a different body.
+    let authz = fedlink::federation::auth::sign_request(&peer.key, &peer.name, &f.name, "PUT", path, None);
+    let r = http.put(format!("{}{path}", f.fed_url)).header("Authorization", authz).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Valid: accepted.
+    let (s, _) = peer.request(&f.name, &f.fed_url, Method::PUT, path, Some(&body)).await;
+    assert_eq!(s, 200);
+    assert!(f.metric("fedlink_requests_rejected_total{reason=\"unknown_key\"}").await >= 1.0);
+    assert!(f.metric("fedlink_requests_rejected_total{reason=\"bad_signature\"}").await >= 1.0);
+    assert!(f.metric("fedlink_requests_rejected_total{reason=\"wrong_destination\"}").await >= 1.0);
+    assert!(f.metric("fedlink_requests_rejected_total{reason=\"missing_auth\"}").await >= 1.0);
+    f.stop().await;
+
+    // Allow-list: a server not on it gets 403, even with a valid signature.
+    let dir2 = tempfile::tempdir().unwrap();
+    let f = Fedlink::start(dir2.path(), 0, "[federation]\nverify_tls = false\nallowed_servers = [\"kiwi.example\"]\n").await;
+    let (s, v) = peer.request(&f.name, &f.fed_url, Method::PUT, path, Some(&body)).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+    assert_eq!(f.log_len().await, 0);
+}
+
+async fn invite_and_join(version: RoomVersionId) {
+    let (_dir, f, peer, room) = joined(version.clone()).await;
+    let v = wait_joined(&f, &room).await;
+    assert_eq!(v["room_version"], version.as_str());
+    let members: Vec<&str> = v["joined_members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    assert_eq!(members.len(), 2);
+    assert!(members.contains(&peer.user("alice").as_str()) && members.contains(&f.bot().as_str()));
+    // The join fedlink sent is signed by fedlink and was made through the inviter's server.
+    let st = peer.state.lock().unwrap();
+    let join = &st.joins[0];
+    assert_eq!(join["state_key"], f.bot());
+    assert!(join["signatures"][&f.name].is_object());
+    assert!(st.requests.iter().any(|(m, p)| m == "GET" && p.contains("/make_join/")));
+    // The countersigned invite carries fedlink's signature.
+    let invite = st.rooms[&room].events.values().find(|e| e["content"]["membership"] == "invite").unwrap();
+    assert!(invite["signatures"][&f.name].is_object() && invite["signatures"][&peer.name].is_object());
+    let (_, rooms) = f.admin("/_fedlink/admin/v1/rooms").await;
+    assert_eq!(rooms["rooms"][0]["joined_members"], 2);
+    assert!(rooms["rooms"][0]["events"].as_u64().unwrap() >= 5);
+}
+
+#[tokio::test]
+async fn invite_and_join_room_v10() {
+    invite_and_join(RoomVersionId::V10).await;
+}
+#[tokio::test]
+async fn invite_and_join_room_v11() {
+    invite_and_join(RoomVersionId::V11).await;
+}
+#[tokio::test]
+async fn invite_and_join_room_v12() {
+    invite_and_join(RoomVersionId::V12).await;
+}
+
+#[tokio::test]
+async fn bad_invites_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let room = peer.create_room("alice", RoomVersionId::V11);
+    // An invite for someone other than the bot.
+    let (s, v) = peer.invite(&room, "alice", &format!("@someone:{}", f.name), &f.name, &f.fed_url).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
+    // An unsupported room version.
+    let body = json!({ "room_version": "1", "event": {}, "invite_room_state": [] });
+    let (s, v) = peer.request(&f.name, &f.fed_url, Method::PUT, "/_matrix/federation/v2/invite/!r:x/$e", Some(&body)).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str(), v["room_version"].as_str()), (400, Some("M_INCOMPATIBLE_ROOM_VERSION"), Some("1")));
+    assert_eq!(f.log_len().await, 0);
+}
+
+#[tokio::test]
+async fn send_rejects_bad_pdus_and_edus_without_logging_them() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let before = f.log_len().await;
+    let msg = |body: &str| peer.build_detached(&room, &peer.user("alice"), "m.room.message", None, json!({ "msgtype": "m.text", "body": body }));
+
+    // Too many PDUs / EDUs: the whole transaction is refused.
+    let (_, one) = msg("x");
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "big1", vec![serde_json::to_value(&one).unwrap(); 51], vec![]).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+    let (s, _) = peer.send_txn(&f.name, &f.fed_url, "big2", vec![], vec![json!({"edu_type": "m.typing", "content": {}}); 101]).await;
+    assert_eq!(s, 400);
+
+    // Signed under the sender server's key id, but with another key.
+    let (_, mut forged) = msg("forged");
+    forged.remove("signatures");
+    forged.remove("hashes");
+    let other_seed = SigningKey::generate().to_file_string();
+    let seed = other_seed.split(' ').nth(2).unwrap();
+    let mallory = SigningKey::parse(&format!("ed25519 {} {seed}", peer.key.version()), std::path::Path::new("-")).unwrap();
+    let rules = RoomVersionId::V12.rules().unwrap();
+    ruma::signatures::hash_and_sign_event(&peer.name, &mallory, &mut forged, &rules.redaction).unwrap();
+    let forged_id = format!("${}", ruma::signatures::reference_hash(&forged, &rules).unwrap());
+
+    // Sent by a user who is not in the room.
+    let (unauth_id, unauth) = peer.build_detached(&room, &peer.user("mallory"), "m.room.message", None, json!({ "body": "hi" }));
+
+    // Larger than 64 KiB (ruma refuses to sign it, so the size is checked before anything).
+    let (_, mut huge) = msg("small");
+    huge.insert("content".into(), ruma::canonical_json::to_canonical_value(json!({ "body": "x".repeat(70_000) })).unwrap());
+
+    // For a room fedlink is not in.
+    let other = peer.create_room("alice", RoomVersionId::V12);
+    let (_, elsewhere) = peer.build_detached(&other, &peer.user("alice"), "m.room.message", None, json!({ "body": "?" }));
+
+    // A receipt the peer may not send: for a user of another server.
+    let receipt = json!({ "edu_type": "m.receipt", "content": { room.clone(): { "m.read": {
+        "@alice:elsewhere.example": { "event_ids": [forged_id.clone()], "data": { "ts": 1 } } } } } });
+    let typing_forged = json!({ "edu_type": "m.typing", "content": { "room_id": room, "user_id": "@bob:elsewhere.example", "typing": true } });
+
+    let pdus: Vec<Value> = [forged, unauth, huge, elsewhere].iter().map(|p| serde_json::to_value(p).unwrap()).collect();
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "bad", pdus, vec![receipt, typing_forged]).await;
+    assert_eq!(s, 200, "{v}");
+    let err = |id: &str| v["pdus"][id]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(err(&forged_id).contains("signature"), "{v}");
+    assert!(err(&unauth_id).contains("not authorised"), "{v}");
+    assert_eq!(f.log_len().await, before, "nothing rejected reaches the log");
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["receipts"], json!({}));
+    assert!(f.metric("fedlink_pdus_rejected_total{reason=\"signature\"}").await >= 1.0);
+    assert!(f.metric("fedlink_pdus_rejected_total{reason=\"auth\"}").await >= 1.0);
+    assert!(f.metric("fedlink_edus_received_total{edu_type=\"m.receipt\",result=\"rejected\"}").await >= 1.0);
+
+    // A body over the limit is refused before parsing.
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let r = http.put(format!("{}/_matrix/federation/v1/send/huge", f.fed_url)).body(vec![b' '; 9 * 1024 * 1024]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    // Malformed JSON body with a valid signature is impossible; an unsigned one is 401.
+    assert_eq!(f.log_len().await, before);
+}
+
+#[tokio::test]
+async fn messages_and_receipts_are_logged_once_even_when_retransmitted() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V11).await;
+    let before = f.log_len().await;
+    let (id, ev) = peer.push(&room, "alice", "m.room.message", None, json!({ "msgtype": "m.text", "body": "hello" }));
+    let receipt = json!({ "edu_type": "m.receipt", "content": { room.clone(): { "m.read": {
+        peer.user("alice"): { "event_ids": [id.clone()], "data": { "ts": 1234 } } } } } });
+    let (s, first) = peer.send_txn(&f.name, &f.fed_url, "t-1", vec![ev.clone()], vec![receipt.clone()]).await;
+    assert_eq!(s, 200);
+    assert_eq!(first["pdus"][&id], json!({}));
+    let after = f.log_len().await;
+    assert_eq!(after, before + 2, "one PDU and one receipt");
+
+    // Same transaction again: same answer, nothing new.
+    let (s, again) = peer.send_txn(&f.name, &f.fed_url, "t-1", vec![ev.clone()], vec![receipt]).await;
+    assert_eq!((s, &again), (StatusCode::OK, &first));
+    // Same PDU in a new transaction: accepted, not logged twice.
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "t-2", vec![ev], vec![]).await;
+    assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})));
+    assert_eq!(f.log_len().await, after);
+
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["receipts"][peer.user("alice")]["event_id"], id);
+    assert_eq!(r["forward_extremities"], json!([id]));
+    assert!(f.metric("fedlink_transactions_total{result=\"retransmit\"}").await >= 1.0);
+    assert!(f.metric("fedlink_pdus_received_total{result=\"duplicate\"}").await >= 1.0);
+}
+
+#[tokio::test]
+async fn tampered_content_is_kept_redacted() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let (id, mut ev) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "original" }));
+    ev["content"]["body"] = json!("tampered");
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "tamper", vec![ev], vec![]).await;
+    assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})));
+    f.stop().await;
+    let store = Store::open(&_dir.path().join("db")).unwrap();
+    let e = store.get_event(&id).unwrap().expect("stored");
+    assert_eq!(e.pdu["content"], json!({}), "the content fails its hash, so only the redacted form is kept");
+}
+
+#[tokio::test]
+async fn restart_resumes_a_pending_join_and_keeps_rooms_and_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let room1 = peer.create_room("alice", RoomVersionId::V12);
+    peer.invite(&room1, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    wait_joined(&f, &room1).await;
+    let (id, ev) = peer.push(&room1, "alice", "m.room.message", None, json!({ "body": "before restart" }));
+    assert_eq!(peer.send_txn(&f.name, &f.fed_url, "r1", vec![ev], vec![]).await.0, 200);
+
+    // A second invite whose join cannot complete yet: the peer is failing make_join.
+    peer.state.lock().unwrap().fail_make_join = Some(503);
+    let room2 = peer.create_room("alice", RoomVersionId::V10);
+    let (s, _) = peer.invite(&room2, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    assert_eq!(s, 200);
+    wait_until("a failed join attempt", Duration::from_secs(20), || async {
+        Ok((f.metric("fedlink_joins_total{result=\"transient_error\"}").await >= 1.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (_, r2) = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room2))).await;
+    assert_eq!(r2["bot_membership"], "invited");
+    assert!(r2["join_attempts"]["last_error"].as_str().unwrap().contains("503"), "{r2}");
+    let log_before = f.log_len().await;
+    let port = f.fed_port;
+    f.stop().await;
+
+    peer.state.lock().unwrap().fail_make_join = None;
+    let f = Fedlink::start(dir.path(), port, LOOPBACK).await;
+    assert_eq!(f.log_len().await, log_before);
+    let r1 = wait_joined(&f, &room1).await;
+    assert_eq!(r1["forward_extremities"], json!([id]));
+    wait_joined(&f, &room2).await;
+    assert_eq!(peer.state.lock().unwrap().joins.len(), 2, "one join per room, none repeated");
+    f.stop().await;
+
+    // Replay from the log alone equals the views the running service kept.
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let kept = store.load_views().unwrap().expect("snapshot written at shutdown");
+    let rebuilt = fold_views(&store, kept.bot_user_id.clone(), true).unwrap();
+    assert_eq!(rebuilt, kept);
+}
+
+#[tokio::test]
+async fn admin_api_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{}/_fedlink/admin/v1/rooms", f.admin_url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(format!("{}/_fedlink/admin/v1/rooms", f.admin_url)).bearer_auth("wrong-token-000000000").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(f.admin("/_fedlink/admin/v1/rooms").await, (200, json!({ "rooms": [] })));
+    let (s, _) = f.admin("/_fedlink/admin/v1/rooms/!nope:x").await;
+    assert_eq!(s, 404);
+    assert!(f.metrics().await.contains("fedlink_log_entries"));
+}

@@ -1,0 +1,413 @@
+//! A fake federation peer for in-process tests: it owns a signing key, serves its key over
+//! TLS, builds and signs room events (versions 10, 11, 12), answers `make_join` /
+//! `send_join` v2 for rooms it hosts, and sends X-Matrix-signed requests to fedlink.
+//!
+//! It builds real, correctly signed events with ruma, so fedlink's checks run for real; it
+//! only stands in for a homeserver in the fast tests, never in an end-to-end claim.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    body::Bytes,
+    extract::{Path as UrlPath, State},
+    http::{HeaderMap, Method, StatusCode, Uri},
+    routing::{get, put},
+    Json, Router,
+};
+use fedlink::{
+    core::pdu::canonical_object,
+    federation::auth,
+    keys::SigningKey,
+};
+use ruma::{canonical_json::CanonicalJsonObject, RoomVersionId};
+use serde_json::{json, Value};
+
+use super::synapse::{enc, self_signed_cert};
+
+/// A room the fake peer hosts (or tracks).
+#[derive(Debug, Clone)]
+pub struct FakeRoom {
+    pub version: RoomVersionId,
+    pub room_id: String,
+    /// event id -> signed event
+    pub events: BTreeMap<String, Value>,
+    /// (type, state_key) -> event id
+    pub state: BTreeMap<(String, String), String>,
+    pub extremities: BTreeSet<String>,
+    pub depth: u64,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+impl FakeRoom {
+    /// Sign `obj` as `origin` and return (event id, event).
+    pub fn sign(version: &RoomVersionId, origin: &str, key: &SigningKey, mut obj: CanonicalJsonObject) -> (String, Value) {
+        let rules = version.rules().unwrap();
+        ruma::signatures::hash_and_sign_event(origin, key, &mut obj, &rules.redaction).unwrap();
+        let id = format!("${}", ruma::signatures::reference_hash(&obj, &rules).unwrap());
+        (id, serde_json::to_value(obj).unwrap())
+    }
+
+    /// Event ids selected as auth events for a new event, from current state.
+    pub fn auth_events_for(&self, kind: &str, sender: &str, state_key: Option<&str>, content: &Value) -> Vec<String> {
+        let mut want: Vec<(String, String)> = vec![
+            ("m.room.power_levels".into(), "".into()),
+            ("m.room.member".into(), sender.into()),
+        ];
+        if self.version != RoomVersionId::V12 {
+            want.push(("m.room.create".into(), "".into()));
+        }
+        if kind == "m.room.member" {
+            let target = state_key.unwrap_or_default().to_owned();
+            want.push(("m.room.member".into(), target));
+            let m = content.get("membership").and_then(Value::as_str).unwrap_or("");
+            if m == "join" || m == "invite" || m == "knock" {
+                want.push(("m.room.join_rules".into(), "".into()));
+            }
+        }
+        let mut ids: Vec<String> = want.iter().filter_map(|k| self.state.get(k).cloned()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// An unsigned event on top of the current extremities.
+    pub fn template(&self, sender: &str, kind: &str, state_key: Option<&str>, content: Value) -> CanonicalJsonObject {
+        let auth_events = self.auth_events_for(kind, sender, state_key, &content);
+        let mut v = json!({
+            "room_id": self.room_id,
+            "sender": sender,
+            "type": kind,
+            "content": content,
+            "prev_events": self.extremities.iter().collect::<Vec<_>>(),
+            "auth_events": auth_events,
+            "depth": self.depth + 1,
+            "origin_server_ts": now_ms(),
+        });
+        if let Some(sk) = state_key {
+            v["state_key"] = json!(sk);
+        }
+        canonical_object(v).unwrap()
+    }
+
+    /// Record a signed event as part of the room.
+    pub fn add(&mut self, id: &str, event: Value) {
+        for p in event["prev_events"].as_array().unwrap() {
+            self.extremities.remove(p.as_str().unwrap());
+        }
+        self.extremities.insert(id.to_owned());
+        self.depth = self.depth.max(event["depth"].as_u64().unwrap());
+        if let Some(sk) = event.get("state_key").and_then(Value::as_str) {
+            self.state.insert((event["type"].as_str().unwrap().to_owned(), sk.to_owned()), id.to_owned());
+        }
+        self.events.insert(id.to_owned(), event);
+    }
+
+    /// Build, sign and add an event; returns (id, event).
+    pub fn push(&mut self, origin: &str, key: &SigningKey, sender: &str, kind: &str, state_key: Option<&str>, content: Value) -> (String, Value) {
+        let obj = self.template(sender, kind, state_key, content);
+        let (id, ev) = Self::sign(&self.version, origin, key, obj);
+        self.add(&id, ev.clone());
+        (id, ev)
+    }
+
+    /// A new room created by `creator` (a user of `origin`): create, join, power levels
+    /// (creator 100, invite 0), join rules `invite`.
+    pub fn create(origin: &str, key: &SigningKey, creator: &str, version: RoomVersionId) -> FakeRoom {
+        let mut content = json!({ "room_version": version.as_str() });
+        if version == RoomVersionId::V10 {
+            content["creator"] = json!(creator);
+        }
+        let mut create = json!({
+            "sender": creator, "type": "m.room.create", "state_key": "", "content": content,
+            "prev_events": [], "auth_events": [], "depth": 1, "origin_server_ts": now_ms(),
+        });
+        let room_id = if version == RoomVersionId::V12 {
+            None
+        } else {
+            let r = format!("!fake{}:{origin}", rand::random::<u32>());
+            create["room_id"] = json!(r);
+            Some(r)
+        };
+        let (id, ev) = Self::sign(&version, origin, key, canonical_object(create).unwrap());
+        let room_id = room_id.unwrap_or_else(|| format!("!{}", &id[1..]));
+        let mut room = FakeRoom { version: version.clone(), room_id, events: BTreeMap::new(), state: BTreeMap::new(), extremities: BTreeSet::new(), depth: 0 };
+        room.add(&id, ev);
+        room.push(origin, key, creator, "m.room.member", Some(creator), json!({ "membership": "join" }));
+        let mut users = json!({});
+        if version != RoomVersionId::V12 {
+            users[creator] = json!(100);
+        }
+        room.push(origin, key, creator, "m.room.power_levels", Some(""), json!({
+            "users": users, "users_default": 0, "events_default": 0, "state_default": 50,
+            "ban": 50, "kick": 50, "redact": 50, "invite": 0,
+        }));
+        room.push(origin, key, creator, "m.room.join_rules", Some(""), json!({ "join_rule": "invite" }));
+        room
+    }
+
+    /// All auth events, transitively, of `ids`.
+    pub fn auth_chain(&self, ids: &[String]) -> Vec<Value> {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<String> = ids.to_vec();
+        while let Some(id) = todo.pop() {
+            let Some(ev) = self.events.get(&id) else { continue };
+            for a in ev["auth_events"].as_array().unwrap() {
+                let a = a.as_str().unwrap().to_owned();
+                if seen.insert(a.clone()) {
+                    todo.push(a);
+                }
+            }
+        }
+        // v12: the create event is implied.
+        if self.version == RoomVersionId::V12 {
+            seen.insert(format!("${}", &self.room_id[1..]));
+        }
+        seen.iter().filter_map(|id| self.events.get(id).cloned()).collect()
+    }
+}
+
+/// What the fake peer has seen and hosts.
+#[derive(Default)]
+pub struct PeerState {
+    pub rooms: BTreeMap<String, FakeRoom>,
+    /// (method, path) of every request it received.
+    pub requests: Vec<(String, String)>,
+    /// Join events received through send_join.
+    pub joins: Vec<Value>,
+    /// Answer make_join with this status instead (to test failures).
+    pub fail_make_join: Option<u16>,
+}
+
+/// The fake peer.
+pub struct FakePeer {
+    pub name: String,
+    pub url: String,
+    pub key: Arc<SigningKey>,
+    pub state: Arc<Mutex<PeerState>>,
+    handle: axum_server::Handle,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone)]
+struct Ctx {
+    name: String,
+    key: Arc<SigningKey>,
+    state: Arc<Mutex<PeerState>>,
+}
+
+impl FakePeer {
+    /// Start on an ephemeral loopback port; its server name is `localhost:<port>`.
+    pub async fn start() -> FakePeer {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let name = format!("localhost:{port}");
+        let key = Arc::new(SigningKey::generate());
+        let state = Arc::new(Mutex::new(PeerState::default()));
+        let ctx = Ctx { name: name.clone(), key: key.clone(), state: state.clone() };
+        let router = Router::new()
+            .route("/_matrix/key/v2/server", get(key_doc))
+            .route("/_matrix/federation/v1/make_join/{room}/{user}", get(make_join))
+            .route("/_matrix/federation/v2/send_join/{room}/{event}", put(send_join))
+            .fallback(other)
+            .with_state(ctx);
+        let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.unwrap();
+        let handle = axum_server::Handle::new();
+        let server = axum_server::from_tcp_rustls(listener, config).handle(handle.clone()).serve(router.into_make_service());
+        tokio::spawn(server);
+        let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+        FakePeer { url: format!("https://127.0.0.1:{port}"), name, key, state, handle, http, _dir: dir }
+    }
+
+    /// `@<local>:<peer>`
+    pub fn user(&self, local: &str) -> String {
+        format!("@{local}:{}", self.name)
+    }
+
+    /// Create a hosted room; returns its id.
+    pub fn create_room(&self, creator_local: &str, version: RoomVersionId) -> String {
+        let room = FakeRoom::create(&self.name, &self.key, &self.user(creator_local), version);
+        let id = room.room_id.clone();
+        self.state.lock().unwrap().rooms.insert(id.clone(), room);
+        id
+    }
+
+    /// Build, sign and add an event to a hosted room.
+    pub fn push(&self, room_id: &str, sender_local: &str, kind: &str, state_key: Option<&str>, content: Value) -> (String, Value) {
+        let sender = self.user(sender_local);
+        let mut st = self.state.lock().unwrap();
+        let room = st.rooms.get_mut(room_id).expect("hosted room");
+        room.push(&self.name, &self.key, &sender, kind, state_key, content)
+    }
+
+    /// A signed event that is NOT added to the room (for crafted traffic).
+    pub fn build_detached(&self, room_id: &str, sender: &str, kind: &str, state_key: Option<&str>, content: Value) -> (String, CanonicalJsonObject) {
+        let st = self.state.lock().unwrap();
+        let room = &st.rooms[room_id];
+        let obj = room.template(sender, kind, state_key, content);
+        let (id, v) = FakeRoom::sign(&room.version, &self.name, &self.key, obj);
+        (id, canonical_object(v).unwrap())
+    }
+
+    /// Send a signed federation request to fedlink at `base` (`https://127.0.0.1:port`).
+    pub async fn request(&self, dest: &str, base: &str, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
+        self.request_as(&self.key, &self.name, dest, base, method, path, body).await
+    }
+
+    /// Like [`request`], but signing as `origin` with `key` (for forged requests).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn request_as(&self, key: &SigningKey, origin: &str, dest: &str, base: &str, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
+        let content = body.map(|b| ruma::canonical_json::CanonicalJsonValue::try_from(b.clone()).unwrap());
+        let authz = auth::sign_request(key, origin, dest, method.as_str(), path, content.as_ref());
+        let mut req = self.http.request(method, format!("{base}{path}")).header("Authorization", authz);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.expect("request to fedlink");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Invite `user` (fedlink's bot) to a hosted room via `PUT /v2/invite` on fedlink;
+    /// returns the status and answer. On success the countersigned invite joins the room.
+    pub async fn invite(&self, room_id: &str, inviter_local: &str, user: &str, dest: &str, base: &str) -> (StatusCode, Value) {
+        let (id, ev, version) = {
+            let st = self.state.lock().unwrap();
+            let room = &st.rooms[room_id];
+            let obj = room.template(&self.user(inviter_local), "m.room.member", Some(user), json!({ "membership": "invite" }));
+            let (id, ev) = FakeRoom::sign(&room.version, &self.name, &self.key, obj);
+            (id, ev, room.version.clone())
+        };
+        // Like a homeserver, the peer has the invite in its room before it answers joins.
+        self.state.lock().unwrap().rooms.get_mut(room_id).unwrap().add(&id, ev.clone());
+        let body = json!({ "room_version": version.as_str(), "event": ev, "invite_room_state": [] });
+        let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(room_id), enc(&id));
+        let (status, resp) = self.request(dest, base, Method::PUT, &path, Some(&body)).await;
+        let mut st = self.state.lock().unwrap();
+        let room = st.rooms.get_mut(room_id).unwrap();
+        if status.is_success() {
+            room.events.insert(id, resp["event"].clone());
+        } else {
+            // Refused: forget it again.
+            room.events.remove(&id);
+            room.state.remove(&("m.room.member".to_owned(), user.to_owned()));
+            let prev: Vec<String> = ev["prev_events"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
+            room.extremities.remove(&id);
+            room.extremities.extend(prev);
+        }
+        drop(st);
+        (status, resp)
+    }
+
+    /// Send a transaction to fedlink.
+    pub async fn send_txn(&self, dest: &str, base: &str, txn_id: &str, pdus: Vec<Value>, edus: Vec<Value>) -> (StatusCode, Value) {
+        let body = json!({ "origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus });
+        let path = format!("/_matrix/federation/v1/send/{}", enc(txn_id));
+        self.request(dest, base, Method::PUT, &path, Some(&body)).await
+    }
+
+    /// Stop serving.
+    pub fn stop(&self) {
+        self.handle.shutdown();
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+async fn key_doc(State(ctx): State<Ctx>) -> Json<Value> {
+    let doc = json!({
+        "server_name": ctx.name,
+        "valid_until_ts": now_ms() + 86_400_000,
+        "verify_keys": { ctx.key.key_id(): { "key": ctx.key.public_key_base64() } },
+        "old_verify_keys": {},
+    });
+    let mut obj = canonical_object(doc).unwrap();
+    ruma::signatures::sign_json(&ctx.name, &*ctx.key, &mut obj).unwrap();
+    Json(serde_json::to_value(obj).unwrap())
+}
+
+async fn other(State(ctx): State<Ctx>, method: Method, uri: Uri) -> (StatusCode, Json<Value>) {
+    ctx.state.lock().unwrap().requests.push((method.to_string(), uri.path().to_owned()));
+    (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_UNRECOGNIZED", "error": "fake peer" })))
+}
+
+fn require_auth(headers: &HeaderMap) -> Result<auth::XMatrix, (StatusCode, Json<Value>)> {
+    let h = headers.get("authorization").and_then(|h| h.to_str().ok()).unwrap_or("");
+    auth::parse_header(h).map_err(|e| (StatusCode::UNAUTHORIZED, Json(json!({ "errcode": "M_UNAUTHORIZED", "error": e.to_string() }))))
+}
+
+async fn make_join(
+    State(ctx): State<Ctx>,
+    UrlPath((room, user)): UrlPath<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> (StatusCode, Json<Value>) {
+    let x = match require_auth(&headers) {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("GET".into(), uri.path().to_owned()));
+    if let Some(code) = st.fail_make_join {
+        return (StatusCode::from_u16(code).unwrap(), Json(json!({ "errcode": "M_UNKNOWN", "error": "configured to fail" })));
+    }
+    let Some(room) = st.rooms.get(&room) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
+    };
+    let vers: Vec<&str> = uri.query().unwrap_or("").split('&').filter_map(|kv| kv.strip_prefix("ver=")).collect();
+    if !vers.contains(&room.version.as_str()) {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "ver", "room_version": room.version.as_str() })));
+    }
+    assert!(user.ends_with(&format!(":{}", x.origin)), "make_join for a user of the requesting server");
+    let t = room.template(&user, "m.room.member", Some(&user), json!({ "membership": "join" }));
+    (StatusCode::OK, Json(json!({ "room_version": room.version.as_str(), "event": t })))
+}
+
+async fn send_join(
+    State(ctx): State<Ctx>,
+    UrlPath((room_id, event_id)): UrlPath<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&headers) {
+        return e;
+    }
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("PUT".into(), uri.path().to_owned()));
+    st.joins.push(event.clone());
+    let Some(room) = st.rooms.get_mut(&room_id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
+    };
+    let state_ids: Vec<String> = room.state.values().cloned().collect();
+    let state: Vec<Value> = state_ids.iter().map(|id| room.events[id].clone()).collect();
+    let auth_chain = room.auth_chain(&state_ids);
+    room.add(&event_id, event.clone());
+    let _ = Path::new("");
+    (StatusCode::OK, Json(json!({
+        "origin": ctx.name,
+        "state": state,
+        "auth_chain": auth_chain,
+        "event": event,
+        "members_omitted": false,
+        "servers_in_room": [ctx.name],
+    })))
+}
