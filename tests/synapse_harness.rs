@@ -99,17 +99,23 @@ async fn scenario(hs1: &Synapse, hs2: &Synapse) -> Result<()> {
     let event_id = a.send_text(&room, "hello bob").await?;
     b.send_receipt(&room, &event_id).await?;
     wait_until("alice to see bob's read receipt", WAIT, || async {
-        Ok(sees_receipt(&a, &room, &event_id, &b.user_id).await?.then_some(()))
+        Ok(sees_receipt(&a, &room, &event_id, &b.user_id)
+            .await?
+            .then_some(()))
     })
     .await?;
 
     // --- two servers: invite over federation, remote join, messages both ways ---
     let c = hs2.register("carol").await?;
     a.invite(&room, &c.user_id).await?;
-    wait_until("carol's invite to arrive on the second server", WAIT, || async {
-        let sync = c.get("/_matrix/client/v3/sync?timeout=0").await?;
-        Ok((!sync["rooms"]["invite"][room.as_str()].is_null()).then_some(()))
-    })
+    wait_until(
+        "carol's invite to arrive on the second server",
+        WAIT,
+        || async {
+            let sync = c.get("/_matrix/client/v3/sync?timeout=0").await?;
+            Ok((!sync["rooms"]["invite"][room.as_str()].is_null()).then_some(()))
+        },
+    )
     .await?;
     c.join(&room, &[&hs1.server_name]).await?;
 
@@ -119,34 +125,48 @@ async fn scenario(hs1: &Synapse, hs2: &Synapse) -> Result<()> {
     assert_eq!(seen_by_a.len(), 3, "{seen_by_a:?}");
 
     let from_c = c.send_text(&room, "hello from the other server").await?;
-    wait_until("carol's message to reach the first server", WAIT, || async {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/event/{}",
-            enc(&room),
-            enc(&from_c)
-        );
-        let ev: Value = a.get(&path).await?;
-        Ok((ev["content"]["body"] == "hello from the other server").then_some(()))
-    })
+    wait_until(
+        "carol's message to reach the first server",
+        WAIT,
+        || async {
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(&from_c)
+            );
+            let ev: Value = a.get(&path).await?;
+            Ok((ev["content"]["body"] == "hello from the other server").then_some(()))
+        },
+    )
     .await
     .context("federation hs2 -> hs1")?;
 
     let from_a = a.send_text(&room, "hello carol").await?;
     // Synapse answers 200 but silently drops a receipt for an event it does not
     // have yet, so wait for the event to federate first.
-    wait_until("alice's message to reach the second server", WAIT, || async {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/event/{}",
-            enc(&room),
-            enc(&from_a)
-        );
-        Ok(c.get(&path).await.ok().map(drop))
-    })
+    wait_until(
+        "alice's message to reach the second server",
+        WAIT,
+        || async {
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/event/{}",
+                enc(&room),
+                enc(&from_a)
+            );
+            Ok(c.get(&path).await.ok().map(drop))
+        },
+    )
     .await?;
     c.send_receipt(&room, &from_a).await?;
-    wait_until("carol's receipt to reach alice over federation", WAIT, || async {
-        Ok(sees_receipt(&a, &room, &from_a, &c.user_id).await?.then_some(()))
-    })
+    wait_until(
+        "carol's receipt to reach alice over federation",
+        WAIT,
+        || async {
+            Ok(sees_receipt(&a, &room, &from_a, &c.user_id)
+                .await?
+                .then_some(()))
+        },
+    )
     .await?;
 
     c.leave(&room).await?;

@@ -19,7 +19,17 @@
 //! installs Synapse into `.venv` and exports `FEDLINK_SYNAPSE_PYTHON`.
 //!
 //! Several servers can run at once (parallel tests): nothing is shared between
-//! instances. The child process is killed when the [`Synapse`] is dropped.
+//! instances. The child process is killed when the [`Synapse`] is dropped, and
+//! also (via `PR_SET_PDEATHSIG`) if the test binary dies without unwinding. Set
+//! `FEDLINK_KEEP_SYNAPSE_DIRS=1` to keep the temp dirs for a post-mortem.
+//!
+//! Synapse behaviours worth knowing when writing tests against it:
+//! * `/sync` without `since` is normally cached for 2 minutes; the harness sets
+//!   `caches.sync_response_cache_duration: 0` so polling `/sync` sees news.
+//! * A read receipt for an event the server does not have yet is answered with
+//!   200 and silently dropped: wait for the event to arrive before sending it.
+//! * Outgoing receipts are batched per room
+//!   (`federation_rr_transactions_per_room_per_second`, raised here).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -236,18 +246,31 @@ impl Synapse {
             let status = resp.status();
             let v: Value = resp.json().await.unwrap_or(Value::Null);
             if !status.is_success() {
-                bail!("registering {localpart} on {}: {status} {v}", self.server_name);
+                bail!(
+                    "registering {localpart} on {}: {status} {v}",
+                    self.server_name
+                );
             }
             v
         } else {
-            bail!("registering {localpart} on {}: {status} {first}", self.server_name);
+            bail!(
+                "registering {localpart} on {}: {status} {first}",
+                self.server_name
+            );
         };
-        let user_id = done["user_id"].as_str().context("register: no user_id")?.to_owned();
+        let user_id = done["user_id"]
+            .as_str()
+            .context("register: no user_id")?
+            .to_owned();
         let access_token = done["access_token"]
             .as_str()
             .context("register: no access_token")?
             .to_owned();
-        Ok(ClientSession::new(user_id, access_token, self.client_url.clone()))
+        Ok(ClientSession::new(
+            user_id,
+            access_token,
+            self.client_url.clone(),
+        ))
     }
 
     /// Writes `homeserver.yaml`, `log.yaml` and the signing key into the temp dir.
@@ -258,7 +281,10 @@ impl Synapse {
         let mut seed = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut seed);
         let seed_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(seed);
-        fs::write(d.join("signing.key"), format!("ed25519 a_{key_id} {seed_b64}\n"))?;
+        fs::write(
+            d.join("signing.key"),
+            format!("ed25519 a_{key_id} {seed_b64}\n"),
+        )?;
 
         let log_yaml = format!(
             r#"version: 1
@@ -417,7 +443,7 @@ federation_rr_transactions_per_room_per_second: 10000
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("spawning {} -m synapse.app.homeserver", python.display()))?;
+            .with_context(|| format!("spawning {} (synapse.app.homeserver)", python.display()))?;
         self.child = Some(child);
 
         let health = format!("{}/health", self.client_url);
@@ -425,7 +451,11 @@ federation_rr_transactions_per_room_per_second: 10000
         let deadline = began + START_TIMEOUT;
         let (mut client_up, mut fed_up) = (false, false);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 bail!(
                     "Synapse {} exited during startup ({status})\n--- stderr.log ---\n{}\n--- homeserver.log ---\n{}",
@@ -435,10 +465,12 @@ federation_rr_transactions_per_room_per_second: 10000
                 );
             }
             if !client_up {
-                client_up = matches!(self.http.get(&health).send().await, Ok(r) if r.status().is_success());
+                client_up =
+                    matches!(self.http.get(&health).send().await, Ok(r) if r.status().is_success());
             }
             if client_up && !fed_up {
-                fed_up = matches!(self.http.get(&keys).send().await, Ok(r) if r.status().is_success());
+                fed_up =
+                    matches!(self.http.get(&keys).send().await, Ok(r) if r.status().is_success());
             }
             if client_up && fed_up {
                 self.startup_time = began.elapsed();
@@ -467,7 +499,11 @@ impl Drop for Synapse {
         self.stop();
         if std::env::var_os("FEDLINK_KEEP_SYNAPSE_DIRS").is_some_and(|v| v == "1") {
             self.dir.disable_cleanup(true);
-            eprintln!("kept Synapse {} directory: {}", self.server_name, self.dir.path().display());
+            eprintln!(
+                "kept Synapse {} directory: {}",
+                self.server_name,
+                self.dir.path().display()
+            );
         }
     }
 }
@@ -521,13 +557,18 @@ impl ClientSession {
             body["room_version"] = json!(v);
         }
         let v = self.post("/_matrix/client/v3/createRoom", &body).await?;
-        Ok(v["room_id"].as_str().context("createRoom: no room_id")?.to_owned())
+        Ok(v["room_id"]
+            .as_str()
+            .context("createRoom: no room_id")?
+            .to_owned())
     }
 
     /// Invites `user_id` into `room_id`.
     pub async fn invite(&self, room_id: &str, user_id: &str) -> Result<()> {
         let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(room_id));
-        self.post(&path, &json!({ "user_id": user_id })).await.map(drop)
+        self.post(&path, &json!({ "user_id": user_id }))
+            .await
+            .map(drop)
     }
 
     /// Joins a room by id or alias, through the `via` servers if given.
@@ -562,7 +603,10 @@ impl ClientSession {
         let v = self
             .put(&path, &json!({ "msgtype": "m.text", "body": body }))
             .await?;
-        Ok(v["event_id"].as_str().context("send: no event_id")?.to_owned())
+        Ok(v["event_id"]
+            .as_str()
+            .context("send: no event_id")?
+            .to_owned())
     }
 
     /// Sends an `m.read` receipt for `event_id`.
