@@ -189,6 +189,7 @@ impl Listeners {
 /// Run fedlink until `shutdown` resolves.
 pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    ensure_tls_files(&cfg)?;
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cfg.tls.cert, &cfg.tls.key)
         .await
         .with_context(|| format!("tls.cert {} / tls.key {}", cfg.tls.cert.display(), cfg.tls.key.display()))?;
@@ -230,6 +231,30 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     app.snapshot().await?;
     app.store.flush().await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// With `tls.self_signed`, create a certificate for the server name's host when the files
+/// are missing.
+fn ensure_tls_files(cfg: &Config) -> anyhow::Result<()> {
+    if !cfg.tls.self_signed || (cfg.tls.cert.exists() && cfg.tls.key.exists()) {
+        return Ok(());
+    }
+    let (host, _) = crate::federation::discovery::split_host_port(&cfg.server_name);
+    let mut names = vec![host.trim_start_matches('[').trim_end_matches(']').to_owned()];
+    for n in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|x| x == n) {
+            names.push(n.to_owned());
+        }
+    }
+    let ck = rcgen::generate_simple_self_signed(names).context("tls.self_signed: generating a certificate")?;
+    for (path, pem) in [(&cfg.tls.cert, ck.cert.pem()), (&cfg.tls.key, ck.key_pair.serialize_pem())] {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("tls: creating {}", dir.display()))?;
+        }
+        std::fs::write(path, pem).with_context(|| format!("tls: writing {}", path.display()))?;
+    }
+    tracing::warn!(cert = %cfg.tls.cert.display(), "generated a self-signed TLS certificate (tls.self_signed); use a real one in production");
     Ok(())
 }
 

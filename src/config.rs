@@ -96,6 +96,10 @@ pub struct Tls {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// Create a self-signed certificate at `cert`/`key` when they are missing. For loopback
+    /// and test setups only; peers must then run with certificate checks off.
+    #[serde(default)]
+    pub self_signed: bool,
 }
 
 /// `[keys]`
