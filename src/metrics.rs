@@ -28,6 +28,10 @@ pub struct Metrics {
     pub joins: IntCounterVec,
     /// Outbound federation requests, by result (`ok`, `http_error`, `network_error`).
     pub outbound_requests: IntCounterVec,
+    /// `get_missing_events` calls to fill gaps, by result.
+    pub gap_fills: IntCounterVec,
+    /// Events fetched and accepted for checking through gap filling.
+    pub gap_events_fetched: IntCounter,
     /// Records in the event log.
     pub log_entries: IntGauge,
     /// Records appended, by kind.
@@ -77,6 +81,12 @@ impl Metrics {
             invites: counter_vec(&r, "fedlink_invites_received_total", "Invites for the bot by result", &["result"]),
             joins: counter_vec(&r, "fedlink_joins_total", "Bot join attempts by result", &["result"]),
             outbound_requests: counter_vec(&r, "fedlink_outbound_requests_total", "Outbound federation requests by result", &["result"]),
+            gap_fills: counter_vec(&r, "fedlink_gap_fills_total", "get_missing_events calls to fill gaps, by result", &["result"]),
+            gap_events_fetched: {
+                let c = IntCounter::new("fedlink_gap_events_fetched_total", "Missing events fetched to fill gaps").expect("static");
+                r.register(Box::new(c.clone())).expect("metric registered once");
+                c
+            },
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),
             storage_bytes: gauge(&r, "fedlink_storage_bytes", "Size of the sled database on disk"),

@@ -310,3 +310,23 @@ async fn admin_api_needs_the_token() {
     assert_eq!(s, 404);
     assert!(f.metrics().await.contains("fedlink_log_entries"));
 }
+
+#[tokio::test]
+async fn a_gap_before_a_received_event_is_filled_from_the_origin() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let (m1, _) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "one" }));
+    let (m2, _) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "two" }));
+    let (m3, ev3) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "three" }));
+    // Only the latest event arrives (as Synapse does when catching up a destination).
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "gap", vec![ev3], vec![]).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["pdus"].as_object().unwrap().keys().collect::<Vec<_>>(), vec![&m3], "only the sent PDU is answered for");
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["forward_extremities"], json!([m3]), "the fetched events are not extremities");
+    assert!(peer.state.lock().unwrap().requests.iter().any(|(m, p)| m == "POST" && p.contains("/get_missing_events/")));
+    f.stop().await;
+    let store = Store::open(&_dir.path().join("db")).unwrap();
+    for id in [&m1, &m2, &m3] {
+        assert!(store.has_event(id).unwrap(), "{id} is in the log");
+    }
+}

@@ -89,6 +89,9 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
             }
         }
     }
+    let fetched = fill_gaps(app, origin, &verified).await;
+    let sent: std::collections::BTreeSet<OwnedEventId> = verified.iter().map(|(p, _)| p.event_id.clone()).collect();
+    verified.extend(fetched);
     verified.sort_by_key(|(p, _)| p.depth);
 
     let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
@@ -98,20 +101,23 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
     }
     for (pdu, room_id) in verified {
         let id = pdu.event_id.to_string();
+        // Events fetched to fill a gap are logged like any other but not answered for.
+        let mut answers = Results { map: &mut results, answer: sent.contains(&pdu.event_id) };
+        let answers = &mut answers;
         if app.store.has_event(&id)? {
             app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
-            results.insert(id, json!({}));
+            answers.ok(id);
             continue;
         }
         let views = app.views.read().await;
         let Some(room) = views.rooms.get(&room_id).filter(|r| r.bot_joined()) else {
             drop(views);
-            reject(app, &id, &Rejection::Room("fedlink is not in this room".into()), &mut results);
+            answers.reject(app, &id, &Rejection::Room("fedlink is not in this room".into()));
             continue;
         };
         let Some(rules) = rules_for(&room.version) else {
             drop(views);
-            reject(app, &id, &Rejection::Room("unsupported room version".into()), &mut results);
+            answers.reject(app, &id, &Rejection::Room("unsupported room version".into()));
             continue;
         };
         let checked = check_auth(&app.store, Some(room), &pdu, &rules, &BTreeMap::new());
@@ -122,9 +128,9 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
                 let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
                 app.metrics.pdus_received.with_label_values(&[label]).inc();
                 tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");
-                results.insert(id, json!({}));
+                answers.ok(id);
             }
-            Err(rej) => reject(app, &id, &rej, &mut results),
+            Err(rej) => answers.reject(app, &id, &rej),
         }
     }
 
@@ -150,6 +156,74 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
     app.append(entries, Some((origin, txn_id, &response))).await?;
     app.store.flush().await?;
     Ok((response, false))
+}
+
+/// The per-PDU answers, skipping events fedlink fetched itself.
+struct Results<'a> {
+    map: &'a mut BTreeMap<String, Value>,
+    answer: bool,
+}
+
+impl Results<'_> {
+    fn ok(&mut self, id: String) {
+        if self.answer {
+            self.map.insert(id, json!({}));
+        }
+    }
+    fn reject(&mut self, app: &Fedlink, id: &str, rej: &Rejection) {
+        if self.answer {
+            reject(app, id, rej, self.map);
+        } else {
+            app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
+            tracing::info!(event_id = %id, reason = %rej, "rejecting a fetched missing event");
+        }
+    }
+}
+
+/// Most events fetched per room and transaction to fill a gap.
+pub const GAP_FILL_LIMIT: u64 = 20;
+
+/// For rooms where a received PDU's `prev_events` are unknown, ask the origin for the
+/// missing events (`get_missing_events`, bounded) and verify them like received PDUs.
+/// Failures are logged; the received events are still processed.
+async fn fill_gaps(app: &Fedlink, origin: &str, verified: &[(Pdu, OwnedRoomId)]) -> Vec<(Pdu, OwnedRoomId)> {
+    let known_here: std::collections::BTreeSet<&OwnedEventId> = verified.iter().map(|(p, _)| &p.event_id).collect();
+    let mut latest: BTreeMap<&OwnedRoomId, Vec<String>> = BTreeMap::new();
+    for (p, room) in verified {
+        let gap = p.prev_events.iter().any(|e| !known_here.contains(e) && !app.store.has_event(e.as_str()).unwrap_or(true));
+        if gap {
+            latest.entry(room).or_default().push(p.event_id.to_string());
+        }
+    }
+    let mut out = Vec::new();
+    for (room_id, latest_events) in latest {
+        let earliest: Vec<String> = match app.views.read().await.rooms.get(room_id) {
+            Some(r) => r.extremities.iter().map(|e| e.to_string()).collect(),
+            None => continue,
+        };
+        let body = json!({ "limit": GAP_FILL_LIMIT, "min_depth": 0, "earliest_events": earliest, "latest_events": latest_events });
+        let path = format!("/_matrix/federation/v1/get_missing_events/{}", super::client::enc(room_id.as_str()));
+        let events = match app.client.request(origin, reqwest::Method::POST, &path, Some(&body)).await {
+            Ok(v) => v.get("events").and_then(Value::as_array).cloned().unwrap_or_default(),
+            Err(e) => {
+                app.metrics.gap_fills.with_label_values(&["error"]).inc();
+                tracing::warn!(%origin, %room_id, error = %e, "get_missing_events failed; accepting the events with a gap");
+                continue;
+            }
+        };
+        app.metrics.gap_fills.with_label_values(&["ok"]).inc();
+        let n = events.len();
+        for raw in events.into_iter().take(GAP_FILL_LIMIT as usize) {
+            match precheck(app, raw).await {
+                Ok(Pre::Fresh(pdu, room)) if &room == room_id => out.push((pdu, room)),
+                Ok(_) => {}
+                Err((id, rej)) => tracing::info!(%origin, event_id = ?id, reason = %rej, "fetched missing event rejected"),
+            }
+        }
+        app.metrics.gap_events_fetched.inc_by(out.len() as u64);
+        tracing::info!(%origin, %room_id, returned = n, kept = out.len(), "filled a gap with get_missing_events");
+    }
+    out
 }
 
 fn reject(app: &Fedlink, id: &str, rej: &Rejection, results: &mut BTreeMap<String, Value>) {

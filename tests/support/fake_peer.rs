@@ -221,6 +221,7 @@ impl FakePeer {
             .route("/_matrix/key/v2/server", get(key_doc))
             .route("/_matrix/federation/v1/make_join/{room}/{user}", get(make_join))
             .route("/_matrix/federation/v2/send_join/{room}/{event}", put(send_join))
+            .route("/_matrix/federation/v1/get_missing_events/{room}", axum::routing::post(get_missing_events))
             .fallback(other)
             .with_state(ctx);
         let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.unwrap();
@@ -410,4 +411,43 @@ async fn send_join(
         "members_omitted": false,
         "servers_in_room": [ctx.name],
     })))
+}
+
+async fn get_missing_events(
+    State(ctx): State<Ctx>,
+    UrlPath(room_id): UrlPath<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&headers) {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("POST".into(), uri.path().to_owned()));
+    let Some(room) = st.rooms.get(&room_id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
+    };
+    let earliest: BTreeSet<String> = body["earliest_events"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_owned()).collect();
+    let limit = body["limit"].as_u64().unwrap_or(10) as usize;
+    // Walk back from latest_events' prev_events until earliest_events.
+    let mut todo: Vec<String> = body["latest_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| room.events.get(e.as_str().unwrap()))
+        .flat_map(|e| e["prev_events"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()))
+        .collect();
+    let mut found: BTreeMap<String, Value> = BTreeMap::new();
+    while let Some(id) = todo.pop() {
+        if earliest.contains(&id) || found.contains_key(&id) || found.len() >= limit {
+            continue;
+        }
+        let Some(ev) = room.events.get(&id) else { continue };
+        todo.extend(ev["prev_events"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()));
+        found.insert(id, ev.clone());
+    }
+    let mut events: Vec<Value> = found.into_values().collect();
+    events.sort_by_key(|e| e["depth"].as_u64());
+    (StatusCode::OK, Json(json!({ "events": events })))
 }
