@@ -41,7 +41,7 @@ enum Cmd {
     },
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<Config> {
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path, std::env::vars())?)
 }
 

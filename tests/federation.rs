@@ -75,7 +75,7 @@ async fn requests_without_valid_x_matrix_are_refused_and_change_nothing() {
     assert_eq!((s.as_u16(), v["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{v}");
 
     // Addressed to another server.
-    let (s, _) = peer.request(&"other.example".to_string(), &f.fed_url, Method::PUT, path, Some(&body)).await;
+    let (s, _) = peer.request("other.example", &f.fed_url, Method::PUT, path, Some(&body)).await;
     assert_eq!(s, 401);
 
     // Signature over a different body.
@@ -108,14 +108,16 @@ async fn invite_and_join(version: RoomVersionId) {
     assert_eq!(members.len(), 2);
     assert!(members.contains(&peer.user("alice").as_str()) && members.contains(&f.bot().as_str()));
     // The join fedlink sent is signed by fedlink and was made through the inviter's server.
-    let st = peer.state.lock().unwrap();
-    let join = &st.joins[0];
-    assert_eq!(join["state_key"], f.bot());
-    assert!(join["signatures"][&f.name].is_object());
-    assert!(st.requests.iter().any(|(m, p)| m == "GET" && p.contains("/make_join/")));
-    // The countersigned invite carries fedlink's signature.
-    let invite = st.rooms[&room].events.values().find(|e| e["content"]["membership"] == "invite").unwrap();
-    assert!(invite["signatures"][&f.name].is_object() && invite["signatures"][&peer.name].is_object());
+    {
+        let st = peer.state.lock().unwrap();
+        let join = &st.joins[0];
+        assert_eq!(join["state_key"], f.bot());
+        assert!(join["signatures"][&f.name].is_object());
+        assert!(st.requests.iter().any(|(m, p)| m == "GET" && p.contains("/make_join/")));
+        // The countersigned invite carries fedlink's signature.
+        let invite = st.rooms[&room].events.values().find(|e| e["content"]["membership"] == "invite").unwrap();
+        assert!(invite["signatures"][&f.name].is_object() && invite["signatures"][&peer.name].is_object());
+    }
     let (_, rooms) = f.admin("/_fedlink/admin/v1/rooms").await;
     assert_eq!(rooms["rooms"][0]["joined_members"], 2);
     assert!(rooms["rooms"][0]["events"].as_u64().unwrap() >= 5);

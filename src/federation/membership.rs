@@ -171,7 +171,7 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                     app.metrics.joins.with_label_values(&["ok"]).inc();
                 }
                 Err(e) => {
-                    let status = joins.entry(room_id.clone()).or_insert_with(JoinStatus::default);
+                    let status = joins.entry(room_id.clone()).or_default();
                     status.failures += 1;
                     status.last_error = Some(e.to_string());
                     let retry_at = now_ms() + Backoff::DEFAULT.delay(status.failures).as_millis() as u64;

@@ -75,7 +75,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     for raw in pdus {
         match precheck(app, raw).await {
-            Ok(Pre::Fresh(pdu, room)) => verified.push((pdu, room)),
+            Ok(Pre::Fresh(pdu, room)) => verified.push((*pdu, room)),
             Ok(Pre::Known(id)) => {
                 results.insert(id, json!({}));
             }
@@ -215,7 +215,7 @@ async fn fill_gaps(app: &Fedlink, origin: &str, verified: &[(Pdu, OwnedRoomId)])
         let n = events.len();
         for raw in events.into_iter().take(GAP_FILL_LIMIT as usize) {
             match precheck(app, raw).await {
-                Ok(Pre::Fresh(pdu, room)) if &room == room_id => out.push((pdu, room)),
+                Ok(Pre::Fresh(pdu, room)) if &room == room_id => out.push((*pdu, room)),
                 Ok(_) => {}
                 Err((id, rej)) => tracing::info!(%origin, event_id = ?id, reason = %rej, "fetched missing event rejected"),
             }
@@ -240,7 +240,7 @@ enum Pre {
     /// Already in the log: answered as success without more work.
     Known(String),
     /// Parsed and signature-checked; auth checks come next.
-    Fresh(Pdu, OwnedRoomId),
+    Fresh(Box<Pdu>, OwnedRoomId),
 }
 
 /// Parse a PDU against its room's rules and verify its signatures.
@@ -267,7 +267,7 @@ async fn precheck(app: &Fedlink, raw: Value) -> Result<Pre, PreError> {
     }
     let obj = verify_signatures(&app.keys, pdu.json, &rules).await.map_err(|r| (Some(id.clone()), r))?;
     let pdu = Pdu::parse(obj, &rules).map_err(|e| (Some(id), Rejection::Format(e.to_string())))?;
-    Ok(Pre::Fresh(pdu, room_id))
+    Ok(Pre::Fresh(Box::new(pdu), room_id))
 }
 
 fn edu_metric_label(edu_type: &str) -> &'static str {
