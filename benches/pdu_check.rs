@@ -109,6 +109,7 @@ fn bench_replay(c: &mut Criterion) {
             join_event_id: "$j".try_into().unwrap(),
             via: "kiwi.example".try_into().unwrap(),
             state: vec![],
+            power_levels: None,
         }),
     };
     c.bench_function("replay_fold_1000_pdu_records", |b| {

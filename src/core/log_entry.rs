@@ -43,6 +43,87 @@ pub enum Entry {
     BotInvited(BotInvited),
     /// The bot's join completed; carries the room state at the join.
     BotJoined(BotJoined),
+    /// A person's set of linked accounts was set (created or replaced).
+    PersonSet(PersonSet),
+    /// A person was unlinked (removed from the directory).
+    PersonRemoved(PersonRemoved),
+    /// A person opted out of (or back into) syncing, everywhere or in one room.
+    OptOut(OptOut),
+    /// fedlink built and signed an invite for a linked account; delivery is pending.
+    InvitePending(InvitePending),
+    /// An invite fedlink wanted to send could not be sent.
+    InviteFailed(InviteFailed),
+}
+
+/// Where a directory change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkSource {
+    /// `[[directory.person]]` in the config.
+    Config,
+    /// The admin API.
+    Admin,
+    /// The HTTP directory.
+    Http,
+}
+
+/// A person's accounts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonSet {
+    /// The person's id.
+    pub person: String,
+    /// All of the person's accounts.
+    pub accounts: Vec<OwnedUserId>,
+    /// Who made the change.
+    pub source: LinkSource,
+}
+
+/// A person removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonRemoved {
+    /// The person's id.
+    pub person: String,
+    /// Who made the change.
+    pub source: LinkSource,
+}
+
+/// Opting out of syncing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OptOut {
+    /// The person's id.
+    pub person: String,
+    /// One room, or every room when absent.
+    #[serde(default)]
+    pub room_id: Option<OwnedRoomId>,
+    /// True to opt out, false to opt back in.
+    pub opted_out: bool,
+}
+
+/// An invite fedlink authored, not yet accepted by the target's server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvitePending {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// The invited account.
+    pub target: OwnedUserId,
+    /// The invite event id.
+    pub event_id: OwnedEventId,
+    /// The signed invite event, sent as is on every retry.
+    pub event: serde_json::Value,
+}
+
+/// Why fedlink could not invite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InviteFailed {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// The account fedlink wanted to invite.
+    pub target: OwnedUserId,
+    /// What went wrong.
+    pub reason: String,
+    /// For a lack of power: the power levels event that denied it (retried when it changes).
+    #[serde(default)]
+    pub power_levels_event: Option<OwnedEventId>,
 }
 
 /// How a stored PDU relates to the room's current state.
@@ -199,6 +280,9 @@ pub struct BotJoined {
     pub via: OwnedServerName,
     /// The room state before the join event.
     pub state: Vec<StateRef>,
+    /// Content of the `m.room.power_levels` event in that state, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_levels: Option<serde_json::Value>,
 }
 
 impl Entry {
@@ -211,6 +295,11 @@ impl Entry {
             Entry::Presence(_) => "presence",
             Entry::BotInvited(_) => "bot_invited",
             Entry::BotJoined(_) => "bot_joined",
+            Entry::PersonSet(_) => "person_set",
+            Entry::PersonRemoved(_) => "person_removed",
+            Entry::OptOut(_) => "opt_out",
+            Entry::InvitePending(_) => "invite_pending",
+            Entry::InviteFailed(_) => "invite_failed",
         }
     }
 }

@@ -5,4 +5,5 @@
 pub mod backoff;
 pub mod log_entry;
 pub mod pdu;
+pub mod reconcile;
 pub mod views;

@@ -318,6 +318,11 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
         })
         .collect();
     let n_state = state_refs.len();
+    let power_levels = state_refs
+        .iter()
+        .find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty())
+        .and_then(|s| checked.get(&s.event_id).cloned().or_else(|| crate::rooms::load_pdu(&app.store, &s.event_id, &rules)))
+        .and_then(|p| serde_json::from_str::<Value>(p.content.get()).ok());
     let _lock = app.ingest.lock().await;
     let mut entries: Vec<Entry> = checked
         .values()
@@ -331,6 +336,7 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
         join_event_id: join.event_id.clone(),
         via: resident.clone(),
         state: state_refs,
+        power_levels,
     }));
     if !app.store.has_event(join.event_id.as_str()).unwrap_or(false) {
         entries.push(Entry::Pdu(PduEntry::new(&join, resident.clone(), PduStatus::Accepted)));

@@ -5,15 +5,63 @@
 //! Current state here follows the accepted events in log order. Forks are not yet resolved
 //! with state resolution: that arrives with the auth work of issue 3.
 
+pub mod directory;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId};
 use serde::{Deserialize, Serialize};
 
+use self::directory::Directory;
 use super::log_entry::{Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 1;
+pub const VIEWS_FORMAT: u16 = 2;
+
+/// The parts of `m.room.power_levels` fedlink decides with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerLevels {
+    /// The power levels event.
+    pub event_id: Option<OwnedEventId>,
+    /// Explicit user levels.
+    pub users: BTreeMap<OwnedUserId, i64>,
+    /// Level of users not listed.
+    pub users_default: i64,
+    /// Level needed to invite.
+    pub invite: i64,
+}
+
+impl PowerLevels {
+    /// Parse the content of a power levels event (integers or numeric strings).
+    pub fn from_content(event_id: Option<OwnedEventId>, content: &serde_json::Value) -> Self {
+        let num = |v: &serde_json::Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()));
+        let users = content
+            .get("users")
+            .and_then(|u| u.as_object())
+            .map(|m| m.iter().filter_map(|(k, v)| Some((ruma::UserId::parse(k).ok()?, num(v)?))).collect())
+            .unwrap_or_default();
+        Self {
+            event_id,
+            users,
+            users_default: content.get("users_default").and_then(num).unwrap_or(0),
+            invite: content.get("invite").and_then(num).unwrap_or(0),
+        }
+    }
+
+    /// A user's level.
+    pub fn level(&self, user: &OwnedUserId) -> i64 {
+        self.users.get(user).copied().unwrap_or(self.users_default)
+    }
+}
+
+/// Why fedlink did not invite an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteFailure {
+    /// What went wrong.
+    pub reason: String,
+    /// For missing power: the power levels event that denied it.
+    pub power_levels_event: Option<OwnedEventId>,
+}
 
 /// The bot's membership in a room.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +117,15 @@ pub struct RoomView {
     pub max_depth: u64,
     /// The resident server the bot joined through.
     pub joined_via: Option<OwnedServerName>,
+    /// Current power levels (None: no power levels event).
+    #[serde(default)]
+    pub power: Option<PowerLevels>,
+    /// Invites fedlink authored that are not delivered yet: target -> event.
+    #[serde(default)]
+    pub pending_invites: BTreeMap<OwnedUserId, OwnedEventId>,
+    /// Invites fedlink could not send: target -> why.
+    #[serde(default)]
+    pub failed_invites: BTreeMap<OwnedUserId, InviteFailure>,
 }
 
 impl RoomView {
@@ -83,7 +140,15 @@ impl RoomView {
             event_count: 0,
             max_depth: 0,
             joined_via: None,
+            power: None,
+            pending_invites: BTreeMap::new(),
+            failed_invites: BTreeMap::new(),
         }
+    }
+
+    /// A user's current membership (`None` if they have no member event).
+    pub fn membership(&self, user: &OwnedUserId) -> Option<&str> {
+        self.members.get(user).map(String::as_str)
     }
 
     /// Users whose membership is `join`.
@@ -118,12 +183,15 @@ pub struct Views {
     pub folded_seq: u64,
     /// Rooms by id.
     pub rooms: BTreeMap<OwnedRoomId, RoomView>,
+    /// Linked identities.
+    #[serde(default)]
+    pub directory: Directory,
 }
 
 impl Views {
     /// Empty views for `bot_user_id`.
     pub fn new(bot_user_id: OwnedUserId) -> Self {
-        Self { format: VIEWS_FORMAT, bot_user_id, folded_seq: 0, rooms: BTreeMap::new() }
+        Self { format: VIEWS_FORMAT, bot_user_id, folded_seq: 0, rooms: BTreeMap::new(), directory: Directory::default() }
     }
 
     /// Fold one record. Records at or below `folded_seq` are ignored, so folding is idempotent.
@@ -156,6 +224,24 @@ impl Views {
                     }
                 }
             }
+            Entry::PersonSet(p) => self.directory.apply_set(p),
+            Entry::PersonRemoved(p) => self.directory.apply_removed(p),
+            Entry::OptOut(o) => self.directory.apply_opt_out(o),
+            Entry::InvitePending(i) => {
+                if let Some(room) = self.rooms.get_mut(&i.room_id) {
+                    room.pending_invites.insert(i.target.clone(), i.event_id.clone());
+                    room.failed_invites.remove(&i.target);
+                }
+            }
+            Entry::InviteFailed(f) => {
+                if let Some(room) = self.rooms.get_mut(&f.room_id) {
+                    room.pending_invites.remove(&f.target);
+                    room.failed_invites.insert(
+                        f.target.clone(),
+                        InviteFailure { reason: f.reason.clone(), power_levels_event: f.power_levels_event.clone() },
+                    );
+                }
+            }
             Entry::BotJoined(j) => {
                 let room = self
                     .rooms
@@ -167,6 +253,8 @@ impl Views {
                 room.state.clear();
                 room.members.clear();
                 room.extremities.clear();
+                let pl_id = j.state.iter().find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty()).map(|s| s.event_id.clone());
+                room.power = j.power_levels.as_ref().map(|c| PowerLevels::from_content(pl_id, c));
                 for s in &j.state {
                     room.state.entry(s.event_type.clone()).or_default().insert(s.state_key.clone(), s.event_id.clone());
                     if let (Some(m), Ok(user)) = (&s.membership, ruma::UserId::parse(&s.state_key)) {
@@ -191,7 +279,16 @@ impl Views {
         room.extremities.insert(p.event_id.clone());
         let Some(state_key) = &p.state_key else { return };
         room.state.entry(p.event_type.clone()).or_default().insert(state_key.clone(), p.event_id.clone());
+        if p.event_type == "m.room.power_levels" && state_key.is_empty() {
+            let content = p.pdu.get("content").cloned().unwrap_or_default();
+            room.power = Some(PowerLevels::from_content(Some(p.event_id.clone()), &content));
+        }
         if let (Some(m), Ok(user)) = (&p.membership, ruma::UserId::parse(state_key)) {
+            // A membership event for the target settles any invite fedlink had pending.
+            room.pending_invites.remove(&user);
+            if m != "leave" {
+                room.failed_invites.remove(&user);
+            }
             if user == bot {
                 match m.as_str() {
                     "join" => room.bot = BotMembership::Joined,
@@ -251,6 +348,7 @@ mod tests {
                     StateRef { event_type: "m.room.create".into(), state_key: "".into(), event_id: id("$c"), membership: None },
                     StateRef { event_type: "m.room.member".into(), state_key: "@a:kiwi".into(), event_id: id("$ma"), membership: Some("join".into()) },
                 ],
+                power_levels: None,
             })),
             rec(3, pdu("$join", &["$ma"], Some(("m.room.member", "@fedlink:fl", Some("join"))))),
             rec(4, pdu("$m1", &["$join"], None)),

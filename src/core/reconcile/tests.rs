@@ -1,0 +1,229 @@
+//! Given these log records, when the reconciler runs, then exactly these actions; and after
+//! the shell logs what it did, none on a second run.
+
+use serde_json::json;
+
+use super::*;
+use crate::core::{
+    log_entry::{
+        BotJoined, Entry, InviteFailed, InvitePending, LinkSource, LogRecord, OptOut, PduEntry, PduStatus, PersonSet,
+        StateRef,
+    },
+    views::Views,
+};
+
+const BOT: &str = "@fedlink:fl";
+const ROOM: &str = "!r:kiwi";
+
+struct Given {
+    views: Views,
+    seq: u64,
+    n: u64,
+}
+
+fn given() -> Given {
+    Given { views: Views::new(BOT.try_into().unwrap()), seq: 0, n: 0 }
+}
+
+fn room() -> OwnedRoomId {
+    ROOM.try_into().unwrap()
+}
+fn user(u: &str) -> OwnedUserId {
+    u.try_into().unwrap()
+}
+
+impl Given {
+    fn record(&mut self, entry: Entry) -> &mut Self {
+        self.seq += 1;
+        self.views.apply(&LogRecord { v: 1, seq: self.seq, at_ms: 0, entry });
+        self
+    }
+    fn linked(&mut self, person: &str, accounts: &[&str]) -> &mut Self {
+        self.record(Entry::PersonSet(PersonSet {
+            person: person.into(),
+            accounts: accounts.iter().map(|a| user(a)).collect(),
+            source: LinkSource::Admin,
+        }))
+    }
+    /// The bot joined ROOM; `members` are (user, membership) in the state at the join.
+    fn bot_joined(&mut self, members: &[(&str, &str)], invite_level: i64, bot_level: i64) -> &mut Self {
+        let mut state: Vec<StateRef> = members
+            .iter()
+            .enumerate()
+            .map(|(i, (u, m))| StateRef {
+                event_type: "m.room.member".into(),
+                state_key: (*u).into(),
+                event_id: format!("$m{i}").try_into().unwrap(),
+                membership: Some((*m).into()),
+            })
+            .collect();
+        state.push(StateRef { event_type: "m.room.power_levels".into(), state_key: "".into(), event_id: "$pl0".try_into().unwrap(), membership: None });
+        self.record(Entry::BotJoined(BotJoined {
+            room_id: room(),
+            room_version: ruma::RoomVersionId::V12,
+            join_event_id: "$botjoin".try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            state,
+            power_levels: Some(json!({ "users": { BOT: bot_level }, "invite": invite_level })),
+        }))
+        .state("m.room.member", BOT, Some("join"), json!({ "membership": "join" }))
+    }
+    fn state(&mut self, kind: &str, state_key: &str, membership: Option<&str>, content: serde_json::Value) -> &mut Self {
+        self.n += 1;
+        let id = format!("$e{}", self.n);
+        self.record(Entry::Pdu(PduEntry {
+            room_id: room(),
+            event_id: id.try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            status: PduStatus::Accepted,
+            event_type: kind.into(),
+            state_key: Some(state_key.into()),
+            sender: user("@someone:kiwi"),
+            membership: membership.map(String::from),
+            prev_events: vec![],
+            depth: self.n,
+            origin_server_ts: 0,
+            pdu: json!({ "content": content }),
+        }))
+    }
+    fn member(&mut self, u: &str, m: &str) -> &mut Self {
+        self.state("m.room.member", u, Some(m), json!({ "membership": m }))
+    }
+    /// What the shell logs after acting on `decide`.
+    fn acted(&mut self) -> &mut Self {
+        for a in decide(&self.views) {
+            match a {
+                Action::Invite { room_id, target, .. } => {
+                    self.record(Entry::InvitePending(InvitePending {
+                        room_id,
+                        target,
+                        event_id: "$inv".try_into().unwrap(),
+                        event: json!({}),
+                    }));
+                }
+                Action::MissingPower { room_id, target, power_levels_event, .. } => {
+                    self.record(Entry::InviteFailed(InviteFailed { room_id, target, reason: "missing power".into(), power_levels_event }));
+                }
+            }
+        }
+        self
+    }
+    fn decide(&self) -> Vec<Action> {
+        decide(&self.views)
+    }
+}
+
+fn invite(target: &str) -> Action {
+    Action::Invite { room_id: room(), target: user(target), person: "alice".into() }
+}
+
+#[test]
+fn creator_joined_then_sibling_invited_once() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join")], 0, 0);
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")]);
+    g.acted();
+    assert_eq!(g.decide(), vec![], "second run: nothing new");
+    // The invite lands: still nothing.
+    g.member("@alice:litchi", "invite");
+    assert_eq!(g.decide(), vec![]);
+}
+
+#[test]
+fn an_invited_account_brings_its_siblings() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi", "@alice:mango"]).bot_joined(&[("@bob:kiwi", "join")], 0, 0);
+    assert_eq!(g.decide(), vec![]);
+    g.member("@alice:litchi", "invite");
+    assert_eq!(g.decide(), vec![invite("@alice:kiwi"), invite("@alice:mango")]);
+}
+
+#[test]
+fn a_join_brings_its_siblings() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[], 0, 0).member("@alice:kiwi", "join");
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")]);
+}
+
+#[test]
+fn late_link_reconciles_rooms_already_known() {
+    let mut g = given();
+    g.bot_joined(&[("@alice:kiwi", "join")], 0, 0);
+    assert_eq!(g.decide(), vec![]);
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")]);
+}
+
+#[test]
+fn late_bot_join_reconciles_the_state_it_finds() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    assert_eq!(g.decide(), vec![], "the bot is in no room yet");
+    g.bot_joined(&[("@alice:kiwi", "invite")], 0, 0);
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")]);
+}
+
+#[test]
+fn left_declined_kicked_and_banned_accounts_are_never_reinvited() {
+    for gone in ["leave", "ban"] {
+        let mut g = given();
+        g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", gone)], 0, 0);
+        assert_eq!(g.decide(), vec![], "{gone}");
+    }
+    // Declined: invited by fedlink, then left.
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join")], 0, 0).acted();
+    g.member("@alice:litchi", "invite").member("@alice:litchi", "leave");
+    assert_eq!(g.decide(), vec![]);
+    // Kicked after joining; the sibling stays joined.
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    g.member("@alice:litchi", "leave");
+    assert_eq!(g.decide(), vec![]);
+}
+
+#[test]
+fn opt_out_everywhere_or_per_room() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join")], 0, 0);
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: Some(room()), opted_out: true }));
+    assert_eq!(g.decide(), vec![]);
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: Some(room()), opted_out: false }));
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")]);
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: None, opted_out: true }));
+    assert_eq!(g.decide(), vec![]);
+}
+
+#[test]
+fn missing_power_is_recorded_once_and_retried_when_power_levels_change() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join")], 50, 0);
+    assert_eq!(
+        g.decide(),
+        vec![Action::MissingPower {
+            room_id: room(),
+            target: user("@alice:litchi"),
+            power_levels_event: Some("$pl0".try_into().unwrap()),
+            needed: 50,
+            have: 0
+        }]
+    );
+    g.acted();
+    assert_eq!(g.decide(), vec![], "recorded once, not retried in a loop");
+    // Power levels change but the bot is still too weak: recorded again for the new event.
+    g.state("m.room.power_levels", "", None, json!({ "users": { BOT: 10 }, "invite": 50 }));
+    assert!(matches!(g.decide()[..], [Action::MissingPower { have: 10, .. }]));
+    g.acted();
+    assert_eq!(g.decide(), vec![]);
+    // The bot gets enough power: the invite comes.
+    g.state("m.room.power_levels", "", None, json!({ "users": { BOT: 50 }, "invite": 50 }));
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")]);
+}
+
+#[test]
+fn unlinked_accounts_and_rooms_the_bot_left_get_nothing() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@bob:kiwi", "join"), ("@alice:kiwi", "join")], 0, 0);
+    g.member(BOT, "leave");
+    assert_eq!(g.decide(), vec![]);
+}

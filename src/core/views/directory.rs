@@ -1,0 +1,171 @@
+//! The directory view: person -> accounts, account -> person, and opt-outs, folded from
+//! `person_set`, `person_removed` and `opt_out` records.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ruma::{OwnedRoomId, OwnedUserId};
+use serde::{Deserialize, Serialize};
+
+use crate::core::log_entry::{LinkSource, OptOut, PersonRemoved, PersonSet};
+
+/// One person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Person {
+    /// The person's accounts.
+    pub accounts: BTreeSet<OwnedUserId>,
+    /// Where the link came from.
+    pub source: LinkSource,
+    /// Opted out of syncing everywhere.
+    pub opted_out: bool,
+    /// Rooms opted out of.
+    pub opted_out_rooms: BTreeSet<OwnedRoomId>,
+}
+
+/// Why a directory change is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectoryError {
+    /// An account already belongs to another person.
+    #[error("{account} already belongs to person `{person}`")]
+    Conflict {
+        /// The account.
+        account: OwnedUserId,
+        /// Its current person.
+        person: String,
+    },
+    /// A person needs at least two accounts to be worth linking.
+    #[error("a person needs at least two accounts, got {0}")]
+    TooFew(usize),
+    /// The person id is not usable.
+    #[error("person id must be 1-64 characters of [A-Za-z0-9._=-]")]
+    BadId,
+}
+
+/// The directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directory {
+    /// Persons by id.
+    pub persons: BTreeMap<String, Person>,
+    /// Account -> person id.
+    pub by_account: BTreeMap<OwnedUserId, String>,
+}
+
+/// Whether `id` is a usable person id.
+pub fn valid_person_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || "._=-".contains(c))
+}
+
+impl Directory {
+    /// Check a `person_set` before it is logged: no account may belong to another person.
+    pub fn check_set(&self, person: &str, accounts: &[OwnedUserId]) -> Result<(), DirectoryError> {
+        if !valid_person_id(person) {
+            return Err(DirectoryError::BadId);
+        }
+        let distinct: BTreeSet<_> = accounts.iter().collect();
+        if distinct.len() < 2 {
+            return Err(DirectoryError::TooFew(distinct.len()));
+        }
+        for a in accounts {
+            if let Some(p) = self.by_account.get(a) {
+                if p != person {
+                    return Err(DirectoryError::Conflict { account: a.clone(), person: p.clone() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The person owning `account`.
+    pub fn person_of(&self, account: &OwnedUserId) -> Option<(&String, &Person)> {
+        let id = self.by_account.get(account)?;
+        self.persons.get(id).map(|p| (id, p))
+    }
+
+    /// Fold a `person_set`. A conflicting record (which `check_set` keeps out of the log)
+    /// takes the accounts over, so folding never fails.
+    pub fn apply_set(&mut self, s: &PersonSet) {
+        let (opted_out, rooms) = match self.persons.get(&s.person) {
+            Some(p) => (p.opted_out, p.opted_out_rooms.clone()),
+            None => (false, BTreeSet::new()),
+        };
+        self.remove(&s.person);
+        for a in &s.accounts {
+            if let Some(old) = self.by_account.get(a).cloned() {
+                if let Some(p) = self.persons.get_mut(&old) {
+                    p.accounts.remove(a);
+                }
+            }
+            self.by_account.insert(a.clone(), s.person.clone());
+        }
+        self.persons.insert(
+            s.person.clone(),
+            Person { accounts: s.accounts.iter().cloned().collect(), source: s.source, opted_out, opted_out_rooms: rooms },
+        );
+    }
+
+    /// Fold a `person_removed`.
+    pub fn apply_removed(&mut self, r: &PersonRemoved) {
+        self.remove(&r.person);
+    }
+
+    fn remove(&mut self, person: &str) {
+        if let Some(p) = self.persons.remove(person) {
+            for a in p.accounts {
+                if self.by_account.get(&a).map(String::as_str) == Some(person) {
+                    self.by_account.remove(&a);
+                }
+            }
+        }
+    }
+
+    /// Fold an `opt_out`.
+    pub fn apply_opt_out(&mut self, o: &OptOut) {
+        let Some(p) = self.persons.get_mut(&o.person) else { return };
+        match &o.room_id {
+            None => p.opted_out = o.opted_out,
+            Some(r) if o.opted_out => {
+                p.opted_out_rooms.insert(r.clone());
+            }
+            Some(r) => {
+                p.opted_out_rooms.remove(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(s: &str) -> OwnedUserId {
+        s.try_into().unwrap()
+    }
+    fn set(person: &str, accounts: &[&str]) -> PersonSet {
+        PersonSet { person: person.into(), accounts: accounts.iter().map(|a| u(a)).collect(), source: LinkSource::Admin }
+    }
+
+    #[test]
+    fn an_account_belongs_to_at_most_one_person() {
+        let mut d = Directory::default();
+        d.apply_set(&set("alice", &["@alice:kiwi", "@alice:litchi"]));
+        assert_eq!(
+            d.check_set("other", &[u("@alice:kiwi"), u("@x:kiwi")]),
+            Err(DirectoryError::Conflict { account: u("@alice:kiwi"), person: "alice".into() })
+        );
+        assert!(d.check_set("alice", &[u("@alice:kiwi"), u("@alice:mango")]).is_ok(), "a person may change its own set");
+        assert_eq!(d.check_set("x", &[u("@a:kiwi"), u("@a:kiwi")]), Err(DirectoryError::TooFew(1)));
+        assert_eq!(d.check_set("bad id", &[u("@a:kiwi"), u("@b:kiwi")]), Err(DirectoryError::BadId));
+    }
+
+    #[test]
+    fn replacing_and_removing_keep_the_index_consistent_and_opt_outs_survive_replacement() {
+        let mut d = Directory::default();
+        d.apply_set(&set("alice", &["@alice:kiwi", "@alice:litchi"]));
+        d.apply_opt_out(&OptOut { person: "alice".into(), room_id: None, opted_out: true });
+        d.apply_set(&set("alice", &["@alice:kiwi", "@alice:mango"]));
+        assert!(d.persons["alice"].opted_out);
+        assert_eq!(d.by_account.get(&u("@alice:litchi")), None);
+        assert_eq!(d.by_account[&u("@alice:mango")], "alice");
+        d.apply_removed(&PersonRemoved { person: "alice".into(), source: LinkSource::Admin });
+        assert!(d.by_account.is_empty() && d.persons.is_empty());
+    }
+}
