@@ -65,6 +65,14 @@ pub struct Fedlink {
     pub ingest: tokio::sync::Mutex<()>,
     /// Wakes the join worker.
     pub join_wake: Notify,
+    /// Wakes the outbox worker.
+    pub outbox_wake: Notify,
+    /// Wakes the reconcile worker.
+    pub reconcile_wake: Notify,
+    /// Delivery state per destination.
+    pub destinations: Mutex<HashMap<String, crate::outbox::DestinationStatus>>,
+    /// Invite delivery retry state per (room, target).
+    pub invite_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId), JoinStatus>>,
     /// Join retry state per room.
     pub joins: Mutex<HashMap<OwnedRoomId, JoinStatus>>,
     /// Admin bearer token.
@@ -100,6 +108,10 @@ impl Fedlink {
             views: RwLock::new(views),
             ingest: tokio::sync::Mutex::new(()),
             join_wake: Notify::new(),
+            outbox_wake: Notify::new(),
+            reconcile_wake: Notify::new(),
+            destinations: Mutex::new(HashMap::new()),
+            invite_retries: Mutex::new(HashMap::new()),
             joins: Mutex::new(HashMap::new()),
             admin_token,
             cfg,
@@ -114,8 +126,22 @@ impl Fedlink {
         entries: Vec<Entry>,
         txn: Option<(&str, &str, &serde_json::Value)>,
     ) -> Result<Vec<LogRecord>, StoreError> {
+        self.append_and_send(entries, txn, &[]).await
+    }
+
+    /// [`Fedlink::append`], also queueing PDUs for destinations in the same batch.
+    pub async fn append_and_send(
+        &self,
+        entries: Vec<Entry>,
+        txn: Option<(&str, &str, &serde_json::Value)>,
+        outbox: &[(String, String)],
+    ) -> Result<Vec<LogRecord>, StoreError> {
         let kinds: Vec<&'static str> = entries.iter().map(Entry::kind).collect();
-        let records = self.store.append(entries, txn, now_ms())?;
+        let records = self.store.append(entries, txn, outbox, now_ms())?;
+        if !outbox.is_empty() {
+            self.outbox_wake.notify_one();
+        }
+        self.reconcile_wake.notify_one();
         {
             let mut views = self.views.write().await;
             for r in &records {
@@ -217,6 +243,8 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
 
     let joins = tokio::spawn(crate::federation::membership::join_worker(app.clone(), stop_rx.clone()));
     let snapshots = tokio::spawn(snapshot_worker(app.clone(), stop_rx.clone()));
+    let outbox = tokio::spawn(crate::outbox::worker(app.clone(), stop_rx.clone()));
+    let sync = tokio::spawn(crate::sync::worker(app.clone(), stop_rx.clone()));
 
     let fed_task = tokio::spawn(fed);
     let admin_task = tokio::spawn(async move { admin.await });
@@ -228,6 +256,8 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let _ = admin_task.await;
     let _ = joins.await;
     let _ = snapshots.await;
+    let _ = outbox.await;
+    let _ = sync.await;
     app.snapshot().await?;
     app.store.flush().await?;
     tracing::info!("stopped");

@@ -27,5 +27,7 @@ pub mod core;
 pub mod federation;
 pub mod keys;
 pub mod metrics;
+pub mod outbox;
+pub mod sync;
 pub mod rooms;
 pub mod store;

@@ -32,6 +32,18 @@ pub struct Metrics {
     pub gap_fills: IntCounterVec,
     /// Events fetched and accepted for checking through gap filling.
     pub gap_events_fetched: IntCounter,
+    /// PDUs waiting in the outbox.
+    pub outbox_pending: IntGauge,
+    /// Outbound transactions by result (`ok`, `transient_error`, `dead`).
+    pub outbox_transactions: IntCounterVec,
+    /// Outbound PDUs by result (`delivered`, `dead`, `rejected_by_peer`).
+    pub outbox_pdus: IntCounterVec,
+    /// Invites fedlink sent for linked accounts, by result.
+    pub invites_sent: IntCounterVec,
+    /// Reconciler decisions by kind.
+    pub reconcile_actions: IntCounterVec,
+    /// Joins and leaves served to other servers, by kind and result.
+    pub served_membership: IntCounterVec,
     /// Records in the event log.
     pub log_entries: IntGauge,
     /// Records appended, by kind.
@@ -87,6 +99,12 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("metric registered once");
                 c
             },
+            outbox_pending: gauge(&r, "fedlink_outbox_pending_pdus", "PDUs waiting in the outbox"),
+            outbox_transactions: counter_vec(&r, "fedlink_outbox_transactions_total", "Outbound transactions by result", &["result"]),
+            outbox_pdus: counter_vec(&r, "fedlink_outbox_pdus_total", "Outbound PDUs by result", &["result"]),
+            invites_sent: counter_vec(&r, "fedlink_invites_sent_total", "Invites fedlink sent for linked accounts, by result", &["result"]),
+            reconcile_actions: counter_vec(&r, "fedlink_reconcile_actions_total", "Reconciler decisions by kind", &["action"]),
+            served_membership: counter_vec(&r, "fedlink_served_membership_total", "make/send join and leave served, by endpoint and result", &["endpoint", "result"]),
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),
             storage_bytes: gauge(&r, "fedlink_storage_bytes", "Size of the sled database on disk"),

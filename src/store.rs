@@ -11,7 +11,7 @@
 //! transaction's response in one sled transaction, so a crash never leaves half a batch;
 //! callers [`Store::flush`] before they acknowledge anything, so a 200 means durable.
 
-use std::{path::Path, sync::Mutex};
+use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use serde::{Deserialize, Serialize};
 use sled::{transaction::TransactionError, Transactional};
@@ -51,6 +51,8 @@ pub struct Store {
     txns: sled::Tree,
     views: sled::Tree,
     server_keys: sled::Tree,
+    outbox: sled::Tree,
+    dead_letters: sled::Tree,
     /// Serialises appends and holds the last assigned sequence number.
     next_seq: Mutex<u64>,
 }
@@ -61,6 +63,11 @@ fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(txn_id.as_bytes());
     k
+}
+
+fn dest_of(key: &[u8]) -> Result<String, StoreError> {
+    let end = key.iter().position(|b| *b == 0).ok_or_else(|| corrupt("outbox", "key without separator"))?;
+    Ok(String::from_utf8_lossy(&key[..end]).into_owned())
 }
 
 fn corrupt(tree: &'static str, reason: impl ToString) -> StoreError {
@@ -81,6 +88,8 @@ impl Store {
             txns: db.open_tree("txns")?,
             views: db.open_tree("views")?,
             server_keys: db.open_tree("server_keys")?,
+            outbox: db.open_tree("outbox")?,
+            dead_letters: db.open_tree("dead_letters")?,
             log,
             db,
             next_seq: Mutex::new(last),
@@ -94,8 +103,13 @@ impl Store {
         &self,
         entries: Vec<Entry>,
         txn: Option<(&str, &str, &serde_json::Value)>,
+        outbox: &[(String, String)],
         now_ms: u64,
     ) -> Result<Vec<LogRecord>, StoreError> {
+        let outbox_keys: Vec<(Vec<u8>, &str)> = outbox
+            .iter()
+            .map(|(dest, event_id)| Ok((txn_key(dest, "").into_iter().chain(self.db.generate_id()?.to_be_bytes()).collect(), event_id.as_str())))
+            .collect::<Result<_, StoreError>>()?;
         let records = {
             let mut next = self.next_seq.lock().expect("append lock poisoned");
             let records: Vec<LogRecord> = entries
@@ -111,8 +125,11 @@ impl Store {
                 Some((o, t, v)) => Some((txn_key(o, t), serde_json::to_vec(v).map_err(|e| corrupt("txns", e))?)),
                 None => None,
             };
-            (&self.log, &self.event_index, &self.txns)
-                .transaction(|(log, index, txns)| {
+            (&self.log, &self.event_index, &self.txns, &self.outbox)
+                .transaction(|(log, index, txns, out)| {
+                    for (k, e) in &outbox_keys {
+                        out.insert(k.as_slice(), e.as_bytes())?;
+                    }
                     for ((seq, bytes), rec) in encoded.iter().zip(&records) {
                         log.insert(&seq.to_be_bytes(), bytes.as_slice())?;
                         if let Entry::Pdu(p) = &rec.entry {
@@ -230,6 +247,81 @@ impl Store {
         Ok(())
     }
 
+    /// Destinations with queued PDUs, and how many each.
+    pub fn outbox_destinations(&self) -> Result<BTreeMap<String, usize>, StoreError> {
+        let mut out = BTreeMap::new();
+        for r in self.outbox.iter() {
+            let (k, _) = r?;
+            let dest = dest_of(&k)?;
+            *out.entry(dest).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    /// The first `max` queued PDUs for `dest`: (queue key, event id).
+    pub fn outbox_batch(&self, dest: &str, max: usize) -> Result<Vec<(Vec<u8>, String)>, StoreError> {
+        self.outbox
+            .scan_prefix(txn_key(dest, ""))
+            .take(max)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((k.to_vec(), String::from_utf8_lossy(&v).into_owned()))
+            })
+            .collect()
+    }
+
+    /// Remove delivered queue entries.
+    pub fn outbox_remove(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for k in keys {
+            b.remove(k.as_slice());
+        }
+        self.outbox.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// Move queue entries to the dead letters, with the error that killed them.
+    pub fn outbox_kill(&self, keys: &[Vec<u8>], error: &str) -> Result<(), StoreError> {
+        (&self.outbox, &self.dead_letters)
+            .transaction(|(out, dead)| {
+                for k in keys {
+                    if let Some(v) = out.remove(k.as_slice())? {
+                        let rec = serde_json::json!({ "event_id": String::from_utf8_lossy(&v), "error": error });
+                        dead.insert(k.as_slice(), rec.to_string().as_bytes())?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e: TransactionError<()>| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => corrupt("outbox", "transaction aborted"),
+            })
+    }
+
+    /// Dead letters per destination.
+    pub fn dead_letter_counts(&self) -> Result<BTreeMap<String, usize>, StoreError> {
+        let mut out = BTreeMap::new();
+        for r in self.dead_letters.iter() {
+            let (k, _) = r?;
+            *out.entry(dest_of(&k)?).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    /// Put `dest`'s dead letters back in its queue; returns how many.
+    pub fn retry_dead_letters(&self, dest: &str) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for r in self.dead_letters.scan_prefix(txn_key(dest, "")) {
+            let (k, v) = r?;
+            let rec: serde_json::Value = serde_json::from_slice(&v).map_err(|e| corrupt("dead_letters", e))?;
+            let event_id = rec["event_id"].as_str().unwrap_or_default().to_owned();
+            self.outbox.insert(&k, event_id.as_bytes())?;
+            self.dead_letters.remove(&k)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Flush everything to disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
@@ -271,9 +363,9 @@ mod tests {
                 pdu: serde_json::json!({"type": "m.room.message"}),
             });
             let resp = serde_json::json!({"pdus": {}});
-            let recs = s.append(vec![presence("@a:kiwi"), pdu], Some(("kiwi", "t1", &resp)), 42).unwrap();
+            let recs = s.append(vec![presence("@a:kiwi"), pdu], Some(("kiwi", "t1", &resp)), &[("litchi".into(), "$e1".into())], 42).unwrap();
             assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
-            s.append(vec![presence("@b:kiwi")], None, 43).unwrap();
+            s.append(vec![presence("@b:kiwi")], None, &[], 43).unwrap();
             s.flush().await.unwrap();
         }
         // Reopen: everything is there, sequence continues.
@@ -285,7 +377,16 @@ mod tests {
         assert_eq!(s.txn_response("kiwi", "t2").unwrap(), None);
         let seqs: Vec<u64> = s.records_after(1).map(|r| r.unwrap().seq).collect();
         assert_eq!(seqs, vec![2, 3]);
-        let recs = s.append(vec![presence("@c:kiwi")], None, 44).unwrap();
+        let recs = s.append(vec![presence("@c:kiwi")], None, &[], 44).unwrap();
+        // The outbox entry written with the batch survived, in order, and can die and revive.
+        let batch = s.outbox_batch("litchi", 50).unwrap();
+        assert_eq!(batch.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), vec!["$e1"]);
+        assert!(s.outbox_batch("litch", 50).unwrap().is_empty(), "prefixes do not leak across names");
+        s.outbox_kill(&[batch[0].0.clone()], "403").unwrap();
+        assert_eq!(s.dead_letter_counts().unwrap()["litchi"], 1);
+        assert!(s.outbox_destinations().unwrap().is_empty());
+        assert_eq!(s.retry_dead_letters("litchi").unwrap(), 1);
+        assert_eq!(s.outbox_destinations().unwrap()["litchi"], 1);
         assert_eq!(recs[0].seq, 4);
     }
 

@@ -54,6 +54,15 @@ impl PowerLevels {
     }
 }
 
+/// An invite fedlink signed and has yet to deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInvite {
+    /// The invite event id.
+    pub event_id: OwnedEventId,
+    /// The signed event, sent as is on every attempt.
+    pub event: serde_json::Value,
+}
+
 /// Why fedlink did not invite an account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InviteFailure {
@@ -122,7 +131,7 @@ pub struct RoomView {
     pub power: Option<PowerLevels>,
     /// Invites fedlink authored that are not delivered yet: target -> event.
     #[serde(default)]
-    pub pending_invites: BTreeMap<OwnedUserId, OwnedEventId>,
+    pub pending_invites: BTreeMap<OwnedUserId, PendingInvite>,
     /// Invites fedlink could not send: target -> why.
     #[serde(default)]
     pub failed_invites: BTreeMap<OwnedUserId, InviteFailure>,
@@ -229,7 +238,8 @@ impl Views {
             Entry::OptOut(o) => self.directory.apply_opt_out(o),
             Entry::InvitePending(i) => {
                 if let Some(room) = self.rooms.get_mut(&i.room_id) {
-                    room.pending_invites.insert(i.target.clone(), i.event_id.clone());
+                    room.pending_invites
+                        .insert(i.target.clone(), PendingInvite { event_id: i.event_id.clone(), event: i.event.clone() });
                     room.failed_invites.remove(&i.target);
                 }
             }

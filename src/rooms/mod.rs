@@ -5,6 +5,8 @@
 //! Signature checks are async (they may fetch keys) and hold no lock; auth checks are
 //! synchronous and run under the ingest lock against what the store holds.
 
+pub mod build;
+
 use std::collections::BTreeMap;
 
 use ruma::{

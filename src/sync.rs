@@ -1,0 +1,201 @@
+//! The sync worker: runs the reconciler over the views and carries out its decisions.
+//!
+//! An `Invite` decision becomes an invite event the bot builds and signs, logged as
+//! `invite_pending` *before* it is sent, so a restart re-sends the same event (no duplicate
+//! invites). Delivery is `PUT /_matrix/federation/v2/invite` to the target's server; the
+//! countersigned event is then logged as the bot's own PDU and queued for every other
+//! server in the room. A lack of power is logged once as `invite_failed` (visible in
+//! metrics and the admin API) and comes back only when the power levels change.
+
+use std::{sync::Arc, time::Duration};
+
+use reqwest::Method;
+use ruma::{OwnedRoomId, OwnedUserId};
+use serde_json::{json, Value};
+
+use crate::{
+    app::{now_ms, Fedlink, JoinStatus},
+    core::{
+        backoff::Backoff,
+        log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus},
+        pdu::{canonical_object, rules_for, Pdu},
+        reconcile::{decide, Action},
+    },
+    federation::client::enc,
+    rooms::{build, check_auth},
+};
+
+/// Runs reconcile and invite delivery until `stop`.
+pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = reconcile_once(&app).await {
+            tracing::error!(error = %e, "reconcile failed");
+        }
+        let next_due = deliver_invites(&app).await;
+        let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            _ = app.reconcile_wake.notified() => {}
+            _ = tokio::time::sleep(wait.min(Duration::from_secs(30))) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Decide and log what to do.
+pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreError> {
+    let actions = decide(&*app.views.read().await);
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let _lock = app.ingest.lock().await;
+    for action in actions {
+        let entry = match action {
+            Action::Invite { room_id, target, person } => {
+                app.metrics.reconcile_actions.with_label_values(&["invite"]).inc();
+                match build_invite(app, &room_id, &target).await {
+                    Ok(pdu) => {
+                        tracing::info!(%room_id, %target, %person, event_id = %pdu.event_id, "inviting a linked account");
+                        Entry::InvitePending(InvitePending { room_id, target, event_id: pdu.event_id.clone(), event: pdu.to_value() })
+                    }
+                    Err((reason, power_levels_event)) => {
+                        app.metrics.invites_sent.with_label_values(&["cannot_build"]).inc();
+                        tracing::warn!(%room_id, %target, %reason, "cannot build an invite");
+                        Entry::InviteFailed(InviteFailed { room_id, target, reason, power_levels_event })
+                    }
+                }
+            }
+            Action::MissingPower { room_id, target, power_levels_event, needed, have } => {
+                app.metrics.reconcile_actions.with_label_values(&["missing_power"]).inc();
+                app.metrics.invites_sent.with_label_values(&["missing_power"]).inc();
+                let reason = format!("the bot has power {have} in this room; inviting needs {needed}");
+                tracing::warn!(%room_id, %target, %reason, "cannot invite a linked account");
+                Entry::InviteFailed(InviteFailed { room_id, target, reason, power_levels_event })
+            }
+        };
+        app.append(vec![entry], None).await?;
+    }
+    app.store.flush().await?;
+    Ok(())
+}
+
+/// Build and sign the bot's invite for `target`, checked against the room's auth rules.
+/// On failure, the reason and the power levels event it depends on.
+async fn build_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId) -> Result<Pdu, (String, Option<ruma::OwnedEventId>)> {
+    let views = app.views.read().await;
+    let room = views.rooms.get(room_id).ok_or(("room unknown".to_owned(), None))?;
+    let power_event = room.power.as_ref().and_then(|p| p.event_id.clone());
+    let rules = rules_for(&room.version).ok_or(("unsupported room version".to_owned(), None))?;
+    let content = json!({ "membership": "invite" });
+    let obj = build::template(&app.store, room_id.as_str(), room, &rules, &app.bot, "m.room.member", Some(target.as_str()), content, now_ms())
+        .map_err(|e| (e.to_string(), None))?;
+    let pdu = build::sign(app.server_name.as_str(), &app.key, obj, &rules).map_err(|e| (e.to_string(), None))?;
+    match check_auth(&app.store, Some(room), &pdu, &rules, &Default::default()) {
+        Ok(PduStatus::Accepted) => Ok(pdu),
+        Ok(_) => Err(("the room's current state does not allow this invite".into(), power_event)),
+        Err(e) => Err((e.to_string(), power_event)),
+    }
+}
+
+/// Send pending invites that are due; returns when the next retry is due.
+async fn deliver_invites(app: &Fedlink) -> Option<u64> {
+    let pending: Vec<(OwnedRoomId, OwnedUserId, Value, ruma::RoomVersionId)> = {
+        let views = app.views.read().await;
+        views
+            .rooms
+            .iter()
+            .flat_map(|(id, r)| r.pending_invites.iter().map(move |(t, p)| (id.clone(), t.clone(), p.event.clone(), r.version.clone())))
+            .collect()
+    };
+    let mut next_due: Option<u64> = None;
+    for (room_id, target, event, version) in pending {
+        let key = (room_id.clone(), target.clone());
+        let due = app.invite_retries.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0);
+        if due > now_ms() {
+            next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            continue;
+        }
+        match send_invite(app, &room_id, &target, event, &version).await {
+            Ok(()) => {
+                app.invite_retries.lock().expect("lock").remove(&key);
+                app.metrics.invites_sent.with_label_values(&["ok"]).inc();
+            }
+            Err(InviteError::Transient(reason)) => {
+                let mut retries = app.invite_retries.lock().expect("lock");
+                let s = retries.entry(key).or_insert_with(JoinStatus::default);
+                s.failures += 1;
+                s.last_error = Some(reason.clone());
+                s.next_attempt_ms = now_ms() + Backoff::DEFAULT.delay(s.failures).as_millis() as u64;
+                next_due = Some(next_due.map_or(s.next_attempt_ms, |d| d.min(s.next_attempt_ms)));
+                app.metrics.invites_sent.with_label_values(&["transient_error"]).inc();
+                tracing::warn!(%room_id, %target, failures = s.failures, %reason, "invite delivery failed; will retry");
+            }
+            Err(InviteError::Refused(reason)) => {
+                app.metrics.invites_sent.with_label_values(&["refused"]).inc();
+                tracing::warn!(%room_id, %target, %reason, "the target's server refused the invite");
+                app.invite_retries.lock().expect("lock").remove(&key);
+                let _lock = app.ingest.lock().await;
+                let entry = Entry::InviteFailed(InviteFailed { room_id, target, reason, power_levels_event: None });
+                if app.append(vec![entry], None).await.is_ok() {
+                    let _ = app.store.flush().await;
+                }
+            }
+        }
+    }
+    next_due
+}
+
+enum InviteError {
+    Transient(String),
+    Refused(String),
+}
+
+async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId, event: Value, version: &ruma::RoomVersionId) -> Result<(), InviteError> {
+    let rules = rules_for(version).ok_or_else(|| InviteError::Refused("unsupported room version".into()))?;
+    let event_id = match canonical_object(event.clone()).ok().and_then(|o| Pdu::parse(o, &rules).ok()) {
+        Some(p) => p.event_id,
+        None => return Err(InviteError::Refused("stored invite no longer parses".into())),
+    };
+    let stripped = {
+        let views = app.views.read().await;
+        match views.rooms.get(room_id) {
+            Some(room) => build::invite_room_state(&app.store, room, &app.bot),
+            None => Vec::new(),
+        }
+    };
+    let body = json!({ "room_version": version.as_str(), "event": event, "invite_room_state": stripped });
+    let path = format!("/_matrix/federation/v2/invite/{}/{}", enc(room_id.as_str()), enc(event_id.as_str()));
+    let resp = app.client.request(target.server_name().as_str(), Method::PUT, &path, Some(&body)).await.map_err(|e| {
+        if e.is_transient() {
+            InviteError::Transient(e.to_string())
+        } else {
+            InviteError::Refused(e.to_string())
+        }
+    })?;
+    let signed = resp.get("event").cloned().ok_or_else(|| InviteError::Refused("invite answer has no event".into()))?;
+    let pdu = canonical_object(signed)
+        .ok()
+        .and_then(|o| Pdu::parse(o, &rules).ok())
+        .filter(|p| p.event_id == event_id)
+        .ok_or_else(|| InviteError::Refused("the target's server returned a different event".into()))?;
+    let _lock = app.ingest.lock().await;
+    if app.store.has_event(event_id.as_str()).unwrap_or(false) {
+        return Ok(());
+    }
+    let dests: Vec<(String, String)> = {
+        let views = app.views.read().await;
+        views
+            .rooms
+            .get(room_id)
+            .map(|r| r.joined_servers())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| *s != app.server_name)
+            .map(|s| (s.to_string(), event_id.to_string()))
+            .collect()
+    };
+    let entry = Entry::Pdu(PduEntry::new(&pdu, app.server_name.clone(), PduStatus::Accepted));
+    app.append_and_send(vec![entry], None, &dests).await.map_err(|e| InviteError::Transient(e.to_string()))?;
+    app.store.flush().await.map_err(|e| InviteError::Transient(e.to_string()))?;
+    tracing::info!(%room_id, %target, %event_id, destinations = dests.len(), "invite delivered");
+    Ok(())
+}
