@@ -23,6 +23,11 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .route("/_fedlink/admin/v1/status", get(status))
         .route("/_fedlink/admin/v1/rooms", get(rooms))
         .route("/_fedlink/admin/v1/rooms/{room_id}", get(room))
+        .route("/_fedlink/admin/v1/persons", get(persons))
+        .route("/_fedlink/admin/v1/persons/{id}", get(person).put(put_person).delete(delete_person))
+        .route("/_fedlink/admin/v1/persons/{id}/opt_out", axum::routing::put(put_opt_out))
+        .route("/_fedlink/admin/v1/destinations", get(destinations))
+        .route("/_fedlink/admin/v1/destinations/{dest}/retry", axum::routing::post(retry_destination))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new().route("/metrics", get(metrics)).merge(admin).with_state(app)
 }
@@ -109,7 +114,103 @@ async fn room(State(app): State<AppState>, Path(room_id): Path<String>) -> Resul
         "receipts": r.receipts,
         "forward_extremities": r.extremities,
         "state_events": r.state.values().map(|m| m.len()).sum::<usize>(),
+        "pending_invites": r.pending_invites.iter().map(|(u, p)| (u.to_string(), p.event_id.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        "failed_invites": r.failed_invites,
     })))
+}
+
+fn change_error(e: crate::directory::ChangeError) -> MatrixError {
+    use crate::{core::views::directory::DirectoryError, directory::ChangeError};
+    match e {
+        ChangeError::Directory(DirectoryError::Conflict { .. }) => MatrixError::new(StatusCode::CONFLICT, "M_CONFLICT", e.to_string()),
+        ChangeError::Directory(_) | ChangeError::BadAccount(_) => MatrixError::invalid_param(e.to_string()),
+        ChangeError::NoSuchPerson(_) => MatrixError::not_found(e.to_string()),
+        ChangeError::Store(s) => s.into(),
+    }
+}
+
+async fn persons(State(app): State<AppState>) -> Json<Value> {
+    let views = app.views.read().await;
+    Json(json!({ "persons": views.directory.persons.iter().map(|(id, p)| json!({
+        "id": id, "accounts": p.accounts, "source": p.source, "opted_out": p.opted_out, "opted_out_rooms": p.opted_out_rooms,
+    })).collect::<Vec<_>>() }))
+}
+
+async fn person(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, MatrixError> {
+    let views = app.views.read().await;
+    let p = views.directory.persons.get(&id).ok_or_else(|| MatrixError::not_found(format!("no person `{id}`")))?;
+    let rooms: Vec<Value> = views
+        .rooms
+        .iter()
+        .filter(|(_, r)| p.accounts.iter().any(|a| r.members.contains_key(a) || r.pending_invites.contains_key(a) || r.failed_invites.contains_key(a)))
+        .map(|(room_id, r)| {
+            let accounts: serde_json::Map<String, Value> = p
+                .accounts
+                .iter()
+                .map(|a| {
+                    (a.to_string(), json!({
+                        "membership": r.membership(a),
+                        "invite_pending": r.pending_invites.get(a).map(|i| &i.event_id),
+                        "invite_failed": r.failed_invites.get(a),
+                        "read_receipt": r.receipts.get(a),
+                    }))
+                })
+                .collect();
+            let memberships: std::collections::BTreeSet<Option<&str>> = p.accounts.iter().map(|a| r.membership(a)).collect();
+            json!({ "room_id": room_id, "in_step": memberships.len() == 1, "accounts": accounts })
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id, "accounts": p.accounts, "source": p.source, "opted_out": p.opted_out,
+        "opted_out_rooms": p.opted_out_rooms, "rooms": rooms,
+    })))
+}
+
+#[derive(serde::Deserialize)]
+struct PersonBody {
+    accounts: Vec<String>,
+}
+
+async fn put_person(State(app): State<AppState>, Path(id): Path<String>, body: Result<Json<PersonBody>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, MatrixError> {
+    let Json(body) = body.map_err(|e| MatrixError::bad_json(e.body_text()))?;
+    let accounts = crate::directory::parse_accounts(&body.accounts).map_err(change_error)?;
+    let changed = crate::directory::set_person(&app, &id, accounts, crate::core::log_entry::LinkSource::Admin).await.map_err(change_error)?;
+    Ok(Json(json!({ "id": id, "changed": changed })))
+}
+
+async fn delete_person(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, MatrixError> {
+    crate::directory::remove_person(&app, &id, crate::core::log_entry::LinkSource::Admin).await.map_err(change_error)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(serde::Deserialize)]
+struct OptOutBody {
+    opted_out: bool,
+    #[serde(default)]
+    room_id: Option<String>,
+}
+
+async fn put_opt_out(State(app): State<AppState>, Path(id): Path<String>, body: Result<Json<OptOutBody>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, MatrixError> {
+    let Json(body) = body.map_err(|e| MatrixError::bad_json(e.body_text()))?;
+    let room = match body.room_id {
+        Some(r) => Some(ruma::RoomId::parse(&r).map_err(|e| MatrixError::invalid_param(format!("bad room_id: {e}")))?),
+        None => None,
+    };
+    crate::directory::opt_out(&app, &id, room, body.opted_out).await.map_err(change_error)?;
+    Ok(Json(json!({})))
+}
+
+async fn destinations(State(app): State<AppState>) -> Json<Value> {
+    Json(crate::outbox::destinations_report(&app))
+}
+
+async fn retry_destination(State(app): State<AppState>, Path(dest): Path<String>) -> Result<Json<Value>, MatrixError> {
+    let n = app.store.retry_dead_letters(&dest)?;
+    if let Some(s) = app.destinations.lock().expect("lock").get_mut(&dest) {
+        s.next_attempt_ms = 0;
+    }
+    app.outbox_wake.notify_one();
+    Ok(Json(json!({ "requeued": n })))
 }
 
 #[cfg(test)]

@@ -220,6 +220,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
         .await
         .with_context(|| format!("tls.cert {} / tls.key {}", cfg.tls.cert.display(), cfg.tls.key.display()))?;
     let app = Fedlink::open(cfg)?;
+    crate::directory::sync_config(&app).await?;
     app.metrics.log_entries.set(app.store.last_seq() as i64);
     {
         let views = app.views.read().await;
@@ -245,6 +246,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let snapshots = tokio::spawn(snapshot_worker(app.clone(), stop_rx.clone()));
     let outbox = tokio::spawn(crate::outbox::worker(app.clone(), stop_rx.clone()));
     let sync = tokio::spawn(crate::sync::worker(app.clone(), stop_rx.clone()));
+    let directory = tokio::spawn(crate::directory::http_worker(app.clone(), stop_rx.clone()));
 
     let fed_task = tokio::spawn(fed);
     let admin_task = tokio::spawn(async move { admin.await });
@@ -258,6 +260,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let _ = snapshots.await;
     let _ = outbox.await;
     let _ = sync.await;
+    let _ = directory.await;
     app.snapshot().await?;
     app.store.flush().await?;
     tracing::info!("stopped");

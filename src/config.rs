@@ -62,6 +62,39 @@ pub struct Config {
     /// Admin API access.
     #[serde(default)]
     pub admin: Admin,
+    /// Linked identities.
+    #[serde(default)]
+    pub directory: DirectoryConfig,
+}
+
+/// `[directory]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Static links: `[[directory.person]] id = "alice", accounts = [...]`.
+    #[serde(default)]
+    pub person: Vec<PersonConfig>,
+    /// HTTP directory compatible with the earlier Synapse module: `GET <url><mxid>`
+    /// answers a JSON array of the other MXIDs linked to it.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How long an HTTP directory answer is trusted, in seconds.
+    #[serde(default = "default_directory_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_directory_ttl() -> u64 {
+    300
+}
+
+/// One statically linked person.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PersonConfig {
+    /// The person's id.
+    pub id: String,
+    /// Their accounts.
+    pub accounts: Vec<String>,
 }
 
 /// `[listen]`
@@ -320,6 +353,32 @@ impl Config {
         {
             return Err(invalid("bot.localpart", "use lowercase letters, digits and ._=-/+ only"));
         }
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for (i, p) in self.directory.person.iter().enumerate() {
+            let key = format!("directory.person[{i}]");
+            if !crate::core::views::directory::valid_person_id(&p.id) {
+                return Err(invalid(&format!("{key}.id"), "must be 1-64 characters of [A-Za-z0-9._=-]"));
+            }
+            if p.accounts.len() < 2 {
+                return Err(invalid(&format!("{key}.accounts"), "a person needs at least two accounts"));
+            }
+            for a in &p.accounts {
+                ruma::UserId::parse(a).map_err(|e| invalid(&format!("{key}.accounts"), format!("`{a}`: {e}")))?;
+                if let Some(other) = seen.insert(a.clone(), p.id.clone()) {
+                    if other != p.id {
+                        return Err(invalid(&format!("{key}.accounts"), format!("`{a}` already belongs to person `{other}`")));
+                    }
+                }
+            }
+        }
+        if let Some(url) = &self.directory.url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid("directory.url", "must be an http(s) URL"));
+            }
+        }
+        if self.directory.ttl_secs == 0 {
+            return Err(invalid("directory.ttl_secs", "must be positive"));
+        }
         match (&self.admin.token, &self.admin.token_file) {
             (Some(_), Some(_)) => return Err(invalid("admin.token", "set either admin.token or admin.token_file, not both")),
             (Some(t), None) if t.len() < 16 => return Err(invalid("admin.token", "must be at least 16 characters")),
@@ -457,6 +516,17 @@ token = "0123456789abcdef0123"
         assert!(e.contains("bogus"), "{e}");
         let e = load(MIN, &[("FEDLINK_FEDERATION__ALLOWED_SERVERS", "ok, bad server")]).unwrap_err().to_string();
         assert!(e.contains("federation.allowed_servers[1]"), "{e}");
+    }
+
+    #[test]
+    fn static_persons_are_validated() {
+        let ok = format!("{MIN}\n[[directory.person]]\nid = \"alice\"\naccounts = [\"@alice:kiwi\", \"@alice:litchi\"]\n");
+        assert_eq!(load(&ok, &[]).unwrap().directory.person.len(), 1);
+        let dup = format!("{ok}\n[[directory.person]]\nid = \"other\"\naccounts = [\"@alice:kiwi\", \"@o:kiwi\"]\n");
+        let e = load(&dup, &[]).unwrap_err().to_string();
+        assert!(e.contains("directory.person[1].accounts") && e.contains("alice"), "{e}");
+        let bad = format!("{MIN}\n[[directory.person]]\nid = \"x\"\naccounts = [\"alice\", \"@b:kiwi\"]\n");
+        assert!(load(&bad, &[]).unwrap_err().to_string().contains("directory.person[0].accounts"));
     }
 
     #[test]

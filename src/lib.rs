@@ -24,6 +24,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod core;
+pub mod directory;
 pub mod federation;
 pub mod keys;
 pub mod metrics;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub reconcile_actions: IntCounterVec,
     /// Joins and leaves served to other servers, by kind and result.
     pub served_membership: IntCounterVec,
+    /// HTTP directory lookups by result.
+    pub directory_lookups: IntCounterVec,
     /// Records in the event log.
     pub log_entries: IntGauge,
     /// Records appended, by kind.
@@ -105,6 +107,7 @@ impl Metrics {
             invites_sent: counter_vec(&r, "fedlink_invites_sent_total", "Invites fedlink sent for linked accounts, by result", &["result"]),
             reconcile_actions: counter_vec(&r, "fedlink_reconcile_actions_total", "Reconciler decisions by kind", &["action"]),
             served_membership: counter_vec(&r, "fedlink_served_membership_total", "make/send join and leave served, by endpoint and result", &["endpoint", "result"]),
+            directory_lookups: counter_vec(&r, "fedlink_directory_lookups_total", "HTTP directory lookups by result", &["result"]),
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),
             storage_bytes: gauge(&r, "fedlink_storage_bytes", "Size of the sled database on disk"),

@@ -53,6 +53,7 @@ pub struct Store {
     server_keys: sled::Tree,
     outbox: sled::Tree,
     dead_letters: sled::Tree,
+    state_at: sled::Tree,
     /// Serialises appends and holds the last assigned sequence number.
     next_seq: Mutex<u64>,
 }
@@ -90,6 +91,7 @@ impl Store {
             server_keys: db.open_tree("server_keys")?,
             outbox: db.open_tree("outbox")?,
             dead_letters: db.open_tree("dead_letters")?,
+            state_at: db.open_tree("state_at")?,
             log,
             db,
             next_seq: Mutex::new(last),
@@ -320,6 +322,21 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Record the room state before an event fedlink authored or served (for `state_ids`).
+    pub fn put_state_before(&self, event_id: &str, state: &[String]) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| corrupt("state_at", e))?;
+        self.state_at.insert(event_id.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// The state before `event_id`, if recorded.
+    pub fn state_before(&self, event_id: &str) -> Result<Option<Vec<String>>, StoreError> {
+        match self.state_at.get(event_id.as_bytes())? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| corrupt("state_at", e))?)),
+            None => Ok(None),
+        }
     }
 
     /// Flush everything to disk.

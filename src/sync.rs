@@ -181,18 +181,20 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
     if app.store.has_event(event_id.as_str()).unwrap_or(false) {
         return Ok(());
     }
-    let dests: Vec<(String, String)> = {
+    let (dests, state_before): (Vec<(String, String)>, Vec<String>) = {
         let views = app.views.read().await;
-        views
-            .rooms
-            .get(room_id)
+        let room = views.rooms.get(room_id);
+        let dests = room
             .map(|r| r.joined_servers())
             .unwrap_or_default()
             .into_iter()
             .filter(|s| *s != app.server_name)
             .map(|s| (s.to_string(), event_id.to_string()))
-            .collect()
+            .collect();
+        let state = room.map(|r| r.state.values().flat_map(|m| m.values().map(|e| e.to_string())).collect()).unwrap_or_default();
+        (dests, state)
     };
+    app.store.put_state_before(event_id.as_str(), &state_before).map_err(|e| InviteError::Transient(e.to_string()))?;
     let entry = Entry::Pdu(PduEntry::new(&pdu, app.server_name.clone(), PduStatus::Accepted));
     app.append_and_send(vec![entry], None, &dests).await.map_err(|e| InviteError::Transient(e.to_string()))?;
     app.store.flush().await.map_err(|e| InviteError::Transient(e.to_string()))?;

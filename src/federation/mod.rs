@@ -7,5 +7,6 @@ pub mod client;
 pub mod discovery;
 pub mod error;
 pub mod membership;
+pub mod resident;
 pub mod send;
 pub mod server;

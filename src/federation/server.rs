@@ -30,6 +30,16 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .route("/_matrix/federation/v1/send/{txn_id}", put(send))
         .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
         .route("/_matrix/federation/v1/query/profile", get(profile))
+        .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
+        .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
+        .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+        .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
+        .route("/_matrix/federation/v1/event/{event_id}", get(event))
+        .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
+        .route("/_matrix/federation/v1/get_missing_events/{room_id}", axum::routing::post(get_missing_events))
+        .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+        .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
+        .route("/_matrix/federation/v1/state/{room_id}", get(state_full))
         .fallback(unrecognized)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(app)
@@ -164,4 +174,148 @@ async fn profile(
         None => json!({ "displayname": name }),
         Some(_) => return Err(MatrixError::invalid_param("unknown profile field")),
     }))
+}
+
+/// All values of query parameter `key` (repeated keys kept), percent-decoded.
+fn query_all(uri: &Uri, key: &str) -> Vec<String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
+        .collect()
+}
+
+/// An authenticated request: the origin and the raw body.
+struct Authed {
+    origin: String,
+    body: Bytes,
+}
+
+async fn authed(app: &Fedlink, method: &Method, uri: &Uri, headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Authed, MatrixError> {
+    let body = body_or_413(app, body)?;
+    let origin = authenticate(app, method, uri, headers, &body).await?;
+    Ok(Authed { origin, body })
+}
+
+async fn make_join(
+    State(app): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    let vers = query_all(&uri, "ver");
+    super::resident::make_membership(&app, &a.origin, &room_id, &user_id, "join", &vers).await.map(Json)
+}
+
+async fn make_leave(
+    State(app): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    super::resident::make_membership(&app, &a.origin, &room_id, &user_id, "leave", &[]).await.map(Json)
+}
+
+async fn send_join(
+    State(app): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, body).await?;
+    let v = parse_json(&a.body)?;
+    super::resident::send_membership(&app, &a.origin, &room_id, &event_id, v, "join").await.map(Json)
+}
+
+async fn send_leave(
+    State(app): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, body).await?;
+    let v = parse_json(&a.body)?;
+    super::resident::send_membership(&app, &a.origin, &room_id, &event_id, v, "leave").await.map(Json)
+}
+
+async fn event(
+    State(app): State<AppState>,
+    Path(event_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    super::resident::event(&app, &a.origin, &event_id).await.map(Json)
+}
+
+async fn event_auth(
+    State(app): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    super::resident::event_auth(&app, &a.origin, &room_id, &event_id).await.map(Json)
+}
+
+async fn get_missing_events(
+    State(app): State<AppState>,
+    Path(room_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, body).await?;
+    let v = parse_json(&a.body)?;
+    super::resident::get_missing_events(&app, &a.origin, &room_id, v).await.map(Json)
+}
+
+async fn backfill(
+    State(app): State<AppState>,
+    Path(room_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    let from = query_all(&uri, "v");
+    let limit = query_all(&uri, "limit").first().and_then(|l| l.parse().ok()).unwrap_or(10);
+    super::resident::backfill(&app, &a.origin, &room_id, &from, limit).await.map(Json)
+}
+
+async fn state_ids(
+    State(app): State<AppState>,
+    Path(room_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    let event_id = query_all(&uri, "event_id").pop().ok_or_else(|| MatrixError::invalid_param("event_id is required"))?;
+    super::resident::state(&app, &a.origin, &room_id, &event_id, false).await.map(Json)
+}
+
+async fn state_full(
+    State(app): State<AppState>,
+    Path(room_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    let a = authed(&app, &method, &uri, &headers, Ok(Bytes::new())).await?;
+    let event_id = query_all(&uri, "event_id").pop().ok_or_else(|| MatrixError::invalid_param("event_id is required"))?;
+    super::resident::state(&app, &a.origin, &room_id, &event_id, true).await.map(Json)
 }
