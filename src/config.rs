@@ -68,7 +68,7 @@ pub struct Config {
 }
 
 /// `[directory]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectoryConfig {
     /// Static links: `[[directory.person]] id = "alice", accounts = [...]`.
@@ -85,6 +85,12 @@ pub struct DirectoryConfig {
 
 fn default_directory_ttl() -> u64 {
     300
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self { person: Vec::new(), url: None, ttl_secs: default_directory_ttl() }
+    }
 }
 
 /// One statically linked person.
