@@ -1,0 +1,106 @@
+//! End-to-end, two real Synapse homeservers plus fedlink on loopback: `@alice` on kiwi and
+//! `@alice` on litchi are linked. A user on kiwi creates a private room inviting alice@kiwi
+//! and the bot; alice@litchi receives an invite from the bot (seen through litchi's client
+//! API), accepts it, and litchi joins through fedlink (as the inviter's server); kiwi sees
+//! her joined. In a second room alice@litchi declines; when alice@kiwi then joins, fedlink
+//! does not invite alice@litchi again.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{enc, fedlink_proc::FedlinkBin, wait_until, ClientSession, Synapse, SynapseOpts};
+
+const T: Duration = Duration::from_secs(60);
+const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
+
+async fn invited_rooms(c: &ClientSession) -> anyhow::Result<Vec<String>> {
+    let v = c.get("/_matrix/client/v3/sync?timeout=0").await?;
+    Ok(v["rooms"]["invite"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default())
+}
+
+async fn wait_invited(c: &ClientSession, room: &str, f: &FedlinkBin) {
+    wait_until(&format!("{} invited to {room}", c.user_id), T, || async {
+        if invited_rooms(c).await?.iter().any(|r| r == room) {
+            return Ok(Some(()));
+        }
+        Err(anyhow::anyhow!("fedlink log:\n{}", f.log_tail()))
+    })
+    .await
+    .unwrap();
+}
+
+async fn wait_member(c: &ClientSession, room: &str, user: &str) {
+    wait_until(&format!("{user} joined {room} as {} sees it", c.user_id), T, || async {
+        Ok(c.joined_members(room).await?.iter().any(|m| m == user).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+async fn room_view(f: &FedlinkBin, room: &str) -> Value {
+    f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(room))).await.1
+}
+
+async fn scenario(room_version: Option<&str>) {
+    let (kiwi, litchi) = tokio::join!(
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
+    );
+    let (kiwi, litchi) = (kiwi.unwrap(), litchi.unwrap());
+    let (bob, alice_k, alice_l) = (kiwi.register("bob").await.unwrap(), kiwi.register("alice").await.unwrap(), litchi.register("alice").await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\"]\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n",
+        kiwi.server_name, litchi.server_name, alice_k.user_id, alice_l.user_id
+    );
+    let f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");
+
+    // Room 1: bob invites alice@kiwi and the bot.
+    let room = bob.create_room(&[&alice_k.user_id, &f.bot()], room_version, "private_chat").await.unwrap();
+    wait_member(&bob, &room, &f.bot()).await;
+    assert_eq!(room_view(&f, &room).await["room_version"], room_version.unwrap_or("12"));
+
+    // alice@litchi is invited by the bot, accepts, and litchi joins through fedlink.
+    wait_invited(&alice_l, &room, &f).await;
+    alice_l.join(&room, &[]).await.unwrap_or_else(|e| panic!("join through fedlink: {e:?}\nfedlink log:\n{}", f.log_tail()));
+    wait_member(&bob, &room, &alice_l.user_id).await;
+    assert!(f.metric("fedlink_served_membership_total{endpoint=\"send_join\",result=\"ok\"}").await >= 1.0);
+    let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
+    let r = p["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == room.as_str()).cloned().unwrap();
+    assert_eq!(r["accounts"][&alice_l.user_id]["membership"], "join", "{p}");
+
+    // Room 2: alice@litchi declines the invite; alice@kiwi's later join brings no new invite.
+    let room2 = bob.create_room(&[&alice_k.user_id, &f.bot()], room_version, "private_chat").await.unwrap();
+    wait_member(&bob, &room2, &f.bot()).await;
+    wait_invited(&alice_l, &room2, &f).await;
+    alice_l.leave(&room2).await.unwrap_or_else(|e| panic!("decline through fedlink: {e:?}\nfedlink log:\n{}", f.log_tail()));
+    wait_until("the decline in fedlink's view", T, || async {
+        Ok((room_view(&f, &room2).await["members"][&alice_l.user_id] == "leave").then_some(()))
+    })
+    .await
+    .unwrap();
+    let sent = f.metric("fedlink_invites_sent_total{result=\"ok\"}").await;
+    alice_k.join(&room2, &[]).await.unwrap();
+    wait_until("alice@kiwi's join in fedlink's view", T, || async {
+        Ok((room_view(&f, &room2).await["members"][&alice_k.user_id] == "join").then_some(()))
+    })
+    .await
+    .unwrap();
+    // The reconciler has run on the join (it runs on every append); nothing was sent.
+    let v = room_view(&f, &room2).await;
+    assert_eq!(v["pending_invites"], serde_json::json!({}), "{v}");
+    assert_eq!(f.metric("fedlink_invites_sent_total{result=\"ok\"}").await, sent);
+    assert!(!invited_rooms(&alice_l).await.unwrap().contains(&room2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_account_follows_into_rooms_default_version() {
+    scenario(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_account_follows_into_rooms_v10() {
+    scenario(Some("10")).await;
+}
