@@ -332,3 +332,138 @@ async fn a_gap_before_a_received_event_is_filled_from_the_origin() {
         assert!(store.has_event(id).unwrap(), "{id} is in the log");
     }
 }
+
+#[tokio::test]
+async fn fedlink_serves_make_join_and_send_join_and_forwards_the_join() {
+    let (_dir, f, kiwi, room) = joined(RoomVersionId::V11).await;
+    let litchi = FakePeer::start().await;
+    // Not invited: refused.
+    let (s, v) = litchi.join_via(&room, "carol", &RoomVersionId::V11, &f.name, &f.fed_url).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
+    // Invited by alice on kiwi (the event reaches fedlink over /send).
+    let (_, inv) = kiwi.push(&room, "alice", "m.room.member", Some(&litchi.user("carol")), json!({ "membership": "invite" }));
+    assert_eq!(kiwi.send_txn(&f.name, &f.fed_url, "inv", vec![inv], vec![]).await.0, 200);
+    let (s, v) = litchi.join_via(&room, "carol", &RoomVersionId::V11, &f.name, &f.fed_url).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["members_omitted"], false);
+    let state_types: Vec<&str> = v["state"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(state_types.contains(&"m.room.create") && state_types.contains(&"m.room.power_levels"), "{state_types:?}");
+    assert!(!v["auth_chain"].as_array().unwrap().is_empty());
+    let join_id = {
+        let rules = RoomVersionId::V11.rules().unwrap();
+        format!("${}", ruma::signatures::reference_hash(&fedlink::core::pdu::canonical_object(v["event"].clone()).unwrap(), &rules).unwrap())
+    };
+    // The join is in fedlink's view and forwarded to kiwi.
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["members"][litchi.user("carol")], "join");
+    wait_until("the join forwarded to kiwi", Duration::from_secs(20), || async {
+        Ok(kiwi.received_pdu_ids(&RoomVersionId::V11).contains(&join_id).then_some(()))
+    })
+    .await
+    .unwrap();
+    // A server that is not in the room cannot read events.
+    let mango = FakePeer::start().await;
+    let (s, _) = mango.request(&f.name, &f.fed_url, Method::GET, &format!("/_matrix/federation/v1/event/{}", enc(&join_id)), None).await;
+    assert_eq!(s, 403);
+    let (s, v) = litchi.request(&f.name, &f.fed_url, Method::GET, &format!("/_matrix/federation/v1/event/{}", enc(&join_id)), None).await;
+    assert_eq!((s.as_u16(), v["pdus"].as_array().map(|a| a.len())), (200, Some(1)));
+    // Wrong room version offered: incompatible.
+    let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=1", enc(&room), enc(&mango.user("x")));
+    let (s, v) = mango.request(&f.name, &f.fed_url, Method::GET, &path, None).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (400, Some("M_INCOMPATIBLE_ROOM_VERSION")));
+}
+
+/// A linked account on a second server: the bot invites it, the invite survives a
+/// failing target, a failing resident and a restart in the middle, and arrives exactly once.
+#[tokio::test]
+async fn linked_invite_is_retried_survives_restart_and_is_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiwi = FakePeer::start().await;
+    let litchi = FakePeer::start().await;
+    litchi.state.lock().unwrap().fail_invite = Some(503);
+    kiwi.state.lock().unwrap().fail_send = Some(502);
+    let extra = format!(
+        "{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n",
+        kiwi.user("alice"),
+        litchi.user("alice")
+    );
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let room = kiwi.create_room("alice", RoomVersionId::V12);
+    kiwi.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    wait_joined(&f, &room).await;
+    wait_until("a failed invite delivery", Duration::from_secs(20), || async {
+        Ok((f.metric("fedlink_invites_sent_total{result=\"transient_error\"}").await >= 1.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    let pending = r["pending_invites"][litchi.user("alice")].as_str().expect("invite pending").to_owned();
+    let port = f.fed_port;
+    f.stop().await;
+
+    // Back up: litchi accepts invites; kiwi still fails transactions.
+    litchi.state.lock().unwrap().fail_invite = None;
+    let f = Fedlink::start(dir.path(), port, &extra).await;
+    wait_until("the invite delivered", Duration::from_secs(20), || async {
+        let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+        Ok((r["members"][litchi.user("alice")] == "invite").then_some(()))
+    })
+    .await
+    .unwrap();
+    let rules = RoomVersionId::V12.rules().unwrap();
+    let invites: Vec<String> = litchi
+        .state
+        .lock()
+        .unwrap()
+        .invites
+        .iter()
+        .map(|e| format!("${}", ruma::signatures::reference_hash(&fedlink::core::pdu::canonical_object(e.clone()).unwrap(), &rules).unwrap()))
+        .collect();
+    assert_eq!(invites, vec![pending.clone()], "litchi got the invite built before the restart, once");
+    // The invite waits for kiwi in the outbox, visibly.
+    wait_until("outbox retrying kiwi", Duration::from_secs(20), || async {
+        let d = f.admin("/_fedlink/admin/v1/destinations").await.1;
+        let k = d["destinations"].as_array().unwrap().iter().find(|x| x["destination"] == kiwi.name.as_str()).cloned();
+        Ok(k.filter(|k| k["queue_depth"] == 1 && k["failures"].as_u64() >= Some(1)).map(|_| ()))
+    })
+    .await
+    .unwrap();
+    kiwi.state.lock().unwrap().fail_send = None;
+    wait_until("the invite reaches kiwi", Duration::from_secs(30), || async {
+        Ok(kiwi.received_pdu_ids(&RoomVersionId::V12).contains(&pending).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(kiwi.received_pdu_ids(&RoomVersionId::V12).iter().filter(|i| **i == pending).count(), 1, "delivered once");
+    let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
+    assert_eq!(p["accounts"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn admin_directory_api_refuses_conflicts_and_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let http = reqwest::Client::new();
+    let put = |id: &str, body: Value| {
+        let req = http.put(format!("{}/_fedlink/admin/v1/persons/{id}", f.admin_url)).bearer_auth(support::fedlink_proc::ADMIN_TOKEN).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(put("alice", json!({ "accounts": ["@alice:kiwi", "@alice:litchi"] })).await.0, 200);
+    let before = f.log_len().await;
+    let (s, v) = put("other", json!({ "accounts": ["@alice:kiwi", "@x:kiwi"] })).await;
+    assert_eq!((s, v["errcode"].as_str()), (409, Some("M_CONFLICT")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("alice"));
+    let (s, _) = put("bad", json!({ "accounts": ["not-a-user", "@x:kiwi"] })).await;
+    assert_eq!(s, 400);
+    let (s, _) = put("bad", json!({ "nope": 1 })).await;
+    assert_eq!(s, 400);
+    assert_eq!(f.log_len().await, before, "refused changes leave no trace");
+    assert_eq!(f.admin("/_fedlink/admin/v1/persons").await.1["persons"][0]["id"], "alice");
+    let r = http.delete(format!("{}/_fedlink/admin/v1/persons/alice", f.admin_url)).bearer_auth(support::fedlink_proc::ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(f.admin("/_fedlink/admin/v1/persons/alice").await.0, 404);
+    assert_eq!(put("other", json!({ "accounts": ["@alice:kiwi", "@x:kiwi"] })).await.0, 200, "free again after unlinking");
+}

@@ -184,6 +184,14 @@ pub struct PeerState {
     pub joins: Vec<Value>,
     /// Answer make_join with this status instead (to test failures).
     pub fail_make_join: Option<u16>,
+    /// Answer /send with this status instead.
+    pub fail_send: Option<u16>,
+    /// Answer /v2/invite with this status instead.
+    pub fail_invite: Option<u16>,
+    /// Transactions received and answered 200: (txn id, PDUs).
+    pub transactions: Vec<(String, Vec<Value>)>,
+    /// Invites received (and countersigned).
+    pub invites: Vec<Value>,
 }
 
 /// The fake peer.
@@ -222,6 +230,8 @@ impl FakePeer {
             .route("/_matrix/federation/v1/make_join/{room}/{user}", get(make_join))
             .route("/_matrix/federation/v2/send_join/{room}/{event}", put(send_join))
             .route("/_matrix/federation/v1/get_missing_events/{room}", axum::routing::post(get_missing_events))
+            .route("/_matrix/federation/v1/send/{txn}", put(receive_txn))
+            .route("/_matrix/federation/v2/invite/{room}/{event}", put(receive_invite))
             .fallback(other)
             .with_state(ctx);
         let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.unwrap();
@@ -318,6 +328,33 @@ impl FakePeer {
         let body = json!({ "origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus });
         let path = format!("/_matrix/federation/v1/send/{}", enc(txn_id));
         self.request(dest, base, Method::PUT, &path, Some(&body)).await
+    }
+
+    /// Join `user_local` to a room fedlink is resident in, through fedlink
+    /// (make_join then send_join v2). Returns the send_join answer.
+    pub async fn join_via(&self, room_id: &str, user_local: &str, version: &RoomVersionId, dest: &str, base: &str) -> (StatusCode, Value) {
+        let user = self.user(user_local);
+        let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12", enc(room_id), enc(&user));
+        let (s, v) = self.request(dest, base, Method::GET, &path, None).await;
+        if s != StatusCode::OK {
+            return (s, v);
+        }
+        let mut template = canonical_object(v["event"].clone()).unwrap();
+        template.insert("origin_server_ts".into(), ruma::canonical_json::CanonicalJsonValue::Integer(ruma::Int::new(now_ms() as i64).unwrap()));
+        let (id, ev) = FakeRoom::sign(version, &self.name, &self.key, template);
+        let path = format!("/_matrix/federation/v2/send_join/{}/{}", enc(room_id), enc(&id));
+        self.request(dest, base, Method::PUT, &path, Some(&ev)).await
+    }
+
+    /// Event ids of PDUs received in successful transactions, with repeats.
+    pub fn received_pdu_ids(&self, room_version: &RoomVersionId) -> Vec<String> {
+        let rules = room_version.rules().unwrap();
+        let st = self.state.lock().unwrap();
+        st.transactions
+            .iter()
+            .flat_map(|(_, pdus)| pdus.iter())
+            .map(|p| format!("${}", ruma::signatures::reference_hash(&canonical_object(p.clone()).unwrap(), &rules).unwrap()))
+            .collect()
     }
 
     /// Stop serving.
@@ -450,4 +487,45 @@ async fn get_missing_events(
     let mut events: Vec<Value> = found.into_values().collect();
     events.sort_by_key(|e| e["depth"].as_u64());
     (StatusCode::OK, Json(json!({ "events": events })))
+}
+
+async fn receive_txn(
+    State(ctx): State<Ctx>,
+    UrlPath(txn): UrlPath<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&headers) {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("PUT".into(), format!("/send/{txn}")));
+    if let Some(code) = st.fail_send {
+        return (StatusCode::from_u16(code).unwrap(), Json(json!({ "errcode": "M_UNKNOWN", "error": "configured to fail" })));
+    }
+    let pdus = body["pdus"].as_array().cloned().unwrap_or_default();
+    st.transactions.push((txn, pdus));
+    (StatusCode::OK, Json(json!({ "pdus": {} })))
+}
+
+async fn receive_invite(
+    State(ctx): State<Ctx>,
+    UrlPath((_room, _event)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&headers) {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("PUT".into(), "/v2/invite".into()));
+    if let Some(code) = st.fail_invite {
+        return (StatusCode::from_u16(code).unwrap(), Json(json!({ "errcode": "M_UNKNOWN", "error": "configured to fail" })));
+    }
+    let version = RoomVersionId::try_from(body["room_version"].as_str().unwrap()).unwrap();
+    let mut obj = canonical_object(body["event"].clone()).unwrap();
+    ruma::signatures::sign_event(&ctx.name, &*ctx.key, &mut obj, &version.rules().unwrap().redaction).unwrap();
+    let signed = serde_json::to_value(obj).unwrap();
+    st.invites.push(signed.clone());
+    (StatusCode::OK, Json(json!({ "event": signed })))
 }
