@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sourced by test.sh and demo.sh: makes sure .venv holds the pinned Synapse and exports
+# FEDLINK_SYNAPSE_PYTHON.
+#
+# 1. Makes sure a repo-local virtualenv `.venv` has matrix-synapse $SYNAPSE_VERSION
+#    (installs python3-venv from Debian only if `python3 -m venv` does not work).
+# 2. Exports FEDLINK_SYNAPSE_PYTHON for the end-to-end tests (tests/support/synapse.rs).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+SYNAPSE_VERSION=1.163.2
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+log() { printf '[fedlink] %s\n' "$*" >&2; }
+
+apt_install() {
+    log "apt-get install -y $*"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "$@"
+}
+
+have_synapse() {
+    [ -x "$PY" ] && "$PY" - "$SYNAPSE_VERSION" <<'PYEOF' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(0 if version("matrix-synapse") == sys.argv[1] else 1)
+PYEOF
+}
+
+if ! have_synapse; then
+    command -v python3 >/dev/null || apt_install python3
+    rm -rf "$VENV"
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+        rm -rf "$VENV"
+        apt_install python3-venv
+        python3 -m venv "$VENV"
+    fi
+    log "installing matrix-synapse==$SYNAPSE_VERSION into .venv"
+    "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$PY" -m pip install --quiet --disable-pip-version-check "matrix-synapse==$SYNAPSE_VERSION"
+    have_synapse || { log "matrix-synapse $SYNAPSE_VERSION not importable after install"; exit 1; }
+fi
+
+export FEDLINK_SYNAPSE_PYTHON="$PY"
