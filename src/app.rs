@@ -94,6 +94,7 @@ impl Fedlink {
             &cfg.server_name,
             &key.key_id(),
             &key.public_key_base64(),
+            cfg.federation.allowed_servers.clone(),
         ));
         let bot: OwnedUserId = cfg.bot_user_id().try_into().context("bot.localpart")?;
         let views = fold_views(&store, bot.clone(), false)?;

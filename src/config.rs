@@ -203,6 +203,13 @@ pub struct Federation {
     /// Timeout for outbound federation requests, in seconds.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Allow outbound connections to loopback and private addresses (off by default so a
+    /// hostile peer cannot point fedlink at internal services; on for loopback setups).
+    #[serde(default)]
+    pub allow_private_networks: bool,
+    /// Largest response body accepted from a peer, in bytes (send_join answers can be big).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
 }
 impl Default for Federation {
     fn default() -> Self {
@@ -213,6 +220,8 @@ impl Default for Federation {
             destinations: BTreeMap::new(),
             max_request_bytes: default_max_request_bytes(),
             request_timeout_secs: default_request_timeout(),
+            allow_private_networks: false,
+            max_response_bytes: default_max_response_bytes(),
         }
     }
 }
@@ -222,6 +231,9 @@ fn yes() -> bool {
 fn default_max_request_bytes() -> usize {
     // 50 PDUs of 64 KiB plus 100 EDUs and framing.
     8 * 1024 * 1024
+}
+fn default_max_response_bytes() -> usize {
+    64 * 1024 * 1024
 }
 fn default_request_timeout() -> u64 {
     30

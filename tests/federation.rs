@@ -467,3 +467,26 @@ async fn admin_directory_api_refuses_conflicts_and_bad_input() {
     assert_eq!(f.admin("/_fedlink/admin/v1/persons/alice").await.0, 404);
     assert_eq!(put("other", json!({ "accounts": ["@alice:kiwi", "@x:kiwi"] })).await.0, 200, "free again after unlinking");
 }
+
+#[tokio::test]
+async fn peers_cannot_point_fedlink_at_internal_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fedlink::start_with_env(dir.path(), 0, LOOPBACK, &[]).await;
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    for origin in ["127.0.0.1:1", "localhost:1", "[::1]:1", "10.0.0.1:8448"] {
+        let r = http
+            .put(format!("{}/_matrix/federation/v1/send/x", f.fed_url))
+            .header("Authorization", format!("X-Matrix origin=\"{origin}\",key=\"ed25519:x\",sig=\"AAAA\""))
+            .json(&json!({ "pdus": [] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{origin}");
+        let text = r.text().await.unwrap();
+        for leak in ["refused", "tcp", "connect", "error trying"] {
+            assert!(!text.to_lowercase().contains(leak), "{origin}: the answer reveals network details: {text}");
+        }
+    }
+    assert!(f.metric("fedlink_outbound_requests_total{result=\"blocked\"}").await >= 2.0, "IP literals are refused before connecting");
+    assert!(f.metric("fedlink_outbound_requests_total{result=\"ok\"}").await == 0.0);
+}

@@ -45,6 +45,8 @@ impl ClientError {
 /// Signs and sends federation requests.
 pub struct FederationClient {
     http: reqwest::Client,
+    allow_private: bool,
+    max_response: usize,
     discovery: Discovery,
     key: Arc<SigningKey>,
     origin: String,
@@ -60,6 +62,9 @@ impl FederationClient {
             .user_agent(concat!("fedlink/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(!cfg.federation.verify_tls);
+        if !cfg.federation.allow_private_networks {
+            b = b.dns_resolver(Arc::new(super::netguard::GuardedResolver));
+        }
         if let Some(ca) = &cfg.federation.ca_file {
             let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("federation.ca_file {}: {e}", ca.display()))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
@@ -70,6 +75,8 @@ impl FederationClient {
         }
         Ok(Self {
             http: b.build()?,
+            allow_private: cfg.federation.allow_private_networks,
+            max_response: cfg.federation.max_response_bytes,
             discovery: Discovery::new(cfg.federation.destinations.clone()),
             key,
             origin: cfg.server_name.clone(),
@@ -77,11 +84,22 @@ impl FederationClient {
         })
     }
 
-    /// An unauthenticated GET (key server queries).
+    /// An unauthenticated GET (key server queries), with a small response cap.
     pub async fn get_unsigned(&self, dest: &str, path: &str) -> Result<serde_json::Value, ClientError> {
-        let d = self.discovery.resolve(&self.http, dest).await;
+        let d = self.resolve(dest).await?;
         let req = self.http.get(format!("{}{path}", d.base_url)).header("Host", &d.host);
-        self.finish(dest, req).await
+        self.finish(dest, req, 256 * 1024).await
+    }
+
+    async fn resolve(&self, dest: &str) -> Result<super::discovery::Destination, ClientError> {
+        let d = self.discovery.resolve(&self.http, dest).await;
+        let host = d.base_url.trim_start_matches("https://").trim_start_matches("http://");
+        let (host, _) = super::discovery::split_host_port(host.split('/').next().unwrap_or(host));
+        if !self.allow_private && super::netguard::literal_blocked(host) {
+            self.metrics.outbound_requests.with_label_values(&["blocked"]).inc();
+            return Err(ClientError::Network { dest: dest.to_owned(), reason: "address not allowed (federation.allow_private_networks)".into() });
+        }
+        Ok(d)
     }
 
     /// A signed request; `path` is the percent-encoded path and query.
@@ -92,7 +110,7 @@ impl FederationClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, ClientError> {
-        let d = self.discovery.resolve(&self.http, dest).await;
+        let d = self.resolve(dest).await?;
         let content = match body {
             Some(b) => Some(ruma::canonical_json::CanonicalJsonValue::try_from(b.clone()).map_err(|e| {
                 ClientError::BadResponse { dest: dest.to_owned(), reason: format!("request body is not canonical: {e}") }
@@ -109,10 +127,10 @@ impl FederationClient {
             req = req.json(b);
         }
         tracing::debug!(%dest, %method, path, "federation request");
-        self.finish(dest, req).await
+        self.finish(dest, req, self.max_response).await
     }
 
-    async fn finish(&self, dest: &str, req: reqwest::RequestBuilder) -> Result<serde_json::Value, ClientError> {
+    async fn finish(&self, dest: &str, req: reqwest::RequestBuilder, cap: usize) -> Result<serde_json::Value, ClientError> {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
@@ -121,7 +139,7 @@ impl FederationClient {
             }
         };
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Network { dest: dest.to_owned(), reason: error_chain(&e) })?;
+        let bytes = read_capped(resp, cap).await.map_err(|reason| ClientError::Network { dest: dest.to_owned(), reason })?;
         if !status.is_success() {
             self.metrics.outbound_requests.with_label_values(&["http_error"]).inc();
             let body = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned();
@@ -130,6 +148,21 @@ impl FederationClient {
         self.metrics.outbound_requests.with_label_values(&["ok"]).inc();
         serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse { dest: dest.to_owned(), reason: e.to_string() })
     }
+}
+
+/// Read a response body, refusing more than `cap` bytes.
+pub async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
+    if resp.content_length().is_some_and(|l| l as usize > cap) {
+        return Err(format!("response larger than {cap} bytes"));
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
+        if buf.len() + chunk.len() > cap {
+            return Err(format!("response larger than {cap} bytes"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -86,7 +86,12 @@ impl Discovery {
         }
         let (dest, ttl) = self.discover(http, name).await;
         tracing::debug!(server = name, base_url = %dest.base_url, "resolved destination");
-        self.cache.lock().expect("cache lock").insert(name.to_owned(), (dest.clone(), Instant::now() + ttl));
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() > 10_000 {
+            let now = Instant::now();
+            cache.retain(|_, (_, until)| *until > now);
+        }
+        cache.insert(name.to_owned(), (dest.clone(), Instant::now() + ttl));
         dest
     }
 
@@ -95,11 +100,12 @@ impl Discovery {
         // Well-known delegation.
         let url = format!("https://{name}/.well-known/matrix/server");
         let delegated = match http.get(&url).timeout(Duration::from_secs(10)).send().await {
-            Ok(r) if r.status().is_success() => r
-                .json::<serde_json::Value>()
+            Ok(r) if r.status().is_success() => super::client::read_capped(r, 64 * 1024)
                 .await
                 .ok()
-                .and_then(|v| v.get("m.server").and_then(|s| s.as_str()).map(str::to_owned)),
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.get("m.server").and_then(|s| s.as_str()).map(str::to_owned))
+                .filter(|d| ruma::ServerName::parse(d).is_ok()),
             _ => None,
         };
         let ttl = if delegated.is_some() { hour } else { Duration::from_secs(300) };

@@ -7,6 +7,7 @@ pub mod client;
 pub mod discovery;
 pub mod error;
 pub mod membership;
+pub mod netguard;
 pub mod resident;
 pub mod send;
 pub mod server;

@@ -85,7 +85,10 @@ pub async fn authenticate(
         .keys
         .keys(&x.origin, std::slice::from_ref(&x.key), now_ms())
         .await
-        .map_err(|e| reject("unknown_key", MatrixError::unauthorized(e.to_string())))?;
+        .map_err(|e| {
+            tracing::debug!(origin = %x.origin, error = ?e, "no key for an inbound request");
+            reject("unknown_key", MatrixError::unauthorized(e.to_string()))
+        })?;
     let public = keys.get(&x.key).map(|k| k.encode()).unwrap_or_default();
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     auth::verify_request(&x, &public, app.server_name.as_str(), method.as_str(), target, content.as_ref())

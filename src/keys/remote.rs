@@ -21,12 +21,23 @@ use crate::{
 /// The shortest pause between two key fetches for the same server.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Most key fetches in flight at once.
+const MAX_CONCURRENT_FETCHES: usize = 8;
+
+/// How far ahead a remote key is trusted, whatever `valid_until_ts` it claims (the spec's
+/// cap for room versions 5+).
+const MAX_KEY_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Why keys could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
-    /// The server could not be reached or answered badly.
-    #[error("cannot fetch keys of {server}: {reason}")]
+    /// The server could not be reached or answered badly. The reason is logged, never
+    /// sent to peers (it could reveal internal network details).
+    #[error("cannot fetch the signing keys of {server}")]
     Fetch { server: String, reason: String },
+    /// The server is not in `federation.allowed_servers`.
+    #[error("{server} is not an allowed server")]
+    NotAllowed { server: String },
     /// None of the wanted keys is known and valid.
     #[error("no valid key {key_ids:?} for {server}")]
     Unknown { server: String, key_ids: Vec<String> },
@@ -94,8 +105,12 @@ pub struct RemoteKeys {
     own: (String, String, String),
     mem: Mutex<HashMap<String, BTreeMap<String, StoredKey>>>,
     last_fetch: Mutex<HashMap<String, Instant>>,
-    /// Serialises fetches so concurrent requests wait for one fetch.
-    fetch_lock: tokio::sync::Mutex<()>,
+    /// One fetch per server at a time (others wait for its result), servers independent.
+    per_server: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bounds fetches in flight.
+    fetches: tokio::sync::Semaphore,
+    /// `federation.allowed_servers` (empty: any).
+    allowed: Vec<String>,
 }
 
 impl RemoteKeys {
@@ -107,6 +122,7 @@ impl RemoteKeys {
         own_name: &str,
         own_key_id: &str,
         own_public: &str,
+        allowed: Vec<String>,
     ) -> Self {
         Self {
             store,
@@ -115,7 +131,9 @@ impl RemoteKeys {
             own: (own_name.to_owned(), own_key_id.to_owned(), own_public.to_owned()),
             mem: Mutex::new(HashMap::new()),
             last_fetch: Mutex::new(HashMap::new()),
-            fetch_lock: tokio::sync::Mutex::new(()),
+            per_server: Mutex::new(HashMap::new()),
+            fetches: tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES),
+            allowed,
         }
     }
 
@@ -135,7 +153,10 @@ impl RemoteKeys {
             .iter()
             .filter_map(|id| {
                 let k = known.get(id)?;
-                (k.valid_until_ts >= at_ts).then(|| Base64::parse(k.key.clone()).ok()).flatten().map(|b| (id.clone(), b))
+                (k.valid_until_ts >= at_ts)
+                    .then(|| Base64::parse(k.key.clone()).ok())
+                    .flatten()
+                    .map(|b| (id.clone(), b))
             })
             .collect()
     }
@@ -155,11 +176,21 @@ impl RemoteKeys {
                 Ok(set)
             };
         }
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|s| s == server) {
+            return Err(KeyError::NotAllowed { server: server.to_owned() });
+        }
         let set = Self::usable(&self.known(server), key_ids, at_ts);
         if !set.is_empty() {
             return Ok(set);
         }
-        let _guard = self.fetch_lock.lock().await;
+        let lock = {
+            let mut m = self.per_server.lock().expect("lock");
+            if m.len() > 10_000 {
+                m.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            m.entry(server.to_owned()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
         // Another task may have fetched while we waited.
         let set = Self::usable(&self.known(server), key_ids, at_ts);
         if !set.is_empty() {
@@ -178,14 +209,25 @@ impl RemoteKeys {
     }
 
     async fn fetch(&self, server: &str) -> Result<(), KeyError> {
-        self.last_fetch.lock().expect("lock").insert(server.to_owned(), Instant::now());
+        let _permit = self.fetches.acquire().await.map_err(|_| KeyError::Fetch { server: server.into(), reason: "shutting down".into() })?;
+        {
+            let mut last = self.last_fetch.lock().expect("lock");
+            if last.len() > 10_000 {
+                last.retain(|_, t| t.elapsed() < REFETCH_INTERVAL);
+            }
+            last.insert(server.to_owned(), Instant::now());
+        }
         let fail = |reason: String| {
             self.metrics.key_fetches.with_label_values(&["error"]).inc();
             tracing::warn!(%server, %reason, "key fetch failed");
             KeyError::Fetch { server: server.to_owned(), reason }
         };
         let body = self.client.get_unsigned(server, "/_matrix/key/v2/server").await.map_err(|e| fail(e.to_string()))?;
-        let keys = parse_key_response(server, body).map_err(fail)?;
+        let mut keys = parse_key_response(server, body).map_err(fail)?;
+        let cap = crate::app::now_ms() + MAX_KEY_VALIDITY_MS;
+        for (_, k) in keys.iter_mut() {
+            k.valid_until_ts = k.valid_until_ts.min(cap);
+        }
         let mut mem = self.mem.lock().expect("key cache lock");
         let entry = mem.entry(server.to_owned()).or_default();
         for (id, k) in keys {

@@ -14,6 +14,9 @@ use serde_json::Value;
 
 use super::synapse::{free_port, self_signed_cert, wait_until};
 
+/// Everything runs on loopback: let fedlink connect to it.
+pub const LOOPBACK_ENV: [(&str, &str); 1] = [("FEDLINK_FEDERATION__ALLOW_PRIVATE_NETWORKS", "true")];
+
 /// The admin token tests use.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
@@ -124,6 +127,11 @@ impl Deref for Fedlink {
 impl Fedlink {
     /// Start in `dir` (reusing its key and database if present) on `fed_port` (0 = pick).
     pub async fn start(dir: &Path, fed_port: u16, extra: &str) -> Fedlink {
+        Self::start_with_env(dir, fed_port, extra, &LOOPBACK_ENV).await
+    }
+
+    /// Like [`Fedlink::start`], with these `FEDLINK_*` overrides instead of the loopback ones.
+    pub async fn start_with_env(dir: &Path, fed_port: u16, extra: &str, env: &[(&str, &str)]) -> Fedlink {
         let fed = std::net::TcpListener::bind(("127.0.0.1", fed_port)).unwrap();
         let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         fed.set_nonblocking(true).unwrap();
@@ -131,7 +139,7 @@ impl Fedlink {
         let fed_port = fed.local_addr().unwrap().port();
         let metrics_port = metrics.local_addr().unwrap().port();
         let cfg_path = write_config(dir, fed_port, metrics_port, extra);
-        let cfg = Config::load(&cfg_path, std::iter::empty()).unwrap();
+        let cfg = Config::load(&cfg_path, env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app::run(cfg, app::Listeners { federation: fed, metrics }, async move {
             let _ = rx.await;
@@ -192,6 +200,7 @@ impl FedlinkBin {
             .args(["run", "-c"])
             .arg(&self.config)
             .env("FEDLINK_LOG", "info,fedlink=debug,sled=warn")
+            .envs(LOOPBACK_ENV)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
