@@ -35,6 +35,9 @@ pub fn now_ms() -> u64 {
 pub struct JoinStatus {
     /// Consecutive failures.
     pub failures: u32,
+    /// Of those, refusals that may pass later (counted apart so network errors do not
+    /// use up their retries).
+    pub not_yet: u32,
     /// The last error.
     pub last_error: Option<String>,
     /// When the next attempt is due (ms since the epoch).

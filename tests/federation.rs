@@ -490,3 +490,37 @@ async fn peers_cannot_point_fedlink_at_internal_addresses() {
     assert!(f.metric("fedlink_outbound_requests_total{result=\"blocked\"}").await >= 2.0, "IP literals are refused before connecting");
     assert!(f.metric("fedlink_outbound_requests_total{result=\"ok\"}").await == 0.0);
 }
+
+#[tokio::test]
+async fn missing_auth_events_are_fetched_from_the_origin() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V11).await;
+    let bot_join = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1["forward_extremities"][0].as_str().unwrap().to_owned();
+    // carol is invited and joins on the peer; fedlink never hears of it.
+    let carol = peer.user("carol");
+    let (inv, _) = peer.push(&room, "alice", "m.room.member", Some(&carol), json!({ "membership": "invite" }));
+    let (join, _) = peer.push(&room, "carol", "m.room.member", Some(&carol), json!({ "membership": "join" }));
+    // carol's message, on top of what fedlink knows, authorised by her unseen join.
+    let msg = {
+        let mut st = peer.state.lock().unwrap();
+        let r = st.rooms.get_mut(&room).unwrap();
+        let mut t = r.template(&carol, "m.room.message", None, json!({ "body": "hello from carol" }));
+        t.insert("prev_events".into(), ruma::canonical_json::to_canonical_value(json!([bot_join])).unwrap());
+        let (id, ev) = support::fake_peer::FakeRoom::sign(&r.version, &peer.name, &peer.key, t);
+        r.add(&id, ev.clone());
+        (id, ev)
+    };
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "auth", vec![msg.1], vec![]).await;
+    assert_eq!((s, &v["pdus"][&msg.0]), (StatusCode::OK, &json!({})), "{v}");
+    assert!(peer.state.lock().unwrap().requests.iter().any(|(_, p)| p.contains("/event_auth/")));
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["forward_extremities"], json!([bot_join]), "the message does not change the view");
+    f.stop().await;
+    let store = Store::open(&_dir.path().join("db")).unwrap();
+    use fedlink::core::log_entry::PduStatus;
+    for id in [&inv, &join] {
+        assert_eq!(store.get_event(id).unwrap().expect("fetched").status, PduStatus::Outlier);
+    }
+    // Authorised by its (fetched) auth events, but carol is not in the room's current state
+    // as fedlink holds it (her join is not in the message's ancestry): soft-failed, kept.
+    assert_eq!(store.get_event(&msg.0).unwrap().expect("stored").status, PduStatus::SoftFailed);
+}

@@ -83,6 +83,11 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     let mut obj = verify_signatures(&app.keys, pdu.json.clone(), &rules)
         .await
         .map_err(|e| MatrixError::forbidden(e.to_string()))?;
+    let mut as_sent = pdu.json.clone();
+    as_sent.remove("unsigned");
+    if obj != as_sent {
+        return Err(MatrixError::forbidden("the invite's content does not match its hash"));
+    }
     ruma::signatures::sign_event(app.server_name.as_str(), &*app.key, &mut obj, &rules.redaction)
         .map_err(|e| MatrixError::bad_json(e.to_string()))?;
     let signed = serde_json::to_value(&obj).expect("canonical JSON serializes");
@@ -115,8 +120,8 @@ pub enum JoinError {
     /// Retrying later may work (network, 5xx, 429).
     #[error("{0}")]
     Transient(String),
-    /// The resident's state does not allow the join yet (it may not have stored our
-    /// invite when we asked): retried a few times, then given up.
+    /// The resident refused the join template (it may not have stored our invite yet when
+    /// we asked): retried a few times, then given up.
     #[error("{0}")]
     NotYet(String),
     /// Retrying will not help until something changes (a new invite).
@@ -175,9 +180,12 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                     status.failures += 1;
                     status.last_error = Some(e.to_string());
                     let retry_at = now_ms() + Backoff::DEFAULT.delay(status.failures).as_millis() as u64;
+                    if matches!(e, JoinError::NotYet(_)) {
+                        status.not_yet += 1;
+                    }
                     let (label, due) = match &e {
                         JoinError::Transient(_) => ("transient_error", retry_at),
-                        JoinError::NotYet(_) if status.failures < MAX_NOT_YET_ATTEMPTS => ("not_yet", retry_at),
+                        JoinError::NotYet(_) if status.not_yet < MAX_NOT_YET_ATTEMPTS => ("not_yet", retry_at),
                         JoinError::NotYet(_) | JoinError::Permanent(_) => ("permanent_error", u64::MAX),
                     };
                     status.next_attempt_ms = due;
@@ -203,7 +211,10 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
     let resident: OwnedServerName = inviter.server_name().to_owned();
     let vers: String = SUPPORTED_ROOM_VERSIONS.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
     let path = format!("/_matrix/federation/v1/make_join/{}/{}?{vers}", enc(room_id.as_str()), enc(app.bot.as_str()));
-    let resp = app.client.request(resident.as_str(), Method::GET, &path, None).await?;
+    let resp = app.client.request(resident.as_str(), Method::GET, &path, None).await.map_err(|e| match &e {
+        super::client::ClientError::Http { status: 403 | 404, .. } => JoinError::NotYet(e.to_string()),
+        _ => JoinError::from(e),
+    })?;
     let version = resp
         .get("room_version")
         .and_then(Value::as_str)
@@ -234,6 +245,15 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
     {
         return Err(JoinError::Permanent("make_join template is not a join of the bot to this room".into()));
     }
+    // Sign only what a join needs: the resident must not choose our profile.
+    let mut content = ruma::canonical_json::CanonicalJsonObject::new();
+    content.insert("membership".into(), CanonicalJsonValue::String("join".into()));
+    if let Some(CanonicalJsonValue::Object(c)) = obj.get("content") {
+        if let Some(v @ CanonicalJsonValue::String(_)) = c.get("join_authorised_via_users_server") {
+            content.insert("join_authorised_via_users_server".into(), v.clone());
+        }
+    }
+    obj.insert("content".into(), CanonicalJsonValue::Object(content));
     obj.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::Int::new(now_ms() as i64).unwrap_or_default()));
     if obj.contains_key("origin") {
         obj.insert("origin".into(), CanonicalJsonValue::String(app.server_name.to_string()));
@@ -247,7 +267,10 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
         enc(room_id.as_str()),
         enc(join.event_id.as_str())
     );
-    let resp = app.client.request(resident.as_str(), Method::PUT, &path, Some(&join.to_value())).await?;
+    let resp = app.client.request(resident.as_str(), Method::PUT, &path, Some(&join.to_value())).await.map_err(|e| match &e {
+        super::client::ClientError::Http { status: 403, .. } => JoinError::NotYet(e.to_string()),
+        _ => JoinError::from(e),
+    })?;
     if resp.get("members_omitted").and_then(Value::as_bool) == Some(true) {
         return Err(JoinError::Permanent("resident server omitted members despite omit_members=false".into()));
     }
@@ -259,10 +282,17 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
     };
     let state = list("state")?;
     let auth_chain = list("auth_chain")?;
-    // The resident may have countersigned our join (restricted rooms): prefer its copy.
+    // The resident may have countersigned our join (restricted rooms): prefer its copy if
+    // it is the same event and its signatures verify.
     let join = match resp.get("event").cloned().map(canonical_object) {
         Some(Ok(o)) => match Pdu::parse(o, &rules) {
-            Ok(p) if p.event_id == join.event_id => p,
+            Ok(p) if p.event_id == join.event_id && p.json.get("signatures").and_then(|s| match s {
+                CanonicalJsonValue::Object(s) => s.get(app.server_name.as_str()),
+                _ => None,
+            }).is_some() => match verify_signatures(&app.keys, p.json.clone(), &rules).await {
+                Ok(o) => Pdu::parse(o, &rules).unwrap_or(join),
+                Err(_) => join,
+            },
             _ => join,
         },
         _ => join,
@@ -355,7 +385,9 @@ fn check_join_against_state(
     checked: &BTreeMap<OwnedEventId, Pdu>,
     state_ids: &BTreeSet<OwnedEventId>,
 ) -> Result<(), JoinError> {
-    check_auth(&app.store, None, join, rules, checked).map_err(|e| JoinError::NotYet(format!("our join fails auth: {e}")))?;
+    // send_join has already taken effect: joining again would only add joins to the room's
+    // history, so a disagreement here is permanent and loud.
+    check_auth(&app.store, None, join, rules, checked).map_err(|e| JoinError::Permanent(format!("our join fails auth: {e}")))?;
     let state: BTreeMap<(String, String), &Pdu> = state_ids
         .iter()
         .filter_map(|id| checked.get(id))
@@ -364,7 +396,7 @@ fn check_join_against_state(
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, join, |t, sk| {
         state.get(&(t.to_string(), sk.to_owned())).map(|p| (*p).clone())
     })
-    .map_err(|e| JoinError::NotYet(format!("our join is not allowed by the room state: {e}")))
+    .map_err(|e| JoinError::Permanent(format!("our join is not allowed by the room state: {e}")))
 }
 
 /// Order events so each comes after its auth events (Kahn's algorithm, ties by depth then id).

@@ -182,6 +182,11 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
     if membership == "leave" {
         return Ok(json!({}));
     }
+    // A retried send_join gets the state it was answered with the first time.
+    let state_ids: Vec<OwnedEventId> = match app.store.state_before(pdu.event_id.as_str())? {
+        Some(s) => s.iter().filter_map(|i| i.as_str().try_into().ok()).collect(),
+        None => state_ids,
+    };
     let state: Vec<Value> = state_ids.iter().filter_map(|id| app.store.get_event(id.as_str()).ok().flatten()).map(|e| e.pdu).collect();
     let mut roots = state_ids.clone();
     roots.push(pdu.event_id.clone());
@@ -198,6 +203,10 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
 
 /// The full auth chain of `roots` (not including the roots unless they are auth events).
 fn auth_chain(app: &Fedlink, roots: &[OwnedEventId], version: &RoomVersionId) -> Vec<Value> {
+    auth_chain_entries(app, roots, version).into_iter().map(|e| e.pdu).collect()
+}
+
+fn auth_chain_entries(app: &Fedlink, roots: &[OwnedEventId], version: &RoomVersionId) -> Vec<PduEntry> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     let mut todo: Vec<String> = Vec::new();
     let mut out = Vec::new();
@@ -218,7 +227,7 @@ fn auth_chain(app: &Fedlink, roots: &[OwnedEventId], version: &RoomVersionId) ->
         }
         if let Some(e) = app.store.get_event(&id).ok().flatten() {
             todo.extend(auth_ids(&e.pdu));
-            out.push(e.pdu);
+            out.push(e);
         }
     }
     out
@@ -310,12 +319,13 @@ pub async fn state(app: &Fedlink, origin: &str, room: &str, event_id: &str, full
         let r = visible_room(&views, &room_id, origin)?;
         (r.version.clone(), r.state.values().flat_map(|m| m.values().map(|e| e.to_string())).collect::<Vec<_>>(), r.extremities.clone())
     };
+    let event = app.store.get_event(event_id)?.filter(|e| e.room_id == room_id).ok_or_else(|| MatrixError::not_found("unknown event"))?;
     let ids: Vec<String> = match app.store.state_before(event_id)? {
         Some(s) => s,
         None if extremities.len() == 1 && extremities.iter().next().map(|e| e.as_str()) == Some(event_id) => {
-            // State after the extremity = current state; before it, replace its own entry.
-            let e = app.store.get_event(event_id)?.ok_or_else(|| MatrixError::not_found("unknown event"))?;
-            if e.state_key.is_some() {
+            // State after the extremity = current state, which is the state before it
+            // unless it is itself a state event.
+            if event.state_key.is_some() {
                 return Err(MatrixError::not_found("fedlink does not keep the state before this event"));
             }
             current
@@ -323,15 +333,12 @@ pub async fn state(app: &Fedlink, origin: &str, room: &str, event_id: &str, full
         None => return Err(MatrixError::not_found("fedlink does not keep the state at this event")),
     };
     let roots: Vec<OwnedEventId> = ids.iter().filter_map(|i| i.as_str().try_into().ok()).collect();
-    let chain = auth_chain(app, &roots, &version);
+    let chain = auth_chain_entries(app, &roots, &version);
     if full {
         let pdus: Vec<Value> = ids.iter().filter_map(|i| app.store.get_event(i).ok().flatten()).map(|e| e.pdu).collect();
-        Ok(json!({ "pdus": pdus, "auth_chain": chain }))
+        Ok(json!({ "pdus": pdus, "auth_chain": chain.into_iter().map(|e| e.pdu).collect::<Vec<_>>() }))
     } else {
-        let chain_ids: Vec<String> = chain.iter().filter_map(|p| {
-            let rules = rules_for(&version)?;
-            Pdu::parse(canonical_object(p.clone()).ok()?, &rules).ok().map(|p| p.event_id.to_string())
-        }).collect();
+        let chain_ids: Vec<String> = chain.iter().map(|e| e.event_id.to_string()).collect();
         Ok(json!({ "pdu_ids": ids, "auth_chain_ids": chain_ids }))
     }
 }

@@ -66,9 +66,13 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
         )));
     }
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
+        // The first delivery may still be flushing: make sure what we acknowledge is durable.
+        app.store.flush().await?;
         tracing::debug!(%origin, %txn_id, "retransmitted transaction answered from the log");
         return Ok((resp, true));
     }
+
+    wait_for_joins_in_progress(app, &pdus).await;
 
     // Parse and verify signatures without holding the lock.
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
@@ -89,15 +93,39 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
             }
         }
     }
-    let fetched = fill_gaps(app, origin, &verified).await;
     let sent: std::collections::BTreeSet<OwnedEventId> = verified.iter().map(|(p, _)| p.event_id.clone()).collect();
-    verified.extend(fetched);
+    for _ in 0..GAP_FILL_ROUNDS {
+        let fetched = fill_gaps(app, origin, &verified).await;
+        if fetched.is_empty() {
+            break;
+        }
+        verified.extend(fetched);
+    }
     verified.sort_by_key(|(p, _)| p.depth);
+    let auth_only = fetch_missing_auth(app, origin, &verified).await;
 
     let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
     let _lock = app.ingest.lock().await;
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
         return Ok((resp, true));
+    }
+    // Auth events fedlink lacked, fetched from the origin: stored as outliers first, each
+    // checked against its own auth events.
+    for (pdu, room_id) in auth_only {
+        let id = pdu.event_id.to_string();
+        if app.store.has_event(&id)? {
+            continue;
+        }
+        let Some(rules) = app.views.read().await.rooms.get(&room_id).and_then(|r| rules_for(&r.version)) else { continue };
+        match check_auth(&app.store, None, &pdu, &rules, &BTreeMap::new()) {
+            Ok(_) => {
+                app.append(vec![Entry::Pdu(PduEntry::new(&pdu, via.clone(), PduStatus::Outlier))], None).await?;
+            }
+            Err(rej) => {
+                app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
+                tracing::info!(event_id = %id, reason = %rej, "rejecting a fetched auth event");
+            }
+        }
     }
     for (pdu, room_id) in verified {
         let id = pdu.event_id.to_string();
@@ -158,6 +186,32 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
     Ok((response, false))
 }
 
+/// How long a transaction waits for a join of the bot that is under way.
+pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Residents start sending a room's events as soon as they answered our `send_join`, while
+/// fedlink may still be checking the state. Rather than refusing those events (a refusal
+/// is final for the sender), wait a bounded time for joins in progress to finish.
+async fn wait_for_joins_in_progress(app: &Fedlink, pdus: &[Value]) {
+    let rooms: std::collections::BTreeSet<OwnedRoomId> =
+        pdus.iter().filter_map(|p| p.get("room_id").and_then(Value::as_str)).filter_map(|r| RoomId::parse(r).ok()).collect();
+    let deadline = std::time::Instant::now() + JOIN_WAIT;
+    loop {
+        let joining = {
+            let views = app.views.read().await;
+            let joins = app.joins.lock().expect("joins lock");
+            rooms.iter().any(|r| {
+                views.rooms.get(r).is_some_and(|v| matches!(v.bot, crate::core::views::BotMembership::Invited { .. }))
+                    && joins.get(r).is_none_or(|s| s.next_attempt_ms != u64::MAX)
+            })
+        };
+        if !joining || std::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The per-PDU answers, skipping events fedlink fetched itself.
 struct Results<'a> {
     map: &'a mut BTreeMap<String, Value>,
@@ -180,8 +234,49 @@ impl Results<'_> {
     }
 }
 
-/// Most events fetched per room and transaction to fill a gap.
+/// Most events fetched per room and round to fill a gap.
 pub const GAP_FILL_LIMIT: u64 = 20;
+/// Most `get_missing_events` rounds per transaction.
+pub const GAP_FILL_ROUNDS: usize = 5;
+/// Most `event_auth` fetches per transaction.
+pub const MAX_AUTH_FETCHES: usize = 10;
+/// Most events taken from one `event_auth` answer.
+pub const MAX_AUTH_CHAIN: usize = 200;
+
+/// For events whose auth events fedlink does not hold, fetch their auth chain from the
+/// origin (`GET /event_auth`), verified, in auth order (bounded).
+async fn fetch_missing_auth(app: &Fedlink, origin: &str, events: &[(Pdu, OwnedRoomId)]) -> Vec<(Pdu, OwnedRoomId)> {
+    let here: std::collections::BTreeSet<&OwnedEventId> = events.iter().map(|(p, _)| &p.event_id).collect();
+    let needy: Vec<&(Pdu, OwnedRoomId)> = events
+        .iter()
+        .filter(|(p, _)| p.auth_events.iter().any(|a| !here.contains(a) && !app.store.has_event(a.as_str()).unwrap_or(true)))
+        .take(MAX_AUTH_FETCHES)
+        .collect();
+    let mut found: BTreeMap<OwnedEventId, (Pdu, OwnedRoomId)> = BTreeMap::new();
+    for (pdu, room_id) in needy {
+        let path = format!(
+            "/_matrix/federation/v1/event_auth/{}/{}",
+            super::client::enc(room_id.as_str()),
+            super::client::enc(pdu.event_id.as_str())
+        );
+        let chain = match app.client.request(origin, reqwest::Method::GET, &path, None).await {
+            Ok(v) => v.get("auth_chain").and_then(Value::as_array).cloned().unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(%origin, event_id = %pdu.event_id, error = %e, "cannot fetch missing auth events");
+                continue;
+            }
+        };
+        for raw in chain.into_iter().take(MAX_AUTH_CHAIN) {
+            if let Ok(Pre::Fresh(p, r)) = precheck(app, raw).await {
+                if r == *room_id && !here.contains(&p.event_id) {
+                    found.insert(p.event_id.clone(), (*p, r));
+                }
+            }
+        }
+    }
+    let by_id: BTreeMap<OwnedEventId, Pdu> = found.iter().map(|(k, (p, _))| (k.clone(), p.clone())).collect();
+    super::membership::auth_order(&by_id).into_iter().filter_map(|id| found.remove(&id)).collect()
+}
 
 /// For rooms where a received PDU's `prev_events` are unknown, ask the origin for the
 /// missing events (`get_missing_events`, bounded) and verify them like received PDUs.
@@ -297,7 +392,7 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
             let views = app.views.read().await;
             for (room, by_type) in content {
                 let room_id = RoomId::parse(room).map_err(|e| format!("bad room id: {e}"))?;
-                if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined()) {
+                if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_servers().contains(origin)) {
                     continue;
                 }
                 let by_type = by_type.as_object().ok_or("receipt types must be an object")?;
@@ -337,7 +432,7 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
             let user = content.get("user_id").and_then(Value::as_str).ok_or("typing needs user_id")?;
             let user_id = own_user(origin, user)?;
             let typing = content.get("typing").and_then(Value::as_bool).ok_or("typing needs typing")?;
-            if app.views.read().await.rooms.get(&room_id).is_some_and(|r| r.bot_joined()) {
+            if app.views.read().await.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_servers().contains(origin)) {
                 out.push(Entry::Typing(TypingEntry { origin: origin.clone(), room_id, user_id, typing }));
             }
         }

@@ -101,8 +101,13 @@ pub fn verify_with_keys(
     object: CanonicalJsonObject,
     rules: &RoomVersionRules,
 ) -> Result<CanonicalJsonObject, Rejection> {
+    let mut object = object;
     match ruma::signatures::verify_event(map, &object, rules) {
-        Ok(Verified::All) => Ok(object),
+        Ok(Verified::All) => {
+            // `unsigned` is not covered by signatures: never keep or relay what a peer put there.
+            object.remove("unsigned");
+            Ok(object)
+        }
         Ok(Verified::Signatures) => {
             tracing::info!("content hash mismatch; keeping the redacted event");
             ruma::canonical_json::redact(object, &rules.redaction, None).map_err(|e| Rejection::Format(e.to_string()))

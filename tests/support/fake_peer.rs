@@ -231,6 +231,7 @@ impl FakePeer {
             .route("/_matrix/federation/v2/send_join/{room}/{event}", put(send_join))
             .route("/_matrix/federation/v1/get_missing_events/{room}", axum::routing::post(get_missing_events))
             .route("/_matrix/federation/v1/send/{txn}", put(receive_txn))
+            .route("/_matrix/federation/v1/event_auth/{room}/{event}", get(event_auth))
             .route("/_matrix/federation/v2/invite/{room}/{event}", put(receive_invite))
             .fallback(other)
             .with_state(ctx);
@@ -528,4 +529,16 @@ async fn receive_invite(
     let signed = serde_json::to_value(obj).unwrap();
     st.invites.push(signed.clone());
     (StatusCode::OK, Json(json!({ "event": signed })))
+}
+
+async fn event_auth(State(ctx): State<Ctx>, UrlPath((room_id, event_id)): UrlPath<(String, String)>, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&headers) {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("GET".into(), format!("/event_auth/{event_id}")));
+    let Some(room) = st.rooms.get(&room_id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
+    };
+    (StatusCode::OK, Json(json!({ "auth_chain": room.auth_chain(&[event_id]) })))
 }

@@ -212,7 +212,9 @@ impl Views {
         match &rec.entry {
             Entry::Pdu(p) => self.apply_pdu(p),
             Entry::Receipt(r) => {
-                if let Some(room) = self.rooms.get_mut(&r.room_id) {
+                // Only the main timeline's receipt is tracked; threaded ones stay in the log.
+                let main = r.thread_id.as_deref().is_none_or(|t| t == "main");
+                if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| main) {
                     room.receipts.insert(
                         r.user_id.clone(),
                         Receipt { event_id: r.event_id.clone(), receipt_type: r.receipt_type.clone(), ts: r.ts, seq: rec.seq },
