@@ -96,6 +96,7 @@ fn bench_replay(c: &mut Criterion) {
                 depth: i,
                 origin_server_ts: 0,
                 pdu: json!({}),
+                resolved_state: None,
             }),
         })
         .collect();

@@ -70,8 +70,8 @@ pub struct Fedlink {
     pub join_wake: Notify,
     /// Wakes the outbox worker.
     pub outbox_wake: Notify,
-    /// Wakes the reconcile worker.
-    pub reconcile_wake: Notify,
+    /// Bumped on every append: the reconcile worker runs when it changes.
+    pub changes: tokio::sync::watch::Sender<u64>,
     /// Delivery state per destination.
     pub destinations: Mutex<HashMap<String, crate::outbox::DestinationStatus>>,
     /// Invite delivery retry state per (room, target).
@@ -113,7 +113,7 @@ impl Fedlink {
             ingest: tokio::sync::Mutex::new(()),
             join_wake: Notify::new(),
             outbox_wake: Notify::new(),
-            reconcile_wake: Notify::new(),
+            changes: tokio::sync::watch::Sender::new(0),
             destinations: Mutex::new(HashMap::new()),
             invite_retries: Mutex::new(HashMap::new()),
             joins: Mutex::new(HashMap::new()),
@@ -142,10 +142,6 @@ impl Fedlink {
     ) -> Result<Vec<LogRecord>, StoreError> {
         let kinds: Vec<&'static str> = entries.iter().map(Entry::kind).collect();
         let records = self.store.append(entries, txn, outbox, now_ms())?;
-        if !outbox.is_empty() {
-            self.outbox_wake.notify_one();
-        }
-        self.reconcile_wake.notify_one();
         {
             let mut views = self.views.write().await;
             for r in &records {
@@ -153,6 +149,11 @@ impl Fedlink {
             }
             self.update_view_gauges(&views);
         }
+        // Wake the workers only once the views show what was appended.
+        if !outbox.is_empty() {
+            self.outbox_wake.notify_one();
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         for k in kinds {
             self.metrics.log_appends.with_label_values(&[k]).inc();
         }

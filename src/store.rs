@@ -32,6 +32,9 @@ pub enum StoreError {
     Corrupt { tree: &'static str, reason: String },
 }
 
+/// One stored state entry: (event type, state key, event id).
+pub type StateEntry = (String, String, String);
+
 /// A remote server's key as cached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredKey {
@@ -54,6 +57,8 @@ pub struct Store {
     outbox: sled::Tree,
     dead_letters: sled::Tree,
     state_at: sled::Tree,
+    state_group_of: sled::Tree,
+    state_groups: sled::Tree,
     /// Serialises appends and holds the last assigned sequence number.
     next_seq: Mutex<u64>,
 }
@@ -92,6 +97,8 @@ impl Store {
             outbox: db.open_tree("outbox")?,
             dead_letters: db.open_tree("dead_letters")?,
             state_at: db.open_tree("state_at")?,
+            state_group_of: db.open_tree("state_group_of")?,
+            state_groups: db.open_tree("state_groups")?,
             log,
             db,
             next_seq: Mutex::new(last),
@@ -339,6 +346,32 @@ impl Store {
         }
     }
 
+    /// The state group (an event id) holding the state after `event_id`.
+    pub fn state_group_of(&self, event_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.state_group_of.get(event_id.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Point `event_id` at a state group.
+    pub fn put_state_group_of(&self, event_id: &str, group: &str) -> Result<(), StoreError> {
+        self.state_group_of.insert(event_id.as_bytes(), group.as_bytes())?;
+        Ok(())
+    }
+
+    /// A state group: (type, state key, event id) entries.
+    pub fn state_group(&self, group: &str) -> Result<Option<Vec<StateEntry>>, StoreError> {
+        match self.state_groups.get(group.as_bytes())? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| corrupt("state_groups", e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Store a state group.
+    pub fn put_state_group(&self, group: &str, entries: &[StateEntry]) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(entries).map_err(|e| corrupt("state_groups", e))?;
+        self.state_groups.insert(group.as_bytes(), bytes)?;
+        Ok(())
+    }
+
     /// Flush everything to disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
@@ -378,6 +411,7 @@ mod tests {
                 depth: 3,
                 origin_server_ts: 1,
                 pdu: serde_json::json!({"type": "m.room.message"}),
+                resolved_state: None,
             });
             let resp = serde_json::json!({"pdus": {}});
             let recs = s.append(vec![presence("@a:kiwi"), pdu], Some(("kiwi", "t1", &resp)), &[("litchi".into(), "$e1".into())], 42).unwrap();

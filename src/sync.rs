@@ -27,14 +27,16 @@ use crate::{
 
 /// Runs reconcile and invite delivery until `stop`.
 pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut changes = app.changes.subscribe();
     loop {
+        changes.borrow_and_update();
         if let Err(e) = reconcile_once(&app).await {
             tracing::error!(error = %e, "reconcile failed");
         }
         let next_due = deliver_invites(&app).await;
         let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(30));
         tokio::select! {
-            _ = app.reconcile_wake.notified() => {}
+            _ = changes.changed() => {}
             _ = tokio::time::sleep(wait.min(Duration::from_secs(30))) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
@@ -44,6 +46,7 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
 /// Decide and log what to do.
 pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreError> {
     let actions = decide(&*app.views.read().await);
+    tracing::debug!(actions = actions.len(), "reconciled");
     if actions.is_empty() {
         return Ok(());
     }
@@ -121,7 +124,7 @@ async fn deliver_invites(app: &Fedlink) -> Option<u64> {
             }
             Err(InviteError::Transient(reason)) => {
                 let mut retries = app.invite_retries.lock().expect("lock");
-                let s = retries.entry(key).or_insert_with(JoinStatus::default);
+                let s = retries.entry(key).or_default();
                 s.failures += 1;
                 s.last_error = Some(reason.clone());
                 s.next_attempt_ms = now_ms() + Backoff::DEFAULT.delay(s.failures).as_millis() as u64;
@@ -181,9 +184,14 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
     if app.store.has_event(event_id.as_str()).unwrap_or(false) {
         return Ok(());
     }
-    let (dests, state_before): (Vec<(String, String)>, Vec<String>) = {
+    let (dests, state_before, resolved): (Vec<(String, String)>, Vec<String>, _) = {
         let views = app.views.read().await;
         let room = views.rooms.get(room_id);
+        let resolved = match room.map(|r| crate::rooms::admit(&app.store, r, &pdu, &rules)) {
+            Some(Ok(a)) => a.resolved,
+            Some(Err(e)) => return Err(InviteError::Refused(format!("the room no longer allows this invite: {e}"))),
+            None => return Err(InviteError::Refused("fedlink left the room".into())),
+        };
         let dests = room
             .map(|r| r.joined_servers())
             .unwrap_or_default()
@@ -192,10 +200,12 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
             .map(|s| (s.to_string(), event_id.to_string()))
             .collect();
         let state = room.map(|r| r.state.values().flat_map(|m| m.values().map(|e| e.to_string())).collect()).unwrap_or_default();
-        (dests, state)
+        (dests, state, resolved)
     };
     app.store.put_state_before(event_id.as_str(), &state_before).map_err(|e| InviteError::Transient(e.to_string()))?;
-    let entry = Entry::Pdu(PduEntry::new(&pdu, app.server_name.clone(), PduStatus::Accepted));
+    let mut entry = PduEntry::new(&pdu, app.server_name.clone(), PduStatus::Accepted);
+    entry.resolved_state = resolved;
+    let entry = Entry::Pdu(entry);
     app.append_and_send(vec![entry], None, &dests).await.map_err(|e| InviteError::Transient(e.to_string()))?;
     app.store.flush().await.map_err(|e| InviteError::Transient(e.to_string()))?;
     tracing::info!(%room_id, %target, %event_id, destinations = dests.len(), "invite delivered");

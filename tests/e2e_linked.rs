@@ -21,6 +21,7 @@ async fn invited_rooms(c: &ClientSession) -> anyhow::Result<Vec<String>> {
 }
 
 async fn wait_invited(c: &ClientSession, room: &str, f: &FedlinkBin) {
+    let t = std::time::Instant::now();
     wait_until(&format!("{} invited to {room}", c.user_id), T, || async {
         if invited_rooms(c).await?.iter().any(|r| r == room) {
             return Ok(Some(()));
@@ -29,6 +30,9 @@ async fn wait_invited(c: &ClientSession, room: &str, f: &FedlinkBin) {
     })
     .await
     .unwrap();
+    if t.elapsed() > Duration::from_secs(10) {
+        eprintln!("SLOW invite ({:?}); fedlink log:\n{}", t.elapsed(), f.log_tail());
+    }
 }
 
 async fn wait_member(c: &ClientSession, room: &str, user: &str) {
@@ -44,6 +48,8 @@ async fn room_view(f: &FedlinkBin, room: &str) -> Value {
 }
 
 async fn scenario(room_version: Option<&str>) {
+    let t0 = std::time::Instant::now();
+    let mark = |what: &str| eprintln!("[{:>6.2}s] {what}", t0.elapsed().as_secs_f64());
     let (kiwi, litchi) = tokio::join!(
         Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
         Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
@@ -57,13 +63,16 @@ async fn scenario(room_version: Option<&str>) {
     );
     let f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");
 
+    mark("started");
     // Room 1: bob invites alice@kiwi and the bot.
     let room = bob.create_room(&[&alice_k.user_id, &f.bot()], room_version, "private_chat").await.unwrap();
     wait_member(&bob, &room, &f.bot()).await;
     assert_eq!(room_view(&f, &room).await["room_version"], room_version.unwrap_or("12"));
 
+    mark("bot joined room 1");
     // alice@litchi is invited by the bot, accepts, and litchi joins through fedlink.
     wait_invited(&alice_l, &room, &f).await;
+    mark("alice@litchi invited");
     alice_l.join(&room, &[]).await.unwrap_or_else(|e| panic!("join through fedlink: {e:?}\nfedlink log:\n{}", f.log_tail()));
     wait_member(&bob, &room, &alice_l.user_id).await;
     assert!(f.metric("fedlink_served_membership_total{endpoint=\"send_join\",result=\"ok\"}").await >= 1.0);
@@ -71,16 +80,19 @@ async fn scenario(room_version: Option<&str>) {
     let r = p["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == room.as_str()).cloned().unwrap();
     assert_eq!(r["accounts"][&alice_l.user_id]["membership"], "join", "{p}");
 
+    mark("alice@litchi joined room 1");
     // Room 2: alice@litchi declines the invite; alice@kiwi's later join brings no new invite.
     let room2 = bob.create_room(&[&alice_k.user_id, &f.bot()], room_version, "private_chat").await.unwrap();
     wait_member(&bob, &room2, &f.bot()).await;
     wait_invited(&alice_l, &room2, &f).await;
+    mark("alice@litchi invited to room 2");
     alice_l.leave(&room2).await.unwrap_or_else(|e| panic!("decline through fedlink: {e:?}\nfedlink log:\n{}", f.log_tail()));
     wait_until("the decline in fedlink's view", T, || async {
         Ok((room_view(&f, &room2).await["members"][&alice_l.user_id] == "leave").then_some(()))
     })
     .await
     .unwrap();
+    mark("decline seen");
     let sent = f.metric("fedlink_invites_sent_total{result=\"ok\"}").await;
     alice_k.join(&room2, &[]).await.unwrap();
     wait_until("alice@kiwi's join in fedlink's view", T, || async {
@@ -88,6 +100,7 @@ async fn scenario(room_version: Option<&str>) {
     })
     .await
     .unwrap();
+    mark("alice@kiwi join seen");
     // The reconciler has run on the join (it runs on every append); nothing was sent.
     let v = room_view(&f, &room2).await;
     assert_eq!(v["pending_invites"], serde_json::json!({}), "{v}");

@@ -510,7 +510,10 @@ async fn missing_auth_events_are_fetched_from_the_origin() {
         (id, ev)
     };
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "auth", vec![msg.1], vec![]).await;
-    assert_eq!((s, &v["pdus"][&msg.0]), (StatusCode::OK, &json!({})), "{v}");
+    assert_eq!(s, StatusCode::OK);
+    // Authorised by its (fetched) auth events, but carol is not in the state before the
+    // message (her join is not among its ancestors): rejected, as the spec says.
+    assert!(v["pdus"][&msg.0]["error"].as_str().unwrap().contains("state before the event"), "{v}");
     assert!(peer.state.lock().unwrap().requests.iter().any(|(_, p)| p.contains("/event_auth/")));
     let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
     assert_eq!(r["forward_extremities"], json!([bot_join]), "the message does not change the view");
@@ -520,7 +523,44 @@ async fn missing_auth_events_are_fetched_from_the_origin() {
     for id in [&inv, &join] {
         assert_eq!(store.get_event(id).unwrap().expect("fetched").status, PduStatus::Outlier);
     }
-    // Authorised by its (fetched) auth events, but carol is not in the room's current state
-    // as fedlink holds it (her join is not in the message's ancestry): soft-failed, kept.
-    assert_eq!(store.get_event(&msg.0).unwrap().expect("stored").status, PduStatus::SoftFailed);
+    assert!(store.get_event(&msg.0).unwrap().is_none(), "rejected events are not logged");
+}
+
+/// Two concurrent topic changes fork the room; whichever order they arrive in, fedlink's
+/// current state is the same (state resolution v2), and a merge event sees that state.
+#[tokio::test]
+async fn forks_resolve_to_the_same_state_whatever_the_arrival_order() {
+    for version in [RoomVersionId::V11, RoomVersionId::V12] {
+        let peer = FakePeer::start().await;
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let f1 = Fedlink::start(d1.path(), 0, LOOPBACK).await;
+        let f2 = Fedlink::start(d2.path(), 0, LOOPBACK).await;
+        let room = peer.create_room("alice", version.clone());
+        for f in [&f1, &f2] {
+            peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+            wait_joined(f, &room).await;
+        }
+        // f1 learns of f2's join, so both hold the same DAG.
+        let f2_join = {
+            let st = peer.state.lock().unwrap();
+            let r = &st.rooms[&room];
+            r.events[r.extremities.iter().next().unwrap()].clone()
+        };
+        assert_eq!(peer.send_txn(&f1.name, &f1.fed_url, "0", vec![f2_join], vec![]).await.0, 200);
+        let alice = peer.user("alice");
+        let (a_id, a) = peer.build_detached(&room, &alice, "m.room.topic", Some(""), json!({ "topic": "A" }));
+        let (b_id, b) = peer.build_detached(&room, &alice, "m.room.topic", Some(""), json!({ "topic": "B" }));
+        let (a, b) = (serde_json::to_value(&a).unwrap(), serde_json::to_value(&b).unwrap());
+        assert_eq!(peer.send_txn(&f1.name, &f1.fed_url, "1", vec![a.clone()], vec![]).await.0, 200);
+        assert_eq!(peer.send_txn(&f1.name, &f1.fed_url, "2", vec![b.clone()], vec![]).await.0, 200);
+        assert_eq!(peer.send_txn(&f2.name, &f2.fed_url, "1", vec![b], vec![]).await.0, 200);
+        assert_eq!(peer.send_txn(&f2.name, &f2.fed_url, "2", vec![a], vec![]).await.0, 200);
+        let room_path = format!("/_fedlink/admin/v1/rooms/{}", enc(&room));
+        let (v1, v2) = (f1.admin(&room_path).await.1, f2.admin(&room_path).await.1);
+        let topic1 = v1["state"]["m.room.topic"][""].as_str().unwrap().to_owned();
+        assert_eq!(topic1, v2["state"]["m.room.topic"][""].as_str().unwrap(), "{version}: same resolved state\n{v1}\n{v2}\nA={a_id} B={b_id}");
+        assert!(topic1 == a_id || topic1 == b_id);
+        assert_eq!(v1["forward_extremities"].as_array().unwrap().len(), 2);
+        assert_eq!(v1["state"], v2["state"], "{version}");
+    }
 }

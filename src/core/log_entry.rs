@@ -167,6 +167,20 @@ pub struct PduEntry {
     pub origin_server_ts: u64,
     /// The signed PDU.
     pub pdu: serde_json::Value,
+    /// When accepting this event changed the room's current state other than by the event
+    /// itself (a fork resolved with state resolution): the whole new current state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_state: Option<ResolvedState>,
+}
+
+/// A room's current state after state resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedState {
+    /// Every state entry.
+    pub state: Vec<StateRef>,
+    /// Content of its power levels event, if any.
+    #[serde(default)]
+    pub power_levels: Option<serde_json::Value>,
 }
 
 impl PduEntry {
@@ -185,6 +199,7 @@ impl PduEntry {
             depth: pdu.depth,
             origin_server_ts: pdu.origin_server_ts.get().into(),
             pdu: pdu.to_value(),
+            resolved_state: None,
         }
     }
 }

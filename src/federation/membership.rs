@@ -348,6 +348,7 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
         })
         .collect();
     let n_state = state_refs.len();
+    let state_before_join = state_refs.clone();
     let power_levels = state_refs
         .iter()
         .find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty())
@@ -369,6 +370,9 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
         power_levels,
     }));
     if !app.store.has_event(join.event_id.as_str()).unwrap_or(false) {
+        let before: crate::rooms::state::StateMap =
+            state_before_join.iter().map(|s| ((s.event_type.clone(), s.state_key.clone()), s.event_id.clone())).collect();
+        crate::rooms::state::record_after(&app.store, &join, &before, None).map_err(|e| JoinError::Transient(e.to_string()))?;
         entries.push(Entry::Pdu(PduEntry::new(&join, resident.clone(), PduStatus::Accepted)));
     }
     app.append(entries, None).await.map_err(|e| JoinError::Transient(e.to_string()))?;

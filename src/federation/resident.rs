@@ -15,7 +15,7 @@
 //! Every endpoint answers only servers that are in the room (a member with `join` or
 //! `invite`), and only for rooms the bot is joined to.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use axum::http::StatusCode;
 use ruma::{OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UserId};
@@ -29,7 +29,7 @@ use crate::{
         pdu::{canonical_object, rules_for, Pdu},
         views::RoomView,
     },
-    rooms::{build, check_auth, verify_signatures},
+    rooms::{build, verify_signatures},
 };
 
 /// Most events answered by `get_missing_events` and `backfill`.
@@ -152,12 +152,13 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
     let pdu = Pdu::parse(obj, &rules).map_err(|e| MatrixError::bad_json(e.to_string()))?;
 
     let _lock = app.ingest.lock().await;
-    let (state_ids, servers, dests) = {
+    let (state_ids, servers, dests, resolved) = {
         let views = app.views.read().await;
         let room = views.rooms.get(&room_id).ok_or_else(|| MatrixError::not_found("fedlink is not in this room"))?;
+        let mut resolved = None;
         if !app.store.has_event(pdu.event_id.as_str())? {
-            match check_auth(&app.store, Some(room), &pdu, &rules, &BTreeMap::new()) {
-                Ok(PduStatus::Accepted) => {}
+            match crate::rooms::admit(&app.store, room, &pdu, &rules) {
+                Ok(a) if a.status == PduStatus::Accepted => resolved = a.resolved,
                 Ok(_) => return Err(MatrixError::forbidden(format!("the {membership} is not allowed by the room's current state"))),
                 Err(e) => return Err(MatrixError::forbidden(e.to_string())),
             }
@@ -170,11 +171,13 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
             .map(|s| (s.to_string(), pdu.event_id.to_string()))
             .collect();
         servers.insert(app.server_name.clone());
-        (state_ids, servers, dests)
+        (state_ids, servers, dests, resolved)
     };
     if !app.store.has_event(pdu.event_id.as_str())? {
         app.store.put_state_before(pdu.event_id.as_str(), &state_ids.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-        let entry = Entry::Pdu(PduEntry::new(&pdu, origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?, PduStatus::Accepted));
+        let mut entry = PduEntry::new(&pdu, origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?, PduStatus::Accepted);
+        entry.resolved_state = resolved;
+        let entry = Entry::Pdu(entry);
         app.append_and_send(vec![entry], None, &dests).await?;
         app.store.flush().await?;
         tracing::info!(%origin, %room_id, user = %pdu.sender, "{membership} served", membership = membership);
@@ -306,7 +309,7 @@ pub async fn backfill(app: &Fedlink, origin: &str, room: &str, from: &[String], 
         todo.extend(prev_ids(&e.pdu));
         out.push(e);
     }
-    out.sort_by(|a, b| b.depth.cmp(&a.depth));
+    out.sort_by_key(|e| std::cmp::Reverse(e.depth));
     Ok(json!({ "origin": app.server_name, "origin_server_ts": now_ms(), "pdus": out.into_iter().map(|e| e.pdu).collect::<Vec<_>>() }))
 }
 

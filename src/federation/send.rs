@@ -148,11 +148,13 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
             answers.reject(app, &id, &Rejection::Room("unsupported room version".into()));
             continue;
         };
-        let checked = check_auth(&app.store, Some(room), &pdu, &rules, &BTreeMap::new());
+        let checked = crate::rooms::admit(&app.store, room, &pdu, &rules);
         drop(views);
         match checked {
-            Ok(status) => {
-                app.append(vec![Entry::Pdu(PduEntry::new(&pdu, via.clone(), status))], None).await?;
+            Ok(crate::rooms::Admitted { status, resolved }) => {
+                let mut entry = PduEntry::new(&pdu, via.clone(), status);
+                entry.resolved_state = resolved;
+                app.append(vec![Entry::Pdu(entry)], None).await?;
                 let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
                 app.metrics.pdus_received.with_label_values(&[label]).inc();
                 tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");

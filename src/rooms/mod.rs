@@ -6,6 +6,7 @@
 //! synchronous and run under the ingest lock against what the store holds.
 
 pub mod build;
+pub mod state;
 
 use std::collections::BTreeMap;
 
@@ -123,6 +124,20 @@ pub fn load_pdu(store: &Store, event_id: &EventId, rules: &RoomVersionRules) -> 
     Pdu::parse(obj, rules).ok()
 }
 
+/// Run the state-dependent authorization rules against a given state (the state before the
+/// event): failure rejects the event.
+pub fn check_against_state(store: &Store, pdu: &Pdu, rules: &RoomVersionRules, state: &state::StateMap) -> Result<(), Rejection> {
+    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, sk| {
+        state.get(&(t.to_string(), sk.to_owned())).and_then(|id| load_pdu(store, id, rules))
+    })
+    .map_err(|e| Rejection::Auth(format!("{e} (against the state before the event)")))
+}
+
+/// The current state of a room view as a [`state::StateMap`].
+pub fn view_state(room: &RoomView) -> state::StateMap {
+    room.state.iter().flat_map(|(t, m)| m.iter().map(move |(k, e)| ((t.clone(), k.clone()), e.clone()))).collect()
+}
+
 /// Run the authorization rules: against the event's auth events (failure rejects) and
 /// against the room's current state (failure soft-fails). `extra` holds events not yet in
 /// the store (the rest of a join's state, say).
@@ -171,4 +186,74 @@ pub fn check_auth(
             Ok(PduStatus::SoftFailed)
         }
     }
+}
+
+/// The outcome of admitting an event into a room's timeline.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Accepted or soft-failed.
+    pub status: PduStatus,
+    /// The room's new current state when it is not simply the old one plus this event.
+    pub resolved: Option<crate::core::log_entry::ResolvedState>,
+}
+
+/// Every check for an event joining the timeline: auth events (reject), the state before
+/// the event from its parents, resolved when they differ (reject), the current state (soft
+/// fail). Records the state after the event and, when forks meet, resolves the room's new
+/// current state.
+pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules) -> Result<Admitted, Rejection> {
+    let status = check_auth(store, Some(room), pdu, rules, &BTreeMap::new())?;
+    let current = view_state(room);
+    let (before, group) = state::state_before(store, rules, pdu, &current).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?;
+    check_against_state(store, pdu, rules, &before)?;
+    let after = state::record_after(store, pdu, &before, group.as_deref()).map_err(|e| Rejection::Format(format!("storage: {e}")))?;
+    if status != PduStatus::Accepted {
+        return Ok(Admitted { status, resolved: None });
+    }
+    // The room's state after this event: its own state if it is the only extremity left,
+    // else the resolution of every extremity's state.
+    let mut extremities: Vec<OwnedEventId> = room.extremities.iter().filter(|e| !pdu.prev_events.contains(e)).cloned().collect();
+    let mut incremental = current.clone();
+    if let Some(k) = &pdu.state_key {
+        incremental.insert((pdu.kind.to_string(), k.clone()), pdu.event_id.clone());
+    }
+    if extremities.is_empty() && before == current {
+        return Ok(Admitted { status, resolved: None });
+    }
+    extremities.sort();
+    let mut maps: Vec<state::StateMap> = extremities.iter().map(|e| state::state_after(store, e.as_str()).unwrap_or_else(|| current.clone())).collect();
+    maps.push(after);
+    maps.sort();
+    maps.dedup();
+    let resolved = if maps.len() == 1 {
+        maps.pop().expect("one map")
+    } else {
+        state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
+    };
+    if resolved == incremental {
+        return Ok(Admitted { status, resolved: None });
+    }
+    tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, extremities = extremities.len() + 1, "forks resolved with state resolution v2");
+    Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)) })
+}
+
+/// A state map as log records carry it.
+pub fn resolved_state(store: &Store, map: &state::StateMap) -> crate::core::log_entry::ResolvedState {
+    let mut power_levels = None;
+    let state = map
+        .iter()
+        .map(|((t, k), id)| {
+            let entry = store.get_event(id.as_str()).ok().flatten();
+            if t == "m.room.power_levels" && k.is_empty() {
+                power_levels = entry.as_ref().and_then(|e| e.pdu.get("content").cloned());
+            }
+            crate::core::log_entry::StateRef {
+                event_type: t.clone(),
+                state_key: k.clone(),
+                event_id: id.clone(),
+                membership: entry.and_then(|e| e.membership),
+            }
+        })
+        .collect();
+    crate::core::log_entry::ResolvedState { state, power_levels }
 }

@@ -228,7 +228,7 @@ impl FedlinkBin {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("fedlink.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        lines[lines.len().saturating_sub(150)..].join("\n")
     }
 }
 

@@ -84,6 +84,7 @@ impl Given {
             depth: self.n,
             origin_server_ts: 0,
             pdu: json!({ "content": content }),
+            resolved_state: None,
         }))
     }
     fn member(&mut self, u: &str, m: &str) -> &mut Self {

@@ -155,6 +155,20 @@ impl RoomView {
         }
     }
 
+    /// Replace the current state (and members and power levels) with `state`.
+    pub fn set_state(&mut self, state: &[super::log_entry::StateRef], power_levels: Option<&serde_json::Value>) {
+        self.state.clear();
+        self.members.clear();
+        for s in state {
+            self.state.entry(s.event_type.clone()).or_default().insert(s.state_key.clone(), s.event_id.clone());
+            if let (Some(m), Ok(user)) = (&s.membership, ruma::UserId::parse(&s.state_key)) {
+                self.members.insert(user, m.clone());
+            }
+        }
+        let pl_id = state.iter().find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty()).map(|s| s.event_id.clone());
+        self.power = power_levels.map(|c| PowerLevels::from_content(pl_id, c));
+    }
+
     /// A user's current membership (`None` if they have no member event).
     pub fn membership(&self, user: &OwnedUserId) -> Option<&str> {
         self.members.get(user).map(String::as_str)
@@ -262,17 +276,8 @@ impl Views {
                 room.version = j.room_version.clone();
                 room.bot = BotMembership::Joined;
                 room.joined_via = Some(j.via.clone());
-                room.state.clear();
-                room.members.clear();
                 room.extremities.clear();
-                let pl_id = j.state.iter().find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty()).map(|s| s.event_id.clone());
-                room.power = j.power_levels.as_ref().map(|c| PowerLevels::from_content(pl_id, c));
-                for s in &j.state {
-                    room.state.entry(s.event_type.clone()).or_default().insert(s.state_key.clone(), s.event_id.clone());
-                    if let (Some(m), Ok(user)) = (&s.membership, ruma::UserId::parse(&s.state_key)) {
-                        room.members.insert(user, m.clone());
-                    }
-                }
+                room.set_state(&j.state, j.power_levels.as_ref());
             }
         }
     }
@@ -289,6 +294,20 @@ impl Views {
             room.extremities.remove(prev);
         }
         room.extremities.insert(p.event_id.clone());
+        if let Some(resolved) = &p.resolved_state {
+            room.set_state(&resolved.state, resolved.power_levels.as_ref());
+            for s in resolved.state.iter().filter(|s| s.event_type == "m.room.member") {
+                if let Ok(user) = ruma::UserId::parse(&s.state_key) {
+                    room.pending_invites.remove(&user);
+                    if user == bot && s.membership.as_deref() == Some("join") {
+                        room.bot = BotMembership::Joined;
+                    } else if user == bot && room.bot_joined() && matches!(s.membership.as_deref(), Some("leave" | "ban")) {
+                        room.bot = BotMembership::Left { membership: s.membership.clone().unwrap_or_default() };
+                    }
+                }
+            }
+            return;
+        }
         let Some(state_key) = &p.state_key else { return };
         room.state.entry(p.event_type.clone()).or_default().insert(state_key.clone(), p.event_id.clone());
         if p.event_type == "m.room.power_levels" && state_key.is_empty() {
@@ -338,6 +357,7 @@ mod tests {
             depth: 1,
             origin_server_ts: 0,
             pdu: serde_json::json!({}),
+            resolved_state: None,
         })
     }
 
