@@ -14,7 +14,7 @@ use ruma::{OwnedRoomId, OwnedUserId};
 use serde_json::{json, Value};
 
 use crate::{
-    app::{now_ms, Fedlink, JoinStatus},
+    app::{now_ms, Fedlink},
     core::{
         backoff::Backoff,
         log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus},
