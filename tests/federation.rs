@@ -564,3 +564,97 @@ async fn forks_resolve_to_the_same_state_whatever_the_arrival_order() {
         assert_eq!(v1["state"], v2["state"], "{version}");
     }
 }
+
+/// A tiny HTTP directory in the earlier Synapse module's format: `GET /links/<mxid>`.
+async fn directory_server(links: std::sync::Arc<std::sync::Mutex<Option<Vec<(String, String)>>>>) -> String {
+    use axum::{extract::Path as P, routing::get, Json, Router};
+    let app = Router::new().route(
+        "/links/{mxid}",
+        get(move |P(mxid): P<String>| {
+            let links = links.clone();
+            async move {
+                match &*links.lock().unwrap() {
+                    None => Err(StatusCode::INTERNAL_SERVER_ERROR),
+                    Some(pairs) => Ok(Json(
+                        pairs
+                            .iter()
+                            .filter_map(|(a, b)| if *a == mxid { Some(b.clone()) } else if *b == mxid { Some(a.clone()) } else { None })
+                            .collect::<Vec<_>>(),
+                    )),
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/links/", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    url
+}
+
+#[tokio::test]
+async fn http_directory_links_accounts_and_its_failures_unlink_nobody() {
+    let kiwi = FakePeer::start().await;
+    let litchi = FakePeer::start().await;
+    let links = std::sync::Arc::new(std::sync::Mutex::new(Some(vec![(kiwi.user("alice"), litchi.user("alice"))])));
+    let url = directory_server(links.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fedlink::start(dir.path(), 0, &format!("{LOOPBACK}[directory]\nurl = \"{url}\"\nttl_secs = 1\n")).await;
+    let room = kiwi.create_room("alice", RoomVersionId::V12);
+    kiwi.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    wait_joined(&f, &room).await;
+    // The directory links alice@kiwi (seen in the room) to alice@litchi, who gets invited.
+    wait_until("alice@litchi invited through the directory link", Duration::from_secs(30), || async {
+        Ok((!litchi.state.lock().unwrap().invites.is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let persons = f.admin("/_fedlink/admin/v1/persons").await.1;
+    assert_eq!(persons["persons"][0]["source"], "http", "{persons}");
+    // The directory fails: lookups are counted as errors and nobody is unlinked.
+    *links.lock().unwrap() = None;
+    wait_until("a failed directory lookup", Duration::from_secs(30), || async {
+        Ok((f.metric("fedlink_directory_lookups_total{result=\"error\"}").await >= 1.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(f.admin("/_fedlink/admin/v1/persons").await.1, persons);
+}
+
+#[tokio::test]
+async fn missing_power_is_visible_and_not_retried_in_a_loop() {
+    let kiwi = FakePeer::start().await;
+    let litchi = FakePeer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n", kiwi.user("alice"), litchi.user("alice"));
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let room = kiwi.create_room("alice", RoomVersionId::V11);
+    // Inviting needs power 50 in this room; the bot has 0.
+    let users = json!({ kiwi.user("alice"): 100 });
+    kiwi.push(&room, "alice", "m.room.power_levels", Some(""), json!({ "users": users, "invite": 50, "state_default": 50, "ban": 50, "kick": 50, "redact": 50 }));
+    kiwi.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    let r = wait_joined(&f, &room).await;
+    let _ = r;
+    let path = format!("/_fedlink/admin/v1/rooms/{}", enc(&room));
+    let failure = wait_until("missing power recorded", Duration::from_secs(20), || async {
+        let r = f.admin(&path).await.1;
+        Ok(r["failed_invites"].get(litchi.user("alice")).cloned().filter(|v| !v.is_null()))
+    })
+    .await
+    .unwrap();
+    assert!(failure["reason"].as_str().unwrap().contains("needs 50"), "{failure}");
+    assert_eq!(f.metric("fedlink_invites_sent_total{result=\"missing_power\"}").await, 1.0);
+    // More traffic in the room does not bring the attempt back.
+    let (_, m) = kiwi.push(&room, "alice", "m.room.message", None, json!({ "body": "hi" }));
+    assert_eq!(kiwi.send_txn(&f.name, &f.fed_url, "m", vec![m], vec![]).await.0, 200);
+    assert_eq!(f.metric("fedlink_invites_sent_total{result=\"missing_power\"}").await, 1.0);
+    assert!(litchi.state.lock().unwrap().invites.is_empty());
+    // Power granted: the invite goes out.
+    let users = json!({ kiwi.user("alice"): 100, f.bot(): 50 });
+    let (_, pl) = kiwi.push(&room, "alice", "m.room.power_levels", Some(""), json!({ "users": users, "invite": 50, "state_default": 50, "ban": 50, "kick": 50, "redact": 50 }));
+    assert_eq!(kiwi.send_txn(&f.name, &f.fed_url, "pl", vec![pl], vec![]).await.0, 200);
+    wait_until("the invite after the power change", Duration::from_secs(20), || async {
+        Ok((!litchi.state.lock().unwrap().invites.is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+}
