@@ -29,11 +29,18 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .route("/_fedlink/admin/v1/destinations", get(destinations))
         .route("/_fedlink/admin/v1/destinations/{dest}/retry", axum::routing::post(retry_destination))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
-    Router::new().route("/metrics", get(metrics)).merge(admin).with_state(app)
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(crate::appservice::transaction))
+        .route("/_matrix/app/v1/users/{user_id}", get(crate::appservice::not_mine))
+        .route("/_matrix/app/v1/rooms/{alias}", get(crate::appservice::not_mine))
+        .merge(admin)
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024 * 1024))
+        .with_state(app)
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

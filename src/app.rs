@@ -80,6 +80,12 @@ pub struct Fedlink {
     pub joins: Mutex<HashMap<OwnedRoomId, JoinStatus>>,
     /// Admin bearer token.
     pub admin_token: String,
+    /// Homeservers with an application-service registration (the reconciler's routes).
+    pub routes: crate::core::reconcile::Routes,
+    /// Retry state of actions through the application-service route.
+    pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId), JoinStatus>>,
+    /// When the read that caused a pending read action arrived (for the latency histogram).
+    pub read_started: Mutex<HashMap<(OwnedRoomId, OwnedUserId), std::time::Instant>>,
 }
 
 impl Fedlink {
@@ -118,6 +124,18 @@ impl Fedlink {
             invite_retries: Mutex::new(HashMap::new()),
             joins: Mutex::new(HashMap::new()),
             admin_token,
+            routes: cfg
+                .appservice
+                .iter()
+                .filter_map(|a| {
+                    Some((
+                        OwnedServerName::try_from(a.server_name.as_str()).ok()?,
+                        crate::core::reconcile::Route { auto_join: a.auto_join, mirror_leave: a.mirror_leave },
+                    ))
+                })
+                .collect(),
+            action_retries: Mutex::new(HashMap::new()),
+            read_started: Mutex::new(HashMap::new()),
             cfg,
         });
         Ok(app)

@@ -65,6 +65,61 @@ pub struct Config {
     /// Linked identities.
     #[serde(default)]
     pub directory: DirectoryConfig,
+    /// Application-service registrations on homeservers (the route for acting as their users).
+    #[serde(default)]
+    pub appservice: Vec<AppserviceConfig>,
+    /// How homeservers reach fedlink's application-service endpoint.
+    #[serde(default)]
+    pub appservice_endpoint: AppserviceEndpoint,
+}
+
+/// `[appservice_endpoint]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppserviceEndpoint {
+    /// Base URL homeservers push transactions to (plain HTTP on the metrics listener by
+    /// default: Synapse checks appservice TLS against the system CAs).
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// One `[[appservice]]`: fedlink registered on a homeserver.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppserviceConfig {
+    /// The homeserver's server name.
+    pub server_name: String,
+    /// Its client-server API base URL.
+    pub client_url: String,
+    /// Token fedlink uses to act on the homeserver.
+    pub as_token: String,
+    /// Token the homeserver uses to push to fedlink.
+    pub hs_token: String,
+    /// Regex of the users fedlink may act as (default: every user of the server).
+    #[serde(default)]
+    pub user_regex: Option<String>,
+    /// The registration's sender localpart.
+    #[serde(default = "default_bot_localpart")]
+    pub sender_localpart: String,
+    /// Join invited sibling accounts automatically.
+    #[serde(default = "yes")]
+    pub auto_join: bool,
+    /// Leave a room on this server when the person left it on another account.
+    #[serde(default = "yes")]
+    pub mirror_leave: bool,
+    /// Show siblings online when one account goes online.
+    #[serde(default)]
+    pub presence: bool,
+}
+
+impl AppserviceConfig {
+    /// The user namespace regex.
+    pub fn regex(&self) -> String {
+        self.user_regex.clone().unwrap_or_else(|| {
+            let escaped: String = self.server_name.chars().flat_map(|c| if c.is_ascii_alphanumeric() { vec![c] } else { vec!['\\', c] }).collect();
+            format!("@.*:{escaped}")
+        })
+    }
 }
 
 /// `[directory]`
@@ -394,6 +449,23 @@ impl Config {
                 return Err(invalid("directory.url", "must be an http(s) URL"));
             }
         }
+        let mut hs_tokens = std::collections::BTreeSet::new();
+        for (i, a) in self.appservice.iter().enumerate() {
+            let key = format!("appservice[{i}]");
+            ruma::ServerName::parse(&a.server_name).map_err(|e| invalid(&format!("{key}.server_name"), format!("`{}`: {e}", a.server_name)))?;
+            if !(a.client_url.starts_with("https://") || a.client_url.starts_with("http://")) {
+                return Err(invalid(&format!("{key}.client_url"), "must be an http(s) URL"));
+            }
+            if a.as_token.len() < 16 {
+                return Err(invalid(&format!("{key}.as_token"), "must be at least 16 characters"));
+            }
+            if a.hs_token.len() < 16 || !hs_tokens.insert(a.hs_token.clone()) {
+                return Err(invalid(&format!("{key}.hs_token"), "must be at least 16 characters and unique"));
+            }
+            if self.appservice[..i].iter().any(|b| b.server_name == a.server_name) {
+                return Err(invalid(&format!("{key}.server_name"), "one registration per homeserver"));
+            }
+        }
         if self.directory.ttl_secs == 0 {
             return Err(invalid("directory.ttl_secs", "must be positive"));
         }
@@ -441,6 +513,10 @@ impl Config {
         let mut c = self.clone();
         if c.admin.token.is_some() {
             c.admin.token = Some("<redacted>".into());
+        }
+        for a in &mut c.appservice {
+            a.as_token = "<redacted>".into();
+            a.hs_token = "<redacted>".into();
         }
         c
     }

@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod appservice;
 pub mod config;
 pub mod core;
 pub mod directory;

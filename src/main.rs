@@ -33,6 +33,15 @@ enum Cmd {
         #[arg(short, long, env = "FEDLINK_CONFIG")]
         config: PathBuf,
     },
+    /// Print the application-service registration YAML for one homeserver.
+    AppserviceRegistration {
+        /// Config file.
+        #[arg(short, long, env = "FEDLINK_CONFIG")]
+        config: PathBuf,
+        /// The homeserver's server name (an `[[appservice]]` entry).
+        #[arg(long)]
+        server: String,
+    },
     /// Rebuild every view from the event log.
     Replay {
         /// Config file.
@@ -66,6 +75,11 @@ fn main() -> anyhow::Result<()> {
             cfg.admin_token()?;
             print!("{}", toml::to_string_pretty(&cfg.redacted())?);
             eprintln!("config OK");
+            Ok(())
+        }
+        Cmd::AppserviceRegistration { config, server } => {
+            let cfg = load(&config)?;
+            print!("{}", fedlink::appservice::registration_yaml(&cfg, &server).map_err(anyhow::Error::msg)?);
             Ok(())
         }
         Cmd::Replay { config } => {

@@ -44,6 +44,16 @@ pub struct Metrics {
     pub reconcile_actions: IntCounterVec,
     /// Joins and leaves served to other servers, by kind and result.
     pub served_membership: IntCounterVec,
+    /// Actions through the application-service route, by kind and result.
+    pub actions: IntCounterVec,
+    /// Actions no route supports, by kind.
+    pub unsupported_actions: IntCounterVec,
+    /// Read receipts received, by source (`federation`, `appservice`).
+    pub receipts_in: IntCounterVec,
+    /// Time from a read arriving to the sibling's homeserver accepting the propagated read.
+    pub read_propagation_seconds: Histogram,
+    /// Application-service transactions received, by result.
+    pub appservice_transactions: IntCounterVec,
     /// HTTP directory lookups by result.
     pub directory_lookups: IntCounterVec,
     /// Records in the event log.
@@ -107,6 +117,19 @@ impl Metrics {
             invites_sent: counter_vec(&r, "fedlink_invites_sent_total", "Invites fedlink sent for linked accounts, by result", &["result"]),
             reconcile_actions: counter_vec(&r, "fedlink_reconcile_actions_total", "Reconciler decisions by kind", &["action"]),
             served_membership: counter_vec(&r, "fedlink_served_membership_total", "make/send join and leave served, by endpoint and result", &["endpoint", "result"]),
+            actions: counter_vec(&r, "fedlink_appservice_actions_total", "Actions through the appservice route by kind and result", &["kind", "result"]),
+            unsupported_actions: counter_vec(&r, "fedlink_unsupported_actions_total", "Actions no route supports, by kind", &["kind"]),
+            receipts_in: counter_vec(&r, "fedlink_receipts_received_total", "Read receipts received by source", &["source"]),
+            read_propagation_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("fedlink_read_propagation_seconds", "From a read arriving to the sibling's homeserver accepting the propagated read")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                )
+                .expect("static metric definition");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
+            appservice_transactions: counter_vec(&r, "fedlink_appservice_transactions_total", "Appservice transactions received by result", &["result"]),
             directory_lookups: counter_vec(&r, "fedlink_directory_lookups_total", "HTTP directory lookups by result", &["result"]),
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),

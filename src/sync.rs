@@ -17,7 +17,7 @@ use crate::{
     app::{now_ms, Fedlink},
     core::{
         backoff::Backoff,
-        log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus},
+        log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus, ReceiptEntry, UserAction},
         pdu::{canonical_object, rules_for, Pdu},
         reconcile::{decide, Action},
     },
@@ -34,6 +34,11 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
             tracing::error!(error = %e, "reconcile failed");
         }
         let next_due = deliver_invites(&app).await;
+        let actions_due = deliver_actions(&app).await;
+        let next_due = match (next_due, actions_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(30));
         tokio::select! {
             _ = changes.changed() => {}
@@ -45,7 +50,7 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
 
 /// Decide and log what to do.
 pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreError> {
-    let actions = decide(&*app.views.read().await);
+    let actions = decide(&*app.views.read().await, &app.routes);
     tracing::debug!(actions = actions.len(), "reconciled");
     if actions.is_empty() {
         return Ok(());
@@ -66,6 +71,27 @@ pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreErro
                         Entry::InviteFailed(InviteFailed { room_id, target, reason, power_levels_event })
                     }
                 }
+            }
+            Action::SetRead { room_id, target, event_id } => {
+                app.metrics.reconcile_actions.with_label_values(&["read"]).inc();
+                app.read_started.lock().expect("lock").insert((room_id.clone(), target.clone()), std::time::Instant::now());
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None })
+            }
+            Action::Join { room_id, target } => {
+                app.metrics.reconcile_actions.with_label_values(&["join"]).inc();
+                tracing::info!(%room_id, %target, "joining an invited linked account");
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None })
+            }
+            Action::Leave { room_id, target } => {
+                app.metrics.reconcile_actions.with_label_values(&["leave"]).inc();
+                tracing::info!(%room_id, %target, "a linked account left; its sibling leaves too");
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None })
+            }
+            Action::Unsupported { room_id, target, kind } => {
+                app.metrics.unsupported_actions.with_label_values(&[kind]).inc();
+                let reason = format!("{} has no application-service registration for fedlink; over federation fedlink may not {kind} for its users", target.server_name());
+                tracing::warn!(%room_id, %target, kind, "unsupported action recorded");
+                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason) })
             }
             Action::MissingPower { room_id, target, power_levels_event, needed, have } => {
                 app.metrics.reconcile_actions.with_label_values(&["missing_power"]).inc();
@@ -210,4 +236,80 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
     app.store.flush().await.map_err(|e| InviteError::Transient(e.to_string()))?;
     tracing::info!(%room_id, %target, %event_id, destinations = dests.len(), "invite delivered");
     Ok(())
+}
+
+/// Carry out pending actions through the application-service route; returns when the
+/// next retry is due. A read marker that the homeserver accepted is logged as that user's
+/// receipt (the homeserver's own echo later changes nothing).
+async fn deliver_actions(app: &Fedlink) -> Option<u64> {
+    let pending: Vec<UserAction> = {
+        let views = app.views.read().await;
+        views.rooms.values().flat_map(|r| r.pending_actions.values().cloned()).collect()
+    };
+    let mut next_due: Option<u64> = None;
+    for action in pending {
+        let key = (action.room_id.clone(), action.user_id.clone());
+        let due = app.action_retries.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0);
+        if due == u64::MAX {
+            continue; // sent; waiting for the membership to come back
+        }
+        if due > now_ms() {
+            next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            continue;
+        }
+        match crate::appservice::perform(app, &action).await {
+            Ok(()) => {
+                app.metrics.actions.with_label_values(&[action.kind.as_str(), "ok"]).inc();
+                if action.kind == "read" {
+                    app.action_retries.lock().expect("lock").remove(&key);
+                    if let Some(t) = app.read_started.lock().expect("lock").remove(&key) {
+                        app.metrics.read_propagation_seconds.observe(t.elapsed().as_secs_f64());
+                    }
+                    let event_id = action.event_id.clone().expect("read actions carry an event");
+                    let depth = app.store.get_event(event_id.as_str()).ok().flatten().map(|e| e.depth);
+                    let entry = Entry::Receipt(ReceiptEntry {
+                        origin: action.user_id.server_name().to_owned(),
+                        room_id: action.room_id.clone(),
+                        receipt_type: "m.read".into(),
+                        user_id: action.user_id.clone(),
+                        event_id,
+                        ts: Some(now_ms()),
+                        thread_id: None,
+                        depth,
+                        via_appservice: Some(true),
+                    });
+                    let _lock = app.ingest.lock().await;
+                    if app.append(vec![entry], None).await.is_ok() {
+                        let _ = app.store.flush().await;
+                    }
+                } else {
+                    // The membership event arrives over federation and settles it.
+                    app.action_retries.lock().expect("lock").insert(key, crate::app::JoinStatus { next_attempt_ms: u64::MAX, ..Default::default() });
+                }
+                tracing::info!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, "action done through the appservice route");
+            }
+            Err(crate::appservice::ActionError::Transient(reason)) => {
+                let mut retries = app.action_retries.lock().expect("lock");
+                let s = retries.entry(key).or_default();
+                s.failures += 1;
+                s.last_error = Some(reason.clone());
+                s.next_attempt_ms = now_ms() + Backoff::DEFAULT.delay(s.failures).as_millis() as u64;
+                next_due = Some(next_due.map_or(s.next_attempt_ms, |d| d.min(s.next_attempt_ms)));
+                app.metrics.actions.with_label_values(&[action.kind.as_str(), "transient_error"]).inc();
+                tracing::warn!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, %reason, "action failed; will retry");
+            }
+            Err(crate::appservice::ActionError::Refused(reason)) => {
+                app.metrics.actions.with_label_values(&[action.kind.as_str(), "refused"]).inc();
+                app.action_retries.lock().expect("lock").remove(&key);
+                tracing::warn!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, %reason, "action refused by the homeserver");
+                let mut failed = action.clone();
+                failed.reason = Some(reason);
+                let _lock = app.ingest.lock().await;
+                if app.append(vec![Entry::ActionFailed(failed)], None).await.is_ok() {
+                    let _ = app.store.flush().await;
+                }
+            }
+        }
+    }
+    next_due
 }

@@ -53,6 +53,12 @@ pub enum Entry {
     InvitePending(InvitePending),
     /// An invite fedlink wanted to send could not be sent.
     InviteFailed(InviteFailed),
+    /// fedlink asked a homeserver to act for a user (read marker, join, leave).
+    ActionPending(UserAction),
+    /// Such an action failed for good.
+    ActionFailed(UserAction),
+    /// An action no route can perform for that user's homeserver (no registration).
+    ActionUnsupported(UserAction),
 }
 
 /// Where a directory change came from.
@@ -223,6 +229,30 @@ pub struct ReceiptEntry {
     /// Thread id, if a threaded receipt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
+    /// Depth of the event read up to, when fedlink holds it (orders read positions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u64>,
+    /// `appservice` when pushed by a homeserver's registration, else federation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_appservice: Option<bool>,
+}
+
+/// Something fedlink asked a homeserver to do for one of its users, through the
+/// application-service route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAction {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// The user acted for.
+    pub user_id: OwnedUserId,
+    /// `read`, `join` or `leave`.
+    pub kind: String,
+    /// For `read`: the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<OwnedEventId>,
+    /// For failures and unsupported actions: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A typing notification.
@@ -315,6 +345,9 @@ impl Entry {
             Entry::OptOut(_) => "opt_out",
             Entry::InvitePending(_) => "invite_pending",
             Entry::InviteFailed(_) => "invite_failed",
+            Entry::ActionPending(_) => "action_pending",
+            Entry::ActionFailed(_) => "action_failed",
+            Entry::ActionUnsupported(_) => "action_unsupported",
         }
     }
 }

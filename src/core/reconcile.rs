@@ -11,8 +11,32 @@
 //!   R), or an earlier attempt failed for good;
 //! - if the bot's power is below the room's invite level, the decision is `MissingPower`,
 //!   made once per power levels event: a new power levels event brings the invite back.
+//!
+//! Rules for read state and membership (issue #4), for the person's accounts joined to a
+//! room the bot is in:
+//! - read markers move forward only, to the furthest read position (ordered by depth) any
+//!   of the person's joined accounts has; receipts and sent messages both count;
+//! - an invited account is joined when a sibling is joined (auto-join), and a joined one
+//!   leaves when a sibling left by itself (mirror-leave; kicks and bans do not spread);
+//! - these act through a homeserver's application-service registration ([`Routes`]); where
+//!   none exists the decision is `Unsupported`, recorded once per user, room and kind.
+//!   Echoes of what fedlink set are no-ops: a read at the furthest position changes nothing.
 
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use std::collections::BTreeMap;
+
+use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId};
+
+/// What the application-service route offers on one homeserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Join invited sibling accounts.
+    pub auto_join: bool,
+    /// Leave when a sibling left.
+    pub mirror_leave: bool,
+}
+
+/// Homeservers with a registration for fedlink.
+pub type Routes = BTreeMap<OwnedServerName, Route>;
 
 use super::views::{RoomView, Views};
 
@@ -27,6 +51,38 @@ pub enum Action {
         target: OwnedUserId,
         /// The person it belongs to.
         person: String,
+    },
+    /// Move `target`'s read marker to `event_id`.
+    SetRead {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The account.
+        target: OwnedUserId,
+        /// The event to mark read.
+        event_id: OwnedEventId,
+    },
+    /// Join `target` (invited) to the room.
+    Join {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The account.
+        target: OwnedUserId,
+    },
+    /// Make `target` leave the room.
+    Leave {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The account.
+        target: OwnedUserId,
+    },
+    /// No route can do `kind` for `target`'s homeserver.
+    Unsupported {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The account.
+        target: OwnedUserId,
+        /// `read`, `join` or `leave`.
+        kind: &'static str,
     },
     /// The bot lacks the power to invite `target`.
     MissingPower {
@@ -44,12 +100,68 @@ pub enum Action {
 }
 
 /// Every action the views call for, in a deterministic order.
-pub fn decide(views: &Views) -> Vec<Action> {
+pub fn decide(views: &Views, routes: &Routes) -> Vec<Action> {
     let mut out = Vec::new();
     for (room_id, room) in views.rooms.iter().filter(|(_, r)| r.bot_joined()) {
         decide_room(views, room_id, room, &mut out);
+        decide_sync(views, routes, room_id, room, &mut out);
     }
     out
+}
+
+fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+    let dir = &views.directory;
+    let mut persons: Vec<&String> = room.members.keys().filter_map(|u| dir.by_account.get(u)).collect();
+    persons.sort();
+    persons.dedup();
+    for person_id in persons {
+        let Some(person) = dir.persons.get(person_id) else { continue };
+        if person.opted_out || person.opted_out_rooms.contains(room_id) {
+            continue;
+        }
+        let joined: Vec<&OwnedUserId> = person.accounts.iter().filter(|a| room.membership(a) == Some("join")).collect();
+        let unsupported = |u: &OwnedUserId, kind: &str| room.unsupported.get(u).is_some_and(|k| k.contains(kind));
+        let busy = |u: &OwnedUserId| room.pending_actions.contains_key(u);
+        // Read markers: forward to the furthest position among joined accounts.
+        let best = joined.iter().filter_map(|a| room.receipts.get(*a).map(|r| (r.depth, &r.event_id))).filter(|(d, _)| d.is_some()).max();
+        if let Some((depth, event_id)) = best {
+            for b in &joined {
+                let behind = room.receipts.get(*b).is_none_or(|r| r.is_before(depth));
+                let failed = room.blocked_actions.get(*b).is_some_and(|a| a.kind == "read" && a.event_id.as_ref() == Some(event_id));
+                if !behind || busy(b) || failed || unsupported(b, "read") {
+                    continue;
+                }
+                out.push(match routes.get(b.server_name()) {
+                    Some(_) => Action::SetRead { room_id: room_id.clone(), target: (*b).clone(), event_id: event_id.clone() },
+                    None => Action::Unsupported { room_id: room_id.clone(), target: (*b).clone(), kind: "read" },
+                });
+            }
+        }
+        let sibling_joined = !joined.is_empty();
+        let sibling_left = person.accounts.iter().any(|a| room.left_by_self.contains(a));
+        for b in &person.accounts {
+            let blocked = room.blocked_actions.get(b).is_some_and(|a| a.kind != "read");
+            if busy(b) || blocked {
+                continue;
+            }
+            let route = routes.get(b.server_name());
+            match room.membership(b) {
+                Some("invite") if sibling_joined && !sibling_left => match route {
+                    Some(r) if r.auto_join => out.push(Action::Join { room_id: room_id.clone(), target: b.clone() }),
+                    Some(_) => {}
+                    None if !unsupported(b, "join") => out.push(Action::Unsupported { room_id: room_id.clone(), target: b.clone(), kind: "join" }),
+                    None => {}
+                },
+                Some("join") | Some("invite") if sibling_left => match route {
+                    Some(r) if r.mirror_leave => out.push(Action::Leave { room_id: room_id.clone(), target: b.clone() }),
+                    Some(_) => {}
+                    None if !unsupported(b, "leave") => out.push(Action::Unsupported { room_id: room_id.clone(), target: b.clone(), kind: "leave" }),
+                    None => {}
+                },
+                _ => {}
+            }
+        }
+    }
 }
 
 fn decide_room(views: &Views, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {

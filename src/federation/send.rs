@@ -412,6 +412,8 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
                             .and_then(|e| e.try_into().ok())
                             .ok_or("receipt needs event_ids")?;
                         let data = r.get("data");
+                        app.metrics.receipts_in.with_label_values(&["federation"]).inc();
+                        let depth = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id).map(|e| e.depth);
                         out.push(Entry::Receipt(ReceiptEntry {
                             origin: origin.clone(),
                             room_id: room_id.clone(),
@@ -420,6 +422,8 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
                             event_id,
                             ts: data.and_then(|d| d.get("ts")).and_then(Value::as_u64),
                             thread_id: data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from),
+                            depth,
+                            via_appservice: None,
                         }));
                     }
                 }

@@ -69,6 +69,9 @@ impl Given {
         .state("m.room.member", BOT, Some("join"), json!({ "membership": "join" }))
     }
     fn state(&mut self, kind: &str, state_key: &str, membership: Option<&str>, content: serde_json::Value) -> &mut Self {
+        self.state_by("@someone:kiwi", kind, state_key, membership, content)
+    }
+    fn state_by(&mut self, sender: &str, kind: &str, state_key: &str, membership: Option<&str>, content: serde_json::Value) -> &mut Self {
         self.n += 1;
         let id = format!("$e{}", self.n);
         self.record(Entry::Pdu(PduEntry {
@@ -78,7 +81,7 @@ impl Given {
             status: PduStatus::Accepted,
             event_type: kind.into(),
             state_key: Some(state_key.into()),
-            sender: user("@someone:kiwi"),
+            sender: user(sender),
             membership: membership.map(String::from),
             prev_events: vec![],
             depth: self.n,
@@ -92,7 +95,7 @@ impl Given {
     }
     /// What the shell logs after acting on `decide`.
     fn acted(&mut self) -> &mut Self {
-        for a in decide(&self.views) {
+        for a in decide(&self.views, &Routes::new()) {
             match a {
                 Action::Invite { room_id, target, .. } => {
                     self.record(Entry::InvitePending(InvitePending {
@@ -102,6 +105,7 @@ impl Given {
                         event: json!({}),
                     }));
                 }
+                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } => {}
                 Action::MissingPower { room_id, target, power_levels_event, .. } => {
                     self.record(Entry::InviteFailed(InviteFailed { room_id, target, reason: "missing power".into(), power_levels_event }));
                 }
@@ -109,8 +113,45 @@ impl Given {
         }
         self
     }
+    /// Invite decisions only (the read/membership rules have their own tests).
     fn decide(&self) -> Vec<Action> {
-        decide(&self.views)
+        decide(&self.views, &Routes::new()).into_iter().filter(|a| matches!(a, Action::Invite { .. } | Action::MissingPower { .. })).collect()
+    }
+    fn decide_sync(&self, routes: &Routes) -> Vec<Action> {
+        decide(&self.views, routes).into_iter().filter(|a| !matches!(a, Action::Invite { .. } | Action::MissingPower { .. })).collect()
+    }
+    fn receipt(&mut self, u: &str, event: &str, depth: u64) -> &mut Self {
+        self.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
+            origin: user(u).server_name().to_owned(),
+            room_id: room(),
+            receipt_type: "m.read".into(),
+            user_id: user(u),
+            event_id: event.try_into().unwrap(),
+            ts: None,
+            thread_id: None,
+            depth: Some(depth),
+            via_appservice: None,
+        }))
+    }
+    fn message(&mut self, sender: &str, depth: u64) -> String {
+        self.n += 1;
+        let id = format!("$msg{}", self.n);
+        self.record(Entry::Pdu(PduEntry {
+            room_id: room(),
+            event_id: id.clone().try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            status: PduStatus::Accepted,
+            event_type: "m.room.message".into(),
+            state_key: None,
+            sender: user(sender),
+            membership: None,
+            prev_events: vec![],
+            depth,
+            origin_server_ts: 0,
+            pdu: json!({}),
+            resolved_state: None,
+        }));
+        id
     }
 }
 
@@ -227,4 +268,108 @@ fn unlinked_accounts_and_rooms_the_bot_left_get_nothing() {
     g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@bob:kiwi", "join"), ("@alice:kiwi", "join")], 0, 0);
     g.member(BOT, "leave");
     assert_eq!(g.decide(), vec![]);
+}
+
+fn routes(servers: &[&str]) -> Routes {
+    servers.iter().map(|s| ((*s).try_into().unwrap(), Route { auto_join: true, mirror_leave: true })).collect()
+}
+
+fn set_read(target: &str, event: &str) -> Action {
+    Action::SetRead { room_id: room(), target: user(target), event_id: event.try_into().unwrap() }
+}
+
+#[test]
+fn read_markers_move_forward_to_the_furthest_read_and_sends_count() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    assert_eq!(g.decide_sync(&r), vec![]);
+    g.receipt("@alice:litchi", "$e10", 10);
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:kiwi", "$e10")]);
+    // alice@kiwi reads further herself: now litchi is behind, never kiwi back.
+    g.receipt("@alice:kiwi", "$e12", 12);
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:litchi", "$e12")]);
+    // An older receipt does not move anything back.
+    g.receipt("@alice:kiwi", "$e5", 5);
+    assert_eq!(g.views.rooms[&room()].receipts[&user("@alice:kiwi")].event_id.as_str(), "$e12");
+    // Sending counts as reading.
+    let sent = g.message("@alice:litchi", 20);
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:kiwi", &sent)]);
+}
+
+#[test]
+fn no_echo_loop_and_no_repeat_while_pending() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.receipt("@alice:litchi", "$e10", 10);
+    g.record(Entry::ActionPending(crate::core::log_entry::UserAction {
+        room_id: room(),
+        user_id: user("@alice:kiwi"),
+        kind: "read".into(),
+        event_id: Some("$e10".try_into().unwrap()),
+        reason: None,
+    }));
+    assert_eq!(g.decide_sync(&r), vec![], "pending: not asked twice");
+    // The receipt fedlink caused comes back (echo): nothing new happens.
+    g.receipt("@alice:kiwi", "$e10", 10);
+    assert_eq!(g.decide_sync(&r), vec![]);
+    assert!(g.views.rooms[&room()].pending_actions.is_empty());
+}
+
+#[test]
+fn private_and_threaded_receipts_do_not_spread() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    g.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
+        origin: "litchi".try_into().unwrap(),
+        room_id: room(),
+        receipt_type: "m.read.private".into(),
+        user_id: user("@alice:litchi"),
+        event_id: "$e9".try_into().unwrap(),
+        ts: None,
+        thread_id: None,
+        depth: Some(9),
+        via_appservice: Some(true),
+    }));
+    assert_eq!(g.decide_sync(&routes(&["kiwi", "litchi"])), vec![]);
+}
+
+#[test]
+fn without_a_registration_the_read_is_unsupported_once() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["litchi"]);
+    g.receipt("@alice:litchi", "$e10", 10);
+    assert_eq!(g.decide_sync(&r), vec![Action::Unsupported { room_id: room(), target: user("@alice:kiwi"), kind: "read" }]);
+    g.record(Entry::ActionUnsupported(crate::core::log_entry::UserAction {
+        room_id: room(),
+        user_id: user("@alice:kiwi"),
+        kind: "read".into(),
+        event_id: None,
+        reason: Some("no registration".into()),
+    }));
+    g.receipt("@alice:litchi", "$e11", 11);
+    assert_eq!(g.decide_sync(&r), vec![], "recorded once, not per message");
+}
+
+#[test]
+fn invited_sibling_is_joined_and_leaving_spreads_but_kicks_do_not() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.member("@alice:litchi", "invite");
+    assert_eq!(g.decide_sync(&r), vec![Action::Join { room_id: room(), target: user("@alice:litchi") }]);
+    g.member("@alice:litchi", "join");
+    assert_eq!(g.decide_sync(&r), vec![]);
+    // Kicked (leave sent by someone else): nothing spreads.
+    g.member("@alice:kiwi", "leave");
+    assert_eq!(g.decide_sync(&r), vec![]);
+    // Rejoin, then leave by herself: the sibling leaves too.
+    g.member("@alice:kiwi", "join");
+    g.state_by("@alice:kiwi", "m.room.member", "@alice:kiwi", Some("leave"), json!({ "membership": "leave" }));
+    assert_eq!(g.decide_sync(&r), vec![Action::Leave { room_id: room(), target: user("@alice:litchi") }]);
+    // Opted out: nothing.
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: None, opted_out: true }));
+    assert_eq!(g.decide_sync(&r), vec![]);
 }

@@ -103,6 +103,20 @@ pub struct Receipt {
     pub ts: Option<u64>,
     /// Log position of the receipt.
     pub seq: u64,
+    /// Depth of the event (orders read positions; `None` when fedlink lacks the event).
+    #[serde(default)]
+    pub depth: Option<u64>,
+}
+
+impl Receipt {
+    /// Whether `other` is strictly further in the room than this one.
+    pub fn is_before(&self, depth: Option<u64>) -> bool {
+        match (self.depth, depth) {
+            (Some(a), Some(b)) => b > a,
+            (None, Some(_)) => true,
+            _ => false,
+        }
+    }
 }
 
 /// One room as fedlink sees it.
@@ -135,6 +149,19 @@ pub struct RoomView {
     /// Invites fedlink could not send: target -> why.
     #[serde(default)]
     pub failed_invites: BTreeMap<OwnedUserId, InviteFailure>,
+    /// Actions fedlink asked homeservers to perform, not confirmed yet: user -> action.
+    #[serde(default)]
+    pub pending_actions: BTreeMap<OwnedUserId, super::log_entry::UserAction>,
+    /// Actions that failed or no route supports: user -> action (not retried until the
+    /// situation changes).
+    #[serde(default)]
+    pub blocked_actions: BTreeMap<OwnedUserId, super::log_entry::UserAction>,
+    /// Users whose current `leave` they sent themselves (not a kick).
+    #[serde(default)]
+    pub left_by_self: BTreeSet<OwnedUserId>,
+    /// Kinds of action no route supports for a user (recorded once, visible to operators).
+    #[serde(default)]
+    pub unsupported: BTreeMap<OwnedUserId, BTreeSet<String>>,
 }
 
 impl RoomView {
@@ -152,6 +179,25 @@ impl RoomView {
             power: None,
             pending_invites: BTreeMap::new(),
             failed_invites: BTreeMap::new(),
+            pending_actions: BTreeMap::new(),
+            blocked_actions: BTreeMap::new(),
+            left_by_self: BTreeSet::new(),
+            unsupported: BTreeMap::new(),
+        }
+    }
+
+    /// Move `user`'s read position forward to `event_id` at `depth` (never back).
+    pub fn read_up_to(&mut self, user: &OwnedUserId, event_id: &OwnedEventId, depth: Option<u64>, ts: Option<u64>, seq: u64) {
+        let newer = self.receipts.get(user).is_none_or(|r| r.is_before(depth));
+        if newer {
+            self.receipts.insert(user.clone(), Receipt { event_id: event_id.clone(), receipt_type: "m.read".into(), ts, seq, depth });
+            // A read at or past what fedlink asked for settles the request.
+            if let Some(p) = self.pending_actions.get(user) {
+                if p.kind == "read" {
+                    self.pending_actions.remove(user);
+                }
+            }
+            self.blocked_actions.retain(|u, a| u != user || a.kind != "read");
         }
     }
 
@@ -227,12 +273,9 @@ impl Views {
             Entry::Pdu(p) => self.apply_pdu(p),
             Entry::Receipt(r) => {
                 // Only the main timeline's receipt is tracked; threaded ones stay in the log.
-                let main = r.thread_id.as_deref().is_none_or(|t| t == "main");
+                let main = r.thread_id.as_deref().is_none_or(|t| t == "main") && r.receipt_type == "m.read";
                 if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| main) {
-                    room.receipts.insert(
-                        r.user_id.clone(),
-                        Receipt { event_id: r.event_id.clone(), receipt_type: r.receipt_type.clone(), ts: r.ts, seq: rec.seq },
-                    );
+                    room.read_up_to(&r.user_id, &r.event_id, r.depth, r.ts, rec.seq);
                 }
             }
             Entry::Typing(_) | Entry::Presence(_) => {}
@@ -247,6 +290,22 @@ impl Views {
                     None => {
                         self.rooms.insert(i.room_id.clone(), RoomView::new(i.room_version.clone(), invited));
                     }
+                }
+            }
+            Entry::ActionPending(a) => {
+                if let Some(room) = self.rooms.get_mut(&a.room_id) {
+                    room.pending_actions.insert(a.user_id.clone(), a.clone());
+                }
+            }
+            Entry::ActionFailed(a) => {
+                if let Some(room) = self.rooms.get_mut(&a.room_id) {
+                    room.pending_actions.remove(&a.user_id);
+                    room.blocked_actions.insert(a.user_id.clone(), a.clone());
+                }
+            }
+            Entry::ActionUnsupported(a) => {
+                if let Some(room) = self.rooms.get_mut(&a.room_id) {
+                    room.unsupported.entry(a.user_id.clone()).or_default().insert(a.kind.clone());
                 }
             }
             Entry::PersonSet(p) => self.directory.apply_set(p),
@@ -290,6 +349,10 @@ impl Views {
             return;
         }
         room.max_depth = room.max_depth.max(p.depth);
+        // Sending counts as reading up to the event sent.
+        if p.state_key.is_none() {
+            room.read_up_to(&p.sender, &p.event_id, Some(p.depth), Some(p.origin_server_ts), 0);
+        }
         for prev in &p.prev_events {
             room.extremities.remove(prev);
         }
@@ -315,8 +378,18 @@ impl Views {
             room.power = Some(PowerLevels::from_content(Some(p.event_id.clone()), &content));
         }
         if let (Some(m), Ok(user)) = (&p.membership, ruma::UserId::parse(state_key)) {
-            // A membership event for the target settles any invite fedlink had pending.
+            // A membership event for the target settles any invite fedlink had pending,
+            // and any join or leave it asked for.
             room.pending_invites.remove(&user);
+            if room.pending_actions.get(&user).is_some_and(|a| a.kind != "read") {
+                room.pending_actions.remove(&user);
+            }
+            room.blocked_actions.retain(|u, a| *u != user || a.kind == "read");
+            if m == "leave" && p.sender == user && room.members.get(&user).is_some_and(|old| old == "join") {
+                room.left_by_self.insert(user.clone());
+            } else {
+                room.left_by_self.remove(&user);
+            }
             if m != "leave" {
                 room.failed_invites.remove(&user);
             }
@@ -392,6 +465,8 @@ mod tests {
                 event_id: id("$m1"),
                 ts: Some(9),
                 thread_id: None,
+                depth: Some(1),
+                via_appservice: None,
             })),
             rec(6, pdu("$m2", &["$m1"], None)),
             rec(7, pdu("$mb", &["$m2"], Some(("m.room.member", "@b:litchi", Some("join"))))),

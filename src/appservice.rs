@@ -1,0 +1,226 @@
+//! The application-service route: fedlink registered on a homeserver (one YAML file, no
+//! plugin) may act as that homeserver's users. This module generates the registration,
+//! serves the appservice API the homeserver pushes to, and performs actions as users with
+//! `?user_id=` (spec: identity assertion).
+//!
+//! Served (on the metrics/admin listener, plain HTTP; authenticated by `hs_token`):
+//! - `PUT /_matrix/app/v1/transactions/{txnId}`: receipts (`ephemeral`) and presence go
+//!   into the log, durably, before the 200; retransmits are answered without re-applying.
+//! - `GET /_matrix/app/v1/users/{userId}`, `GET /_matrix/app/v1/rooms/{alias}`: "not mine".
+
+use std::{sync::OnceLock, time::Duration};
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    Json,
+};
+use ruma::{OwnedServerName, RoomId, UserId};
+use serde_json::{json, Value};
+
+use crate::{
+    app::Fedlink,
+    config::{AppserviceConfig, Config},
+    core::log_entry::{Entry, PresenceEntry, ReceiptEntry, UserAction},
+    federation::{client::enc, error::MatrixError},
+};
+
+/// The registration YAML for `server`'s homeserver.
+pub fn registration_yaml(cfg: &Config, server: &str) -> Result<String, String> {
+    let a = cfg
+        .appservice
+        .iter()
+        .find(|a| a.server_name == server)
+        .ok_or_else(|| format!("no [[appservice]] with server_name = \"{server}\" in the config"))?;
+    let url = cfg.appservice_endpoint.url.clone().unwrap_or_else(|| format!("http://{}", cfg.listen.metrics));
+    let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
+    Ok(format!(
+        "# Application-service registration for fedlink on {server}.\n\
+         # Add this file to the homeserver's `app_service_config_files` and restart it.\n\
+         id: {id}\n\
+         url: {url}\n\
+         as_token: {as_token}\n\
+         hs_token: {hs_token}\n\
+         sender_localpart: {sender}\n\
+         namespaces:\n\
+         \x20 users:\n\
+         \x20   - regex: {regex}\n\
+         \x20     exclusive: false\n\
+         \x20 rooms: []\n\
+         \x20 aliases: []\n\
+         rate_limited: false\n\
+         receive_ephemeral: true\n",
+        id = q(&format!("fedlink-{}", cfg.server_name)),
+        url = q(&url),
+        as_token = q(&a.as_token),
+        hs_token = q(&a.hs_token),
+        sender = q(&a.sender_localpart),
+        regex = q(&a.regex()),
+    ))
+}
+
+/// Why an action failed.
+#[derive(Debug)]
+pub enum ActionError {
+    /// Network, 429 or 5xx: retry later.
+    Transient(String),
+    /// Refused: retrying will not help.
+    Refused(String),
+}
+
+fn http() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("a plain HTTP client builds")
+    })
+}
+
+fn registration_for<'a>(app: &'a Fedlink, user: &UserId) -> Option<&'a AppserviceConfig> {
+    app.cfg.appservice.iter().find(|a| a.server_name == user.server_name().as_str())
+}
+
+/// Perform `action` as its user through the user's homeserver.
+pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionError> {
+    let reg = registration_for(app, &action.user_id).ok_or_else(|| ActionError::Refused("no registration for this homeserver".into()))?;
+    let base = reg.client_url.trim_end_matches('/');
+    let room = enc(action.room_id.as_str());
+    let path = match action.kind.as_str() {
+        "read" => {
+            let event = action.event_id.as_ref().ok_or_else(|| ActionError::Refused("read without an event".into()))?;
+            format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", enc(event.as_str()))
+        }
+        "join" => format!("/_matrix/client/v3/join/{room}"),
+        "leave" => format!("/_matrix/client/v3/rooms/{room}/leave"),
+        other => return Err(ActionError::Refused(format!("unknown action {other}"))),
+    };
+    let url = format!("{base}{path}?user_id={}", enc(action.user_id.as_str()));
+    let resp = http().post(&url).bearer_auth(&reg.as_token).json(&json!({})).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = crate::federation::client::read_capped(resp, 4096).await.unwrap_or_default();
+    let text = format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body));
+    if status.as_u16() == 429 || status.is_server_error() {
+        Err(ActionError::Transient(text))
+    } else {
+        Err(ActionError::Refused(text))
+    }
+}
+
+/// Which registration a request comes from (by its `hs_token`).
+fn authenticate<'a>(app: &'a Fedlink, headers: &HeaderMap, query: &std::collections::BTreeMap<String, String>) -> Result<&'a AppserviceConfig, MatrixError> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query.get("access_token").cloned())
+        .ok_or_else(|| MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing hs_token"))?;
+    app.cfg
+        .appservice
+        .iter()
+        .find(|a| crate::admin::same(a.hs_token.as_bytes(), token.as_bytes()))
+        .ok_or_else(|| {
+            app.metrics.appservice_transactions.with_label_values(&["unauthorized"]).inc();
+            MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "unknown hs_token")
+        })
+}
+
+/// `PUT /_matrix/app/v1/transactions/{txnId}`
+pub async fn transaction(
+    State(app): State<std::sync::Arc<Fedlink>>,
+    Path(txn_id): Path<String>,
+    Query(query): Query<std::collections::BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let reg = authenticate(&app, &headers, &query)?;
+    let Json(body) = body.map_err(|e| MatrixError::bad_json(e.body_text()))?;
+    let origin = format!("appservice:{}", reg.server_name);
+    let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| MatrixError::internal("bad server name in config"))?;
+    let _lock = app.ingest.lock().await;
+    if app.store.txn_response(&origin, &txn_id)?.is_some() {
+        app.store.flush().await?;
+        app.metrics.appservice_transactions.with_label_values(&["retransmit"]).inc();
+        return Ok(Json(json!({})));
+    }
+    let mut entries = Vec::new();
+    let ephemeral = body.get("ephemeral").or_else(|| body.get("de.sorunome.msc2409.ephemeral")).and_then(Value::as_array).cloned().unwrap_or_default();
+    {
+        let views = app.views.read().await;
+        for edu in ephemeral.iter().take(10_000) {
+            match edu.get("type").and_then(Value::as_str) {
+                Some("m.receipt") => {
+                    let Some(room_id) = edu.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()) else { continue };
+                    if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined()) {
+                        continue;
+                    }
+                    let Some(content) = edu.get("content").and_then(Value::as_object) else { continue };
+                    for (event, by_type) in content {
+                        // Only public read receipts spread; m.read.private stays private.
+                        let Some(users) = by_type.get("m.read").and_then(Value::as_object) else { continue };
+                        let Ok(event_id) = ruma::EventId::parse(event) else { continue };
+                        for (user, data) in users {
+                            let Ok(user_id) = UserId::parse(user) else { continue };
+                            if user_id.server_name() != server {
+                                continue; // a homeserver speaks only for its own users
+                            }
+                            let thread_id = data.get("thread_id").and_then(Value::as_str).map(String::from);
+                            let depth = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id).map(|e| e.depth);
+                            app.metrics.receipts_in.with_label_values(&["appservice"]).inc();
+                            entries.push(Entry::Receipt(ReceiptEntry {
+                                origin: server.clone(),
+                                room_id: room_id.clone(),
+                                receipt_type: "m.read".into(),
+                                user_id,
+                                event_id: event_id.clone(),
+                                ts: data.get("ts").and_then(Value::as_u64),
+                                thread_id,
+                                depth,
+                                via_appservice: Some(true),
+                            }));
+                        }
+                    }
+                }
+                Some("m.presence") => {
+                    let (Some(user), Some(presence)) = (
+                        edu.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
+                        edu.get("content").and_then(|c| c.get("presence")).and_then(Value::as_str),
+                    ) else {
+                        continue;
+                    };
+                    if user.server_name() != server || !matches!(presence, "online" | "unavailable" | "offline") {
+                        continue;
+                    }
+                    entries.push(Entry::Presence(PresenceEntry {
+                        origin: server.clone(),
+                        user_id: user,
+                        presence: presence.to_owned(),
+                        last_active_ago: edu.get("content").and_then(|c| c.get("last_active_ago")).and_then(Value::as_u64),
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+    let n = entries.len();
+    app.append(entries, Some((&origin, &txn_id, &json!({})))).await?;
+    app.store.flush().await?;
+    app.metrics.appservice_transactions.with_label_values(&["ok"]).inc();
+    tracing::debug!(server = %reg.server_name, %txn_id, entries = n, "appservice transaction");
+    Ok(Json(json!({})))
+}
+
+/// `GET /_matrix/app/v1/users/{userId}` and `/rooms/{alias}`: fedlink creates nothing.
+pub async fn not_mine(
+    State(app): State<std::sync::Arc<Fedlink>>,
+    Query(query): Query<std::collections::BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, MatrixError> {
+    authenticate(&app, &headers, &query)?;
+    Err(MatrixError::not_found("fedlink does not provide this"))
+}
