@@ -124,6 +124,9 @@ async fn room(State(app): State<AppState>, Path(room_id): Path<String>) -> Resul
         "state": r.state,
         "pending_invites": r.pending_invites.iter().map(|(u, p)| (u.to_string(), p.event_id.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         "failed_invites": r.failed_invites,
+        "pending_actions": r.pending_actions,
+        "blocked_actions": r.blocked_actions,
+        "unsupported": r.unsupported,
     })))
 }
 

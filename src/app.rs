@@ -83,7 +83,7 @@ pub struct Fedlink {
     /// Homeservers with an application-service registration (the reconciler's routes).
     pub routes: crate::core::reconcile::Routes,
     /// Retry state of actions through the application-service route.
-    pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId), JoinStatus>>,
+    pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId, String), JoinStatus>>,
     /// When the read that caused a pending read action arrived (for the latency histogram).
     pub read_started: Mutex<HashMap<(OwnedRoomId, OwnedUserId), std::time::Instant>>,
 }

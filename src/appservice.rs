@@ -96,7 +96,17 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
         "leave" => format!("/_matrix/client/v3/rooms/{room}/leave"),
         other => return Err(ActionError::Refused(format!("unknown action {other}"))),
     };
-    let url = format!("{base}{path}?user_id={}", enc(action.user_id.as_str()));
+    let as_user = format!("user_id={}", enc(action.user_id.as_str()));
+    if let (Some(event), "read") = (&action.event_id, action.kind.as_str()) {
+        // A homeserver answers 200 to a receipt for an event it does not have yet, and
+        // drops it: wait until the event has reached it.
+        let url = format!("{base}/_matrix/client/v3/rooms/{room}/event/{}?{as_user}", enc(event.as_str()));
+        let resp = http().get(&url).bearer_auth(&reg.as_token).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(ActionError::Transient(format!("{} does not have {event} yet ({})", reg.server_name, resp.status())));
+        }
+    }
+    let url = format!("{base}{path}?{as_user}");
     let resp = http().post(&url).bearer_auth(&reg.as_token).json(&json!({})).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
     let status = resp.status();
     if status.is_success() {

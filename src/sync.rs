@@ -246,9 +246,15 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
         let views = app.views.read().await;
         views.rooms.values().flat_map(|r| r.pending_actions.values().cloned()).collect()
     };
+    // Forget retry state of actions that are settled (their membership or read arrived).
+    {
+        let live: std::collections::HashSet<(OwnedRoomId, OwnedUserId, String)> =
+            pending.iter().map(|a| (a.room_id.clone(), a.user_id.clone(), a.kind.clone())).collect();
+        app.action_retries.lock().expect("lock").retain(|k, _| live.contains(k));
+    }
     let mut next_due: Option<u64> = None;
     for action in pending {
-        let key = (action.room_id.clone(), action.user_id.clone());
+        let key = (action.room_id.clone(), action.user_id.clone(), action.kind.clone());
         let due = app.action_retries.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0);
         if due == u64::MAX {
             continue; // sent; waiting for the membership to come back
@@ -262,7 +268,7 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
                 app.metrics.actions.with_label_values(&[action.kind.as_str(), "ok"]).inc();
                 if action.kind == "read" {
                     app.action_retries.lock().expect("lock").remove(&key);
-                    if let Some(t) = app.read_started.lock().expect("lock").remove(&key) {
+                    if let Some(t) = app.read_started.lock().expect("lock").remove(&(key.0.clone(), key.1.clone())) {
                         app.metrics.read_propagation_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     let event_id = action.event_id.clone().expect("read actions carry an event");

@@ -187,7 +187,11 @@ impl Deref for FedlinkBin {
 impl FedlinkBin {
     /// Write a config in `dir` and start `fedlink run` with it.
     pub async fn start(dir: &Path, extra: &str) -> anyhow::Result<FedlinkBin> {
-        let (fed_port, metrics_port) = (free_port(), free_port());
+        Self::start_on(dir, free_port(), free_port(), extra).await
+    }
+
+    /// Like [`FedlinkBin::start`], on given ports.
+    pub async fn start_on(dir: &Path, fed_port: u16, metrics_port: u16, extra: &str) -> anyhow::Result<FedlinkBin> {
         let config = write_config(dir, fed_port, metrics_port, extra);
         let mut f = FedlinkBin { ep: Endpoints::new(fed_port, metrics_port), dir: dir.to_owned(), config, child: None, metrics_port };
         f.spawn().await?;
