@@ -26,6 +26,7 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .route("/_fedlink/admin/v1/persons", get(persons))
         .route("/_fedlink/admin/v1/persons/{id}", get(person).put(put_person).delete(delete_person))
         .route("/_fedlink/admin/v1/persons/{id}/opt_out", axum::routing::put(put_opt_out))
+        .route("/_fedlink/admin/v1/persons/{id}/settings", axum::routing::put(put_settings))
         .route("/_fedlink/admin/v1/destinations", get(destinations))
         .route("/_fedlink/admin/v1/destinations/{dest}/retry", axum::routing::post(retry_destination))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
@@ -168,12 +169,14 @@ async fn person(State(app): State<AppState>, Path(id): Path<String>) -> Result<J
                 })
                 .collect();
             let memberships: std::collections::BTreeSet<Option<&str>> = p.accounts.iter().map(|a| r.membership(a)).collect();
-            json!({ "room_id": room_id, "in_step": memberships.len() == 1, "accounts": accounts })
+            let reads: std::collections::BTreeSet<Option<u64>> =
+                p.accounts.iter().filter(|a| r.membership(a) == Some("join")).map(|a| r.receipts.get(a).and_then(|x| x.depth)).collect();
+            json!({ "room_id": room_id, "in_step": memberships.len() == 1 && reads.len() <= 1, "accounts": accounts })
         })
         .collect();
     Ok(Json(json!({
         "id": id, "accounts": p.accounts, "source": p.source, "opted_out": p.opted_out,
-        "opted_out_rooms": p.opted_out_rooms, "rooms": rooms,
+        "opted_out_rooms": p.opted_out_rooms, "auto_join": p.auto_join, "rooms": rooms,
     })))
 }
 
@@ -208,6 +211,17 @@ async fn put_opt_out(State(app): State<AppState>, Path(id): Path<String>, body: 
         None => None,
     };
     crate::directory::opt_out(&app, &id, room, body.opted_out).await.map_err(change_error)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(serde::Deserialize)]
+struct SettingsBody {
+    auto_join: bool,
+}
+
+async fn put_settings(State(app): State<AppState>, Path(id): Path<String>, body: Result<Json<SettingsBody>, axum::extract::rejection::JsonRejection>) -> Result<Json<Value>, MatrixError> {
+    let Json(body) = body.map_err(|e| MatrixError::bad_json(e.body_text()))?;
+    crate::directory::set_settings(&app, &id, body.auto_join).await.map_err(change_error)?;
     Ok(Json(json!({})))
 }
 

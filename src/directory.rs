@@ -75,6 +75,17 @@ pub async fn remove_person(app: &Fedlink, person: &str, source: LinkSource) -> R
     Ok(())
 }
 
+/// Change a person's settings.
+pub async fn set_settings(app: &Fedlink, person: &str, auto_join: bool) -> Result<(), ChangeError> {
+    let _lock = app.ingest.lock().await;
+    if !app.views.read().await.directory.persons.contains_key(person) {
+        return Err(ChangeError::NoSuchPerson(person.to_owned()));
+    }
+    app.append(vec![Entry::PersonSettings(crate::core::log_entry::PersonSettings { person: person.to_owned(), auto_join })], None).await?;
+    app.store.flush().await?;
+    Ok(())
+}
+
 /// Opt a person out of (or back into) syncing.
 pub async fn opt_out(app: &Fedlink, person: &str, room_id: Option<OwnedRoomId>, opted_out: bool) -> Result<(), ChangeError> {
     let _lock = app.ingest.lock().await;

@@ -49,6 +49,8 @@ pub enum Entry {
     PersonRemoved(PersonRemoved),
     /// A person opted out of (or back into) syncing, everywhere or in one room.
     OptOut(OptOut),
+    /// A person's settings changed.
+    PersonSettings(PersonSettings),
     /// fedlink built and signed an invite for a linked account; delivery is pending.
     InvitePending(InvitePending),
     /// An invite fedlink wanted to send could not be sent.
@@ -91,6 +93,15 @@ pub struct PersonRemoved {
     pub person: String,
     /// Who made the change.
     pub source: LinkSource,
+}
+
+/// A person's sync settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonSettings {
+    /// The person's id.
+    pub person: String,
+    /// Join invited accounts automatically (default on).
+    pub auto_join: bool,
 }
 
 /// Opting out of syncing.
@@ -343,6 +354,7 @@ impl Entry {
             Entry::PersonSet(_) => "person_set",
             Entry::PersonRemoved(_) => "person_removed",
             Entry::OptOut(_) => "opt_out",
+            Entry::PersonSettings(_) => "person_settings",
             Entry::InvitePending(_) => "invite_pending",
             Entry::InviteFailed(_) => "invite_failed",
             Entry::ActionPending(_) => "action_pending",

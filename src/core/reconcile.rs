@@ -147,7 +147,7 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
             let route = routes.get(b.server_name());
             match room.membership(b) {
                 Some("invite") if sibling_joined && !sibling_left => match route {
-                    Some(r) if r.auto_join => out.push(Action::Join { room_id: room_id.clone(), target: b.clone() }),
+                    Some(r) if r.auto_join && person.auto_join => out.push(Action::Join { room_id: room_id.clone(), target: b.clone() }),
                     Some(_) => {}
                     None if !unsupported(b, "join") => out.push(Action::Unsupported { room_id: room_id.clone(), target: b.clone(), kind: "join" }),
                     None => {}

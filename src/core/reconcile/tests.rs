@@ -360,6 +360,10 @@ fn invited_sibling_is_joined_and_leaving_spreads_but_kicks_do_not() {
     let r = routes(&["kiwi", "litchi"]);
     g.member("@alice:litchi", "invite");
     assert_eq!(g.decide_sync(&r), vec![Action::Join { room_id: room(), target: user("@alice:litchi") }]);
+    // Turned off for this person: no auto-join.
+    g.record(Entry::PersonSettings(crate::core::log_entry::PersonSettings { person: "alice".into(), auto_join: false }));
+    assert_eq!(g.decide_sync(&r), vec![]);
+    g.record(Entry::PersonSettings(crate::core::log_entry::PersonSettings { person: "alice".into(), auto_join: true }));
     g.member("@alice:litchi", "join");
     assert_eq!(g.decide_sync(&r), vec![]);
     // Kicked (leave sent by someone else): nothing spreads.

@@ -19,6 +19,13 @@ pub struct Person {
     pub opted_out: bool,
     /// Rooms opted out of.
     pub opted_out_rooms: BTreeSet<OwnedRoomId>,
+    /// Join invited accounts automatically.
+    #[serde(default = "yes")]
+    pub auto_join: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why a directory change is refused.
@@ -83,9 +90,9 @@ impl Directory {
     /// Fold a `person_set`. A conflicting record (which `check_set` keeps out of the log)
     /// takes the accounts over, so folding never fails.
     pub fn apply_set(&mut self, s: &PersonSet) {
-        let (opted_out, rooms) = match self.persons.get(&s.person) {
-            Some(p) => (p.opted_out, p.opted_out_rooms.clone()),
-            None => (false, BTreeSet::new()),
+        let (opted_out, rooms, auto_join) = match self.persons.get(&s.person) {
+            Some(p) => (p.opted_out, p.opted_out_rooms.clone(), p.auto_join),
+            None => (false, BTreeSet::new(), true),
         };
         self.remove(&s.person);
         for a in &s.accounts {
@@ -98,7 +105,7 @@ impl Directory {
         }
         self.persons.insert(
             s.person.clone(),
-            Person { accounts: s.accounts.iter().cloned().collect(), source: s.source, opted_out, opted_out_rooms: rooms },
+            Person { accounts: s.accounts.iter().cloned().collect(), source: s.source, opted_out, opted_out_rooms: rooms, auto_join },
         );
     }
 
@@ -114,6 +121,13 @@ impl Directory {
                     self.by_account.remove(&a);
                 }
             }
+        }
+    }
+
+    /// Fold `person_settings`.
+    pub fn apply_settings(&mut self, s: &crate::core::log_entry::PersonSettings) {
+        if let Some(p) = self.persons.get_mut(&s.person) {
+            p.auto_join = s.auto_join;
         }
     }
 

@@ -311,6 +311,7 @@ impl Views {
             Entry::PersonSet(p) => self.directory.apply_set(p),
             Entry::PersonRemoved(p) => self.directory.apply_removed(p),
             Entry::OptOut(o) => self.directory.apply_opt_out(o),
+            Entry::PersonSettings(s) => self.directory.apply_settings(s),
             Entry::InvitePending(i) => {
                 if let Some(room) = self.rooms.get_mut(&i.room_id) {
                     room.pending_invites
