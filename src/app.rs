@@ -84,6 +84,8 @@ pub struct Fedlink {
     pub routes: crate::core::reconcile::Routes,
     /// Retry state of actions through the application-service route.
     pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId, String), JoinStatus>>,
+    /// When fedlink last set a user online (presence following), to avoid repeating itself.
+    pub presence_sent: Mutex<HashMap<OwnedUserId, std::time::Instant>>,
     /// When the read that caused a pending read action arrived (for the latency histogram).
     pub read_started: Mutex<HashMap<(OwnedRoomId, OwnedUserId), std::time::Instant>>,
 }
@@ -136,6 +138,7 @@ impl Fedlink {
                 .collect(),
             action_retries: Mutex::new(HashMap::new()),
             read_started: Mutex::new(HashMap::new()),
+            presence_sent: Mutex::new(HashMap::new()),
             cfg,
         });
         Ok(app)

@@ -121,6 +121,23 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
     }
 }
 
+/// Set `user`'s presence through its homeserver's registration.
+pub async fn set_presence(app: &Fedlink, user: &UserId, presence: &str) -> Result<(), ActionError> {
+    let reg = registration_for(app, user).ok_or_else(|| ActionError::Refused("no registration for this homeserver".into()))?;
+    let url = format!(
+        "{}/_matrix/client/v3/presence/{}/status?user_id={}",
+        reg.client_url.trim_end_matches('/'),
+        enc(user.as_str()),
+        enc(user.as_str())
+    );
+    let resp = http().put(&url).bearer_auth(&reg.as_token).json(&json!({ "presence": presence })).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(ActionError::Refused(format!("{} answered {}", reg.server_name, resp.status())))
+    }
+}
+
 /// Which registration a request comes from (by its `hs_token`).
 fn authenticate<'a>(app: &'a Fedlink, headers: &HeaderMap, query: &std::collections::BTreeMap<String, String>) -> Result<&'a AppserviceConfig, MatrixError> {
     let token = headers

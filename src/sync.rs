@@ -35,6 +35,7 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
         }
         let next_due = deliver_invites(&app).await;
         let actions_due = deliver_actions(&app).await;
+        follow_presence(&app).await;
         let next_due = match (next_due, actions_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -318,4 +319,29 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
         }
     }
     next_due
+}
+
+/// Show siblings online through their homeserver's registration (when `presence = true`).
+async fn follow_presence(app: &Fedlink) {
+    let enabled: std::collections::BTreeSet<ruma::OwnedServerName> =
+        app.cfg.appservice.iter().filter(|a| a.presence).filter_map(|a| a.server_name.as_str().try_into().ok()).collect();
+    if enabled.is_empty() {
+        return;
+    }
+    let targets = crate::core::reconcile::decide_presence(&*app.views.read().await, &enabled);
+    for user in targets {
+        {
+            let mut sent = app.presence_sent.lock().expect("lock");
+            if sent.get(&user).is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                continue;
+            }
+            sent.insert(user.clone(), std::time::Instant::now());
+        }
+        let result = crate::appservice::set_presence(app, &user, "online").await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        app.metrics.actions.with_label_values(&["presence", label]).inc();
+        if let Err(e) = result {
+            tracing::warn!(%user, error = ?e, "cannot set presence");
+        }
+    }
 }

@@ -209,3 +209,22 @@ fn decide_target(views: &Views, room_id: &OwnedRoomId, room: &RoomView, person: 
 
 #[cfg(test)]
 mod tests;
+
+/// Accounts to show online because a sibling is online (presence follows the person, where
+/// a homeserver's registration enables it). Only "online" spreads, so there is no loop:
+/// the siblings' own "online" changes nothing.
+pub fn decide_presence(views: &Views, enabled: &std::collections::BTreeSet<OwnedServerName>) -> Vec<OwnedUserId> {
+    let mut out = Vec::new();
+    for person in views.directory.persons.values().filter(|p| !p.opted_out) {
+        let online = person.accounts.iter().any(|a| views.presence.get(a).map(String::as_str) == Some("online"));
+        if !online {
+            continue;
+        }
+        for a in &person.accounts {
+            if enabled.contains(a.server_name()) && views.presence.get(a).map(String::as_str) != Some("online") {
+                out.push(a.clone());
+            }
+        }
+    }
+    out
+}

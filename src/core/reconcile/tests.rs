@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use super::*;
+use super::decide_presence;
 use crate::core::{
     log_entry::{
         BotJoined, Entry, InviteFailed, InvitePending, LinkSource, LogRecord, OptOut, PduEntry, PduStatus, PersonSet,
@@ -376,4 +377,30 @@ fn invited_sibling_is_joined_and_leaving_spreads_but_kicks_do_not() {
     // Opted out: nothing.
     g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: None, opted_out: true }));
     assert_eq!(g.decide_sync(&r), vec![]);
+}
+
+#[test]
+fn presence_follows_where_enabled_and_only_online_spreads() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    let enabled: std::collections::BTreeSet<ruma::OwnedServerName> = ["litchi".try_into().unwrap()].into();
+    let presence = |g: &mut Given, u: &str, p: &str| {
+        g.record(Entry::Presence(crate::core::log_entry::PresenceEntry {
+            origin: user(u).server_name().to_owned(),
+            user_id: user(u),
+            presence: p.into(),
+            last_active_ago: None,
+        }));
+    };
+    assert_eq!(decide_presence(&g.views, &enabled), Vec::<OwnedUserId>::new());
+    presence(&mut g, "@alice:kiwi", "online");
+    assert_eq!(decide_presence(&g.views, &enabled), vec![user("@alice:litchi")]);
+    presence(&mut g, "@alice:litchi", "online");
+    assert_eq!(decide_presence(&g.views, &enabled), Vec::<OwnedUserId>::new(), "the echo changes nothing");
+    presence(&mut g, "@alice:litchi", "offline");
+    presence(&mut g, "@alice:kiwi", "offline");
+    assert_eq!(decide_presence(&g.views, &enabled), Vec::<OwnedUserId>::new(), "offline does not spread");
+    // kiwi has presence off: litchi online does not touch kiwi.
+    presence(&mut g, "@alice:litchi", "online");
+    assert_eq!(decide_presence(&g.views, &enabled), Vec::<OwnedUserId>::new());
 }

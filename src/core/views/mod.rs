@@ -255,12 +255,15 @@ pub struct Views {
     /// Linked identities.
     #[serde(default)]
     pub directory: Directory,
+    /// Latest presence per user (`online`, `unavailable`, `offline`).
+    #[serde(default)]
+    pub presence: BTreeMap<OwnedUserId, String>,
 }
 
 impl Views {
     /// Empty views for `bot_user_id`.
     pub fn new(bot_user_id: OwnedUserId) -> Self {
-        Self { format: VIEWS_FORMAT, bot_user_id, folded_seq: 0, rooms: BTreeMap::new(), directory: Directory::default() }
+        Self { format: VIEWS_FORMAT, bot_user_id, folded_seq: 0, rooms: BTreeMap::new(), directory: Directory::default(), presence: BTreeMap::new() }
     }
 
     /// Fold one record. Records at or below `folded_seq` are ignored, so folding is idempotent.
@@ -278,7 +281,10 @@ impl Views {
                     room.read_up_to(&r.user_id, &r.event_id, r.depth, r.ts, rec.seq);
                 }
             }
-            Entry::Typing(_) | Entry::Presence(_) => {}
+            Entry::Typing(_) => {}
+            Entry::Presence(p) => {
+                self.presence.insert(p.user_id.clone(), p.presence.clone());
+            }
             Entry::BotInvited(i) => {
                 let invited =
                     BotMembership::Invited { inviter: i.inviter.clone(), invite_event_id: i.event_id.clone() };
