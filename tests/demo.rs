@@ -6,7 +6,12 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{enc, fedlink_proc::FedlinkBin, wait_until, Synapse, SynapseOpts};
+use support::{
+    appservice::{appservice_toml, install_registration, receipt_of},
+    enc,
+    fedlink_proc::FedlinkBin,
+    wait_until, Synapse, SynapseOpts,
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -19,15 +24,24 @@ fn step(n: u32, text: &str) {
 async fn demo() {
     step(1, "Starting two Synapse homeservers, kiwi and litchi ...");
     let (kiwi, litchi) = tokio::join!(Synapse::start(SynapseOpts::default()), Synapse::start(SynapseOpts::default()));
-    let (kiwi, litchi) = (kiwi.unwrap(), litchi.unwrap());
+    let (mut kiwi, mut litchi) = (kiwi.unwrap(), litchi.unwrap());
     println!("    kiwi   = {}  (client API {})", kiwi.server_name, kiwi.client_url);
     println!("    litchi = {}  (client API {})", litchi.server_name, litchi.client_url);
 
     step(2, "Starting fedlink as its own federation server ...");
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\"]\n", kiwi.server_name, litchi.server_name);
+    let extra = format!(
+        "[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\"]\n{}{}",
+        kiwi.server_name,
+        litchi.server_name,
+        appservice_toml(&kiwi),
+        appservice_toml(&litchi)
+    );
     let f = FedlinkBin::start(dir.path(), &extra).await.unwrap();
     println!("    fedlink = {}  bot = {}  admin API = {}", f.name, f.bot(), f.admin_url);
+    println!("    installing `fedlink appservice-registration` output on both homeservers (restart) ...");
+    install_registration(&mut kiwi, &f).await;
+    install_registration(&mut litchi, &f).await;
 
     step(3, "Registering bob@kiwi, alice@kiwi and alice@litchi ...");
     let bob = kiwi.register("bob").await.unwrap();
@@ -60,15 +74,29 @@ async fn demo() {
     .unwrap();
     println!("    litchi's /sync shows alice@litchi invited to {room}");
 
-    step(7, "alice@litchi accepts; litchi joins through fedlink (the inviter's server) ...");
-    alice_l.join(&room, &[]).await.unwrap();
+    step(7, "alice@kiwi joins; fedlink joins alice@litchi through litchi's registration (auto-join) ...");
+    alice_k.join(&room, &[]).await.unwrap();
     wait_until("alice@litchi joined", T, || async { Ok(bob.joined_members(&room).await?.contains(&alice_l.user_id).then_some(())) }).await.unwrap();
     println!("    kiwi's member list now: {:?}", bob.joined_members(&room).await.unwrap());
 
-    step(8, "What the operator sees (GET /_fedlink/admin/v1/persons/alice):");
+    step(8, "bob sends a message; alice reads it on litchi ...");
+    let m = bob.send_text(&room, "lunch at noon?").await.unwrap();
+    wait_until("message on litchi", T, || async {
+        Ok(alice_l.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&m))).await.ok().map(|_| ()))
+    })
+    .await
+    .unwrap();
+    alice_l.send_receipt(&room, &m).await.unwrap();
+    println!("    alice@litchi marked {m} read");
+    wait_until("receipt on kiwi", T, || async { Ok((receipt_of(&bob, &room, &alice_k.user_id).await.as_deref() == Some(m.as_str())).then_some(())) })
+        .await
+        .unwrap();
+    println!("    kiwi now shows alice@kiwi's read marker at the same event: the read followed the person");
+
+    step(9, "What the operator sees (GET /_fedlink/admin/v1/persons/alice):");
     let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
     println!("{}", serde_json::to_string_pretty(&p).unwrap());
     let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
     println!("    room view: version {}, {} events, members {}", r["room_version"], r["events"], r["members"]);
-    step(9, "Done; tearing everything down.");
+    step(10, "Done; tearing everything down.");
 }

@@ -11,62 +11,17 @@
 
 mod support;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use serde_json::Value;
-use support::{enc, fedlink_proc::FedlinkBin, free_port, wait_until, ClientSession, Synapse, SynapseOpts};
+use support::{
+    appservice::{appservice_toml, install_registration, receipt_of, sync},
+    enc,
+    fedlink_proc::FedlinkBin,
+    free_port, wait_until, ClientSession, Synapse, SynapseOpts,
+};
 
 const T: Duration = Duration::from_secs(60);
 const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
-
-fn token() -> String {
-    use rand::Rng;
-    rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(32).map(char::from).collect()
-}
-
-/// Install fedlink's registration (as the CLI prints it) on `hs` and restart it.
-async fn install_registration(hs: &mut Synapse, f: &FedlinkBin) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fedlink"))
-        .args(["appservice-registration", "-c"])
-        .arg(&f.config)
-        .args(["--server", &hs.server_name])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let path = hs.dir.path().join("fedlink-registration.yaml");
-    std::fs::write(&path, &out.stdout).unwrap();
-    let mut cfg = std::fs::read_to_string(hs.config_path()).unwrap();
-    cfg.push_str(&format!("app_service_config_files: [\"{}\"]\n", path.display()));
-    std::fs::write(hs.config_path(), cfg).unwrap();
-    hs.restart().await.unwrap();
-}
-
-fn appservice_toml(hs: &Synapse) -> String {
-    format!(
-        "[[appservice]]\nserver_name = \"{}\"\nclient_url = \"{}\"\nas_token = \"{}\"\nhs_token = \"{}\"\n",
-        hs.server_name,
-        hs.client_url,
-        token(),
-        token()
-    )
-}
-
-async fn sync(c: &ClientSession) -> Value {
-    c.get("/_matrix/client/v3/sync?timeout=0").await.unwrap()
-}
-
-/// The event `user`'s m.read receipt in `room` points at, as `viewer`'s server shows it.
-async fn receipt_of(viewer: &ClientSession, room: &str, user: &str) -> Option<String> {
-    let s = sync(viewer).await;
-    let events = s["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
-    events
-        .iter()
-        .filter(|e| e["type"] == "m.receipt")
-        .flat_map(|e| e["content"].as_object().cloned().unwrap_or_default())
-        .filter(|(_, v)| v["m.read"].get(user).is_some())
-        .map(|(event, _)| event)
-        .last()
-}
 
 async fn wait_member(c: &ClientSession, room: &str, user: &str, present: bool) {
     wait_until(&format!("{user} present={present} in {room}"), T, || async {

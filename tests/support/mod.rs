@@ -11,5 +11,6 @@ pub mod synapse;
 #[allow(unused_imports)]
 pub use synapse::*;
 
+pub mod appservice;
 pub mod fake_peer;
 pub mod fedlink_proc;
