@@ -6,6 +6,7 @@
 //!   event and her unread count for the room goes to zero;
 //! - alice@kiwi sends: alice@litchi's receipt moves to that event;
 //! - alice@kiwi leaves: alice@litchi leaves too.
+//!
 //! And without a registration on litchi: invites still flow, and the read fedlink cannot
 //! set there is visible as `unsupported`.
 

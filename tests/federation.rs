@@ -566,7 +566,10 @@ async fn forks_resolve_to_the_same_state_whatever_the_arrival_order() {
 }
 
 /// A tiny HTTP directory in the earlier Synapse module's format: `GET /links/<mxid>`.
-async fn directory_server(links: std::sync::Arc<std::sync::Mutex<Option<Vec<(String, String)>>>>) -> String {
+/// Linked pairs the test directory answers with (`None`: it fails).
+type Links = std::sync::Arc<std::sync::Mutex<Option<Vec<(String, String)>>>>;
+
+async fn directory_server(links: Links) -> String {
     use axum::{extract::Path as P, routing::get, Json, Router};
     let app = Router::new().route(
         "/links/{mxid}",

@@ -38,7 +38,7 @@ pub struct Route {
 /// Homeservers with a registration for fedlink.
 pub type Routes = BTreeMap<OwnedServerName, Route>;
 
-use super::views::{RoomView, Views};
+use super::views::{directory::Person, RoomView, Views};
 
 /// What should happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,16 +109,20 @@ pub fn decide(views: &Views, routes: &Routes) -> Vec<Action> {
     out
 }
 
-fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+/// Persons (not opted out here) with an account whose membership in `room` passes `keep`.
+fn persons_in<'a>(views: &'a Views, room_id: &OwnedRoomId, room: &'a RoomView, keep: impl Fn(&str) -> bool) -> Vec<(&'a String, &'a Person)> {
     let dir = &views.directory;
-    let mut persons: Vec<&String> = room.members.keys().filter_map(|u| dir.by_account.get(u)).collect();
-    persons.sort();
-    persons.dedup();
-    for person_id in persons {
-        let Some(person) = dir.persons.get(person_id) else { continue };
-        if person.opted_out || person.opted_out_rooms.contains(room_id) {
-            continue;
-        }
+    let mut ids: Vec<&String> = room.members.iter().filter(|(_, m)| keep(m)).filter_map(|(u, _)| dir.by_account.get(u)).collect();
+    ids.sort();
+    ids.dedup();
+    ids.into_iter()
+        .filter_map(|id| dir.persons.get(id).map(|p| (id, p)))
+        .filter(|(_, p)| !p.opted_out && !p.opted_out_rooms.contains(room_id))
+        .collect()
+}
+
+fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+    for (_, person) in persons_in(views, room_id, room, |_| true) {
         let joined: Vec<&OwnedUserId> = person.accounts.iter().filter(|a| room.membership(a) == Some("join")).collect();
         let unsupported = |u: &OwnedUserId, kind: &str| room.unsupported.get(u).is_some_and(|k| k.contains(kind));
         let busy = |u: &OwnedUserId| room.pending_actions.contains_key(u);
@@ -165,16 +169,7 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
 }
 
 fn decide_room(views: &Views, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
-    let dir = &views.directory;
-    let present = room.members.iter().filter(|(_, m)| matches!(m.as_str(), "invite" | "join")).map(|(u, _)| u);
-    let mut persons: Vec<&String> = present.filter_map(|u| dir.by_account.get(u)).collect();
-    persons.sort();
-    persons.dedup();
-    for person_id in persons {
-        let Some(person) = dir.persons.get(person_id) else { continue };
-        if person.opted_out || person.opted_out_rooms.contains(room_id) {
-            continue;
-        }
+    for (person_id, person) in persons_in(views, room_id, room, |m| m == "invite" || m == "join") {
         for target in &person.accounts {
             if let Some(action) = decide_target(views, room_id, room, person_id, target) {
                 out.push(action);

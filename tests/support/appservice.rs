@@ -53,6 +53,6 @@ pub async fn receipt_of(viewer: &ClientSession, room: &str, user: &str) -> Optio
         .flat_map(|e| e["content"].as_object().cloned().unwrap_or_default())
         .filter(|(_, v)| v["m.read"].get(user).is_some())
         .map(|(event, _)| event)
-        .last()
+        .next_back()
 }
 
