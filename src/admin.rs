@@ -70,6 +70,7 @@ fn bot_state(b: &BotMembership) -> &'static str {
         BotMembership::Invited { .. } => "invited",
         BotMembership::Joined => "joined",
         BotMembership::Left { .. } => "left",
+        BotMembership::Absent => "absent",
     }
 }
 

@@ -84,7 +84,12 @@ fn registration_for<'a>(app: &'a Fedlink, user: &UserId) -> Option<&'a Appservic
 
 /// Perform `action` as its user through the user's homeserver.
 pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionError> {
-    let reg = registration_for(app, &action.user_id).ok_or_else(|| ActionError::Refused("no registration for this homeserver".into()))?;
+    // An invite is performed by the inviting sibling, on its own homeserver.
+    let acting = match (&action.actor, action.kind.as_str()) {
+        (Some(actor), "invite") => actor,
+        _ => &action.user_id,
+    };
+    let reg = registration_for(app, acting).ok_or_else(|| ActionError::Refused("no registration for this homeserver".into()))?;
     let base = reg.client_url.trim_end_matches('/');
     let room = enc(action.room_id.as_str());
     let path = match action.kind.as_str() {
@@ -94,9 +99,10 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
         }
         "join" => format!("/_matrix/client/v3/join/{room}"),
         "leave" => format!("/_matrix/client/v3/rooms/{room}/leave"),
+        "invite" => format!("/_matrix/client/v3/rooms/{room}/invite"),
         other => return Err(ActionError::Refused(format!("unknown action {other}"))),
     };
-    let as_user = format!("user_id={}", enc(action.user_id.as_str()));
+    let as_user = format!("user_id={}", enc(acting.as_str()));
     if let (Some(event), "read") = (&action.event_id, action.kind.as_str()) {
         // A homeserver answers 200 to a receipt for an event it does not have yet, and
         // drops it: wait until the event has reached it.
@@ -107,7 +113,8 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
         }
     }
     let url = format!("{base}{path}?{as_user}");
-    let resp = http().post(&url).bearer_auth(&reg.as_token).json(&json!({})).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
+    let body = if action.kind == "invite" { json!({ "user_id": action.user_id }) } else { json!({}) };
+    let resp = http().post(&url).bearer_auth(&reg.as_token).json(&body).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());
@@ -233,6 +240,31 @@ pub async fn transaction(
                 _ => {}
             }
         }
+    }
+    // Membership events of rooms the bot is not in: the registration route's view of them.
+    let events = body.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
+    for ev in events.iter().take(10_000) {
+        if ev.get("type").and_then(Value::as_str) != Some("m.room.member") {
+            continue;
+        }
+        let (Some(room_id), Some(event_id), Some(sender), Some(state_key), Some(membership)) = (
+            ev.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()),
+            ev.get("event_id").and_then(Value::as_str).and_then(|e| ruma::EventId::parse(e).ok()),
+            ev.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
+            ev.get("state_key").and_then(Value::as_str),
+            ev.get("content").and_then(|c| c.get("membership")).and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        entries.push(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+            via: server.clone(),
+            room_id,
+            event_id,
+            sender,
+            event_type: "m.room.member".into(),
+            state_key: Some(state_key.to_owned()),
+            membership: Some(membership.to_owned()),
+        }));
     }
     let n = entries.len();
     app.append(entries, Some((&origin, &txn_id, &json!({})))).await?;

@@ -76,23 +76,28 @@ pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreErro
             Action::SetRead { room_id, target, event_id } => {
                 app.metrics.reconcile_actions.with_label_values(&["read"]).inc();
                 app.read_started.lock().expect("lock").insert((room_id.clone(), target.clone()), std::time::Instant::now());
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None, actor: None })
             }
             Action::Join { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["join"]).inc();
                 tracing::info!(%room_id, %target, "joining an invited linked account");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None, actor: None })
             }
             Action::Leave { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["leave"]).inc();
                 tracing::info!(%room_id, %target, "a linked account left; its sibling leaves too");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None, actor: None })
+            }
+            Action::InviteAs { room_id, actor, target } => {
+                app.metrics.reconcile_actions.with_label_values(&["invite_as"]).inc();
+                tracing::info!(%room_id, %actor, %target, "inviting a linked account as its joined sibling");
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "invite".into(), event_id: None, reason: None, actor: Some(actor) })
             }
             Action::Unsupported { room_id, target, kind } => {
                 app.metrics.unsupported_actions.with_label_values(&[kind]).inc();
                 let reason = format!("{} has no application-service registration for fedlink; over federation fedlink may not {kind} for its users", target.server_name());
                 tracing::warn!(%room_id, %target, kind, "unsupported action recorded");
-                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason) })
+                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason), actor: None })
             }
             Action::MissingPower { room_id, target, power_levels_event, needed, have } => {
                 app.metrics.reconcile_actions.with_label_values(&["missing_power"]).inc();

@@ -140,3 +140,17 @@ async fn without_a_registration_the_read_is_recorded_as_unsupported() {
     // fedlink never sends EDUs speaking for other servers' users.
     assert_eq!(f.metric("fedlink_appservice_actions_total{kind=\"read\"").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_bot_a_joined_sibling_invites_and_the_invitee_is_joined() {
+    let (_kiwi, _litchi, f, _dir, [bob, alice_k, alice_l]) = setup(true).await;
+    // The bot is not invited: fedlink sees the room only through kiwi's registration.
+    let room = bob.create_room(&[&alice_k.user_id], None, "private_chat").await.unwrap();
+    alice_k.join(&room, &[]).await.unwrap();
+    // alice@kiwi invites alice@litchi (through kiwi's registration); litchi's joins her.
+    wait_member(&bob, &room, &alice_l.user_id, true).await;
+    let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(v["bot_membership"], "absent", "{v}");
+    assert!(f.metric("fedlink_appservice_actions_total{kind=\"invite\",result=\"ok\"}").await >= 1.0);
+    assert!(!bob.joined_members(&room).await.unwrap().contains(&f.bot()));
+}

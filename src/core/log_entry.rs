@@ -49,6 +49,9 @@ pub enum Entry {
     PersonRemoved(PersonRemoved),
     /// A person opted out of (or back into) syncing, everywhere or in one room.
     OptOut(OptOut),
+    /// A room event a homeserver pushed through fedlink's registration (rooms the bot is
+    /// not in): trusted as that homeserver's account of its room.
+    ClientEvent(ClientEventEntry),
     /// A person's settings changed.
     PersonSettings(PersonSettings),
     /// fedlink built and signed an invite for a linked account; delivery is pending.
@@ -93,6 +96,27 @@ pub struct PersonRemoved {
     pub person: String,
     /// Who made the change.
     pub source: LinkSource,
+}
+
+/// A room event pushed by a homeserver's application-service registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientEventEntry {
+    /// The homeserver that pushed it.
+    pub via: OwnedServerName,
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// The event.
+    pub event_id: OwnedEventId,
+    /// Its sender.
+    pub sender: OwnedUserId,
+    /// Its type.
+    pub event_type: String,
+    /// Its state key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_key: Option<String>,
+    /// `content.membership` of member events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<String>,
 }
 
 /// A person's sync settings.
@@ -261,6 +285,9 @@ pub struct UserAction {
     /// For `read`: the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<OwnedEventId>,
+    /// For invites through the registration route: the sibling account that invites.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<OwnedUserId>,
     /// For failures and unsupported actions: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -355,6 +382,7 @@ impl Entry {
             Entry::PersonRemoved(_) => "person_removed",
             Entry::OptOut(_) => "opt_out",
             Entry::PersonSettings(_) => "person_settings",
+            Entry::ClientEvent(_) => "client_event",
             Entry::InvitePending(_) => "invite_pending",
             Entry::InviteFailed(_) => "invite_failed",
             Entry::ActionPending(_) => "action_pending",

@@ -38,7 +38,7 @@ pub struct Route {
 /// Homeservers with a registration for fedlink.
 pub type Routes = BTreeMap<OwnedServerName, Route>;
 
-use super::views::{directory::Person, RoomView, Views};
+use super::views::{directory::Person, BotMembership, RoomView, Views};
 
 /// What should happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +75,15 @@ pub enum Action {
         /// The account.
         target: OwnedUserId,
     },
+    /// Invite `target` as its sibling `actor` (the bot is not in the room).
+    InviteAs {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The sibling account that invites (joined, on a server with a registration).
+        actor: OwnedUserId,
+        /// The account to invite.
+        target: OwnedUserId,
+    },
     /// No route can do `kind` for `target`'s homeserver.
     Unsupported {
         /// The room.
@@ -102,11 +111,35 @@ pub enum Action {
 /// Every action the views call for, in a deterministic order.
 pub fn decide(views: &Views, routes: &Routes) -> Vec<Action> {
     let mut out = Vec::new();
-    for (room_id, room) in views.rooms.iter().filter(|(_, r)| r.bot_joined()) {
-        decide_room(views, room_id, room, &mut out);
+    for (room_id, room) in views.rooms.iter() {
+        match room.bot {
+            BotMembership::Joined => decide_room(views, room_id, room, &mut out),
+            // Known only from a registration's pushes: a joined sibling invites.
+            BotMembership::Absent => decide_invites_as(views, routes, room_id, room, &mut out),
+            _ => continue,
+        }
         decide_sync(views, routes, room_id, room, &mut out);
     }
     out
+}
+
+fn decide_invites_as(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+    for (_, person) in persons_in(views, room_id, room, |m| m == "join") {
+        let actor = person.accounts.iter().find(|a| room.membership(a) == Some("join") && routes.contains_key(a.server_name()));
+        for target in &person.accounts {
+            let taken = room.membership(target).is_some_and(|m| m != "knock");
+            if taken || room.pending_actions.contains_key(target) || room.blocked_actions.contains_key(target) || target.server_name() == views.bot_user_id.server_name() {
+                continue;
+            }
+            match actor {
+                Some(a) => out.push(Action::InviteAs { room_id: room_id.clone(), actor: a.clone(), target: target.clone() }),
+                None if !room.unsupported.get(target).is_some_and(|k| k.contains("invite")) => {
+                    out.push(Action::Unsupported { room_id: room_id.clone(), target: target.clone(), kind: "invite" })
+                }
+                None => {}
+            }
+        }
+    }
 }
 
 /// Persons (not opted out here) with an account whose membership in `room` passes `keep`.

@@ -106,7 +106,7 @@ impl Given {
                         event: json!({}),
                     }));
                 }
-                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } => {}
+                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } | Action::InviteAs { .. } => {}
                 Action::MissingPower { room_id, target, power_levels_event, .. } => {
                     self.record(Entry::InviteFailed(InviteFailed { room_id, target, reason: "missing power".into(), power_levels_event }));
                 }
@@ -310,6 +310,7 @@ fn no_echo_loop_and_no_repeat_while_pending() {
         kind: "read".into(),
         event_id: Some("$e10".try_into().unwrap()),
         reason: None,
+        actor: None,
     }));
     assert_eq!(g.decide_sync(&r), vec![], "pending: not asked twice");
     // The receipt fedlink caused comes back (echo): nothing new happens.
@@ -349,6 +350,7 @@ fn without_a_registration_the_read_is_unsupported_once() {
         kind: "read".into(),
         event_id: None,
         reason: Some("no registration".into()),
+        actor: None,
     }));
     g.receipt("@alice:litchi", "$e11", 11);
     assert_eq!(g.decide_sync(&r), vec![], "recorded once, not per message");
@@ -403,4 +405,36 @@ fn presence_follows_where_enabled_and_only_online_spreads() {
     // kiwi has presence off: litchi online does not touch kiwi.
     presence(&mut g, "@alice:litchi", "online");
     assert_eq!(decide_presence(&g.views, &enabled), Vec::<OwnedUserId>::new());
+}
+
+#[test]
+fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    let seen = |g: &mut Given, u: &str, m: &str| {
+        g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+            via: "kiwi".try_into().unwrap(),
+            room_id: room(),
+            event_id: format!("$c{}{m}", u.len()).try_into().unwrap(),
+            sender: user(u),
+            event_type: "m.room.member".into(),
+            state_key: Some(u.into()),
+            membership: Some(m.into()),
+        }));
+    };
+    seen(&mut g, "@alice:kiwi", "invite");
+    assert_eq!(decide(&g.views, &routes(&["kiwi"])), vec![], "nobody joined yet to invite from");
+    seen(&mut g, "@alice:kiwi", "join");
+    assert_eq!(
+        decide(&g.views, &routes(&["kiwi"])),
+        vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi") }]
+    );
+    // No registration on the joined sibling's server: unsupported.
+    assert_eq!(
+        decide(&g.views, &routes(&["litchi"])),
+        vec![Action::Unsupported { room_id: room(), target: user("@alice:litchi"), kind: "invite" }]
+    );
+    // Declined before: never again.
+    seen(&mut g, "@alice:litchi", "leave");
+    assert_eq!(decide(&g.views, &routes(&["kiwi"])), vec![]);
 }

@@ -13,7 +13,7 @@ use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionI
 use serde::{Deserialize, Serialize};
 
 use self::directory::Directory;
-use super::log_entry::{Entry, LogRecord, PduEntry, PduStatus};
+use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
 pub const VIEWS_FORMAT: u16 = 2;
@@ -85,6 +85,8 @@ pub enum BotMembership {
     },
     /// Joined.
     Joined,
+    /// Not in the room: fedlink knows the room only from application-service pushes.
+    Absent,
     /// Left, kicked or banned.
     Left {
         /// The membership that removed the bot (`leave` or `ban`).
@@ -314,6 +316,7 @@ impl Views {
                     room.unsupported.entry(a.user_id.clone()).or_default().insert(a.kind.clone());
                 }
             }
+            Entry::ClientEvent(c) => self.apply_client_event(c),
             Entry::PersonSet(p) => self.directory.apply_set(p),
             Entry::PersonRemoved(p) => self.directory.apply_removed(p),
             Entry::OptOut(o) => self.directory.apply_opt_out(o),
@@ -385,21 +388,6 @@ impl Views {
             room.power = Some(PowerLevels::from_content(Some(p.event_id.clone()), &content));
         }
         if let (Some(m), Ok(user)) = (&p.membership, ruma::UserId::parse(state_key)) {
-            // A membership event for the target settles any invite fedlink had pending,
-            // and any join or leave it asked for.
-            room.pending_invites.remove(&user);
-            if room.pending_actions.get(&user).is_some_and(|a| a.kind != "read") {
-                room.pending_actions.remove(&user);
-            }
-            room.blocked_actions.retain(|u, a| *u != user || a.kind == "read");
-            if m == "leave" && p.sender == user && room.members.get(&user).is_some_and(|old| old == "join") {
-                room.left_by_self.insert(user.clone());
-            } else {
-                room.left_by_self.remove(&user);
-            }
-            if m != "leave" {
-                room.failed_invites.remove(&user);
-            }
             if user == bot {
                 match m.as_str() {
                     "join" => room.bot = BotMembership::Joined,
@@ -407,8 +395,44 @@ impl Views {
                     _ => {}
                 }
             }
-            room.members.insert(user, m.clone());
+            room.apply_membership(user, m, &p.sender);
         }
+    }
+
+    fn apply_client_event(&mut self, c: &ClientEventEntry) {
+        let room = self
+            .rooms
+            .entry(c.room_id.clone())
+            .or_insert_with(|| RoomView::new(RoomVersionId::try_from("unknown").expect("a valid room version string"), BotMembership::Absent));
+        // Where the bot is in the room, its verified PDUs are the truth.
+        if room.bot_joined() {
+            return;
+        }
+        if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
+            room.apply_membership(user, m, &c.sender);
+        }
+    }
+}
+
+impl RoomView {
+    /// A membership change of `user` to `m`, sent by `sender`.
+    fn apply_membership(&mut self, user: OwnedUserId, m: &str, sender: &OwnedUserId) {
+        // A membership event for the target settles any invite fedlink had pending,
+        // and any join, leave or invite it asked for.
+        self.pending_invites.remove(&user);
+        if self.pending_actions.get(&user).is_some_and(|a| a.kind != "read") {
+            self.pending_actions.remove(&user);
+        }
+        self.blocked_actions.retain(|u, a| *u != user || a.kind == "read");
+        if m == "leave" && *sender == user && self.members.get(&user).is_some_and(|old| old == "join") {
+            self.left_by_self.insert(user.clone());
+        } else {
+            self.left_by_self.remove(&user);
+        }
+        if m != "leave" {
+            self.failed_invites.remove(&user);
+        }
+        self.members.insert(user, m.to_owned());
     }
 }
 
