@@ -661,3 +661,17 @@ async fn missing_power_is_visible_and_not_retried_in_a_loop() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn the_room_server_acl_is_enforced_on_inbound_events() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V11).await;
+    let (_, acl) = peer.push(&room, "alice", "m.room.server_acl", Some(""), json!({ "allow": ["other.example"], "deny": [], "allow_ip_literals": false }));
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "acl", vec![acl], vec![]).await;
+    assert_eq!(s, 200, "{v}");
+    let before = f.log_len().await;
+    let (id, msg) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "after the ACL" }));
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "after", vec![msg], vec![]).await;
+    assert_eq!(s, 200);
+    assert!(v["pdus"][&id]["error"].as_str().unwrap().contains("ACL"), "{v}");
+    assert_eq!(f.log_len().await, before);
+}

@@ -148,6 +148,11 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
             answers.reject(app, &id, &Rejection::Room("unsupported room version".into()));
             continue;
         };
+        if !crate::rooms::server_allowed(&app.store, room, origin) {
+            drop(views);
+            answers.reject(app, &id, &Rejection::Room("the room's server ACL denies the sending server".into()));
+            continue;
+        }
         let checked = crate::rooms::admit(&app.store, room, &pdu, &rules);
         drop(views);
         match checked {
@@ -394,7 +399,9 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
             let views = app.views.read().await;
             for (room, by_type) in content {
                 let room_id = RoomId::parse(room).map_err(|e| format!("bad room id: {e}"))?;
-                if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_servers().contains(origin)) {
+                if !views.rooms.get(&room_id).is_some_and(|r| {
+                    r.bot_joined() && r.joined_servers().contains(origin) && crate::rooms::server_allowed(&app.store, r, origin.as_str())
+                }) {
                     continue;
                 }
                 let by_type = by_type.as_object().ok_or("receipt types must be an object")?;

@@ -257,3 +257,75 @@ pub fn resolved_state(store: &Store, map: &state::StateMap) -> crate::core::log_
         .collect();
     crate::core::log_entry::ResolvedState { state, power_levels }
 }
+
+/// Whether `m.room.server_acl` in `room`'s current state lets `server` take part.
+pub fn server_allowed(store: &Store, room: &RoomView, server: &str) -> bool {
+    let Some(id) = room.state_event("m.room.server_acl", "") else { return true };
+    let Some(content) = store.get_event(id.as_str()).ok().flatten().and_then(|e| e.pdu.get("content").cloned()) else {
+        return true;
+    };
+    acl_allows(&content, server)
+}
+
+/// The server ACL rules: the host (port stripped) must not match `deny`, must match
+/// `allow`, and may be an IP literal only with `allow_ip_literals` (default true).
+pub fn acl_allows(content: &serde_json::Value, server: &str) -> bool {
+    let (host, _) = crate::federation::discovery::split_host_port(server);
+    let host = host.to_ascii_lowercase();
+    let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok();
+    if ip && content.get("allow_ip_literals").and_then(|v| v.as_bool()) == Some(false) {
+        return false;
+    }
+    let globs = |k: &str| -> Vec<String> {
+        content.get(k).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|g| g.as_str().map(str::to_ascii_lowercase)).collect()).unwrap_or_default()
+    };
+    if globs("deny").iter().any(|g| glob_match(g, &host)) {
+        return false;
+    }
+    globs("allow").iter().any(|g| glob_match(g, &host))
+}
+
+/// `*` matches any run of characters, `?` one character.
+fn glob_match(glob: &str, s: &str) -> bool {
+    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), s.chars().collect());
+    let (mut gi, mut ti, mut star, mut mark) = (0usize, 0usize, None::<usize>, 0usize);
+    while ti < t.len() {
+        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == '*' {
+            star = Some(gi);
+            mark = ti;
+            gi += 1;
+        } else if let Some(s) = star {
+            gi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while gi < g.len() && g[gi] == '*' {
+        gi += 1;
+    }
+    gi == g.len()
+}
+
+#[cfg(test)]
+mod acl_tests {
+    use super::acl_allows;
+    use serde_json::json;
+
+    #[test]
+    fn server_acl_globs_ports_and_ip_literals() {
+        let acl = json!({ "allow": ["*.example.org", "kiwi"], "deny": ["evil.example.org"], "allow_ip_literals": false });
+        assert!(acl_allows(&acl, "a.example.org"));
+        assert!(acl_allows(&acl, "kiwi:8448"), "the port is not part of the match");
+        assert!(!acl_allows(&acl, "evil.example.org"));
+        assert!(!acl_allows(&acl, "litchi"));
+        assert!(!acl_allows(&acl, "1.2.3.4"));
+        assert!(acl_allows(&json!({ "allow": ["*"] }), "1.2.3.4"));
+        assert!(!acl_allows(&json!({}), "kiwi"), "no allow entry allows nobody");
+        assert!(acl_allows(&json!({ "allow": ["k?wi"] }), "kiwi"));
+    }
+}
