@@ -131,7 +131,10 @@ impl Store {
                 .map(|r| Ok((r.seq, serde_json::to_vec(r).map_err(|e| corrupt("log", e))?)))
                 .collect::<Result<_, StoreError>>()?;
             let txn_val = match txn {
-                Some((o, t, v)) => Some((txn_key(o, t), serde_json::to_vec(v).map_err(|e| corrupt("txns", e))?)),
+                Some((o, t, v)) => Some((
+                    txn_key(o, t),
+                    serde_json::to_vec(&serde_json::json!({ "at_ms": now_ms, "response": v })).map_err(|e| corrupt("txns", e))?,
+                )),
                 None => None,
             };
             (&self.log, &self.event_index, &self.txns, &self.outbox)
@@ -163,9 +166,27 @@ impl Store {
     /// The response stored for a transaction already processed.
     pub fn txn_response(&self, origin: &str, txn_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
         match self.txns.get(txn_key(origin, txn_id))? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(|e| corrupt("txns", e))?)),
+            Some(v) => {
+                let mut rec: serde_json::Value = serde_json::from_slice(&v).map_err(|e| corrupt("txns", e))?;
+                Ok(Some(rec.get_mut("response").map(serde_json::Value::take).unwrap_or_default()))
+            }
             None => Ok(None),
         }
+    }
+
+    /// Forget transaction answers older than `before_ms` (senders retry a transaction for
+    /// hours at most, not weeks). Returns how many were removed.
+    pub fn prune_txns(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for r in self.txns.iter() {
+            let (k, v) = r?;
+            let at = serde_json::from_slice::<serde_json::Value>(&v).ok().and_then(|r| r.get("at_ms").and_then(|a| a.as_u64())).unwrap_or(0);
+            if at < before_ms {
+                self.txns.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Whether the event is in the log.
@@ -426,6 +447,10 @@ mod tests {
         assert_eq!(s.get_event("$e1").unwrap().unwrap().depth, 3);
         assert_eq!(s.txn_response("kiwi", "t1").unwrap(), Some(serde_json::json!({"pdus": {}})));
         assert_eq!(s.txn_response("kiwi", "t2").unwrap(), None);
+        // Answers are kept until pruned by age.
+        assert_eq!(s.prune_txns(42).unwrap(), 0);
+        assert_eq!(s.prune_txns(43).unwrap(), 1);
+        assert_eq!(s.txn_response("kiwi", "t1").unwrap(), None);
         let seqs: Vec<u64> = s.records_after(1).map(|r| r.unwrap().seq).collect();
         assert_eq!(seqs, vec![2, 3]);
         let recs = s.append(vec![presence("@c:kiwi")], None, &[], 44).unwrap();
