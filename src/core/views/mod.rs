@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 2;
+pub const VIEWS_FORMAT: u16 = 3;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
