@@ -438,3 +438,43 @@ fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
     seen(&mut g, "@alice:litchi", "leave");
     assert_eq!(decide(&g.views, &routes(&["kiwi"])), vec![]);
 }
+
+#[test]
+fn a_sibling_not_joined_yet_catches_up_once_it_joins() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "invite")], 0, 0);
+    let r = routes(&["kiwi"]);
+    g.receipt("@alice:kiwi", "$e10", 10);
+    assert_eq!(
+        g.decide_sync(&r),
+        vec![Action::Unsupported { room_id: room(), target: user("@alice:litchi"), kind: "join" }],
+        "invited, not joined: no read marker yet (and no route to join litchi)"
+    );
+    g.member("@alice:litchi", "join");
+    assert_eq!(g.decide_sync(&routes(&["kiwi", "litchi"])), vec![set_read("@alice:litchi", "$e10")]);
+}
+
+#[test]
+fn a_receipt_that_arrives_before_its_event_is_ordered_once_the_event_arrives() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    // litchi's receipt names an event fedlink does not hold yet: no depth, no decision.
+    let next = format!("$msg{}", g.n + 1);
+    g.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
+        origin: "litchi".try_into().unwrap(),
+        room_id: room(),
+        receipt_type: "m.read".into(),
+        user_id: user("@alice:litchi"),
+        event_id: next.clone().try_into().unwrap(),
+        ts: None,
+        thread_id: None,
+        depth: None,
+        via_appservice: None,
+    }));
+    assert_eq!(g.decide_sync(&r), vec![]);
+    // The event arrives (sent by bob): now the read is placed and spreads.
+    let id = g.message("@bob:kiwi", 30);
+    assert_eq!(id, next);
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:kiwi", &next)]);
+}

@@ -359,6 +359,10 @@ impl Views {
             return;
         }
         room.max_depth = room.max_depth.max(p.depth);
+        // Receipts that arrived before their event get its place in the room now.
+        for r in room.receipts.values_mut().filter(|r| r.depth.is_none() && r.event_id == p.event_id) {
+            r.depth = Some(p.depth);
+        }
         // Sending counts as reading up to the event sent.
         if p.state_key.is_none() {
             room.read_up_to(&p.sender, &p.event_id, Some(p.depth), Some(p.origin_server_ts), 0);
