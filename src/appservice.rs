@@ -145,6 +145,23 @@ pub async fn set_presence(app: &Fedlink, user: &UserId, presence: &str) -> Resul
     }
 }
 
+/// `origin_server_ts` of `event` as the homeserver shows it to `user`.
+async fn fetch_event_ts(reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<u64> {
+    let url = format!(
+        "{}/_matrix/client/v3/rooms/{}/event/{}?user_id={}",
+        reg.client_url.trim_end_matches('/'),
+        enc(room),
+        enc(event),
+        enc(user)
+    );
+    let resp = http().get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(5)).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let body = crate::federation::client::read_capped(resp, 256 * 1024).await.ok()?;
+    serde_json::from_slice::<Value>(&body).ok()?.get("origin_server_ts")?.as_u64()
+}
+
 /// Which registration a request comes from (by its `hs_token`).
 fn authenticate<'a>(app: &'a Fedlink, headers: &HeaderMap, query: &std::collections::BTreeMap<String, String>) -> Result<&'a AppserviceConfig, MatrixError> {
     let token = headers
@@ -176,6 +193,23 @@ pub async fn transaction(
     let Json(body) = body.map_err(|e| MatrixError::bad_json(e.body_text()))?;
     let origin = format!("appservice:{}", reg.server_name);
     let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| MatrixError::internal("bad server name in config"))?;
+    // Where fedlink does not hold a read event, ask the homeserver for its timestamp (the
+    // fallback order), before taking any lock.
+    let ephemeral = body.get("ephemeral").or_else(|| body.get("de.sorunome.msc2409.ephemeral")).and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut event_ts: std::collections::HashMap<ruma::OwnedEventId, u64> = std::collections::HashMap::new();
+    for edu in ephemeral.iter().filter(|e| e.get("type").and_then(Value::as_str) == Some("m.receipt")).take(100) {
+        let Some(room) = edu.get("room_id").and_then(Value::as_str) else { continue };
+        for (event, by_type) in edu.get("content").and_then(Value::as_object).into_iter().flatten() {
+            let Some(user) = by_type.get("m.read").and_then(Value::as_object).and_then(|u| u.keys().next()) else { continue };
+            let Ok(event_id) = ruma::EventId::parse(event) else { continue };
+            if event_ts.len() >= 50 || event_ts.contains_key(&event_id) || app.store.has_event(event_id.as_str()).unwrap_or(true) {
+                continue;
+            }
+            if let Some(ts) = fetch_event_ts(reg, room, event, user).await {
+                event_ts.insert(event_id, ts);
+            }
+        }
+    }
     let _lock = app.ingest.lock().await;
     if app.store.txn_response(&origin, &txn_id)?.is_some() {
         app.store.flush().await?;
@@ -183,14 +217,14 @@ pub async fn transaction(
         return Ok(Json(json!({})));
     }
     let mut entries = Vec::new();
-    let ephemeral = body.get("ephemeral").or_else(|| body.get("de.sorunome.msc2409.ephemeral")).and_then(Value::as_array).cloned().unwrap_or_default();
     {
         let views = app.views.read().await;
         for edu in ephemeral.iter().take(10_000) {
             match edu.get("type").and_then(Value::as_str) {
                 Some("m.receipt") => {
                     let Some(room_id) = edu.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()) else { continue };
-                    if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined()) {
+                    // Rooms the bot is in, and rooms known only through registrations.
+                    if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() || r.bot == crate::core::views::BotMembership::Absent) {
                         continue;
                     }
                     let Some(content) = edu.get("content").and_then(Value::as_object) else { continue };
@@ -204,7 +238,12 @@ pub async fn transaction(
                                 continue; // a homeserver speaks only for its own users
                             }
                             let thread_id = data.get("thread_id").and_then(Value::as_str).map(String::from);
-                            let depth = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id).map(|e| e.depth);
+                            let stored = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id);
+                            let depth = stored.as_ref().map(|e| e.depth);
+                            let event_ts = match &stored {
+                                Some(e) => Some(e.origin_server_ts),
+                                None => event_ts.get(&event_id).copied(),
+                            };
                             app.metrics.receipts_in.with_label_values(&["appservice"]).inc();
                             entries.push(Entry::Receipt(ReceiptEntry {
                                 origin: server.clone(),
@@ -215,6 +254,7 @@ pub async fn transaction(
                                 ts: data.get("ts").and_then(Value::as_u64),
                                 thread_id,
                                 depth,
+                                event_ts,
                                 via_appservice: Some(true),
                             }));
                         }
@@ -244,6 +284,28 @@ pub async fn transaction(
     // Membership events of rooms the bot is not in: the registration route's view of them.
     let events = body.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
     for ev in events.iter().take(10_000) {
+        let origin_server_ts = ev.get("origin_server_ts").and_then(Value::as_u64);
+        if ev.get("type").and_then(Value::as_str) == Some("m.room.message") {
+            // A message sent counts as read by its sender (rooms known through registrations).
+            let (Some(room_id), Some(event_id), Some(sender)) = (
+                ev.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()),
+                ev.get("event_id").and_then(Value::as_str).and_then(|e| ruma::EventId::parse(e).ok()),
+                ev.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
+            ) else {
+                continue;
+            };
+            entries.push(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+                via: server.clone(),
+                room_id,
+                event_id,
+                sender,
+                event_type: "m.room.message".into(),
+                state_key: None,
+                membership: None,
+                origin_server_ts,
+            }));
+            continue;
+        }
         if ev.get("type").and_then(Value::as_str) != Some("m.room.member") {
             continue;
         }
@@ -264,6 +326,7 @@ pub async fn transaction(
             event_type: "m.room.member".into(),
             state_key: Some(state_key.to_owned()),
             membership: Some(membership.to_owned()),
+            origin_server_ts,
         }));
     }
     let n = entries.len();

@@ -73,31 +73,31 @@ pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreErro
                     }
                 }
             }
-            Action::SetRead { room_id, target, event_id } => {
+            Action::SetRead { room_id, target, event_id, position } => {
                 app.metrics.reconcile_actions.with_label_values(&["read"]).inc();
                 app.read_started.lock().expect("lock").insert((room_id.clone(), target.clone()), std::time::Instant::now());
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None, actor: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None, actor: None, event_ts: position.1 })
             }
             Action::Join { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["join"]).inc();
                 tracing::info!(%room_id, %target, "joining an invited linked account");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None, actor: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None, actor: None, event_ts: None })
             }
             Action::Leave { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["leave"]).inc();
                 tracing::info!(%room_id, %target, "a linked account left; its sibling leaves too");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None, actor: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None, actor: None, event_ts: None })
             }
             Action::InviteAs { room_id, actor, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["invite_as"]).inc();
                 tracing::info!(%room_id, %actor, %target, "inviting a linked account as its joined sibling");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "invite".into(), event_id: None, reason: None, actor: Some(actor) })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "invite".into(), event_id: None, reason: None, actor: Some(actor), event_ts: None })
             }
             Action::Unsupported { room_id, target, kind } => {
                 app.metrics.unsupported_actions.with_label_values(&[kind]).inc();
                 let reason = format!("{} has no application-service registration for fedlink; over federation fedlink may not {kind} for its users", target.server_name());
                 tracing::warn!(%room_id, %target, kind, "unsupported action recorded");
-                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason), actor: None })
+                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason), actor: None, event_ts: None })
             }
             Action::MissingPower { room_id, target, power_levels_event, needed, have } => {
                 app.metrics.reconcile_actions.with_label_values(&["missing_power"]).inc();
@@ -279,6 +279,7 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
                     }
                     let event_id = action.event_id.clone().expect("read actions carry an event");
                     let depth = app.store.get_event(event_id.as_str()).ok().flatten().map(|e| e.depth);
+                    let event_ts = action.event_ts;
                     let entry = Entry::Receipt(ReceiptEntry {
                         origin: action.user_id.server_name().to_owned(),
                         room_id: action.room_id.clone(),
@@ -288,6 +289,7 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
                         ts: Some(now_ms()),
                         thread_id: None,
                         depth,
+                        event_ts,
                         via_appservice: Some(true),
                     });
                     let _lock = app.ingest.lock().await;

@@ -166,3 +166,23 @@ async fn without_the_bot_a_joined_sibling_invites_and_the_invitee_is_joined() {
     .unwrap();
     assert!(!bob.joined_members(&room).await.unwrap().contains(&f.bot()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_bot_reads_follow_by_the_homeservers_order() {
+    let (_kiwi, _litchi, f, _dir, [bob, alice_k, alice_l]) = setup(true).await;
+    let room = bob.create_room(&[&alice_k.user_id], None, "private_chat").await.unwrap();
+    alice_k.join(&room, &[]).await.unwrap();
+    wait_member(&bob, &room, &alice_l.user_id, true).await;
+    let m = bob.send_text(&room, "no bot here").await.unwrap();
+    wait_until("m on litchi", T, || async {
+        Ok(alice_l.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&m))).await.ok().map(|_| ()))
+    })
+    .await
+    .unwrap();
+    alice_l.send_receipt(&room, &m).await.unwrap();
+    wait_until("alice@kiwi's receipt at m on kiwi", T, || async {
+        Ok((receipt_of(&bob, &room, &alice_k.user_id).await.as_deref() == Some(m.as_str())).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", f.log_tail()));
+}

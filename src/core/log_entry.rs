@@ -117,6 +117,9 @@ pub struct ClientEventEntry {
     /// `content.membership` of member events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<String>,
+    /// `origin_server_ts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_server_ts: Option<u64>,
 }
 
 /// A person's sync settings.
@@ -267,6 +270,9 @@ pub struct ReceiptEntry {
     /// Depth of the event read up to, when fedlink holds it (orders read positions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth: Option<u64>,
+    /// The event's `origin_server_ts` (the fallback order where fedlink lacks the event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_ts: Option<u64>,
     /// `appservice` when pushed by a homeserver's registration, else federation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via_appservice: Option<bool>,
@@ -285,6 +291,9 @@ pub struct UserAction {
     /// For `read`: the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<OwnedEventId>,
+    /// For reads: the event's timestamp (orders it where fedlink lacks the event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_ts: Option<u64>,
     /// For invites through the registration route: the sibling account that invites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<OwnedUserId>,

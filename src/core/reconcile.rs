@@ -38,7 +38,7 @@ pub struct Route {
 /// Homeservers with a registration for fedlink.
 pub type Routes = BTreeMap<OwnedServerName, Route>;
 
-use super::views::{directory::Person, BotMembership, RoomView, Views};
+use super::views::{directory::Person, position_after, BotMembership, RoomView, Views};
 
 /// What should happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,8 @@ pub enum Action {
         target: OwnedUserId,
         /// The event to mark read.
         event_id: OwnedEventId,
+        /// Where it sits: (depth, origin_server_ts).
+        position: (Option<u64>, Option<u64>),
     },
     /// Join `target` (invited) to the room.
     Join {
@@ -160,16 +162,24 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
         let unsupported = |u: &OwnedUserId, kind: &str| room.unsupported.get(u).is_some_and(|k| k.contains(kind));
         let busy = |u: &OwnedUserId| room.pending_actions.contains_key(u);
         // Read markers: forward to the furthest position among joined accounts.
-        let best = joined.iter().filter_map(|a| room.receipts.get(*a).map(|r| (r.depth, &r.event_id))).filter(|(d, _)| d.is_some()).max();
-        if let Some((depth, event_id)) = best {
+        let best = joined
+            .iter()
+            .filter_map(|a| room.receipts.get(*a))
+            .filter(|r| r.depth.is_some() || r.event_ts.is_some())
+            .fold(None::<&crate::core::views::Receipt>, |best, r| match best {
+                Some(b) if !position_after(r.position(), b.position()) => Some(b),
+                _ => Some(r),
+            });
+        if let Some(best) = best {
+            let (position, event_id) = (best.position(), &best.event_id);
             for b in &joined {
-                let behind = room.receipts.get(*b).is_none_or(|r| r.is_before(depth));
+                let behind = room.receipts.get(*b).is_none_or(|r| r.is_before(position));
                 let failed = room.blocked_actions.get(*b).is_some_and(|a| a.kind == "read" && a.event_id.as_ref() == Some(event_id));
                 if !behind || busy(b) || failed || unsupported(b, "read") {
                     continue;
                 }
                 out.push(match routes.get(b.server_name()) {
-                    Some(_) => Action::SetRead { room_id: room_id.clone(), target: (*b).clone(), event_id: event_id.clone() },
+                    Some(_) => Action::SetRead { room_id: room_id.clone(), target: (*b).clone(), event_id: event_id.clone(), position },
                     None => Action::Unsupported { room_id: room_id.clone(), target: (*b).clone(), kind: "read" },
                 });
             }

@@ -420,7 +420,8 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
                             .ok_or("receipt needs event_ids")?;
                         let data = r.get("data");
                         app.metrics.receipts_in.with_label_values(&["federation"]).inc();
-                        let depth = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id).map(|e| e.depth);
+                        let stored = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id);
+                        let (depth, event_ts) = (stored.as_ref().map(|e| e.depth), stored.as_ref().map(|e| e.origin_server_ts));
                         out.push(Entry::Receipt(ReceiptEntry {
                             origin: origin.clone(),
                             room_id: room_id.clone(),
@@ -430,6 +431,7 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
                             ts: data.and_then(|d| d.get("ts")).and_then(Value::as_u64),
                             thread_id: data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from),
                             depth,
+                            event_ts,
                             via_appservice: None,
                         }));
                     }

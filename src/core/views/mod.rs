@@ -108,16 +108,32 @@ pub struct Receipt {
     /// Depth of the event (orders read positions; `None` when fedlink lacks the event).
     #[serde(default)]
     pub depth: Option<u64>,
+    /// The event's `origin_server_ts` as its homeserver reports it: the fallback order
+    /// where fedlink does not hold the event.
+    #[serde(default)]
+    pub event_ts: Option<u64>,
+}
+
+/// Whether read position `a` is strictly after `b`: by depth in the room DAG where both are
+/// known, else by the events' timestamps as the homeservers report them.
+pub fn position_after(a: (Option<u64>, Option<u64>), b: (Option<u64>, Option<u64>)) -> bool {
+    match (a, b) {
+        ((Some(x), _), (Some(y), _)) => x > y,
+        ((_, Some(x)), (_, Some(y))) => x > y,
+        ((Some(_), _) | (_, Some(_)), (None, None)) => true,
+        _ => false,
+    }
 }
 
 impl Receipt {
-    /// Whether `other` is strictly further in the room than this one.
-    pub fn is_before(&self, depth: Option<u64>) -> bool {
-        match (self.depth, depth) {
-            (Some(a), Some(b)) => b > a,
-            (None, Some(_)) => true,
-            _ => false,
-        }
+    /// Where this read sits.
+    pub fn position(&self) -> (Option<u64>, Option<u64>) {
+        (self.depth, self.event_ts)
+    }
+
+    /// Whether a read at `pos` is strictly further in the room than this one.
+    pub fn is_before(&self, pos: (Option<u64>, Option<u64>)) -> bool {
+        position_after(pos, self.position())
     }
 }
 
@@ -189,10 +205,11 @@ impl RoomView {
     }
 
     /// Move `user`'s read position forward to `event_id` at `depth` (never back).
-    pub fn read_up_to(&mut self, user: &OwnedUserId, event_id: &OwnedEventId, depth: Option<u64>, ts: Option<u64>, seq: u64) {
-        let newer = self.receipts.get(user).is_none_or(|r| r.is_before(depth));
+    pub fn read_up_to(&mut self, user: &OwnedUserId, event_id: &OwnedEventId, pos: (Option<u64>, Option<u64>), ts: Option<u64>, seq: u64) {
+        let newer = self.receipts.get(user).is_none_or(|r| r.is_before(pos));
         if newer {
-            self.receipts.insert(user.clone(), Receipt { event_id: event_id.clone(), receipt_type: "m.read".into(), ts, seq, depth });
+            let (depth, event_ts) = pos;
+            self.receipts.insert(user.clone(), Receipt { event_id: event_id.clone(), receipt_type: "m.read".into(), ts, seq, depth, event_ts });
             // A read at or past what fedlink asked for settles the request.
             if let Some(p) = self.pending_actions.get(user) {
                 if p.kind == "read" {
@@ -280,7 +297,7 @@ impl Views {
                 // Only the main timeline's receipt is tracked; threaded ones stay in the log.
                 let main = r.thread_id.as_deref().is_none_or(|t| t == "main") && r.receipt_type == "m.read";
                 if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| main) {
-                    room.read_up_to(&r.user_id, &r.event_id, r.depth, r.ts, rec.seq);
+                    room.read_up_to(&r.user_id, &r.event_id, (r.depth, r.event_ts), r.ts, rec.seq);
                 }
             }
             Entry::Typing(_) => {}
@@ -365,7 +382,7 @@ impl Views {
         }
         // Sending counts as reading up to the event sent.
         if p.state_key.is_none() {
-            room.read_up_to(&p.sender, &p.event_id, Some(p.depth), Some(p.origin_server_ts), 0);
+            room.read_up_to(&p.sender, &p.event_id, (Some(p.depth), Some(p.origin_server_ts)), Some(p.origin_server_ts), 0);
         }
         for prev in &p.prev_events {
             room.extremities.remove(prev);
@@ -414,6 +431,9 @@ impl Views {
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
             room.apply_membership(user, m, &c.sender);
+        } else if c.state_key.is_none() && c.origin_server_ts.is_some() {
+            // Sending counts as reading, ordered by the homeserver's timestamp.
+            room.read_up_to(&c.sender, &c.event_id, (None, c.origin_server_ts), c.origin_server_ts, 0);
         }
     }
 }
@@ -501,6 +521,7 @@ mod tests {
                 ts: Some(9),
                 thread_id: None,
                 depth: Some(1),
+                event_ts: None,
                 via_appservice: None,
             })),
             rec(6, pdu("$m2", &["$m1"], None)),
