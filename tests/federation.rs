@@ -367,6 +367,32 @@ async fn fedlink_serves_make_join_and_send_join_and_forwards_the_join() {
     assert_eq!(s, 403);
     let (s, v) = litchi.request(&f.name, &f.fed_url, Method::GET, &format!("/_matrix/federation/v1/event/{}", enc(&join_id)), None).await;
     assert_eq!((s.as_u16(), v["pdus"].as_array().map(|a| a.len())), (200, Some(1)));
+    // The gap-filling endpoints answer for the events fedlink holds.
+    let get = |path: String| {
+        let litchi = &litchi;
+        let (name, url) = (f.name.clone(), f.fed_url.clone());
+        async move { litchi.request(&name, &url, Method::GET, &path, None).await }
+    };
+    let (s, v) = get(format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room), enc(&join_id))).await;
+    assert_eq!(s, 200);
+    let chain_types: Vec<&str> = v["auth_chain"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(chain_types.contains(&"m.room.create") && chain_types.contains(&"m.room.power_levels"), "{chain_types:?}");
+    let (s, v) = get(format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&join_id))).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["pdu_ids"].as_array().unwrap().len() >= 5, "{v}");
+    assert!(!v["pdu_ids"].as_array().unwrap().iter().any(|e| e == join_id.as_str()), "state before the join");
+    let (s, v) = get(format!("/_matrix/federation/v1/backfill/{}?v={}&limit=3", enc(&room), enc(&join_id))).await;
+    assert_eq!((s.as_u16(), v["pdus"].as_array().map(|a| a.len())), (200, Some(3)), "{v}");
+    let body = json!({ "limit": 5, "min_depth": 0, "earliest_events": [], "latest_events": [join_id] });
+    let (s, v) = litchi.request(&f.name, &f.fed_url, Method::POST, &format!("/_matrix/federation/v1/get_missing_events/{}", enc(&room)), Some(&body)).await;
+    assert_eq!(s, 200);
+    let missing = v["events"].as_array().unwrap();
+    assert!(!missing.is_empty() && missing.len() <= 5, "{v}");
+    let depths: Vec<u64> = missing.iter().map(|e| e["depth"].as_u64().unwrap()).collect();
+    assert!(depths.windows(2).all(|w| w[0] <= w[1]), "oldest first: {depths:?}");
+    // Another room's event is not served through this room.
+    let (s, _) = get(format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc("!other:x"), enc(&join_id))).await;
+    assert_eq!(s, 404);
     // Wrong room version offered: incompatible.
     let path = format!("/_matrix/federation/v1/make_join/{}/{}?ver=1", enc(&room), enc(&mango.user("x")));
     let (s, v) = mango.request(&f.name, &f.fed_url, Method::GET, &path, None).await;
