@@ -701,3 +701,36 @@ async fn the_room_server_acl_is_enforced_on_inbound_events() {
     assert!(v["pdus"][&id]["error"].as_str().unwrap().contains("ACL"), "{v}");
     assert_eq!(f.log_len().await, before);
 }
+
+/// The bot's join is signed and logged before `send_join`: when the resident fails and
+/// fedlink restarts in the middle, the same join is sent again, and the room gets one join.
+#[tokio::test]
+async fn a_join_interrupted_by_failures_and_a_restart_is_sent_again_not_remade() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    peer.state.lock().unwrap().fail_send_join = Some(503);
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    let room = peer.create_room("alice", RoomVersionId::V12);
+    peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    wait_until("a failed send_join", Duration::from_secs(20), || async {
+        Ok((!peer.state.lock().unwrap().joins.is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let port = f.fed_port;
+    f.stop().await;
+    peer.state.lock().unwrap().fail_send_join = None;
+    let f = Fedlink::start(dir.path(), port, LOOPBACK).await;
+    wait_joined(&f, &room).await;
+    let rules = RoomVersionId::V12.rules().unwrap();
+    let st = peer.state.lock().unwrap();
+    let ids: std::collections::BTreeSet<String> = st
+        .joins
+        .iter()
+        .map(|e| format!("${}", ruma::signatures::reference_hash(&fedlink::core::pdu::canonical_object(e.clone()).unwrap(), &rules).unwrap()))
+        .collect();
+    assert!(st.joins.len() >= 2, "sent at least twice");
+    assert_eq!(ids.len(), 1, "always the same join event: {ids:?}");
+    let make_joins = st.requests.iter().filter(|(m, p)| m == "GET" && p.contains("/make_join/")).count();
+    assert_eq!(make_joins, 1, "the template was asked for once");
+}

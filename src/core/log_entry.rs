@@ -43,6 +43,9 @@ pub enum Entry {
     BotInvited(BotInvited),
     /// The bot's join completed; carries the room state at the join.
     BotJoined(BotJoined),
+    /// fedlink signed the bot's join event and is about to send it (or gave it up: `event`
+    /// absent). Retries send this same event, so a crash cannot make the bot join twice.
+    BotJoinSigned(BotJoinSigned),
     /// A person's set of linked accounts was set (created or replaced).
     PersonSet(PersonSet),
     /// A person was unlinked (removed from the directory).
@@ -344,6 +347,18 @@ pub struct BotInvited {
     pub event: serde_json::Value,
 }
 
+/// The bot's signed join, before `send_join`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotJoinSigned {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// Its version.
+    pub room_version: RoomVersionId,
+    /// The signed join event; absent when the attempt was given up.
+    #[serde(default)]
+    pub event: Option<serde_json::Value>,
+}
+
 /// One state entry at the bot's join.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateRef {
@@ -387,6 +402,7 @@ impl Entry {
             Entry::Presence(_) => "presence",
             Entry::BotInvited(_) => "bot_invited",
             Entry::BotJoined(_) => "bot_joined",
+            Entry::BotJoinSigned(_) => "bot_join_signed",
             Entry::PersonSet(_) => "person_set",
             Entry::PersonRemoved(_) => "person_removed",
             Entry::OptOut(_) => "opt_out",

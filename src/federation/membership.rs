@@ -26,7 +26,7 @@ use crate::{
     app::{now_ms, Fedlink, JoinStatus},
     core::{
         backoff::Backoff,
-        log_entry::{BotInvited, BotJoined, Entry, PduEntry, PduStatus, StateRef},
+        log_entry::{BotInvited, BotJoinSigned, BotJoined, Entry, PduEntry, PduStatus, StateRef},
         pdu::{canonical_object, is_supported, rules_for, Pdu, SUPPORTED_ROOM_VERSIONS},
         views::BotMembership,
     },
@@ -209,6 +209,35 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
 /// Join `room_id` through `inviter`'s server.
 pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUserId) -> Result<(), JoinError> {
     let resident: OwnedServerName = inviter.server_name().to_owned();
+    // A join signed by an earlier attempt is sent again as is.
+    let stored = app.views.read().await.rooms.get(room_id).and_then(|r| r.signed_join.clone());
+    let (join, version, rules) = match stored.and_then(|(v, e)| {
+        let rules = rules_for(&v)?;
+        let pdu = Pdu::parse(canonical_object(e).ok()?, &rules).ok()?;
+        Some((pdu, v, rules))
+    }) {
+        Some(found) => {
+            tracing::info!(%room_id, event_id = %found.0.event_id, "sending the join signed by an earlier attempt");
+            found
+        }
+        None => make_and_sign_join(app, room_id, &resident).await?,
+    };
+    match send_join(app, room_id, &resident, join, &version, &rules).await {
+        Err(JoinError::Permanent(reason)) => {
+            // This join will never be accepted: forget it, so the next invite starts afresh.
+            let _lock = app.ingest.lock().await;
+            let entry = Entry::BotJoinSigned(BotJoinSigned { room_id: room_id.clone(), room_version: version, event: None });
+            if app.append(vec![entry], None).await.is_ok() {
+                let _ = app.store.flush().await;
+            }
+            Err(JoinError::Permanent(reason))
+        }
+        other => other,
+    }
+}
+
+/// `make_join` through `resident`, then sign the join and log it before it is sent.
+async fn make_and_sign_join(app: &Fedlink, room_id: &OwnedRoomId, resident: &OwnedServerName) -> Result<(Pdu, RoomVersionId, RoomVersionRules), JoinError> {
     let vers: String = SUPPORTED_ROOM_VERSIONS.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
     let path = format!("/_matrix/federation/v1/make_join/{}/{}?{vers}", enc(room_id.as_str()), enc(app.bot.as_str()));
     let resp = app.client.request(resident.as_str(), Method::GET, &path, None).await.map_err(|e| match &e {
@@ -261,7 +290,24 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
     ruma::signatures::hash_and_sign_event(app.server_name.as_str(), &*app.key, &mut obj, &rules.redaction)
         .map_err(|e| JoinError::Permanent(format!("signing the join: {e}")))?;
     let join = Pdu::parse(obj, &rules).map_err(|e| JoinError::Permanent(format!("our join event: {e}")))?;
+    let _lock = app.ingest.lock().await;
+    let entry = Entry::BotJoinSigned(BotJoinSigned { room_id: room_id.clone(), room_version: version.clone(), event: Some(join.to_value()) });
+    app.append(vec![entry], None).await.map_err(|e| JoinError::Transient(e.to_string()))?;
+    app.store.flush().await.map_err(|e| JoinError::Transient(e.to_string()))?;
+    Ok((join, version, rules))
+}
 
+/// `send_join` v2 with our signed join; check and record the room's state.
+async fn send_join(
+    app: &Fedlink,
+    room_id: &OwnedRoomId,
+    resident: &OwnedServerName,
+    join: Pdu,
+    version: &RoomVersionId,
+    rules: &RoomVersionRules,
+) -> Result<(), JoinError> {
+    let (version, rules) = (version.clone(), rules.clone());
+    let resident = resident.clone();
     let path = format!(
         "/_matrix/federation/v2/send_join/{}/{}?omit_members=false",
         enc(room_id.as_str()),

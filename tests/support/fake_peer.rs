@@ -184,6 +184,8 @@ pub struct PeerState {
     pub joins: Vec<Value>,
     /// Answer make_join with this status instead (to test failures).
     pub fail_make_join: Option<u16>,
+    /// Answer send_join with this status instead (after recording the attempt).
+    pub fail_send_join: Option<u16>,
     /// Answer /send with this status instead.
     pub fail_send: Option<u16>,
     /// Answer /v2/invite with this status instead.
@@ -433,6 +435,9 @@ async fn send_join(
     let mut st = ctx.state.lock().unwrap();
     st.requests.push(("PUT".into(), uri.path().to_owned()));
     st.joins.push(event.clone());
+    if let Some(code) = st.fail_send_join {
+        return (StatusCode::from_u16(code).unwrap(), Json(json!({ "errcode": "M_UNKNOWN", "error": "configured to fail" })));
+    }
     let Some(room) = st.rooms.get_mut(&room_id) else {
         return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
     };

@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 3;
+pub const VIEWS_FORMAT: u16 = 4;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +177,9 @@ pub struct RoomView {
     /// Users whose current `leave` they sent themselves (not a kick).
     #[serde(default)]
     pub left_by_self: BTreeSet<OwnedUserId>,
+    /// The bot's signed join not yet confirmed by `send_join`: (version, event).
+    #[serde(default)]
+    pub signed_join: Option<(RoomVersionId, serde_json::Value)>,
     /// Kinds of action no route supports for a user (recorded once, visible to operators).
     #[serde(default)]
     pub unsupported: BTreeMap<OwnedUserId, BTreeSet<String>>,
@@ -201,6 +204,7 @@ impl RoomView {
             blocked_actions: BTreeMap::new(),
             left_by_self: BTreeSet::new(),
             unsupported: BTreeMap::new(),
+            signed_join: None,
         }
     }
 
@@ -310,7 +314,10 @@ impl Views {
                 match self.rooms.get_mut(&i.room_id) {
                     // A re-invite after leaving starts a new membership; an invite while
                     // joined changes nothing.
-                    Some(room) if !room.bot_joined() => room.bot = invited,
+                    Some(room) if !room.bot_joined() => {
+                        room.bot = invited;
+                        room.signed_join = None;
+                    }
                     Some(_) => {}
                     None => {
                         self.rooms.insert(i.room_id.clone(), RoomView::new(i.room_version.clone(), invited));
@@ -334,6 +341,11 @@ impl Views {
                 }
             }
             Entry::ClientEvent(c) => self.apply_client_event(c),
+            Entry::BotJoinSigned(j) => {
+                if let Some(room) = self.rooms.get_mut(&j.room_id) {
+                    room.signed_join = j.event.clone().map(|e| (j.room_version.clone(), e));
+                }
+            }
             Entry::PersonSet(p) => self.directory.apply_set(p),
             Entry::PersonRemoved(p) => self.directory.apply_removed(p),
             Entry::OptOut(o) => self.directory.apply_opt_out(o),
@@ -361,6 +373,7 @@ impl Views {
                     .or_insert_with(|| RoomView::new(j.room_version.clone(), BotMembership::Joined));
                 room.version = j.room_version.clone();
                 room.bot = BotMembership::Joined;
+                room.signed_join = None;
                 room.joined_via = Some(j.via.clone());
                 room.extremities.clear();
                 room.set_state(&j.state, j.power_levels.as_ref());
