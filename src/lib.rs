@@ -10,15 +10,25 @@
 //! - [`store`]: the only module that touches sled: log, event index, txn responses, views
 //!   snapshot, remote key cache.
 //! - [`keys`]: our signing key (Synapse file format) and the remote key cache.
-//! - [`rooms`]: checks on received PDUs (signatures, hashes, authorization rules).
-//! - [`federation`]: X-Matrix auth, discovery, outbound client, inbound server, `/send`
-//!   ingest, the bot's invites and joins.
-//! - [`admin`]: `/metrics` and the bearer-token admin API.
+//! - [`rooms`]: checks on received PDUs (signatures, hashes, authorization rules), event
+//!   building, state groups and state resolution v2.
+//! - [`federation`]: X-Matrix auth, discovery, the outbound address guard, outbound client,
+//!   inbound server, `/send` ingest, the bot's invites and joins, and fedlink as a resident
+//!   server (joins, leaves and gap filling served to others).
+//! - [`directory`]: changes to linked identities (config, admin API, HTTP directory).
+//! - [`sync`]: runs the reconciler and carries out its decisions (invites, reads, joins,
+//!   leaves, presence).
+//! - [`appservice`]: the registration route (registration YAML, transaction endpoint,
+//!   actions as users with `?user_id=`).
+//! - [`outbox`]: durable per-destination delivery of PDUs.
+//! - [`admin`]: `/metrics`, the bearer-token admin API, and the appservice endpoint.
 //! - [`metrics`]: every `fedlink_*` metric.
 //! - [`app`]: wiring, workers, shutdown.
 //!
 //! # Data flow
-//! `federation /send, invites, joins -> checks (rooms) -> store (log) -> core::views`.
+//! `federation /send, invites, joins, appservice pushes, directory changes -> checks
+//! (rooms) -> store (log) -> core::views -> core::reconcile -> sync / outbox -> peers and
+//! homeservers`, with outcomes logged back.
 
 pub mod admin;
 pub mod app;
