@@ -30,9 +30,10 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// The state of a pending join, for retries and the admin API.
+/// Retry state of something fedlink keeps trying (a join, an invite delivery, an action
+/// through a registration), for the workers and the admin API.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct JoinStatus {
+pub struct RetryStatus {
     /// Consecutive failures.
     pub failures: u32,
     /// Of those, refusals that may pass later (counted apart so network errors do not
@@ -42,6 +43,16 @@ pub struct JoinStatus {
     pub last_error: Option<String>,
     /// When the next attempt is due (ms since the epoch).
     pub next_attempt_ms: u64,
+}
+
+impl RetryStatus {
+    /// Record a failure worth retrying; returns when the next attempt is due.
+    pub fn fail_transient(&mut self, reason: String) -> u64 {
+        self.failures += 1;
+        self.last_error = Some(reason);
+        self.next_attempt_ms = now_ms() + crate::core::backoff::Backoff::DEFAULT.delay(self.failures).as_millis() as u64;
+        self.next_attempt_ms
+    }
 }
 
 /// Everything a handler or worker needs.
@@ -75,15 +86,15 @@ pub struct Fedlink {
     /// Delivery state per destination.
     pub destinations: Mutex<HashMap<String, crate::outbox::DestinationStatus>>,
     /// Invite delivery retry state per (room, target).
-    pub invite_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId), JoinStatus>>,
+    pub invite_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId), RetryStatus>>,
     /// Join retry state per room.
-    pub joins: Mutex<HashMap<OwnedRoomId, JoinStatus>>,
+    pub joins: Mutex<HashMap<OwnedRoomId, RetryStatus>>,
     /// Admin bearer token.
     pub admin_token: String,
     /// Homeservers with an application-service registration (the reconciler's routes).
     pub routes: crate::core::reconcile::Routes,
     /// Retry state of actions through the application-service route.
-    pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId, String), JoinStatus>>,
+    pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId, String), RetryStatus>>,
     /// When fedlink last set a user online (presence following), to avoid repeating itself.
     pub presence_sent: Mutex<HashMap<OwnedUserId, std::time::Instant>>,
     /// When the read that caused a pending read action arrived (for the latency histogram).

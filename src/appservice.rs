@@ -145,6 +145,30 @@ pub async fn set_presence(app: &Fedlink, user: &UserId, presence: &str) -> Resul
     }
 }
 
+/// The record of a pushed room event fedlink follows: a membership change, or a message
+/// (sending counts as reading). Anything else, or anything malformed, gives `None`.
+fn client_event(ev: &Value, server: &OwnedServerName) -> Option<crate::core::log_entry::ClientEventEntry> {
+    let event_type = ev.get("type").and_then(Value::as_str)?;
+    let (state_key, membership) = match event_type {
+        "m.room.message" => (None, None),
+        "m.room.member" => (
+            Some(ev.get("state_key").and_then(Value::as_str)?.to_owned()),
+            Some(ev.get("content").and_then(|c| c.get("membership")).and_then(Value::as_str)?.to_owned()),
+        ),
+        _ => return None,
+    };
+    Some(crate::core::log_entry::ClientEventEntry {
+        via: server.clone(),
+        room_id: RoomId::parse(ev.get("room_id").and_then(Value::as_str)?).ok()?,
+        event_id: ruma::EventId::parse(ev.get("event_id").and_then(Value::as_str)?).ok()?,
+        sender: UserId::parse(ev.get("sender").and_then(Value::as_str)?).ok()?,
+        event_type: event_type.to_owned(),
+        state_key,
+        membership,
+        origin_server_ts: ev.get("origin_server_ts").and_then(Value::as_u64),
+    })
+}
+
 /// `origin_server_ts` of `event` as the homeserver shows it to `user`.
 async fn fetch_event_ts(reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<u64> {
     let url = format!(
@@ -281,54 +305,9 @@ pub async fn transaction(
             }
         }
     }
-    // Membership events of rooms the bot is not in: the registration route's view of them.
+    // Memberships and messages of rooms the bot is not in: the registration route's view.
     let events = body.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
-    for ev in events.iter().take(10_000) {
-        let origin_server_ts = ev.get("origin_server_ts").and_then(Value::as_u64);
-        if ev.get("type").and_then(Value::as_str) == Some("m.room.message") {
-            // A message sent counts as read by its sender (rooms known through registrations).
-            let (Some(room_id), Some(event_id), Some(sender)) = (
-                ev.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()),
-                ev.get("event_id").and_then(Value::as_str).and_then(|e| ruma::EventId::parse(e).ok()),
-                ev.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
-            ) else {
-                continue;
-            };
-            entries.push(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
-                via: server.clone(),
-                room_id,
-                event_id,
-                sender,
-                event_type: "m.room.message".into(),
-                state_key: None,
-                membership: None,
-                origin_server_ts,
-            }));
-            continue;
-        }
-        if ev.get("type").and_then(Value::as_str) != Some("m.room.member") {
-            continue;
-        }
-        let (Some(room_id), Some(event_id), Some(sender), Some(state_key), Some(membership)) = (
-            ev.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()),
-            ev.get("event_id").and_then(Value::as_str).and_then(|e| ruma::EventId::parse(e).ok()),
-            ev.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
-            ev.get("state_key").and_then(Value::as_str),
-            ev.get("content").and_then(|c| c.get("membership")).and_then(Value::as_str),
-        ) else {
-            continue;
-        };
-        entries.push(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
-            via: server.clone(),
-            room_id,
-            event_id,
-            sender,
-            event_type: "m.room.member".into(),
-            state_key: Some(state_key.to_owned()),
-            membership: Some(membership.to_owned()),
-            origin_server_ts,
-        }));
-    }
+    entries.extend(events.iter().take(10_000).filter_map(|ev| client_event(ev, &server)).map(Entry::ClientEvent));
     let n = entries.len();
     app.append(entries, Some((&origin, &txn_id, &json!({})))).await?;
     app.store.flush().await?;

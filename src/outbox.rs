@@ -52,11 +52,11 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
         for dest in dests.keys() {
             let due = app.destinations.lock().expect("lock").get(dest).map(|s| s.next_attempt_ms).unwrap_or(0);
             if due > now {
-                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                crate::core::backoff::earliest(&mut next_due, due);
                 continue;
             }
             if let Some(due) = deliver_batch(&app, dest).await {
-                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                crate::core::backoff::earliest(&mut next_due, due);
             } else {
                 // More may be queued: come back at once.
                 next_due = Some(now);

@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use crate::{
     app::{now_ms, Fedlink},
     core::{
-        backoff::Backoff,
         log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus, ReceiptEntry, UserAction},
         pdu::{canonical_object, rules_for, Pdu},
         reconcile::{decide, Action},
@@ -146,7 +145,7 @@ async fn deliver_invites(app: &Fedlink) -> Option<u64> {
         let key = (room_id.clone(), target.clone());
         let due = app.invite_retries.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0);
         if due > now_ms() {
-            next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            crate::core::backoff::earliest(&mut next_due, due);
             continue;
         }
         match send_invite(app, &room_id, &target, event, &version).await {
@@ -157,10 +156,7 @@ async fn deliver_invites(app: &Fedlink) -> Option<u64> {
             Err(InviteError::Transient(reason)) => {
                 let mut retries = app.invite_retries.lock().expect("lock");
                 let s = retries.entry(key).or_default();
-                s.failures += 1;
-                s.last_error = Some(reason.clone());
-                s.next_attempt_ms = now_ms() + Backoff::DEFAULT.delay(s.failures).as_millis() as u64;
-                next_due = Some(next_due.map_or(s.next_attempt_ms, |d| d.min(s.next_attempt_ms)));
+                crate::core::backoff::earliest(&mut next_due, s.fail_transient(reason.clone()));
                 app.metrics.invites_sent.with_label_values(&["transient_error"]).inc();
                 tracing::warn!(%room_id, %target, failures = s.failures, %reason, "invite delivery failed; will retry");
             }
@@ -266,7 +262,7 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
             continue; // sent; waiting for the membership to come back
         }
         if due > now_ms() {
-            next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            crate::core::backoff::earliest(&mut next_due, due);
             continue;
         }
         match crate::appservice::perform(app, &action).await {
@@ -298,17 +294,14 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
                     }
                 } else {
                     // The membership event arrives over federation and settles it.
-                    app.action_retries.lock().expect("lock").insert(key, crate::app::JoinStatus { next_attempt_ms: u64::MAX, ..Default::default() });
+                    app.action_retries.lock().expect("lock").insert(key, crate::app::RetryStatus { next_attempt_ms: u64::MAX, ..Default::default() });
                 }
                 tracing::info!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, "action done through the appservice route");
             }
             Err(crate::appservice::ActionError::Transient(reason)) => {
                 let mut retries = app.action_retries.lock().expect("lock");
                 let s = retries.entry(key).or_default();
-                s.failures += 1;
-                s.last_error = Some(reason.clone());
-                s.next_attempt_ms = now_ms() + Backoff::DEFAULT.delay(s.failures).as_millis() as u64;
-                next_due = Some(next_due.map_or(s.next_attempt_ms, |d| d.min(s.next_attempt_ms)));
+                crate::core::backoff::earliest(&mut next_due, s.fail_transient(reason.clone()));
                 app.metrics.actions.with_label_values(&[action.kind.as_str(), "transient_error"]).inc();
                 tracing::warn!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, %reason, "action failed; will retry");
             }

@@ -27,9 +27,23 @@ impl Backoff {
     }
 }
 
+/// Keep the earlier of `next` and `due` in `next` (workers track their next wake-up).
+pub fn earliest(next: &mut Option<u64>, due: u64) {
+    *next = Some(next.map_or(due, |d| d.min(due)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn earliest_keeps_the_sooner_wake_up() {
+        let mut next = None;
+        earliest(&mut next, 50);
+        earliest(&mut next, 70);
+        earliest(&mut next, 20);
+        assert_eq!(next, Some(20));
+    }
 
     #[test]
     fn doubles_and_caps() {

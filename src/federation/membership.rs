@@ -23,9 +23,8 @@ use serde_json::{json, Value};
 
 use super::{client::enc, error::MatrixError};
 use crate::{
-    app::{now_ms, Fedlink, JoinStatus},
+    app::{now_ms, Fedlink, RetryStatus},
     core::{
-        backoff::Backoff,
         log_entry::{BotInvited, BotJoinSigned, BotJoined, Entry, PduEntry, PduStatus, StateRef},
         pdu::{canonical_object, is_supported, rules_for, Pdu, SUPPORTED_ROOM_VERSIONS},
         views::BotMembership,
@@ -107,7 +106,7 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         app.joins
             .lock()
             .expect("joins lock")
-            .insert(pdu.room_id.clone(), JoinStatus { next_attempt_ms: now_ms() + FIRST_JOIN_DELAY_MS, ..Default::default() });
+            .insert(pdu.room_id.clone(), RetryStatus { next_attempt_ms: now_ms() + FIRST_JOIN_DELAY_MS, ..Default::default() });
         app.join_wake.notify_one();
     }
     tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, "accepted an invite for the bot");
@@ -165,7 +164,7 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
         for (room_id, inviter) in pending {
             let due = app.joins.lock().expect("joins lock").get(&room_id).map(|s| s.next_attempt_ms).unwrap_or(0);
             if due > now {
-                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                crate::core::backoff::earliest(&mut next_due, due);
                 continue;
             }
             let result = join_room(&app, &room_id, &inviter).await;
@@ -177,9 +176,7 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                 }
                 Err(e) => {
                     let status = joins.entry(room_id.clone()).or_default();
-                    status.failures += 1;
-                    status.last_error = Some(e.to_string());
-                    let retry_at = now_ms() + Backoff::DEFAULT.delay(status.failures).as_millis() as u64;
+                    let retry_at = status.fail_transient(e.to_string());
                     if matches!(e, JoinError::NotYet(_)) {
                         status.not_yet += 1;
                     }
@@ -192,7 +189,7 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                     app.metrics.joins.with_label_values(&[label]).inc();
                     tracing::warn!(%room_id, failures = status.failures, error = %e, "join failed");
                     if due != u64::MAX {
-                        next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                        crate::core::backoff::earliest(&mut next_due, due);
                     }
                 }
             }
