@@ -145,9 +145,125 @@ pub async fn set_presence(app: &Fedlink, user: &UserId, presence: &str) -> Resul
     }
 }
 
+/// Most ephemeral items and most room events one registration push may carry (Synapse sends
+/// at most 100 of each); a larger push is refused whole.
+pub const MAX_PUSH_ITEMS: usize = 1000;
+
+/// A public read receipt pushed by a homeserver, for one of its own users.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushedReceipt {
+    /// The room.
+    pub room_id: ruma::OwnedRoomId,
+    /// The event read up to.
+    pub event_id: ruma::OwnedEventId,
+    /// Who read (a user of the pushing homeserver).
+    pub user_id: ruma::OwnedUserId,
+    /// The receipt's timestamp.
+    pub ts: Option<u64>,
+    /// Thread id, when the homeserver kept it.
+    pub thread_id: Option<String>,
+}
+
+/// A registration push, parsed and cut down to what the pushing homeserver may speak for:
+/// its own users' reads, presence, memberships and messages. Pure.
+#[derive(Debug, Default)]
+pub struct Push {
+    /// Public read receipts (`m.read`; private ones stay private).
+    pub receipts: Vec<PushedReceipt>,
+    /// Presence of the homeserver's users: (user, presence, last_active_ago).
+    pub presence: Vec<(ruma::OwnedUserId, String, Option<u64>)>,
+    /// Membership changes of the homeserver's users and messages they sent, in push order.
+    pub events: Vec<crate::core::log_entry::ClientEventEntry>,
+    /// Items dropped because they spoke for another server's users.
+    pub foreign: usize,
+}
+
+/// Parse a registration push from `server`'s homeserver. A homeserver speaks only for its
+/// own users: a receipt, presence, membership (by its target) or message (by its sender) of
+/// another server's user is dropped and counted in [`Push::foreign`]; malformed items are
+/// skipped; a body that is not a JSON object, or carries more than [`MAX_PUSH_ITEMS`]
+/// ephemeral items or events, is refused.
+pub fn parse_push(server: &ruma::ServerName, body: &[u8]) -> Result<Push, MatrixError> {
+    let body: Value = serde_json::from_slice(body).map_err(|e| MatrixError::bad_json(format!("body is not JSON: {e}")))?;
+    let body = body.as_object().ok_or_else(|| MatrixError::bad_json("transaction must be a JSON object"))?;
+    let list = |k: &str| -> Result<&[Value], MatrixError> {
+        match body.get(k) {
+            None | Some(Value::Null) => Ok(&[]),
+            Some(Value::Array(a)) if a.len() <= MAX_PUSH_ITEMS => Ok(a.as_slice()),
+            Some(Value::Array(a)) => Err(MatrixError::bad_json(format!("`{k}` has {} items; at most {MAX_PUSH_ITEMS} are allowed", a.len()))),
+            Some(_) => Err(MatrixError::bad_json(format!("`{k}` must be an array"))),
+        }
+    };
+    let ephemeral = if body.contains_key("ephemeral") { list("ephemeral")? } else { list("de.sorunome.msc2409.ephemeral")? };
+    let events = list("events")?;
+    let mut push = Push::default();
+    let own = |u: &ruma::UserId, push: &mut Push| {
+        let mine = u.server_name() == server;
+        if !mine {
+            push.foreign += 1;
+        }
+        mine
+    };
+    for edu in ephemeral {
+        match edu.get("type").and_then(Value::as_str) {
+            Some("m.receipt") => {
+                let Some(room_id) = edu.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()) else { continue };
+                let Some(content) = edu.get("content").and_then(Value::as_object) else { continue };
+                for (event, by_type) in content {
+                    // Only public read receipts spread; m.read.private stays private.
+                    let Some(users) = by_type.get("m.read").and_then(Value::as_object) else { continue };
+                    let Ok(event_id) = ruma::EventId::parse(event) else { continue };
+                    for (user, data) in users {
+                        let Ok(user_id) = UserId::parse(user) else { continue };
+                        if !own(&user_id, &mut push) {
+                            continue;
+                        }
+                        push.receipts.push(PushedReceipt {
+                            room_id: room_id.clone(),
+                            event_id: event_id.clone(),
+                            user_id,
+                            ts: data.get("ts").and_then(Value::as_u64),
+                            thread_id: data.get("thread_id").and_then(Value::as_str).map(String::from),
+                        });
+                    }
+                }
+            }
+            Some("m.presence") => {
+                let (Some(user), Some(presence)) = (
+                    edu.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
+                    edu.get("content").and_then(|c| c.get("presence")).and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                if !matches!(presence, "online" | "unavailable" | "offline") || !own(&user, &mut push) {
+                    continue;
+                }
+                let ago = edu.get("content").and_then(|c| c.get("last_active_ago")).and_then(Value::as_u64);
+                push.presence.push((user, presence.to_owned(), ago));
+            }
+            _ => {}
+        }
+    }
+    for ev in events {
+        let Some(c) = client_event(ev, server) else { continue };
+        // A membership is spoken for by its target's server, a message by its sender's.
+        let speaker = match &c.state_key {
+            Some(sk) => match UserId::parse(sk.as_str()) {
+                Ok(u) => u,
+                Err(_) => continue,
+            },
+            None => c.sender.clone(),
+        };
+        if own(&speaker, &mut push) {
+            push.events.push(c);
+        }
+    }
+    Ok(push)
+}
+
 /// The record of a pushed room event fedlink follows: a membership change, or a message
 /// (sending counts as reading). Anything else, or anything malformed, gives `None`.
-fn client_event(ev: &Value, server: &OwnedServerName) -> Option<crate::core::log_entry::ClientEventEntry> {
+fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::log_entry::ClientEventEntry> {
     let event_type = ev.get("type").and_then(Value::as_str)?;
     let (state_key, membership) = match event_type {
         "m.room.message" => (None, None),
@@ -158,7 +274,7 @@ fn client_event(ev: &Value, server: &OwnedServerName) -> Option<crate::core::log
         _ => return None,
     };
     Some(crate::core::log_entry::ClientEventEntry {
-        via: server.clone(),
+        via: server.to_owned(),
         room_id: RoomId::parse(ev.get("room_id").and_then(Value::as_str)?).ok()?,
         event_id: ruma::EventId::parse(ev.get("event_id").and_then(Value::as_str)?).ok()?,
         sender: UserId::parse(ev.get("sender").and_then(Value::as_str)?).ok()?,
@@ -211,27 +327,27 @@ pub async fn transaction(
     Path(txn_id): Path<String>,
     Query(query): Query<std::collections::BTreeMap<String, String>>,
     headers: HeaderMap,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Result<Json<Value>, MatrixError> {
     let reg = authenticate(&app, &headers, &query)?;
-    let Json(body) = body.map_err(|e| MatrixError::bad_json(e.body_text()))?;
     let origin = format!("appservice:{}", reg.server_name);
     let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| MatrixError::internal("bad server name in config"))?;
+    let push = parse_push(&server, &body).inspect_err(|_| {
+        app.metrics.appservice_transactions.with_label_values(&["rejected"]).inc();
+    })?;
+    if push.foreign > 0 {
+        app.metrics.appservice_foreign_items.inc_by(push.foreign as u64);
+        tracing::warn!(server = %reg.server_name, %txn_id, dropped = push.foreign, "registration push spoke for other servers' users; dropped those items");
+    }
     // Where fedlink does not hold a read event, ask the homeserver for its timestamp (the
     // fallback order), before taking any lock.
-    let ephemeral = body.get("ephemeral").or_else(|| body.get("de.sorunome.msc2409.ephemeral")).and_then(Value::as_array).cloned().unwrap_or_default();
     let mut event_ts: std::collections::HashMap<ruma::OwnedEventId, u64> = std::collections::HashMap::new();
-    for edu in ephemeral.iter().filter(|e| e.get("type").and_then(Value::as_str) == Some("m.receipt")).take(100) {
-        let Some(room) = edu.get("room_id").and_then(Value::as_str) else { continue };
-        for (event, by_type) in edu.get("content").and_then(Value::as_object).into_iter().flatten() {
-            let Some(user) = by_type.get("m.read").and_then(Value::as_object).and_then(|u| u.keys().next()) else { continue };
-            let Ok(event_id) = ruma::EventId::parse(event) else { continue };
-            if event_ts.len() >= 50 || event_ts.contains_key(&event_id) || app.store.has_event(event_id.as_str()).unwrap_or(true) {
-                continue;
-            }
-            if let Some(ts) = fetch_event_ts(reg, room, event, user).await {
-                event_ts.insert(event_id, ts);
-            }
+    for r in &push.receipts {
+        if event_ts.len() >= 50 || event_ts.contains_key(&r.event_id) || app.store.has_event(r.event_id.as_str()).unwrap_or(true) {
+            continue;
+        }
+        if let Some(ts) = fetch_event_ts(reg, r.room_id.as_str(), r.event_id.as_str(), r.user_id.as_str()).await {
+            event_ts.insert(r.event_id.clone(), ts);
         }
     }
     let _lock = app.ingest.lock().await;
@@ -243,71 +359,40 @@ pub async fn transaction(
     let mut entries = Vec::new();
     {
         let views = app.views.read().await;
-        for edu in ephemeral.iter().take(10_000) {
-            match edu.get("type").and_then(Value::as_str) {
-                Some("m.receipt") => {
-                    let Some(room_id) = edu.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok()) else { continue };
-                    // Rooms the bot is in, and rooms known only through registrations.
-                    if !views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() || r.bot == crate::core::views::BotMembership::Absent) {
-                        continue;
-                    }
-                    let Some(content) = edu.get("content").and_then(Value::as_object) else { continue };
-                    for (event, by_type) in content {
-                        // Only public read receipts spread; m.read.private stays private.
-                        let Some(users) = by_type.get("m.read").and_then(Value::as_object) else { continue };
-                        let Ok(event_id) = ruma::EventId::parse(event) else { continue };
-                        for (user, data) in users {
-                            let Ok(user_id) = UserId::parse(user) else { continue };
-                            if user_id.server_name() != server {
-                                continue; // a homeserver speaks only for its own users
-                            }
-                            let thread_id = data.get("thread_id").and_then(Value::as_str).map(String::from);
-                            let stored = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id);
-                            let depth = stored.as_ref().map(|e| e.depth);
-                            let event_ts = match &stored {
-                                Some(e) => Some(e.origin_server_ts),
-                                None => event_ts.get(&event_id).copied(),
-                            };
-                            app.metrics.receipts_in.with_label_values(&["appservice"]).inc();
-                            entries.push(Entry::Receipt(ReceiptEntry {
-                                origin: server.clone(),
-                                room_id: room_id.clone(),
-                                receipt_type: "m.read".into(),
-                                user_id,
-                                event_id: event_id.clone(),
-                                ts: data.get("ts").and_then(Value::as_u64),
-                                thread_id,
-                                depth,
-                                event_ts,
-                                via_appservice: Some(true),
-                            }));
-                        }
-                    }
-                }
-                Some("m.presence") => {
-                    let (Some(user), Some(presence)) = (
-                        edu.get("sender").and_then(Value::as_str).and_then(|u| UserId::parse(u).ok()),
-                        edu.get("content").and_then(|c| c.get("presence")).and_then(Value::as_str),
-                    ) else {
-                        continue;
-                    };
-                    if user.server_name() != server || !matches!(presence, "online" | "unavailable" | "offline") {
-                        continue;
-                    }
-                    entries.push(Entry::Presence(PresenceEntry {
-                        origin: server.clone(),
-                        user_id: user,
-                        presence: presence.to_owned(),
-                        last_active_ago: edu.get("content").and_then(|c| c.get("last_active_ago")).and_then(Value::as_u64),
-                    }));
-                }
-                _ => {}
+        for r in push.receipts {
+            // Rooms the bot is in, and rooms known only through registrations.
+            if !views.rooms.get(&r.room_id).is_some_and(|room| room.bot_joined() || room.bot == crate::core::views::BotMembership::Absent) {
+                continue;
+            }
+            let stored = app.store.get_event(r.event_id.as_str()).ok().flatten().filter(|e| e.room_id == r.room_id);
+            let depth = stored.as_ref().map(|e| e.depth);
+            let event_ts = match &stored {
+                Some(e) => Some(e.origin_server_ts),
+                None => event_ts.get(&r.event_id).copied(),
+            };
+            app.metrics.receipts_in.with_label_values(&["appservice"]).inc();
+            entries.push(Entry::Receipt(ReceiptEntry {
+                origin: server.clone(),
+                room_id: r.room_id,
+                receipt_type: "m.read".into(),
+                user_id: r.user_id,
+                event_id: r.event_id,
+                ts: r.ts,
+                thread_id: r.thread_id,
+                depth,
+                event_ts,
+                via_appservice: Some(true),
+            }));
+        }
+        // Presence matters only for linked accounts (presence following).
+        for (user_id, presence, last_active_ago) in push.presence {
+            if views.directory.by_account.contains_key(&user_id) {
+                entries.push(Entry::Presence(PresenceEntry { origin: server.clone(), user_id, presence, last_active_ago }));
             }
         }
     }
     // Memberships and messages of rooms the bot is not in: the registration route's view.
-    let events = body.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
-    entries.extend(events.iter().take(10_000).filter_map(|ev| client_event(ev, &server)).map(Entry::ClientEvent));
+    entries.extend(push.events.into_iter().map(Entry::ClientEvent));
     let n = entries.len();
     app.append(entries, Some((&origin, &txn_id, &json!({})))).await?;
     app.store.flush().await?;

@@ -68,10 +68,33 @@ pub struct Metrics {
     pub rooms_pending_join: IntGauge,
     /// Views snapshots written.
     pub views_snapshots: IntCounter,
+    /// Items of registration pushes dropped because they spoke for another server's users.
+    pub appservice_foreign_items: IntCounter,
+    /// PDUs kept for rooms whose join is under way, by what became of them
+    /// (`parked`, `applied`, `dropped`, `refused`).
+    pub parked_pdus: IntCounterVec,
+    /// PDUs waiting for a join to land.
+    pub parked_pending: IntGauge,
+    /// Rooms whose join fedlink gave up (until a new invite or an admin request).
+    pub rooms_join_failed: IntGauge,
+    /// Destinations currently backing off, per queue (`outbox`, `invites`, `actions`).
+    pub destinations_backing_off: prometheus::IntGaugeVec,
+    /// Backed-off destinations woken early because the server contacted fedlink, per queue.
+    pub destination_wakeups: IntCounterVec,
+    /// Inbound federation requests refused with 429 because their origin had too many in flight.
+    pub inbound_rate_limited: IntCounter,
+    /// Invites for the bot refused by policy, by reason (`invites_from`, `max_rooms`).
+    pub bot_invites_refused: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
     r.register(Box::new(c.clone())).expect("metric registered once");
     c
 }
@@ -137,6 +160,18 @@ impl Metrics {
             rooms_joined: gauge(&r, "fedlink_rooms_joined", "Rooms the bot is joined to"),
             rooms_pending_join: gauge(&r, "fedlink_rooms_pending_join", "Rooms with an accepted invite whose join has not completed"),
             views_snapshots,
+            appservice_foreign_items: counter(&r, "fedlink_appservice_foreign_items_total", "Registration push items dropped because they spoke for another server's users"),
+            parked_pdus: counter_vec(&r, "fedlink_parked_pdus_total", "PDUs kept for rooms whose join is under way, by outcome", &["result"]),
+            parked_pending: gauge(&r, "fedlink_parked_pdus", "PDUs waiting for a join of the bot to land"),
+            rooms_join_failed: gauge(&r, "fedlink_rooms_join_failed", "Rooms whose join fedlink gave up"),
+            destinations_backing_off: {
+                let g = prometheus::IntGaugeVec::new(Opts::new("fedlink_destinations_backing_off", "Destinations backing off after failures, per queue"), &["queue"]).expect("static metric definition");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
+            destination_wakeups: counter_vec(&r, "fedlink_destination_wakeups_total", "Backed-off destinations woken early because the server contacted fedlink", &["queue"]),
+            inbound_rate_limited: counter(&r, "fedlink_inbound_rate_limited_total", "Inbound federation requests refused with 429 (too many in flight from one origin)"),
+            bot_invites_refused: counter_vec(&r, "fedlink_bot_invites_refused_total", "Invites for the bot refused by policy, by reason", &["reason"]),
             registry: r,
         }
     }

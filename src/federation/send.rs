@@ -28,7 +28,7 @@ pub const MAX_PDUS: usize = 50;
 pub const MAX_EDUS: usize = 100;
 
 /// Handle one transaction from an authenticated `origin`.
-pub async fn handle_send(app: &Fedlink, origin: &str, txn_id: &str, body: Value) -> Result<Value, MatrixError> {
+pub async fn handle_send(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) -> Result<Value, MatrixError> {
     let started = std::time::Instant::now();
     let result = handle_inner(app, origin, txn_id, body).await;
     app.metrics.transaction_seconds.observe(started.elapsed().as_secs_f64());
@@ -41,7 +41,20 @@ pub async fn handle_send(app: &Fedlink, origin: &str, txn_id: &str, body: Value)
     result.map(|(v, _)| v)
 }
 
-async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) -> Result<(Value, bool), MatrixError> {
+/// A transaction's body, shape-checked and within the spec's limits.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    /// The PDUs, unparsed (each is checked on its own).
+    pub pdus: Vec<Value>,
+    /// The EDUs, unparsed.
+    pub edus: Vec<Value>,
+}
+
+/// Parse a `/send` body from an authenticated `origin`: a JSON object whose `origin` (if
+/// given) is the sender, with at most [`MAX_PDUS`] PDUs and [`MAX_EDUS`] EDUs. Pure: the
+/// fuzz targets and property tests call it directly.
+pub fn parse_transaction(origin: &str, body: &[u8]) -> Result<Transaction, MatrixError> {
+    let body: Value = serde_json::from_slice(body).map_err(|e| MatrixError::bad_json(format!("body is not JSON: {e}")))?;
     let Value::Object(mut body) = body else { return Err(MatrixError::bad_json("transaction must be a JSON object")) };
     if let Some(o) = body.get("origin") {
         if o.as_str() != Some(origin) {
@@ -65,6 +78,11 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: Value) ->
             edus.len()
         )));
     }
+    Ok(Transaction { pdus, edus })
+}
+
+async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) -> Result<(Value, bool), MatrixError> {
+    let Transaction { pdus, edus } = parse_transaction(origin, body)?;
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
         // The first delivery may still be flushing: make sure what we acknowledge is durable.
         app.store.flush().await?;

@@ -140,8 +140,7 @@ async fn send(
 ) -> Result<Json<Value>, MatrixError> {
     let body = body_or_413(&app, body)?;
     let origin = authenticate(&app, &method, &uri, &headers, &body).await?;
-    let value = parse_json(&body)?;
-    super::send::handle_send(&app, &origin, &txn_id, value).await.map(Json)
+    super::send::handle_send(&app, &origin, &txn_id, &body).await.map(Json)
 }
 
 async fn invite(

@@ -1,7 +1,13 @@
 //! Other servers' signing keys: fetched directly from each server's key endpoint
-//! (`GET /_matrix/key/v2/server`; no notary), checked (server name, self-signature), cached in
-//! memory and sled, and refetched when a needed key is unknown or expired. Fetches per server
-//! are rate-limited so a hostile peer cannot make fedlink hammer a key server.
+//! (`GET /_matrix/key/v2/server`), checked (server name, self-signature), cached in memory and
+//! sled, and refetched when a needed key is unknown or expired. Fetches per server are
+//! rate-limited so a hostile peer cannot make fedlink hammer a key server.
+//!
+//! Keys of a server fedlink may not or cannot contact (outside `federation.allowed_servers`,
+//! or unreachable) can come from a notary: the server that handed fedlink the event (the
+//! room's resident), through `POST /_matrix/key/v2/query`. A notary's answer must carry the
+//! owner's self-signature and the notary's own signature. Keys had that way only verify
+//! events; they never authenticate requests (the allow-list is checked before any key).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -81,8 +87,7 @@ pub fn parse_key_response(server: &str, body: serde_json::Value) -> Result<Vec<(
         .iter()
         .filter_map(|(id, k)| Base64::parse(k.key.clone()).ok().map(|b| (id.clone(), b)))
         .collect();
-    let map = BTreeMap::from([(server.to_owned(), set)]);
-    ruma::signatures::verify_json(&map, &object).map_err(|e| format!("self-signature: {e}"))?;
+    verify_signed_by(&object, server, set).map_err(|e| format!("self-signature: {e}"))?;
     let mut out: Vec<(String, StoredKey)> = resp
         .verify_keys
         .into_iter()
@@ -94,6 +99,28 @@ pub fn parse_key_response(server: &str, body: serde_json::Value) -> Result<Vec<(
             .map(|(id, k)| (id, StoredKey { key: k.key, valid_until_ts: k.expired_ts, old: true })),
     );
     Ok(out)
+}
+
+/// Verify that `object` carries a valid signature by `entity` with one of `keys`. Unlike
+/// `ruma::signatures::verify_json` alone, a missing signature fails: only `entity`'s
+/// signatures with known key ids are checked, and there must be at least one.
+pub fn verify_signed_by(object: &CanonicalJsonObject, entity: &str, keys: PublicKeySet) -> Result<(), String> {
+    use ruma::canonical_json::CanonicalJsonValue as V;
+    let sigs = match object.get("signatures") {
+        Some(V::Object(all)) => match all.get(entity) {
+            Some(V::Object(sigs)) => sigs.clone(),
+            _ => return Err(format!("no signature by {entity}")),
+        },
+        _ => return Err("no signatures".into()),
+    };
+    let known: CanonicalJsonObject = sigs.into_iter().filter(|(id, _)| keys.contains_key(id)).collect();
+    if known.is_empty() {
+        return Err(format!("no signature by a known key of {entity}"));
+    }
+    let mut only = object.clone();
+    only.insert("signatures".into(), V::Object(CanonicalJsonObject::from([(entity.to_owned(), V::Object(known))])));
+    let map = BTreeMap::from([(entity.to_owned(), keys)]);
+    ruma::signatures::verify_json(&map, &only).map_err(|e| e.to_string())
 }
 
 /// The remote key cache.
@@ -162,8 +189,14 @@ impl RemoteKeys {
     }
 
     /// Public keys of `server` among `key_ids` valid at `at_ts` (ms); fetches when needed.
-    /// At least one key is returned, or an error.
+    /// At least one key is returned, or an error. Never consults a notary: for requests.
     pub async fn keys(&self, server: &str, key_ids: &[String], at_ts: u64) -> Result<PublicKeySet, KeyError> {
+        self.keys_for_event(server, key_ids, at_ts, None).await
+    }
+
+    /// Like [`RemoteKeys::keys`], for verifying events: when `server` may not or cannot be
+    /// contacted, ask `notary` (the server that handed over the event).
+    pub async fn keys_for_event(&self, server: &str, key_ids: &[String], at_ts: u64, notary: Option<&str>) -> Result<PublicKeySet, KeyError> {
         if server == self.own.0 {
             let set: PublicKeySet = key_ids
                 .iter()
@@ -176,7 +209,9 @@ impl RemoteKeys {
                 Ok(set)
             };
         }
-        if !self.allowed.is_empty() && !self.allowed.iter().any(|s| s == server) {
+        let allowed = self.allowed.is_empty() || self.allowed.iter().any(|s| s == server);
+        let notary = notary.filter(|n| *n != server && *n != self.own.0);
+        if !allowed && notary.is_none() {
             return Err(KeyError::NotAllowed { server: server.to_owned() });
         }
         let set = Self::usable(&self.known(server), key_ids, at_ts);
@@ -196,48 +231,124 @@ impl RemoteKeys {
         if !set.is_empty() {
             return Ok(set);
         }
-        let recently = self.last_fetch.lock().expect("lock").get(server).is_some_and(|t| t.elapsed() < REFETCH_INTERVAL);
-        if !recently {
-            self.fetch(server).await?;
-        }
-        let set = Self::usable(&self.known(server), key_ids, at_ts);
-        if set.is_empty() {
-            Err(KeyError::Unknown { server: server.into(), key_ids: key_ids.to_vec() })
+        let mut error = if allowed {
+            match self.due(server) {
+                true => self.fetch(server).await.err(),
+                false => Some(KeyError::Fetch { server: server.into(), reason: "fetched recently".into() }),
+            }
         } else {
-            Ok(set)
+            Some(KeyError::NotAllowed { server: server.to_owned() })
+        };
+        let set = Self::usable(&self.known(server), key_ids, at_ts);
+        if !set.is_empty() {
+            return Ok(set);
+        }
+        if let Some(notary) = notary {
+            if self.due(&format!("{server}\0{notary}")) {
+                if let Err(e) = self.fetch_via_notary(server, notary).await {
+                    error = Some(e);
+                }
+                let set = Self::usable(&self.known(server), key_ids, at_ts);
+                if !set.is_empty() {
+                    return Ok(set);
+                }
+            }
+        }
+        Err(match error {
+            Some(e @ KeyError::NotAllowed { .. }) => e,
+            _ => KeyError::Unknown { server: server.into(), key_ids: key_ids.to_vec() },
+        })
+    }
+
+    /// Whether a fetch under `key` is allowed now (at most one per [`REFETCH_INTERVAL`]);
+    /// records the attempt.
+    fn due(&self, key: &str) -> bool {
+        let mut last = self.last_fetch.lock().expect("lock");
+        if last.get(key).is_some_and(|t| t.elapsed() < REFETCH_INTERVAL) {
+            return false;
+        }
+        if last.len() > 10_000 {
+            last.retain(|_, t| t.elapsed() < REFETCH_INTERVAL);
+        }
+        last.insert(key.to_owned(), Instant::now());
+        true
+    }
+
+    /// Ask `notary` for `server`'s keys (`POST /_matrix/key/v2/query`). Each returned key
+    /// document must be `server`'s own, self-signed, and signed by the notary.
+    async fn fetch_via_notary(&self, server: &str, notary: &str) -> Result<(), KeyError> {
+        let _permit = self.fetches.acquire().await.map_err(|_| KeyError::Fetch { server: server.into(), reason: "shutting down".into() })?;
+        let fail = |reason: String| {
+            self.metrics.key_fetches.with_label_values(&["notary_error"]).inc();
+            tracing::warn!(%server, %notary, %reason, "key query through a notary failed");
+            KeyError::Fetch { server: server.to_owned(), reason }
+        };
+        let body = serde_json::json!({ "server_keys": { server: {} } });
+        let resp = self
+            .client
+            .request(notary, reqwest::Method::POST, "/_matrix/key/v2/query", Some(&body))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let docs = resp.get("server_keys").and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
+        let mut got: Vec<(String, StoredKey)> = Vec::new();
+        for doc in docs.into_iter().take(10) {
+            if doc.get("server_name").and_then(serde_json::Value::as_str) != Some(server) {
+                continue;
+            }
+            let object: CanonicalJsonObject = match ruma::canonical_json::CanonicalJsonValue::try_from(doc.clone()) {
+                Ok(ruma::canonical_json::CanonicalJsonValue::Object(o)) => o,
+                _ => continue,
+            };
+            let notary_ids: Vec<String> = match object.get("signatures") {
+                Some(ruma::canonical_json::CanonicalJsonValue::Object(s)) => match s.get(notary) {
+                    Some(ruma::canonical_json::CanonicalJsonValue::Object(k)) => k.keys().cloned().collect(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            let notary_keys = match Box::pin(self.keys(notary, &notary_ids, 0)).await {
+                Ok(k) => k,
+                Err(e) => return Err(fail(format!("notary's own keys: {e}"))),
+            };
+            verify_signed_by(&object, notary, notary_keys).map_err(|e| fail(format!("notary signature: {e}")))?;
+            got.extend(parse_key_response(server, doc).map_err(fail)?);
+        }
+        if got.is_empty() {
+            return Err(fail("the notary returned no keys".into()));
+        }
+        self.remember(server, got);
+        self.metrics.key_fetches.with_label_values(&["notary_ok"]).inc();
+        tracing::info!(%server, %notary, "fetched server keys through a notary");
+        Ok(())
+    }
+
+    /// Cache `keys` of `server` (validity capped), in memory and in sled.
+    fn remember(&self, server: &str, keys: Vec<(String, StoredKey)>) {
+        let cap = crate::app::now_ms() + MAX_KEY_VALIDITY_MS;
+        let mut mem = self.mem.lock().expect("key cache lock");
+        let entry = mem.entry(server.to_owned()).or_default();
+        for (id, mut k) in keys {
+            k.valid_until_ts = k.valid_until_ts.min(cap);
+            if let Err(e) = self.store.put_server_key(server, &id, &k) {
+                tracing::warn!(%server, error = %e, "cannot persist key");
+            }
+            entry.insert(id, k);
         }
     }
 
     async fn fetch(&self, server: &str) -> Result<(), KeyError> {
         let _permit = self.fetches.acquire().await.map_err(|_| KeyError::Fetch { server: server.into(), reason: "shutting down".into() })?;
-        {
-            let mut last = self.last_fetch.lock().expect("lock");
-            if last.len() > 10_000 {
-                last.retain(|_, t| t.elapsed() < REFETCH_INTERVAL);
-            }
-            last.insert(server.to_owned(), Instant::now());
-        }
         let fail = |reason: String| {
             self.metrics.key_fetches.with_label_values(&["error"]).inc();
             tracing::warn!(%server, %reason, "key fetch failed");
             KeyError::Fetch { server: server.to_owned(), reason }
         };
         let body = self.client.get_unsigned(server, "/_matrix/key/v2/server").await.map_err(|e| fail(e.to_string()))?;
-        let mut keys = parse_key_response(server, body).map_err(fail)?;
-        let cap = crate::app::now_ms() + MAX_KEY_VALIDITY_MS;
-        for (_, k) in keys.iter_mut() {
-            k.valid_until_ts = k.valid_until_ts.min(cap);
-        }
-        let mut mem = self.mem.lock().expect("key cache lock");
-        let entry = mem.entry(server.to_owned()).or_default();
-        for (id, k) in keys {
-            if let Err(e) = self.store.put_server_key(server, &id, &k) {
-                tracing::warn!(%server, error = %e, "cannot persist key");
-            }
-            entry.insert(id, k);
-        }
+        let keys = parse_key_response(server, body).map_err(fail)?;
+        let n = keys.len();
+        self.remember(server, keys);
         self.metrics.key_fetches.with_label_values(&["ok"]).inc();
-        tracing::info!(%server, keys = entry.len(), "fetched server keys");
+        tracing::info!(%server, keys = n, "fetched server keys");
         Ok(())
     }
 }

@@ -36,9 +36,12 @@ pub enum Rejection {
     /// The room is unknown to fedlink or its version unsupported.
     #[error("{0}")]
     Room(String),
-    /// Keys could not be had.
+    /// Keys could not be had (yet: the server may be reachable later).
     #[error("{0}")]
     Keys(String),
+    /// Keys of a server fedlink may not contact, and no notary vouched for them.
+    #[error("{0}")]
+    KeysForbidden(String),
     /// A signature does not verify.
     #[error("signature check failed: {0}")]
     Signature(String),
@@ -56,7 +59,7 @@ impl Rejection {
         match self {
             Rejection::Format(_) => "format",
             Rejection::Room(_) => "room",
-            Rejection::Keys(_) => "keys",
+            Rejection::Keys(_) | Rejection::KeysForbidden(_) => "keys",
             Rejection::Signature(_) => "signature",
             Rejection::Auth(_) => "auth",
             Rejection::MissingAuth(_) => "missing_auth",
@@ -70,6 +73,17 @@ pub async fn verify_signatures(
     keys: &RemoteKeys,
     object: CanonicalJsonObject,
     rules: &RoomVersionRules,
+) -> Result<CanonicalJsonObject, Rejection> {
+    verify_signatures_via(keys, object, rules, None).await
+}
+
+/// [`verify_signatures`], asking `notary` (the server that handed over the event) for keys of
+/// servers fedlink may not or cannot contact.
+pub async fn verify_signatures_via(
+    keys: &RemoteKeys,
+    object: CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    notary: Option<&str>,
 ) -> Result<CanonicalJsonObject, Rejection> {
     let servers = ruma::signatures::required_server_signatures_to_verify_event(&object, &rules.signatures)
         .map_err(|e| Rejection::Format(e.to_string()))?;
@@ -90,7 +104,10 @@ pub async fn verify_signatures(
         if key_ids.is_empty() {
             return Err(Rejection::Signature(format!("no signature from {server}")));
         }
-        let set = keys.keys(server.as_str(), &key_ids, at).await.map_err(|e| Rejection::Keys(e.to_string()))?;
+        let set = keys.keys_for_event(server.as_str(), &key_ids, at, notary).await.map_err(|e| match e {
+            crate::keys::remote::KeyError::NotAllowed { .. } => Rejection::KeysForbidden(e.to_string()),
+            _ => Rejection::Keys(e.to_string()),
+        })?;
         map.insert(server.to_string(), set);
     }
     verify_with_keys(&map, object, rules)
