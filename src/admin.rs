@@ -28,6 +28,7 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .route("/_fedlink/admin/v1/persons/{id}/opt_out", axum::routing::put(put_opt_out))
         .route("/_fedlink/admin/v1/persons/{id}/settings", axum::routing::put(put_settings))
         .route("/_fedlink/admin/v1/destinations", get(destinations))
+        .route("/_fedlink/admin/v1/rooms/{room_id}/join", axum::routing::post(retry_join))
         .route("/_fedlink/admin/v1/destinations/{dest}/retry", axum::routing::post(retry_destination))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -70,6 +71,7 @@ fn bot_state(b: &BotMembership) -> &'static str {
         BotMembership::Invited { .. } => "invited",
         BotMembership::Joined => "joined",
         BotMembership::Left { .. } => "left",
+        BotMembership::JoinFailed { .. } => "join_failed",
         BotMembership::Absent => "absent",
     }
 }
@@ -109,7 +111,7 @@ async fn room(State(app): State<AppState>, Path(room_id): Path<String>) -> Resul
     let id = ruma::RoomId::parse(&room_id).map_err(|e| MatrixError::invalid_param(format!("bad room id: {e}")))?;
     let views = app.views.read().await;
     let r = views.rooms.get(&id).ok_or_else(|| MatrixError::not_found("fedlink does not know this room"))?;
-    let join = app.joins.lock().expect("joins lock").get(&id).cloned();
+    let join = app.joins.status(&id);
     Ok(Json(json!({
         "room_id": id,
         "room_version": r.version,
@@ -226,16 +228,29 @@ async fn put_settings(State(app): State<AppState>, Path(id): Path<String>, body:
     Ok(Json(json!({})))
 }
 
+/// `POST /_fedlink/admin/v1/rooms/{roomId}/join`: try a given-up join again.
+async fn retry_join(State(app): State<AppState>, Path(room_id): Path<String>) -> Result<Json<Value>, MatrixError> {
+    let id = ruma::RoomId::parse(&room_id).map_err(|e| MatrixError::invalid_param(format!("bad room id: {e}")))?;
+    let _lock = app.ingest.lock().await;
+    let bot = app.views.read().await.rooms.get(&id).map(|r| r.bot.clone()).ok_or_else(|| MatrixError::not_found("fedlink does not know this room"))?;
+    if !matches!(bot, BotMembership::JoinFailed { .. }) {
+        return Err(MatrixError::new(axum::http::StatusCode::CONFLICT, "M_CONFLICT", format!("the bot's membership is `{}`; only a given-up join can be retried", bot_state(&bot))));
+    }
+    app.append(vec![crate::core::log_entry::Entry::BotJoinRetry(crate::core::log_entry::BotJoinRetry { room_id: id.clone() })], None).await?;
+    app.store.flush().await?;
+    app.joins.schedule(&id, 0);
+    tracing::info!(room_id = %id, "an admin asked to retry a given-up join");
+    Ok(Json(json!({ "bot_membership": "invited" })))
+}
+
 async fn destinations(State(app): State<AppState>) -> Json<Value> {
     Json(crate::outbox::destinations_report(&app))
 }
 
 async fn retry_destination(State(app): State<AppState>, Path(dest): Path<String>) -> Result<Json<Value>, MatrixError> {
     let n = app.store.retry_dead_letters(&dest)?;
-    if let Some(s) = app.destinations.lock().expect("lock").get_mut(&dest) {
-        s.next_attempt_ms = 0;
-    }
-    app.outbox_wake.notify_one();
+    app.outbox.lanes.contact(&dest);
+    app.outbox.wake.notify_one();
     Ok(Json(json!({ "requeued": n })))
 }
 

@@ -2,16 +2,15 @@
 //! shut down cleanly when the shutdown future resolves.
 
 use std::{
-    collections::HashMap,
     future::Future,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context;
-use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId};
-use tokio::sync::{Notify, RwLock};
+use ruma::{OwnedServerName, OwnedUserId};
+use tokio::sync::RwLock;
 
 use crate::{
     config::Config,
@@ -77,28 +76,22 @@ pub struct Fedlink {
     pub views: RwLock<Views>,
     /// Serialises check-against-state, append and fold.
     pub ingest: tokio::sync::Mutex<()>,
-    /// Wakes the join worker.
-    pub join_wake: Notify,
-    /// Wakes the outbox worker.
-    pub outbox_wake: Notify,
     /// Bumped on every append: the reconcile worker runs when it changes.
     pub changes: tokio::sync::watch::Sender<u64>,
-    /// Delivery state per destination.
-    pub destinations: Mutex<HashMap<String, crate::outbox::DestinationStatus>>,
-    /// Invite delivery retry state per (room, target).
-    pub invite_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId), RetryStatus>>,
-    /// Join retry state per room.
-    pub joins: Mutex<HashMap<OwnedRoomId, RetryStatus>>,
+    /// Tells every worker and lane to stop.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// The join service (its lanes and retry state).
+    pub joins: crate::federation::membership::Joins,
+    /// The outbox service (its lanes).
+    pub outbox: crate::outbox::Outbox,
+    /// The sync service's delivery state (invite and action lanes, retries).
+    pub sync: crate::sync::SyncState,
+    /// In-flight inbound requests per origin (the `rc_federation`-style limit).
+    pub inbound: Arc<crate::federation::server::InboundLimit>,
     /// Admin bearer token.
     pub admin_token: String,
     /// Homeservers with an application-service registration (the reconciler's routes).
     pub routes: crate::core::reconcile::Routes,
-    /// Retry state of actions through the application-service route.
-    pub action_retries: Mutex<HashMap<(OwnedRoomId, OwnedUserId, String), RetryStatus>>,
-    /// When fedlink last set a user online (presence following), to avoid repeating itself.
-    pub presence_sent: Mutex<HashMap<OwnedUserId, std::time::Instant>>,
-    /// When the read that caused a pending read action arrived (for the latency histogram).
-    pub read_started: Mutex<HashMap<(OwnedRoomId, OwnedUserId), std::time::Instant>>,
 }
 
 impl Fedlink {
@@ -120,7 +113,13 @@ impl Fedlink {
         ));
         let bot: OwnedUserId = cfg.bot_user_id().try_into().context("bot.localpart")?;
         let views = fold_views(&store, bot.clone(), false)?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let app = Arc::new(Self {
+            stop,
+            joins: crate::federation::membership::Joins::new(metrics.clone(), stop_rx.clone()),
+            outbox: crate::outbox::Outbox::new(metrics.clone(), stop_rx.clone()),
+            sync: crate::sync::SyncState::new(metrics.clone(), stop_rx.clone()),
+            inbound: Arc::new(crate::federation::server::InboundLimit::new(cfg.federation.max_inflight_per_origin)),
             server_name: cfg.server_name.clone().try_into().context("server_name")?,
             bot,
             key,
@@ -130,12 +129,7 @@ impl Fedlink {
             metrics,
             views: RwLock::new(views),
             ingest: tokio::sync::Mutex::new(()),
-            join_wake: Notify::new(),
-            outbox_wake: Notify::new(),
             changes: tokio::sync::watch::Sender::new(0),
-            destinations: Mutex::new(HashMap::new()),
-            invite_retries: Mutex::new(HashMap::new()),
-            joins: Mutex::new(HashMap::new()),
             admin_token,
             routes: cfg
                 .appservice
@@ -147,9 +141,6 @@ impl Fedlink {
                     ))
                 })
                 .collect(),
-            action_retries: Mutex::new(HashMap::new()),
-            read_started: Mutex::new(HashMap::new()),
-            presence_sent: Mutex::new(HashMap::new()),
             cfg,
         });
         Ok(app)
@@ -183,7 +174,7 @@ impl Fedlink {
         }
         // Wake the workers only once the views show what was appended.
         if !outbox.is_empty() {
-            self.outbox_wake.notify_one();
+            self.outbox.wake.notify_one();
         }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
         for k in kinds {
@@ -196,6 +187,8 @@ impl Fedlink {
     fn update_view_gauges(&self, views: &Views) {
         let joined = views.rooms.values().filter(|r| r.bot_joined()).count();
         let pending = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::Invited { .. })).count();
+        let failed = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::JoinFailed { .. })).count();
+        self.metrics.rooms_join_failed.set(failed as i64);
         self.metrics.rooms_joined.set(joined as i64);
         self.metrics.rooms_pending_join.set(pending as i64);
     }
@@ -273,7 +266,8 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
         .serve(fed_router.into_make_service());
     let admin_router = crate::admin::router(app.clone());
     let admin_listener = tokio::net::TcpListener::from_std(listeners.metrics)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = app.stop.clone();
+    let stop_rx = stop_tx.subscribe();
     let mut admin_stop = stop_rx.clone();
     let admin = axum::serve(admin_listener, admin_router).with_graceful_shutdown(async move {
         let _ = admin_stop.wait_for(|s| *s).await;

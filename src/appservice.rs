@@ -62,8 +62,11 @@ pub fn registration_yaml(cfg: &Config, server: &str) -> Result<String, String> {
 /// Why an action failed.
 #[derive(Debug)]
 pub enum ActionError {
-    /// Network, 429 or 5xx: retry later.
+    /// Network, 429 or 5xx: the homeserver is in trouble; back it off.
     Transient(String),
+    /// The homeserver answered but cannot do it yet (it lacks the event): retry this action
+    /// later without holding others.
+    NotYet(String),
     /// Refused: retrying will not help.
     Refused(String),
 }
@@ -108,8 +111,12 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
         // drops it: wait until the event has reached it.
         let url = format!("{base}/_matrix/client/v3/rooms/{room}/event/{}?{as_user}", enc(event.as_str()));
         let resp = http().get(&url).bearer_auth(&reg.as_token).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(ActionError::Transient(format!("{} does not have {event} yet ({})", reg.server_name, resp.status())));
+        let status = resp.status();
+        if status.as_u16() == 429 || status.is_server_error() {
+            return Err(ActionError::Transient(format!("{} answered {status}", reg.server_name)));
+        }
+        if !status.is_success() {
+            return Err(ActionError::NotYet(format!("{} does not have {event} yet ({status})", reg.server_name)));
         }
     }
     let url = format!("{base}{path}?{as_user}");

@@ -265,6 +265,10 @@ pub struct Federation {
     /// Largest response body accepted from a peer, in bytes (send_join answers can be big).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Most inbound requests one origin may have in flight; more get 429 `M_LIMIT_EXCEEDED`
+    /// (in the spirit of Synapse's `rc_federation.concurrent`).
+    #[serde(default = "default_max_inflight_per_origin")]
+    pub max_inflight_per_origin: usize,
 }
 impl Default for Federation {
     fn default() -> Self {
@@ -277,6 +281,7 @@ impl Default for Federation {
             request_timeout_secs: default_request_timeout(),
             allow_private_networks: false,
             max_response_bytes: default_max_response_bytes(),
+            max_inflight_per_origin: default_max_inflight_per_origin(),
         }
     }
 }
@@ -289,6 +294,9 @@ fn default_max_request_bytes() -> usize {
 }
 fn default_max_response_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_max_inflight_per_origin() -> usize {
+    8
 }
 fn default_request_timeout() -> u64 {
     30
@@ -304,10 +312,35 @@ pub struct Bot {
     /// Display name served through the profile query.
     #[serde(default = "default_bot_displayname")]
     pub displayname: String,
+    /// Who may invite the bot: server names (`kiwi.example`) or user patterns with `*`
+    /// wildcards (`@admin-*:kiwi.example`). Empty: any user of an allowed server.
+    #[serde(default, deserialize_with = "list_or_csv")]
+    pub invites_from: Vec<String>,
+    /// Most rooms the bot is in or joining; further invites are refused.
+    #[serde(default = "default_max_rooms")]
+    pub max_rooms: usize,
 }
 impl Default for Bot {
     fn default() -> Self {
-        Self { localpart: default_bot_localpart(), displayname: default_bot_displayname() }
+        Self { localpart: default_bot_localpart(), displayname: default_bot_displayname(), invites_from: Vec::new(), max_rooms: default_max_rooms() }
+    }
+}
+fn default_max_rooms() -> usize {
+    10_000
+}
+
+impl Bot {
+    /// Whether `inviter` may invite the bot (`invites_from`; empty allows anyone the
+    /// federation allow-list lets in).
+    pub fn may_invite(&self, inviter: &ruma::UserId) -> bool {
+        self.invites_from.is_empty()
+            || self.invites_from.iter().any(|p| {
+                if p.starts_with('@') {
+                    crate::rooms::glob_match(p, inviter.as_str())
+                } else {
+                    p == inviter.server_name().as_str()
+                }
+            })
     }
 }
 fn default_bot_localpart() -> String {
@@ -412,6 +445,18 @@ impl Config {
         }
         if self.federation.max_request_bytes < 65_536 {
             return Err(invalid("federation.max_request_bytes", "must be at least 65536 (one PDU)"));
+        }
+        if self.federation.max_inflight_per_origin == 0 {
+            return Err(invalid("federation.max_inflight_per_origin", "must be positive"));
+        }
+        if self.bot.max_rooms == 0 {
+            return Err(invalid("bot.max_rooms", "must be positive"));
+        }
+        for (i, p) in self.bot.invites_from.iter().enumerate() {
+            let ok = if p.starts_with('@') { p.contains(':') } else { ruma::ServerName::parse(p).is_ok() };
+            if !ok {
+                return Err(invalid(&format!("bot.invites_from[{i}]"), format!("`{p}` is neither a server name nor a user pattern like `@*:kiwi.example`")));
+            }
         }
         if self.federation.request_timeout_secs == 0 {
             return Err(invalid("federation.request_timeout_secs", "must be positive"));

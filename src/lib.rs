@@ -20,6 +20,8 @@
 //!   leaves, presence).
 //! - [`appservice`]: the registration route (registration YAML, transaction endpoint,
 //!   actions as users with `?user_id=`).
+//! - [`lanes`]: per-destination lanes (own task, one request in flight, own backoff, woken
+//!   when the server contacts fedlink) for the outbox, invites, actions and joins.
 //! - [`outbox`]: durable per-destination delivery of PDUs.
 //! - [`admin`]: `/metrics`, the bearer-token admin API, and the appservice endpoint.
 //! - [`metrics`]: every `fedlink_*` metric.
@@ -38,6 +40,7 @@ pub mod core;
 pub mod directory;
 pub mod federation;
 pub mod keys;
+pub mod lanes;
 pub mod metrics;
 pub mod outbox;
 pub mod sync;

@@ -6,6 +6,8 @@
 //! - `txns`: `origin \0 txn_id` -> the response JSON we answered (idempotent retransmits).
 //! - `views`: the latest views snapshot.
 //! - `server_keys`: `server \0 key_id` -> cached remote key.
+//! - `parked`: `room_id \0 id` -> `{origin, pdu}`: PDUs received for a room whose join is under
+//!   way, kept (durably, before the sender's 200) until the join lands; not yet log records.
 //!
 //! [`Store::append`] writes all records of one batch, their index entries and the
 //! transaction's response in one sled transaction, so a crash never leaves half a batch;
@@ -59,6 +61,9 @@ pub struct Store {
     state_at: sled::Tree,
     state_group_of: sled::Tree,
     state_groups: sled::Tree,
+    parked: sled::Tree,
+    /// PDUs in `parked` (kept in step with the tree).
+    parked_len: std::sync::atomic::AtomicUsize,
     /// Serialises appends and holds the last assigned sequence number.
     next_seq: Mutex<u64>,
 }
@@ -85,6 +90,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open()?;
         let log = db.open_tree("log")?;
+        let parked = db.open_tree("parked")?;
         let last = match log.last()? {
             Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("log", "key is not 8 bytes"))?),
             None => 0,
@@ -99,6 +105,8 @@ impl Store {
             state_at: db.open_tree("state_at")?,
             state_group_of: db.open_tree("state_group_of")?,
             state_groups: db.open_tree("state_groups")?,
+            parked_len: std::sync::atomic::AtomicUsize::new(parked.len()),
+            parked,
             log,
             db,
             next_seq: Mutex::new(last),
@@ -390,6 +398,62 @@ impl Store {
     pub fn put_state_group(&self, group: &str, entries: &[StateEntry]) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(entries).map_err(|e| corrupt("state_groups", e))?;
         self.state_groups.insert(group.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Keep `pdu` from `origin` for `room_id` until the bot's join there lands. Not durable
+    /// until [`Store::flush`].
+    pub fn park(&self, room_id: &str, origin: &str, pdu: &serde_json::Value) -> Result<(), StoreError> {
+        let key: Vec<u8> = txn_key(room_id, "").into_iter().chain(self.db.generate_id()?.to_be_bytes()).collect();
+        let bytes = serde_json::to_vec(&serde_json::json!({ "origin": origin, "pdu": pdu })).map_err(|e| corrupt("parked", e))?;
+        if self.parked.insert(key, bytes)?.is_none() {
+            self.parked_len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// PDUs parked for `room_id`, counting at most `limit`.
+    pub fn parked_count(&self, room_id: &str, limit: usize) -> usize {
+        self.parked.scan_prefix(txn_key(room_id, "")).keys().take(limit).count()
+    }
+
+    /// All parked PDUs.
+    pub fn parked_total(&self) -> usize {
+        self.parked_len.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Rooms with parked PDUs.
+    pub fn parked_rooms(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        for k in self.parked.iter().keys() {
+            let room = dest_of(&k?)?;
+            if out.last() != Some(&room) {
+                out.push(room);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The PDUs parked for `room_id`, in arrival order: (key, origin, pdu).
+    pub fn parked_for(&self, room_id: &str) -> Result<Vec<(Vec<u8>, String, serde_json::Value)>, StoreError> {
+        self.parked
+            .scan_prefix(txn_key(room_id, ""))
+            .map(|r| {
+                let (k, v) = r?;
+                let mut rec: serde_json::Value = serde_json::from_slice(&v).map_err(|e| corrupt("parked", e))?;
+                let origin = rec["origin"].as_str().unwrap_or_default().to_owned();
+                Ok((k.to_vec(), origin, rec["pdu"].take()))
+            })
+            .collect()
+    }
+
+    /// Forget parked PDUs (applied, or their join was given up).
+    pub fn unpark(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        for k in keys {
+            if self.parked.remove(k.as_slice())?.is_some() {
+                self.parked_len.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Ok(())
     }
 

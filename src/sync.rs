@@ -6,8 +6,17 @@
 //! countersigned event is then logged as the bot's own PDU and queued for every other
 //! server in the room. A lack of power is logged once as `invite_failed` (visible in
 //! metrics and the admin API) and comes back only when the power levels change.
+//!
+//! Delivery goes through per-destination lanes ([`crate::lanes`]): invites by the target's
+//! server, registration actions (and presence) by the homeserver acting. A dead or hanging
+//! homeserver backs off its own lane only. An action the homeserver cannot do *yet* (a read
+//! of an event it does not hold) is retried on its own schedule without holding its lane.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use reqwest::Method;
 use ruma::{OwnedRoomId, OwnedUserId};
@@ -21,10 +30,54 @@ use crate::{
         reconcile::{decide, Action},
     },
     federation::client::enc,
+    lanes::{Lanes, Step},
     rooms::{build, check_auth},
 };
 
-/// Runs reconcile and invite delivery until `stop`.
+/// An action's identity: (room, user, kind).
+type ActionKey = (OwnedRoomId, OwnedUserId, String);
+
+/// The sync service's own delivery state.
+pub struct SyncState {
+    /// Invite lanes, by the target's server.
+    pub invites: Arc<Lanes>,
+    /// Registration action lanes, by the acting homeserver.
+    pub actions: Arc<Lanes>,
+    /// Per-action retry state for actions the homeserver cannot do yet.
+    not_yet: Mutex<HashMap<ActionKey, crate::app::RetryStatus>>,
+    /// Membership actions done, waiting for the membership to come back.
+    sent: Mutex<HashSet<ActionKey>>,
+    /// When fedlink last set a user online (presence following), to avoid repeating itself.
+    presence_sent: Mutex<HashMap<OwnedUserId, Instant>>,
+    /// When the read that caused a pending read action arrived (for the latency histogram).
+    read_started: Mutex<HashMap<(OwnedRoomId, OwnedUserId), Instant>>,
+}
+
+impl SyncState {
+    /// The sync service's state for `metrics`, stopping with `stop`.
+    pub fn new(metrics: Arc<crate::metrics::Metrics>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            invites: Lanes::new("invites", crate::core::backoff::Backoff::DEFAULT, metrics.clone(), stop.clone()),
+            actions: Lanes::new("actions", crate::core::backoff::Backoff::DEFAULT, metrics, stop),
+            not_yet: Default::default(),
+            sent: Default::default(),
+            presence_sent: Default::default(),
+            read_started: Default::default(),
+        }
+    }
+
+    /// Retry state of actions the homeserver could not do yet, for the admin API.
+    pub fn not_yet_report(&self) -> Vec<serde_json::Value> {
+        self.not_yet
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|((room, user, kind), s)| json!({ "room_id": room, "user_id": user, "kind": kind, "status": s }))
+            .collect()
+    }
+}
+
+/// Runs reconcile and hands due deliveries to their lanes until `stop`.
 pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut changes = app.changes.subscribe();
     loop {
@@ -32,13 +85,7 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
         if let Err(e) = reconcile_once(&app).await {
             tracing::error!(error = %e, "reconcile failed");
         }
-        let next_due = deliver_invites(&app).await;
-        let actions_due = deliver_actions(&app).await;
-        follow_presence(&app).await;
-        let next_due = match (next_due, actions_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next_due = schedule(&app).await;
         let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(30));
         tokio::select! {
             _ = changes.changed() => {}
@@ -46,6 +93,71 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
             _ = stop.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Kick the lanes of every destination with due work; returns when the next per-action
+/// retry is due.
+async fn schedule(app: &Arc<Fedlink>) -> Option<u64> {
+    let (invite_dests, actions): (HashSet<String>, Vec<UserAction>) = {
+        let views = app.views.read().await;
+        (
+            views.rooms.values().flat_map(|r| r.pending_invites.keys().map(|t| t.server_name().to_string())).collect(),
+            views.rooms.values().flat_map(|r| r.pending_actions.values().cloned()).collect(),
+        )
+    };
+    for dest in invite_dests {
+        let a = app.clone();
+        app.sync.invites.kick(&dest, move |d| {
+            let a = a.clone();
+            async move { deliver_invites(&a, &d).await }
+        });
+    }
+    // Forget the state of actions that are settled (their membership or read arrived).
+    let live: HashSet<ActionKey> = actions.iter().map(action_key).collect();
+    app.sync.not_yet.lock().expect("lock").retain(|k, _| live.contains(k));
+    app.sync.sent.lock().expect("lock").retain(|k| live.contains(k));
+    let mut next_due: Option<u64> = None;
+    let mut action_dests: HashSet<String> = presence_servers(app);
+    let now = now_ms();
+    for a in &actions {
+        match action_due(app, a) {
+            Some(due) if due > now => crate::core::backoff::earliest(&mut next_due, due),
+            Some(_) => {
+                action_dests.insert(acting(a).server_name().to_string());
+            }
+            None => {}
+        }
+    }
+    for dest in action_dests {
+        let a = app.clone();
+        app.sync.actions.kick(&dest, move |d| {
+            let a = a.clone();
+            async move { deliver_actions(&a, &d).await }
+        });
+    }
+    next_due
+}
+
+fn action_key(a: &UserAction) -> ActionKey {
+    (a.room_id.clone(), a.user_id.clone(), a.kind.clone())
+}
+
+/// The account whose homeserver performs `a` (an invite is done by the inviting sibling).
+fn acting(a: &UserAction) -> &OwnedUserId {
+    match (&a.actor, a.kind.as_str()) {
+        (Some(actor), "invite") => actor,
+        _ => &a.user_id,
+    }
+}
+
+/// When `a` may be tried (ms since the epoch), or `None` when it was done and waits for its
+/// membership to come back.
+fn action_due(app: &Fedlink, a: &UserAction) -> Option<u64> {
+    let key = action_key(a);
+    if app.sync.sent.lock().expect("lock").contains(&key) {
+        return None;
+    }
+    Some(app.sync.not_yet.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0))
 }
 
 /// Decide and log what to do.
@@ -74,29 +186,29 @@ pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreErro
             }
             Action::SetRead { room_id, target, event_id, position } => {
                 app.metrics.reconcile_actions.with_label_values(&["read"]).inc();
-                app.read_started.lock().expect("lock").insert((room_id.clone(), target.clone()), std::time::Instant::now());
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None, actor: None, event_ts: position.1 })
+                app.sync.read_started.lock().expect("lock").insert((room_id.clone(), target.clone()), Instant::now());
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None, actor: None, event_ts: position.1, depth: position.0 })
             }
             Action::Join { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["join"]).inc();
                 tracing::info!(%room_id, %target, "joining an invited linked account");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None, actor: None, event_ts: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None, actor: None, event_ts: None, depth: None })
             }
             Action::Leave { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["leave"]).inc();
                 tracing::info!(%room_id, %target, "a linked account left; its sibling leaves too");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None, actor: None, event_ts: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None, actor: None, event_ts: None, depth: None })
             }
             Action::InviteAs { room_id, actor, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["invite_as"]).inc();
                 tracing::info!(%room_id, %actor, %target, "inviting a linked account as its joined sibling");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "invite".into(), event_id: None, reason: None, actor: Some(actor), event_ts: None })
+                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "invite".into(), event_id: None, reason: None, actor: Some(actor), event_ts: None, depth: None })
             }
             Action::Unsupported { room_id, target, kind } => {
                 app.metrics.unsupported_actions.with_label_values(&[kind]).inc();
                 let reason = format!("{} has no application-service registration for fedlink; over federation fedlink may not {kind} for its users", target.server_name());
                 tracing::warn!(%room_id, %target, kind, "unsupported action recorded");
-                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason), actor: None, event_ts: None })
+                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason), actor: None, event_ts: None, depth: None })
             }
             Action::MissingPower { room_id, target, power_levels_event, needed, have } => {
                 app.metrics.reconcile_actions.with_label_values(&["missing_power"]).inc();
@@ -130,40 +242,41 @@ async fn build_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId
     }
 }
 
-/// Send pending invites that are due; returns when the next retry is due.
-async fn deliver_invites(app: &Fedlink) -> Option<u64> {
+/// One step of `dest`'s invite lane: send every pending invite for its users. A transient
+/// failure backs the lane off; a refusal is logged and the lane goes on.
+async fn deliver_invites(app: &Fedlink, dest: &str) -> Step {
     let pending: Vec<(OwnedRoomId, OwnedUserId, Value, ruma::RoomVersionId)> = {
         let views = app.views.read().await;
         views
             .rooms
             .iter()
-            .flat_map(|(id, r)| r.pending_invites.iter().map(move |(t, p)| (id.clone(), t.clone(), p.event.clone(), r.version.clone())))
+            .flat_map(|(id, r)| {
+                r.pending_invites
+                    .iter()
+                    .filter(|(t, _)| t.server_name().as_str() == dest)
+                    .map(move |(t, p)| (id.clone(), t.clone(), p.event.clone(), r.version.clone()))
+            })
             .collect()
     };
-    let mut next_due: Option<u64> = None;
+    let mut delivered = 0;
     for (room_id, target, event, version) in pending {
-        let key = (room_id.clone(), target.clone());
-        let due = app.invite_retries.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0);
-        if due > now_ms() {
-            crate::core::backoff::earliest(&mut next_due, due);
+        // Opt-out, unlink or a membership may have settled it since.
+        if !app.views.read().await.rooms.get(&room_id).is_some_and(|r| r.pending_invites.contains_key(&target)) {
             continue;
         }
         match send_invite(app, &room_id, &target, event, &version).await {
             Ok(()) => {
-                app.invite_retries.lock().expect("lock").remove(&key);
+                delivered += 1;
                 app.metrics.invites_sent.with_label_values(&["ok"]).inc();
             }
             Err(InviteError::Transient(reason)) => {
-                let mut retries = app.invite_retries.lock().expect("lock");
-                let s = retries.entry(key).or_default();
-                crate::core::backoff::earliest(&mut next_due, s.fail_transient(reason.clone()));
                 app.metrics.invites_sent.with_label_values(&["transient_error"]).inc();
-                tracing::warn!(%room_id, %target, failures = s.failures, %reason, "invite delivery failed; will retry");
+                tracing::warn!(%room_id, %target, %reason, "invite delivery failed; will retry");
+                return Step::Failed(reason);
             }
             Err(InviteError::Refused(reason)) => {
                 app.metrics.invites_sent.with_label_values(&["refused"]).inc();
                 tracing::warn!(%room_id, %target, %reason, "the target's server refused the invite");
-                app.invite_retries.lock().expect("lock").remove(&key);
                 let _lock = app.ingest.lock().await;
                 let entry = Entry::InviteFailed(InviteFailed { room_id, target, reason, power_levels_event: None });
                 if app.append(vec![entry], None).await.is_ok() {
@@ -172,7 +285,44 @@ async fn deliver_invites(app: &Fedlink) -> Option<u64> {
             }
         }
     }
-    next_due
+    Step::Done { delivered, more: false }
+}
+
+/// Check the invite a target's server returned before it is stored or relayed: our own
+/// signature and content hash intact, the target server's signature valid, and nothing
+/// but signatures added.
+async fn verify_returned_invite(app: &Fedlink, ours: &Value, returned: Pdu, target: &OwnedUserId, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu, String> {
+    use ruma::canonical_json::CanonicalJsonValue as V;
+    let mut as_returned = returned.json.clone();
+    as_returned.remove("unsigned");
+    let verified = crate::rooms::verify_signatures(&app.keys, returned.json.clone(), rules).await.map_err(|e| format!("the returned invite does not verify: {e}"))?;
+    if verified != as_returned {
+        return Err("the returned invite's content does not match its hash".into());
+    }
+    let strip = |mut o: ruma::canonical_json::CanonicalJsonObject| {
+        o.remove("signatures");
+        o.remove("unsigned");
+        o
+    };
+    let ours = canonical_object(ours.clone()).map_err(|e| e.to_string())?;
+    if strip(ours) != strip(verified.clone()) {
+        return Err("the target's server changed the invite".into());
+    }
+    let server = target.server_name().as_str();
+    let key_ids: Vec<String> = match verified.get("signatures") {
+        Some(V::Object(s)) => match s.get(server) {
+            Some(V::Object(k)) => k.keys().cloned().collect(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    if key_ids.is_empty() {
+        return Err(format!("the returned invite is not signed by {server}"));
+    }
+    let keys = app.keys.keys(server, &key_ids, 0).await.map_err(|e| e.to_string())?;
+    let redacted = ruma::canonical_json::redact(verified.clone(), &rules.redaction, None).map_err(|e| e.to_string())?;
+    crate::keys::remote::verify_signed_by(&redacted, server, keys).map_err(|e| format!("{server}'s signature on the invite: {e}"))?;
+    Pdu::parse(verified, rules).map_err(|e| e.to_string())
 }
 
 enum InviteError {
@@ -208,6 +358,7 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
         .and_then(|o| Pdu::parse(o, &rules).ok())
         .filter(|p| p.event_id == event_id)
         .ok_or_else(|| InviteError::Refused("the target's server returned a different event".into()))?;
+    let pdu = verify_returned_invite(app, &event, pdu, target, &rules).await.map_err(InviteError::Refused)?;
     let _lock = app.ingest.lock().await;
     if app.store.has_event(event_id.as_str()).unwrap_or(false) {
         return Ok(());
@@ -240,42 +391,35 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
     Ok(())
 }
 
-/// Carry out pending actions through the application-service route; returns when the
-/// next retry is due. A read marker that the homeserver accepted is logged as that user's
+/// One step of `dest`'s action lane: carry out its due actions through the registration,
+/// then presence following. A read marker the homeserver accepted is logged as that user's
 /// receipt (the homeserver's own echo later changes nothing).
-async fn deliver_actions(app: &Fedlink) -> Option<u64> {
+async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
     let pending: Vec<UserAction> = {
         let views = app.views.read().await;
-        views.rooms.values().flat_map(|r| r.pending_actions.values().cloned()).collect()
+        views.rooms.values().flat_map(|r| r.pending_actions.values()).filter(|a| acting(a).server_name().as_str() == dest).cloned().collect()
     };
-    // Forget retry state of actions that are settled (their membership or read arrived).
-    {
-        let live: std::collections::HashSet<(OwnedRoomId, OwnedUserId, String)> =
-            pending.iter().map(|a| (a.room_id.clone(), a.user_id.clone(), a.kind.clone())).collect();
-        app.action_retries.lock().expect("lock").retain(|k, _| live.contains(k));
-    }
-    let mut next_due: Option<u64> = None;
+    let mut delivered = 0;
     for action in pending {
-        let key = (action.room_id.clone(), action.user_id.clone(), action.kind.clone());
-        let due = app.action_retries.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0);
-        if due == u64::MAX {
-            continue; // sent; waiting for the membership to come back
+        let key = action_key(&action);
+        if action_due(app, &action).is_none_or(|d| d > now_ms()) {
+            continue;
         }
-        if due > now_ms() {
-            crate::core::backoff::earliest(&mut next_due, due);
+        // Opt-out, unlink or the membership may have settled it since.
+        if app.views.read().await.rooms.get(&action.room_id).and_then(|r| r.pending_actions.get(&action.user_id)) != Some(&action) {
             continue;
         }
         match crate::appservice::perform(app, &action).await {
             Ok(()) => {
+                delivered += 1;
                 app.metrics.actions.with_label_values(&[action.kind.as_str(), "ok"]).inc();
+                app.sync.not_yet.lock().expect("lock").remove(&key);
                 if action.kind == "read" {
-                    app.action_retries.lock().expect("lock").remove(&key);
-                    if let Some(t) = app.read_started.lock().expect("lock").remove(&(key.0.clone(), key.1.clone())) {
+                    if let Some(t) = app.sync.read_started.lock().expect("lock").remove(&(key.0.clone(), key.1.clone())) {
                         app.metrics.read_propagation_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     let event_id = action.event_id.clone().expect("read actions carry an event");
-                    let depth = app.store.get_event(event_id.as_str()).ok().flatten().map(|e| e.depth);
-                    let event_ts = action.event_ts;
+                    let depth = app.store.get_event(event_id.as_str()).ok().flatten().map(|e| e.depth).or(action.depth);
                     let entry = Entry::Receipt(ReceiptEntry {
                         origin: action.user_id.server_name().to_owned(),
                         room_id: action.room_id.clone(),
@@ -285,7 +429,7 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
                         ts: Some(now_ms()),
                         thread_id: None,
                         depth,
-                        event_ts,
+                        event_ts: action.event_ts,
                         via_appservice: Some(true),
                     });
                     let _lock = app.ingest.lock().await;
@@ -293,21 +437,25 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
                         let _ = app.store.flush().await;
                     }
                 } else {
-                    // The membership event arrives over federation and settles it.
-                    app.action_retries.lock().expect("lock").insert(key, crate::app::RetryStatus { next_attempt_ms: u64::MAX, ..Default::default() });
+                    // The membership event arrives over federation or a push and settles it.
+                    app.sync.sent.lock().expect("lock").insert(key);
                 }
                 tracing::info!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, "action done through the appservice route");
             }
-            Err(crate::appservice::ActionError::Transient(reason)) => {
-                let mut retries = app.action_retries.lock().expect("lock");
+            Err(crate::appservice::ActionError::NotYet(reason)) => {
+                let mut retries = app.sync.not_yet.lock().expect("lock");
                 let s = retries.entry(key).or_default();
-                crate::core::backoff::earliest(&mut next_due, s.fail_transient(reason.clone()));
+                s.fail_transient(reason.clone());
+                app.metrics.actions.with_label_values(&[action.kind.as_str(), "not_yet"]).inc();
+                tracing::info!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, failures = s.failures, %reason, "the homeserver cannot do this yet; will retry");
+            }
+            Err(crate::appservice::ActionError::Transient(reason)) => {
                 app.metrics.actions.with_label_values(&[action.kind.as_str(), "transient_error"]).inc();
-                tracing::warn!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, %reason, "action failed; will retry");
+                return Step::Failed(reason);
             }
             Err(crate::appservice::ActionError::Refused(reason)) => {
                 app.metrics.actions.with_label_values(&[action.kind.as_str(), "refused"]).inc();
-                app.action_retries.lock().expect("lock").remove(&key);
+                app.sync.not_yet.lock().expect("lock").remove(&key);
                 tracing::warn!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, %reason, "action refused by the homeserver");
                 let mut failed = action.clone();
                 failed.reason = Some(reason);
@@ -318,30 +466,41 @@ async fn deliver_actions(app: &Fedlink) -> Option<u64> {
             }
         }
     }
-    next_due
+    if let Err(reason) = follow_presence(app, dest).await {
+        return Step::Failed(reason);
+    }
+    Step::Done { delivered, more: false }
 }
 
-/// Show siblings online through their homeserver's registration (when `presence = true`).
-async fn follow_presence(app: &Fedlink) {
-    let enabled: std::collections::BTreeSet<ruma::OwnedServerName> =
-        app.cfg.appservice.iter().filter(|a| a.presence).filter_map(|a| a.server_name.as_str().try_into().ok()).collect();
-    if enabled.is_empty() {
-        return;
+/// Homeservers whose registration enables presence following.
+fn presence_servers(app: &Fedlink) -> HashSet<String> {
+    app.cfg.appservice.iter().filter(|a| a.presence).map(|a| a.server_name.clone()).collect()
+}
+
+/// Show `dest`'s accounts online because a sibling is (when its registration has
+/// `presence = true`).
+async fn follow_presence(app: &Fedlink, dest: &str) -> Result<(), String> {
+    if !presence_servers(app).contains(dest) {
+        return Ok(());
     }
+    let enabled: std::collections::BTreeSet<ruma::OwnedServerName> = dest.try_into().into_iter().collect();
     let targets = crate::core::reconcile::decide_presence(&*app.views.read().await, &enabled);
     for user in targets {
         {
-            let mut sent = app.presence_sent.lock().expect("lock");
+            let mut sent = app.sync.presence_sent.lock().expect("lock");
             if sent.get(&user).is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
                 continue;
             }
-            sent.insert(user.clone(), std::time::Instant::now());
+            sent.insert(user.clone(), Instant::now());
         }
         let result = crate::appservice::set_presence(app, &user, "online").await;
         let label = if result.is_ok() { "ok" } else { "error" };
         app.metrics.actions.with_label_values(&["presence", label]).inc();
-        if let Err(e) = result {
-            tracing::warn!(%user, error = ?e, "cannot set presence");
+        match result {
+            Ok(()) => {}
+            Err(crate::appservice::ActionError::Transient(reason)) => return Err(reason),
+            Err(e) => tracing::warn!(%user, error = ?e, "cannot set presence"),
         }
     }
+    Ok(())
 }

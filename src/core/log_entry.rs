@@ -46,6 +46,11 @@ pub enum Entry {
     /// fedlink signed the bot's join event and is about to send it (or gave it up: `event`
     /// absent). Retries send this same event, so a crash cannot make the bot join twice.
     BotJoinSigned(BotJoinSigned),
+    /// fedlink gave up joining a room (a permanent failure, or too many transient ones); a
+    /// new invite or an admin request starts again.
+    BotJoinFailed(BotJoinFailed),
+    /// An admin asked fedlink to try a given-up join again.
+    BotJoinRetry(BotJoinRetry),
     /// A person's set of linked accounts was set (created or replaced).
     PersonSet(PersonSet),
     /// A person was unlinked (removed from the directory).
@@ -297,6 +302,9 @@ pub struct UserAction {
     /// For reads: the event's timestamp (orders it where fedlink lacks the event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_ts: Option<u64>,
+    /// For reads: the event's depth, when fedlink holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u64>,
     /// For invites through the registration route: the sibling account that invites.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<OwnedUserId>,
@@ -359,6 +367,22 @@ pub struct BotJoinSigned {
     pub event: Option<serde_json::Value>,
 }
 
+/// fedlink gave up joining a room.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotJoinFailed {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// Why.
+    pub reason: String,
+}
+
+/// An admin asked to retry a given-up join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotJoinRetry {
+    /// The room.
+    pub room_id: OwnedRoomId,
+}
+
 /// One state entry at the bot's join.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateRef {
@@ -403,6 +427,8 @@ impl Entry {
             Entry::BotInvited(_) => "bot_invited",
             Entry::BotJoined(_) => "bot_joined",
             Entry::BotJoinSigned(_) => "bot_join_signed",
+            Entry::BotJoinFailed(_) => "bot_join_failed",
+            Entry::BotJoinRetry(_) => "bot_join_retry",
             Entry::PersonSet(_) => "person_set",
             Entry::PersonRemoved(_) => "person_removed",
             Entry::OptOut(_) => "opt_out",

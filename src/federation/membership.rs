@@ -25,7 +25,7 @@ use super::{client::enc, error::MatrixError};
 use crate::{
     app::{now_ms, Fedlink, RetryStatus},
     core::{
-        log_entry::{BotInvited, BotJoinSigned, BotJoined, Entry, PduEntry, PduStatus, StateRef},
+        log_entry::{BotInvited, BotJoinFailed, BotJoinSigned, BotJoined, Entry, PduEntry, PduStatus, StateRef},
         pdu::{canonical_object, is_supported, rules_for, Pdu, SUPPORTED_ROOM_VERSIONS},
         views::BotMembership,
     },
@@ -79,6 +79,19 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     if pdu.sender.server_name().as_str() != origin {
         return Err(MatrixError::forbidden("the inviter is not a user of the requesting server"));
     }
+    if !app.cfg.bot.may_invite(&pdu.sender) {
+        app.metrics.bot_invites_refused.with_label_values(&["invites_from"]).inc();
+        return Err(MatrixError::forbidden(format!("{} may not invite the bot (bot.invites_from)", pdu.sender)));
+    }
+    {
+        let views = app.views.read().await;
+        let here = views.rooms.get(&pdu.room_id).is_some_and(|r| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. }));
+        let rooms = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. })).count();
+        if !here && rooms >= app.cfg.bot.max_rooms {
+            app.metrics.bot_invites_refused.with_label_values(&["max_rooms"]).inc();
+            return Err(MatrixError::forbidden(format!("the bot is in {rooms} rooms, its limit (bot.max_rooms)")));
+        }
+    }
     let mut obj = verify_signatures(&app.keys, pdu.json.clone(), &rules)
         .await
         .map_err(|e| MatrixError::forbidden(e.to_string()))?;
@@ -103,11 +116,7 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         });
         app.append(vec![entry], None).await?;
         app.store.flush().await?;
-        app.joins
-            .lock()
-            .expect("joins lock")
-            .insert(pdu.room_id.clone(), RetryStatus { next_attempt_ms: now_ms() + FIRST_JOIN_DELAY_MS, ..Default::default() });
-        app.join_wake.notify_one();
+        app.joins.schedule(&pdu.room_id, FIRST_JOIN_DELAY_MS);
     }
     tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, "accepted an invite for the bot");
     Ok(json!({ "event": signed }))
@@ -145,9 +154,52 @@ impl From<super::client::ClientError> for JoinError {
     }
 }
 
-/// Joins every room with a pending invite; retries with backoff; resumes after restarts.
+/// How many transient failures of one join are retried before it is given up.
+pub const MAX_TRANSIENT_ATTEMPTS: u32 = 10;
+
+/// The join service's own state: one lane per resident server (a hanging resident delays
+/// only the joins through it), and each room's retry state.
+pub struct Joins {
+    /// Per-resident lanes.
+    pub lanes: Arc<crate::lanes::Lanes>,
+    /// Retry state per room.
+    retries: std::sync::Mutex<std::collections::HashMap<OwnedRoomId, RetryStatus>>,
+    /// Wakes the join worker.
+    pub wake: tokio::sync::Notify,
+}
+
+impl Joins {
+    /// The join service for `metrics`, stopping with `stop`.
+    pub fn new(metrics: Arc<crate::metrics::Metrics>, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            lanes: crate::lanes::Lanes::new("joins", crate::core::backoff::Backoff::DEFAULT, metrics, stop),
+            retries: Default::default(),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A room's retry state, for the admin API.
+    pub fn status(&self, room_id: &OwnedRoomId) -> Option<RetryStatus> {
+        self.retries.lock().expect("joins lock").get(room_id).cloned()
+    }
+
+    /// Start (or restart) joining `room_id` after `delay_ms`, forgetting earlier failures.
+    pub fn schedule(&self, room_id: &OwnedRoomId, delay_ms: u64) {
+        self.retries.lock().expect("joins lock").insert(room_id.clone(), RetryStatus { next_attempt_ms: now_ms() + delay_ms, ..Default::default() });
+        self.wake.notify_one();
+    }
+
+    fn due(&self, room_id: &OwnedRoomId) -> u64 {
+        self.retries.lock().expect("joins lock").get(room_id).map(|s| s.next_attempt_ms).unwrap_or(0)
+    }
+}
+
+/// Joins every room with a pending invite, each resident in its own lane; retries with
+/// backoff; gives up for good on permanent failures; resumes after restarts. Also applies
+/// (or drops) events held for rooms whose join has settled.
 pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
+        settle_parked(&app).await;
         let pending: Vec<(OwnedRoomId, OwnedUserId)> = app
             .views
             .read()
@@ -162,44 +214,106 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
         let now = now_ms();
         let mut next_due: Option<u64> = None;
         for (room_id, inviter) in pending {
-            let due = app.joins.lock().expect("joins lock").get(&room_id).map(|s| s.next_attempt_ms).unwrap_or(0);
+            let due = app.joins.due(&room_id);
             if due > now {
                 crate::core::backoff::earliest(&mut next_due, due);
                 continue;
             }
-            let result = join_room(&app, &room_id, &inviter).await;
-            let mut joins = app.joins.lock().expect("joins lock");
-            match result {
-                Ok(()) => {
-                    joins.remove(&room_id);
-                    app.metrics.joins.with_label_values(&["ok"]).inc();
-                }
-                Err(e) => {
-                    let status = joins.entry(room_id.clone()).or_default();
-                    let retry_at = status.fail_transient(e.to_string());
-                    if matches!(e, JoinError::NotYet(_)) {
-                        status.not_yet += 1;
-                    }
-                    let (label, due) = match &e {
-                        JoinError::Transient(_) => ("transient_error", retry_at),
-                        JoinError::NotYet(_) if status.not_yet < MAX_NOT_YET_ATTEMPTS => ("not_yet", retry_at),
-                        JoinError::NotYet(_) | JoinError::Permanent(_) => ("permanent_error", u64::MAX),
-                    };
-                    status.next_attempt_ms = due;
-                    app.metrics.joins.with_label_values(&[label]).inc();
-                    tracing::warn!(%room_id, failures = status.failures, error = %e, "join failed");
-                    if due != u64::MAX {
-                        crate::core::backoff::earliest(&mut next_due, due);
-                    }
-                }
-            }
+            let a = app.clone();
+            app.joins.lanes.kick(inviter.server_name().as_str(), move |resident| {
+                let a = a.clone();
+                async move { join_through(&a, &resident).await }
+            });
         }
         let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(60));
         tokio::select! {
-            _ = app.join_wake.notified() => {}
+            _ = app.joins.wake.notified() => {}
             _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Apply the events held for rooms the bot has joined; drop those of rooms it gave up.
+async fn settle_parked(app: &Fedlink) {
+    let rooms = app.store.parked_rooms().unwrap_or_default();
+    for room in rooms {
+        let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else { continue };
+        if let Err(e) = super::send::drain_parked(app, &room_id).await {
+            tracing::warn!(%room_id, error = %e, "cannot settle held events");
+        }
+    }
+}
+
+/// One step of a resident's lane: every due join through `resident`.
+async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step {
+    let due: Vec<(OwnedRoomId, OwnedUserId)> = {
+        let now = now_ms();
+        app.views
+            .read()
+            .await
+            .rooms
+            .iter()
+            .filter_map(|(id, r)| match &r.bot {
+                BotMembership::Invited { inviter, .. } if inviter.server_name().as_str() == resident && app.joins.due(id) <= now => {
+                    Some((id.clone(), inviter.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut joined = 0;
+    for (room_id, inviter) in due {
+        let result = join_room(app, &room_id, &inviter).await;
+        match result {
+            Ok(()) => {
+                app.joins.retries.lock().expect("joins lock").remove(&room_id);
+                app.metrics.joins.with_label_values(&["ok"]).inc();
+                joined += 1;
+                if let Err(e) = super::send::drain_parked(app, &room_id).await {
+                    tracing::warn!(%room_id, error = %e, "cannot apply the events held during the join yet");
+                }
+            }
+            Err(e) => {
+                let give_up = {
+                    let mut joins = app.joins.retries.lock().expect("joins lock");
+                    let status = joins.entry(room_id.clone()).or_default();
+                    status.fail_transient(e.to_string());
+                    if matches!(e, JoinError::NotYet(_)) {
+                        status.not_yet += 1;
+                    }
+                    let (label, give_up) = match &e {
+                        JoinError::Transient(_) if status.failures < MAX_TRANSIENT_ATTEMPTS => ("transient_error", false),
+                        JoinError::NotYet(_) if status.not_yet < MAX_NOT_YET_ATTEMPTS => ("not_yet", false),
+                        _ => ("permanent_error", true),
+                    };
+                    app.metrics.joins.with_label_values(&[label]).inc();
+                    tracing::warn!(%room_id, %resident, failures = status.failures, error = %e, give_up, "join failed");
+                    give_up
+                };
+                if give_up {
+                    give_up_join(app, &room_id, e.to_string()).await;
+                }
+            }
+        }
+    }
+    crate::lanes::Step::Done { delivered: joined, more: false }
+}
+
+/// Log that fedlink gave up joining `room_id` (until a new invite or an admin request), and
+/// drop the events held for it.
+async fn give_up_join(app: &Fedlink, room_id: &OwnedRoomId, reason: String) {
+    {
+        let _lock = app.ingest.lock().await;
+        let entry = Entry::BotJoinFailed(BotJoinFailed { room_id: room_id.clone(), reason: reason.clone() });
+        if app.append(vec![entry], None).await.is_ok() {
+            let _ = app.store.flush().await;
+        }
+    }
+    app.joins.retries.lock().expect("joins lock").remove(room_id);
+    tracing::error!(%room_id, %reason, "gave up joining the room; a new invite or POST /_fedlink/admin/v1/rooms/{{roomId}}/join retries");
+    if let Err(e) = super::send::drain_parked(app, room_id).await {
+        tracing::warn!(%room_id, error = %e, "cannot drop the events held for the join");
     }
 }
 
@@ -219,18 +333,7 @@ pub async fn join_room(app: &Fedlink, room_id: &OwnedRoomId, inviter: &OwnedUser
         }
         None => make_and_sign_join(app, room_id, &resident).await?,
     };
-    match send_join(app, room_id, &resident, join, &version, &rules).await {
-        Err(JoinError::Permanent(reason)) => {
-            // This join will never be accepted: forget it, so the next invite starts afresh.
-            let _lock = app.ingest.lock().await;
-            let entry = Entry::BotJoinSigned(BotJoinSigned { room_id: room_id.clone(), room_version: version, event: None });
-            if app.append(vec![entry], None).await.is_ok() {
-                let _ = app.store.flush().await;
-            }
-            Err(JoinError::Permanent(reason))
-        }
-        other => other,
-    }
+    send_join(app, room_id, &resident, join, &version, &rules).await
 }
 
 /// `make_join` through `resident`, then sign the join and log it before it is sent.
@@ -358,7 +461,7 @@ async fn send_join(
         if events.contains_key(&pdu.event_id) || app.store.has_event(pdu.event_id.as_str()).unwrap_or(false) {
             continue;
         }
-        let obj = verify_signatures(&app.keys, pdu.json, &rules).await.map_err(|e| match e {
+        let obj = crate::rooms::verify_signatures_via(&app.keys, pdu.json, &rules, Some(resident.as_str())).await.map_err(|e| match e {
             crate::rooms::Rejection::Keys(m) => JoinError::Transient(m),
             other => JoinError::Permanent(format!("state event: {other}")),
         })?;

@@ -18,8 +18,9 @@ use crate::{
     core::{
         log_entry::{Entry, PduEntry, PduStatus, PresenceEntry, ReceiptEntry, TypingEntry},
         pdu::{canonical_object, rules_for, Pdu},
+        views::BotMembership,
     },
-    rooms::{check_auth, verify_signatures, Rejection},
+    rooms::{check_auth, Rejection},
 };
 
 /// Most PDUs in one transaction.
@@ -81,6 +82,11 @@ pub fn parse_transaction(origin: &str, body: &[u8]) -> Result<Transaction, Matri
     Ok(Transaction { pdus, edus })
 }
 
+/// Most PDUs parked for one room while the bot's join there is under way.
+pub const MAX_PARKED_PER_ROOM: usize = 1000;
+/// Most PDUs parked in all.
+pub const MAX_PARKED: usize = 20_000;
+
 async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) -> Result<(Value, bool), MatrixError> {
     let Transaction { pdus, edus } = parse_transaction(origin, body)?;
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
@@ -89,14 +95,150 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
         tracing::debug!(%origin, %txn_id, "retransmitted transaction answered from the log");
         return Ok((resp, true));
     }
+    // Residents send a room's events as soon as they answered our send_join, while fedlink
+    // may still be checking the state: those are parked (durably, before the 200) and
+    // applied once the join lands, so the sender never waits on a join.
+    let mut results: BTreeMap<String, Value> = BTreeMap::new();
+    let mut to_park: Vec<(OwnedRoomId, Value)> = Vec::new();
+    let mut now: Vec<Value> = Vec::new();
+    {
+        let views = app.views.read().await;
+        for raw in pdus {
+            let room = raw.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok());
+            match room {
+                Some(r) if views.rooms.get(&r).is_some_and(|v| matches!(v.bot, BotMembership::Invited { .. })) => to_park.push((r, raw)),
+                _ => now.push(raw),
+            }
+        }
+    }
 
-    wait_for_joins_in_progress(app, &pdus).await;
+    let prepared = prepare(app, origin, now).await;
+    let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
+    let _lock = app.ingest.lock().await;
+    if let Some(resp) = app.store.txn_response(origin, txn_id)? {
+        return Ok((resp, true));
+    }
+    park(app, origin, to_park, &mut results).await?;
+    apply_prepared(app, &via, prepared, &mut results).await?;
 
-    // Parse and verify signatures without holding the lock.
+    let mut entries = Vec::new();
+    for edu in edus {
+        let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or("").to_owned();
+        let label = edu_metric_label(&edu_type);
+        match parse_edu(app, &via, &edu).await {
+            Ok(mut e) if !e.is_empty() => {
+                entries.append(&mut e);
+                app.metrics.edus_received.with_label_values(&[label, "logged"]).inc();
+            }
+            Ok(_) => {
+                app.metrics.edus_received.with_label_values(&[label, "ignored"]).inc();
+            }
+            Err(reason) => {
+                tracing::info!(%origin, edu_type = %edu_type, %reason, "rejecting EDU");
+                app.metrics.edus_received.with_label_values(&[label, "rejected"]).inc();
+            }
+        }
+    }
+    let response = json!({ "pdus": results });
+    app.append(entries, Some((origin, txn_id, &response))).await?;
+    app.store.flush().await?;
+    Ok((response, false))
+}
+
+/// Park PDUs of rooms whose join is under way (bounded per room and in all). Call with the
+/// ingest lock held; the caller flushes before answering.
+async fn park(app: &Fedlink, origin: &str, pdus: Vec<(OwnedRoomId, Value)>, results: &mut BTreeMap<String, Value>) -> Result<(), MatrixError> {
+    for (room, raw) in pdus {
+        let id = raw_event_id(app, &room, &raw).await;
+        let full = app.store.parked_total() >= MAX_PARKED || app.store.parked_count(room.as_str(), MAX_PARKED_PER_ROOM) >= MAX_PARKED_PER_ROOM;
+        if full {
+            app.metrics.parked_pdus.with_label_values(&["refused"]).inc();
+            tracing::warn!(%origin, %room, "too many events held for a room whose join is under way; refusing one");
+            if let Some(id) = id {
+                results.insert(id, json!({ "error": "fedlink is joining this room and holds too many of its events already" }));
+            }
+            continue;
+        }
+        app.store.park(room.as_str(), origin, &raw)?;
+        app.metrics.parked_pdus.with_label_values(&["parked"]).inc();
+        tracing::debug!(%origin, %room, "parked a PDU until the bot's join lands");
+        if let Some(id) = id {
+            results.insert(id, json!({}));
+        }
+    }
+    app.metrics.parked_pending.set(app.store.parked_total() as i64);
+    Ok(())
+}
+
+/// The event id of a raw PDU of a room with a known version, if it parses.
+async fn raw_event_id(app: &Fedlink, room: &OwnedRoomId, raw: &Value) -> Option<String> {
+    let version = app.views.read().await.rooms.get(room).map(|r| r.version.clone())?;
+    let rules = rules_for(&version)?;
+    Pdu::parse(canonical_object(raw.clone()).ok()?, &rules).ok().map(|p| p.event_id.to_string())
+}
+
+/// Apply the PDUs parked for `room_id` now that the bot joined it (or drop them when the
+/// join was given up or the bot left). Safe to repeat: applied events are deduplicated by
+/// event id, and they are unparked only once logged.
+pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize, crate::store::StoreError> {
+    let parked = app.store.parked_for(room_id.as_str())?;
+    if parked.is_empty() {
+        return Ok(0);
+    }
+    let joined = app.views.read().await.rooms.get(room_id).map(|r| r.bot.clone());
+    let keys: Vec<Vec<u8>> = parked.iter().map(|(k, _, _)| k.clone()).collect();
+    let n = parked.len();
+    if !matches!(joined, Some(BotMembership::Joined)) {
+        if matches!(joined, Some(BotMembership::Invited { .. })) {
+            return Ok(0); // still joining
+        }
+        app.store.unpark(&keys)?;
+        app.metrics.parked_pdus.with_label_values(&["dropped"]).inc_by(n as u64);
+        app.metrics.parked_pending.set(app.store.parked_total() as i64);
+        tracing::info!(%room_id, dropped = n, "dropped events held for a join that did not happen");
+        return Ok(0);
+    }
+    // Keep each origin's events together, in arrival order.
+    let mut by_origin: Vec<(String, Vec<Value>)> = Vec::new();
+    for (_, origin, pdu) in parked {
+        match by_origin.last_mut() {
+            Some((o, list)) if *o == origin && list.len() < MAX_PDUS => list.push(pdu),
+            _ => by_origin.push((origin, vec![pdu])),
+        }
+    }
+    for (origin, pdus) in by_origin {
+        let Ok(via) = OwnedServerName::try_from(origin.as_str()) else { continue };
+        let prepared = prepare(app, &origin, pdus).await;
+        let _lock = app.ingest.lock().await;
+        let mut ignored = BTreeMap::new();
+        if let Err(e) = apply_prepared(app, &via, prepared, &mut ignored).await {
+            tracing::warn!(%room_id, error = %e.message, "cannot apply held events yet");
+            return Err(crate::store::StoreError::Corrupt { tree: "parked", reason: e.message });
+        }
+    }
+    app.store.flush().await?;
+    app.store.unpark(&keys)?;
+    app.metrics.parked_pdus.with_label_values(&["applied"]).inc_by(n as u64);
+    app.metrics.parked_pending.set(app.store.parked_total() as i64);
+    tracing::info!(%room_id, events = n, "applied the events held while the bot was joining");
+    Ok(n)
+}
+
+/// PDUs parsed and signature-checked, gaps and missing auth events fetched: everything done
+/// before the ingest lock.
+pub struct Prepared {
+    results: BTreeMap<String, Value>,
+    sent: std::collections::BTreeSet<OwnedEventId>,
+    verified: Vec<(Pdu, OwnedRoomId)>,
+    auth_only: Vec<(Pdu, OwnedRoomId)>,
+}
+
+/// The lock-free part of ingesting `pdus` from `origin`.
+pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared {
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     for raw in pdus {
-        match precheck(app, raw).await {
+        match precheck(app, origin, raw).await {
             Ok(Pre::Fresh(pdu, room)) => verified.push((*pdu, room)),
             Ok(Pre::Known(id)) => {
                 results.insert(id, json!({}));
@@ -121,12 +263,15 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     }
     verified.sort_by_key(|(p, _)| p.depth);
     let auth_only = fetch_missing_auth(app, origin, &verified).await;
+    Prepared { results, sent, verified, auth_only }
+}
 
-    let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
-    let _lock = app.ingest.lock().await;
-    if let Some(resp) = app.store.txn_response(origin, txn_id)? {
-        return Ok((resp, true));
-    }
+/// Auth-check and log prepared PDUs; answers go into `results`. Call with the ingest lock
+/// held; the caller flushes.
+pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prepared, results: &mut BTreeMap<String, Value>) -> Result<(), MatrixError> {
+    let Prepared { results: early, sent, verified, auth_only } = prepared;
+    results.extend(early);
+    let origin = via.as_str();
     // Auth events fedlink lacked, fetched from the origin: stored as outliers first, each
     // checked against its own auth events.
     for (pdu, room_id) in auth_only {
@@ -148,7 +293,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     for (pdu, room_id) in verified {
         let id = pdu.event_id.to_string();
         // Events fetched to fill a gap are logged like any other but not answered for.
-        let mut answers = Results { map: &mut results, answer: sent.contains(&pdu.event_id) };
+        let mut answers = Results { map: results, answer: sent.contains(&pdu.event_id) };
         let answers = &mut answers;
         if app.store.has_event(&id)? {
             app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
@@ -186,55 +331,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
             Err(rej) => answers.reject(app, &id, &rej),
         }
     }
-
-    let mut entries = Vec::new();
-    for edu in edus {
-        let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or("").to_owned();
-        let label = edu_metric_label(&edu_type);
-        match parse_edu(app, &via, &edu).await {
-            Ok(mut e) if !e.is_empty() => {
-                entries.append(&mut e);
-                app.metrics.edus_received.with_label_values(&[label, "logged"]).inc();
-            }
-            Ok(_) => {
-                app.metrics.edus_received.with_label_values(&[label, "ignored"]).inc();
-            }
-            Err(reason) => {
-                tracing::info!(%origin, edu_type = %edu_type, %reason, "rejecting EDU");
-                app.metrics.edus_received.with_label_values(&[label, "rejected"]).inc();
-            }
-        }
-    }
-    let response = json!({ "pdus": results });
-    app.append(entries, Some((origin, txn_id, &response))).await?;
-    app.store.flush().await?;
-    Ok((response, false))
-}
-
-/// How long a transaction waits for a join of the bot that is under way.
-pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// Residents start sending a room's events as soon as they answered our `send_join`, while
-/// fedlink may still be checking the state. Rather than refusing those events (a refusal
-/// is final for the sender), wait a bounded time for joins in progress to finish.
-async fn wait_for_joins_in_progress(app: &Fedlink, pdus: &[Value]) {
-    let rooms: std::collections::BTreeSet<OwnedRoomId> =
-        pdus.iter().filter_map(|p| p.get("room_id").and_then(Value::as_str)).filter_map(|r| RoomId::parse(r).ok()).collect();
-    let deadline = std::time::Instant::now() + JOIN_WAIT;
-    loop {
-        let joining = {
-            let views = app.views.read().await;
-            let joins = app.joins.lock().expect("joins lock");
-            rooms.iter().any(|r| {
-                views.rooms.get(r).is_some_and(|v| matches!(v.bot, crate::core::views::BotMembership::Invited { .. }))
-                    && joins.get(r).is_none_or(|s| s.next_attempt_ms != u64::MAX)
-            })
-        };
-        if !joining || std::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    Ok(())
 }
 
 /// The per-PDU answers, skipping events fedlink fetched itself.
@@ -292,7 +389,7 @@ async fn fetch_missing_auth(app: &Fedlink, origin: &str, events: &[(Pdu, OwnedRo
             }
         };
         for raw in chain.into_iter().take(MAX_AUTH_CHAIN) {
-            if let Ok(Pre::Fresh(p, r)) = precheck(app, raw).await {
+            if let Ok(Pre::Fresh(p, r)) = precheck(app, origin, raw).await {
                 if r == *room_id && !here.contains(&p.event_id) {
                     found.insert(p.event_id.clone(), (*p, r));
                 }
@@ -334,7 +431,7 @@ async fn fill_gaps(app: &Fedlink, origin: &str, verified: &[(Pdu, OwnedRoomId)])
         app.metrics.gap_fills.with_label_values(&["ok"]).inc();
         let n = events.len();
         for raw in events.into_iter().take(GAP_FILL_LIMIT as usize) {
-            match precheck(app, raw).await {
+            match precheck(app, origin, raw).await {
                 Ok(Pre::Fresh(pdu, room)) if &room == room_id => out.push((*pdu, room)),
                 Ok(_) => {}
                 Err((id, rej)) => tracing::info!(%origin, event_id = ?id, reason = %rej, "fetched missing event rejected"),
@@ -364,7 +461,7 @@ enum Pre {
 }
 
 /// Parse a PDU against its room's rules and verify its signatures.
-async fn precheck(app: &Fedlink, raw: Value) -> Result<Pre, PreError> {
+async fn precheck(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre, PreError> {
     let room_id = raw
         .get("room_id")
         .and_then(Value::as_str)
@@ -385,7 +482,7 @@ async fn precheck(app: &Fedlink, raw: Value) -> Result<Pre, PreError> {
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
         return Ok(Pre::Known(id));
     }
-    let obj = verify_signatures(&app.keys, pdu.json, &rules).await.map_err(|r| (Some(id.clone()), r))?;
+    let obj = crate::rooms::verify_signatures_via(&app.keys, pdu.json, &rules, Some(origin)).await.map_err(|r| (Some(id.clone()), r))?;
     let pdu = Pdu::parse(obj, &rules).map_err(|e| (Some(id), Rejection::Format(e.to_string())))?;
     Ok(Pre::Fresh(Box::new(pdu), room_id))
 }

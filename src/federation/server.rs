@@ -51,14 +51,85 @@ async fn unrecognized(State(app): State<AppState>, method: Method, uri: Uri) -> 
     MatrixError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request")
 }
 
-/// Authenticate a request; returns the verified origin.
+/// In-flight inbound requests per authenticated origin, bounded (Synapse's
+/// `rc_federation.concurrent` is the model): one busy or hostile server cannot take all of
+/// fedlink's request handling.
+pub struct InboundLimit {
+    max: usize,
+    inflight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Requests refused per origin since start (for the admin API).
+    limited: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+/// How long a rate-limited origin is asked to wait.
+pub const RETRY_AFTER_MS: u64 = 500;
+
+impl InboundLimit {
+    /// At most `max` requests in flight per origin.
+    pub fn new(max: usize) -> Self {
+        Self { max, inflight: Default::default(), limited: Default::default() }
+    }
+
+    fn acquire(self: &Arc<Self>, origin: &str) -> Option<Inflight> {
+        let mut m = self.inflight.lock().expect("inflight lock");
+        let n = m.entry(origin.to_owned()).or_insert(0);
+        if *n >= self.max {
+            drop(m);
+            *self.limited.lock().expect("limited lock").entry(origin.to_owned()).or_insert(0) += 1;
+            return None;
+        }
+        *n += 1;
+        Some(Inflight { limit: self.clone(), origin: origin.to_owned() })
+    }
+
+    /// Origins refused with 429 and how often, with what each has in flight now.
+    pub fn report(&self) -> Value {
+        let inflight = self.inflight.lock().expect("inflight lock").clone();
+        let limited = self.limited.lock().expect("limited lock").clone();
+        json!({ "max_inflight_per_origin": self.max, "rate_limited": limited, "inflight": inflight.into_iter().filter(|(_, n)| *n > 0).collect::<BTreeMap<_, _>>() })
+    }
+}
+
+/// One request in flight; released on drop.
+pub struct Inflight {
+    limit: Arc<InboundLimit>,
+    origin: String,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        let mut m = self.limit.inflight.lock().expect("inflight lock");
+        if let Some(n) = m.get_mut(&self.origin) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.origin);
+            }
+        }
+    }
+}
+
+/// A verified origin, holding its slot of the per-origin limit while the request runs.
+pub struct Origin {
+    name: String,
+    _slot: Inflight,
+}
+
+impl std::ops::Deref for Origin {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Authenticate a request; returns the verified origin, or 429 when it has too many
+/// requests in flight. A backed-off destination that contacts fedlink is woken.
 pub async fn authenticate(
     app: &Fedlink,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<String, MatrixError> {
+) -> Result<Origin, MatrixError> {
     let reject = |reason: &'static str, err: MatrixError| {
         app.metrics.requests_rejected.with_label_values(&[reason]).inc();
         tracing::info!(reason, error = %err.message, uri = %uri.path(), "refused federation request");
@@ -93,7 +164,15 @@ pub async fn authenticate(
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     auth::verify_request(&x, &public, app.server_name.as_str(), method.as_str(), target, content.as_ref())
         .map_err(|e| reject("bad_signature", MatrixError::unauthorized(e.to_string())))?;
-    Ok(x.origin)
+    app.outbox.lanes.contact(&x.origin);
+    app.sync.invites.contact(&x.origin);
+    let Some(slot) = app.inbound.acquire(&x.origin) else {
+        app.metrics.inbound_rate_limited.inc();
+        tracing::info!(origin = %x.origin, uri = %uri.path(), "too many requests in flight from this origin; answered 429");
+        return Err(MatrixError::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "too many requests in flight from your server")
+            .with("retry_after_ms", json!(RETRY_AFTER_MS)));
+    };
+    Ok(Origin { name: x.origin, _slot: slot })
 }
 
 fn body_or_413(app: &Fedlink, body: Result<Bytes, BytesRejection>) -> Result<Bytes, MatrixError> {
@@ -191,7 +270,7 @@ fn query_all(uri: &Uri, key: &str) -> Vec<String> {
 
 /// An authenticated request: the origin and the raw body.
 struct Authed {
-    origin: String,
+    origin: Origin,
     body: Bytes,
 }
 

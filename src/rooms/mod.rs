@@ -303,7 +303,7 @@ pub fn acl_allows(content: &serde_json::Value, server: &str) -> bool {
 }
 
 /// `*` matches any run of characters, `?` one character.
-fn glob_match(glob: &str, s: &str) -> bool {
+pub fn glob_match(glob: &str, s: &str) -> bool {
     let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), s.chars().collect());
     let (mut gi, mut ti, mut star, mut mark) = (0usize, 0usize, None::<usize>, 0usize);
     while ti < t.len() {

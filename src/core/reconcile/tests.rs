@@ -321,6 +321,7 @@ fn no_echo_loop_and_no_repeat_while_pending() {
         reason: None,
         actor: None,
         event_ts: None,
+        depth: Some(10),
     }));
     assert_eq!(g.decide_sync(&r), vec![], "pending: not asked twice");
     // The receipt fedlink caused comes back (echo): nothing new happens.
@@ -363,6 +364,7 @@ fn without_a_registration_the_read_is_unsupported_once() {
         reason: Some("no registration".into()),
         actor: None,
         event_ts: None,
+        depth: None,
     }));
     g.receipt("@alice:litchi", "$e11", 11);
     assert_eq!(g.decide_sync(&r), vec![], "recorded once, not per message");

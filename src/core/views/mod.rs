@@ -87,6 +87,15 @@ pub enum BotMembership {
     Joined,
     /// Not in the room: fedlink knows the room only from application-service pushes.
     Absent,
+    /// fedlink gave up joining (until a new invite or an admin request).
+    JoinFailed {
+        /// Whose server the join went through.
+        inviter: OwnedUserId,
+        /// The invite.
+        invite_event_id: OwnedEventId,
+        /// Why it was given up.
+        reason: String,
+    },
     /// Left, kicked or banned.
     Left {
         /// The membership that removed the bot (`leave` or `ban`).
@@ -341,6 +350,21 @@ impl Views {
                 }
             }
             Entry::ClientEvent(c) => self.apply_client_event(c),
+            Entry::BotJoinFailed(f) => {
+                if let Some(room) = self.rooms.get_mut(&f.room_id) {
+                    if let BotMembership::Invited { inviter, invite_event_id } = &room.bot {
+                        room.bot = BotMembership::JoinFailed { inviter: inviter.clone(), invite_event_id: invite_event_id.clone(), reason: f.reason.clone() };
+                        room.signed_join = None;
+                    }
+                }
+            }
+            Entry::BotJoinRetry(r) => {
+                if let Some(room) = self.rooms.get_mut(&r.room_id) {
+                    if let BotMembership::JoinFailed { inviter, invite_event_id, .. } = &room.bot {
+                        room.bot = BotMembership::Invited { inviter: inviter.clone(), invite_event_id: invite_event_id.clone() };
+                    }
+                }
+            }
             Entry::BotJoinSigned(j) => {
                 if let Some(room) = self.rooms.get_mut(&j.room_id) {
                     room.signed_join = j.event.clone().map(|e| (j.room_version.clone(), e));
