@@ -185,8 +185,8 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
             }
         }
         let sibling_joined = !joined.is_empty();
-        let sibling_left = person.accounts.iter().any(|a| room.left_by_self.contains(a));
         for b in &person.accounts {
+            let sibling_left = room.sibling_left_after(b, &person.accounts);
             let blocked = room.blocked_actions.get(b).is_some_and(|a| a.kind != "read");
             if busy(b) || blocked {
                 continue;

@@ -526,3 +526,165 @@ fn where_fedlink_lacks_the_events_the_homeservers_timestamps_order_reads() {
     }
     assert_eq!(g.decide_sync(&routes(&["kiwi", "litchi"])), vec![set_read("@alice:kiwi", "$l")]);
 }
+
+fn read_action(u: &str, event: &str, depth: u64) -> Entry {
+    Entry::ActionPending(crate::core::log_entry::UserAction {
+        room_id: room(),
+        user_id: user(u),
+        kind: "read".into(),
+        event_id: Some(event.try_into().unwrap()),
+        reason: None,
+        actor: None,
+        event_ts: None,
+        depth: Some(depth),
+    })
+}
+
+/// The read loop: the target's own receipt moves past the event between `decide()` and
+/// the `action_pending` record. The action must not stay pending (it would be retried,
+/// re-logged and re-sent forever), and nothing new is decided.
+#[test]
+fn a_read_overtaken_before_it_was_logged_does_not_stay_pending() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.receipt("@alice:litchi", "$e10", 10);
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:kiwi", "$e10")]);
+    // Meanwhile alice reads further on kiwi herself.
+    g.receipt("@alice:kiwi", "$e12", 12);
+    // Then the shell logs the decision it took before.
+    g.record(read_action("@alice:kiwi", "$e10", 10));
+    assert!(g.views.rooms[&room()].pending_actions.is_empty(), "an overtaken read is settled at once");
+    // litchi is now behind kiwi: it is litchi that moves, once.
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:litchi", "$e12")]);
+    g.record(read_action("@alice:litchi", "$e12", 12));
+    assert_eq!(g.decide_sync(&r), vec![], "pending: not asked twice");
+    // The echo of the set read, at the same place, settles it.
+    g.receipt("@alice:litchi", "$e12", 12);
+    assert!(g.views.rooms[&room()].pending_actions.is_empty());
+    assert_eq!(g.decide_sync(&r), vec![]);
+}
+
+/// The echo of a read that lands behind the user's own later read still settles the action.
+#[test]
+fn an_echo_behind_a_later_read_settles_the_pending_read() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.receipt("@alice:litchi", "$e10", 10);
+    g.record(read_action("@alice:kiwi", "$e10", 10));
+    let sent = g.message("@alice:kiwi", 11); // she sent something: she has read past $e10
+    assert!(g.views.rooms[&room()].pending_actions.is_empty());
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:litchi", &sent)]);
+}
+
+/// Mirror-leave does not stick: after alice left on kiwi and fedlink made litchi follow,
+/// alice is invited again on kiwi and joins. fedlink neither declines that invite nor makes
+/// her leave again.
+#[test]
+fn after_a_mirrored_leave_a_new_invite_and_rejoin_are_not_undone() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.state_by("@alice:kiwi", "m.room.member", "@alice:kiwi", Some("leave"), json!({ "membership": "leave" }));
+    assert_eq!(g.decide_sync(&r), vec![Action::Leave { room_id: room(), target: user("@alice:litchi") }]);
+    g.record(Entry::ActionPending(crate::core::log_entry::UserAction {
+        room_id: room(),
+        user_id: user("@alice:litchi"),
+        kind: "leave".into(),
+        event_id: None,
+        reason: None,
+        actor: None,
+        event_ts: None,
+        depth: None,
+    }));
+    // litchi leaves (fedlink acted as her).
+    g.state_by("@alice:litchi", "m.room.member", "@alice:litchi", Some("leave"), json!({ "membership": "leave" }));
+    assert_eq!(g.decide_sync(&r), vec![]);
+    // bob invites alice@kiwi again: no decline.
+    g.state_by("@bob:kiwi", "m.room.member", "@alice:kiwi", Some("invite"), json!({ "membership": "invite" }));
+    assert_eq!(g.decide_sync(&r), vec![], "the new invite is not declined");
+    // She joins: no leave either.
+    g.state_by("@alice:kiwi", "m.room.member", "@alice:kiwi", Some("join"), json!({ "membership": "join" }));
+    assert_eq!(g.decide_sync(&r), vec![], "the rejoin is not undone");
+    // And when she leaves again by herself, litchi (already out) gets nothing new.
+    g.state_by("@alice:kiwi", "m.room.member", "@alice:kiwi", Some("leave"), json!({ "membership": "leave" }));
+    assert_eq!(g.decide_sync(&r), vec![]);
+}
+
+/// A membership that arrives through a resolved fork has its effects: a self-leave there is
+/// mirrored, and a join fedlink asked for settles its pending action.
+#[test]
+fn memberships_of_a_resolved_fork_settle_actions_and_mirror_self_leaves() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "invite")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    assert_eq!(g.decide_sync(&r), vec![Action::Join { room_id: room(), target: user("@alice:litchi") }]);
+    g.record(Entry::ActionPending(crate::core::log_entry::UserAction {
+        room_id: room(),
+        user_id: user("@alice:litchi"),
+        kind: "join".into(),
+        event_id: None,
+        reason: None,
+        actor: None,
+        event_ts: None,
+        depth: None,
+    }));
+    let fork = |g: &mut Given, id: &str, sender: &str, target: &str, m: &str, others: &[(&str, &str, &str)]| {
+        let mut state = vec![
+            StateRef { event_type: "m.room.member".into(), state_key: BOT.into(), event_id: "$e1".try_into().unwrap(), membership: Some("join".into()) },
+            StateRef { event_type: "m.room.member".into(), state_key: target.into(), event_id: id.try_into().unwrap(), membership: Some(m.into()) },
+        ];
+        for (u, e, mm) in others {
+            state.push(StateRef { event_type: "m.room.member".into(), state_key: (*u).into(), event_id: (*e).try_into().unwrap(), membership: Some((*mm).into()) });
+        }
+        g.record(Entry::Pdu(PduEntry {
+            room_id: room(),
+            event_id: id.try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            status: PduStatus::Accepted,
+            event_type: "m.room.member".into(),
+            state_key: Some(target.into()),
+            sender: user(sender),
+            membership: Some(m.into()),
+            prev_events: vec![],
+            depth: 50,
+            origin_server_ts: 0,
+            pdu: json!({}),
+            resolved_state: Some(crate::core::log_entry::ResolvedState { state, power_levels: None }),
+        }));
+    };
+    // litchi's join arrives on a fork and resolves in.
+    fork(&mut g, "$fj", "@alice:litchi", "@alice:litchi", "join", &[("@alice:kiwi", "$m0", "join")]);
+    assert!(g.views.rooms[&room()].pending_actions.is_empty(), "the join settled the action");
+    assert_eq!(g.decide_sync(&r), vec![]);
+    // kiwi's self-leave arrives on another fork: litchi follows.
+    fork(&mut g, "$fl", "@alice:kiwi", "@alice:kiwi", "leave", &[("@alice:litchi", "$fj", "join")]);
+    assert_eq!(g.decide_sync(&r), vec![Action::Leave { room_id: room(), target: user("@alice:litchi") }]);
+}
+
+/// Opting out or unlinking cancels the invites and actions fedlink had pending for the
+/// person's accounts, so they are never delivered.
+#[test]
+fn opt_out_and_unlink_cancel_pending_invites_and_actions() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join")], 0, 0);
+    g.acted();
+    assert!(g.views.rooms[&room()].pending_invites.contains_key(&user("@alice:litchi")));
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: Some(room()), opted_out: true }));
+    assert!(g.views.rooms[&room()].pending_invites.is_empty(), "opt-out in this room cancels the invite");
+    assert_eq!(g.decide(), vec![]);
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: Some(room()), opted_out: false }));
+    assert_eq!(g.decide(), vec![invite("@alice:litchi")], "opting back in decides afresh");
+    g.acted();
+    g.record(read_action("@alice:kiwi", "$e9", 9));
+    assert_eq!(g.views.rooms[&room()].pending_actions.len(), 1);
+    // Unlinking litchi (the person keeps kiwi and a new account) cancels litchi's invite.
+    g.linked("alice", &["@alice:kiwi", "@alice:mango"]);
+    assert!(!g.views.rooms[&room()].pending_invites.contains_key(&user("@alice:litchi")));
+    assert_eq!(g.views.rooms[&room()].pending_actions.len(), 1, "kiwi is still linked: its action stays");
+    // Removing the person cancels the rest.
+    g.record(Entry::PersonRemoved(crate::core::log_entry::PersonRemoved { person: "alice".into(), source: LinkSource::Admin }));
+    assert!(g.views.rooms[&room()].pending_actions.is_empty());
+    assert!(g.views.rooms[&room()].pending_invites.is_empty());
+}

@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 4;
+pub const VIEWS_FORMAT: u16 = 5;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,9 +183,13 @@ pub struct RoomView {
     /// situation changes).
     #[serde(default)]
     pub blocked_actions: BTreeMap<OwnedUserId, super::log_entry::UserAction>,
-    /// Users whose current `leave` they sent themselves (not a kick).
+    /// Users whose current `leave` they sent themselves (not a kick), with the log position
+    /// of that leave (mirror-leave only follows a leave newer than the sibling's membership).
     #[serde(default)]
-    pub left_by_self: BTreeSet<OwnedUserId>,
+    pub left_by_self: BTreeMap<OwnedUserId, u64>,
+    /// Log position of each user's current membership.
+    #[serde(default)]
+    pub member_seq: BTreeMap<OwnedUserId, u64>,
     /// The bot's signed join not yet confirmed by `send_join`: (version, event).
     #[serde(default)]
     pub signed_join: Option<(RoomVersionId, serde_json::Value)>,
@@ -211,7 +215,8 @@ impl RoomView {
             failed_invites: BTreeMap::new(),
             pending_actions: BTreeMap::new(),
             blocked_actions: BTreeMap::new(),
-            left_by_self: BTreeSet::new(),
+            left_by_self: BTreeMap::new(),
+            member_seq: BTreeMap::new(),
             unsupported: BTreeMap::new(),
             signed_join: None,
         }
@@ -223,13 +228,22 @@ impl RoomView {
         if newer {
             let (depth, event_ts) = pos;
             self.receipts.insert(user.clone(), Receipt { event_id: event_id.clone(), receipt_type: "m.read".into(), ts, seq, depth, event_ts });
-            // A read at or past what fedlink asked for settles the request.
-            if let Some(p) = self.pending_actions.get(user) {
-                if p.kind == "read" {
-                    self.pending_actions.remove(user);
-                }
-            }
             self.blocked_actions.retain(|u, a| u != user || a.kind != "read");
+        }
+        // A read at or past what fedlink asked for settles the request, whether or not it
+        // moved the user's position (the echo of a read the user already passed).
+        self.settle_read(user);
+    }
+
+    /// Drop `user`'s pending read action if their read position is at or past it.
+    fn settle_read(&mut self, user: &OwnedUserId) {
+        let Some(p) = self.pending_actions.get(user).filter(|p| p.kind == "read") else { return };
+        let asked = (p.depth, p.event_ts);
+        let reached = self.receipts.get(user).is_some_and(|r| {
+            Some(&r.event_id) == p.event_id.as_ref() || (asked != (None, None) && !r.is_before(asked))
+        });
+        if reached {
+            self.pending_actions.remove(user);
         }
     }
 
@@ -305,7 +319,7 @@ impl Views {
         }
         self.folded_seq = rec.seq;
         match &rec.entry {
-            Entry::Pdu(p) => self.apply_pdu(p),
+            Entry::Pdu(p) => self.apply_pdu(p, rec.seq),
             Entry::Receipt(r) => {
                 // Only the main timeline's receipt is tracked; threaded ones stay in the log.
                 let main = r.thread_id.as_deref().is_none_or(|t| t == "main") && r.receipt_type == "m.read";
@@ -336,6 +350,8 @@ impl Views {
             Entry::ActionPending(a) => {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
                     room.pending_actions.insert(a.user_id.clone(), a.clone());
+                    // The user may have read past it between the decision and this record.
+                    room.settle_read(&a.user_id);
                 }
             }
             Entry::ActionFailed(a) => {
@@ -349,7 +365,7 @@ impl Views {
                     room.unsupported.entry(a.user_id.clone()).or_default().insert(a.kind.clone());
                 }
             }
-            Entry::ClientEvent(c) => self.apply_client_event(c),
+            Entry::ClientEvent(c) => self.apply_client_event(c, rec.seq),
             Entry::BotJoinFailed(f) => {
                 if let Some(room) = self.rooms.get_mut(&f.room_id) {
                     if let BotMembership::Invited { inviter, invite_event_id } = &room.bot {
@@ -370,9 +386,27 @@ impl Views {
                     room.signed_join = j.event.clone().map(|e| (j.room_version.clone(), e));
                 }
             }
-            Entry::PersonSet(p) => self.directory.apply_set(p),
-            Entry::PersonRemoved(p) => self.directory.apply_removed(p),
-            Entry::OptOut(o) => self.directory.apply_opt_out(o),
+            Entry::PersonSet(p) => {
+                // Accounts no longer linked: work fedlink had pending for them is cancelled.
+                let dropped: Vec<OwnedUserId> = match self.directory.persons.get(&p.person) {
+                    Some(old) => old.accounts.iter().filter(|a| !p.accounts.contains(a)).cloned().collect(),
+                    None => Vec::new(),
+                };
+                self.cancel_pending(&dropped, None);
+                self.directory.apply_set(p);
+            }
+            Entry::PersonRemoved(p) => {
+                let accounts: Vec<OwnedUserId> = self.directory.persons.get(&p.person).map(|x| x.accounts.iter().cloned().collect()).unwrap_or_default();
+                self.cancel_pending(&accounts, None);
+                self.directory.apply_removed(p);
+            }
+            Entry::OptOut(o) => {
+                if o.opted_out {
+                    let accounts: Vec<OwnedUserId> = self.directory.persons.get(&o.person).map(|x| x.accounts.iter().cloned().collect()).unwrap_or_default();
+                    self.cancel_pending(&accounts, o.room_id.as_ref());
+                }
+                self.directory.apply_opt_out(o);
+            }
             Entry::PersonSettings(s) => self.directory.apply_settings(s),
             Entry::InvitePending(i) => {
                 if let Some(room) = self.rooms.get_mut(&i.room_id) {
@@ -401,11 +435,35 @@ impl Views {
                 room.joined_via = Some(j.via.clone());
                 room.extremities.clear();
                 room.set_state(&j.state, j.power_levels.as_ref());
+                for s in j.state.iter().filter(|s| s.membership.is_some()) {
+                    if let Ok(u) = ruma::UserId::parse(&s.state_key) {
+                        room.member_seq.insert(u, rec.seq);
+                    }
+                }
             }
         }
     }
 
-    fn apply_pdu(&mut self, p: &PduEntry) {
+    /// Drop invites and actions fedlink has pending for `accounts` (in `room`, or everywhere):
+    /// the person opted out or the account was unlinked.
+    fn cancel_pending(&mut self, accounts: &[OwnedUserId], room: Option<&OwnedRoomId>) {
+        if accounts.is_empty() {
+            return;
+        }
+        for (id, r) in self.rooms.iter_mut() {
+            if room.is_some_and(|only| only != id) {
+                continue;
+            }
+            for a in accounts {
+                r.pending_invites.remove(a);
+                r.pending_actions.remove(a);
+            }
+            // An invite as a sibling is pending under its target's id.
+            r.pending_actions.retain(|_, act| !act.actor.as_ref().is_some_and(|x| accounts.contains(x)));
+        }
+    }
+
+    fn apply_pdu(&mut self, p: &PduEntry, seq: u64) {
         let bot = self.bot_user_id.clone();
         let Some(room) = self.rooms.get_mut(&p.room_id) else { return };
         room.event_count += 1;
@@ -426,15 +484,28 @@ impl Views {
         }
         room.extremities.insert(p.event_id.clone());
         if let Some(resolved) = &p.resolved_state {
+            // A fork resolved: every membership the resolution changed has its effects
+            // (settled invites and actions, self-leaves), like a plain membership event.
+            let new_members: BTreeMap<OwnedUserId, (String, OwnedEventId)> = resolved
+                .state
+                .iter()
+                .filter_map(|s| Some((ruma::UserId::parse(&s.state_key).ok()?, (s.membership.clone()?, s.event_id.clone()))))
+                .collect();
+            for (user, (m, event_id)) in &new_members {
+                if room.members.get(user) == Some(m) && room.state_event("m.room.member", user.as_str()) == Some(event_id) {
+                    continue;
+                }
+                // Only this event's sender is known; a resolution to another event is
+                // treated as not self-sent (no mirror-leave from it).
+                let sender = (*event_id == p.event_id).then_some(&p.sender);
+                room.apply_membership(user.clone(), m, sender, seq);
+            }
             room.set_state(&resolved.state, resolved.power_levels.as_ref());
-            for s in resolved.state.iter().filter(|s| s.event_type == "m.room.member") {
-                if let Ok(user) = ruma::UserId::parse(&s.state_key) {
-                    room.pending_invites.remove(&user);
-                    if user == bot && s.membership.as_deref() == Some("join") {
-                        room.bot = BotMembership::Joined;
-                    } else if user == bot && room.bot_joined() && matches!(s.membership.as_deref(), Some("leave" | "ban")) {
-                        room.bot = BotMembership::Left { membership: s.membership.clone().unwrap_or_default() };
-                    }
+            if let Some(m) = room.members.get(&bot).cloned() {
+                if m == "join" {
+                    room.bot = BotMembership::Joined;
+                } else if room.bot_joined() && matches!(m.as_str(), "leave" | "ban") {
+                    room.bot = BotMembership::Left { membership: m };
                 }
             }
             return;
@@ -453,11 +524,11 @@ impl Views {
                     _ => {}
                 }
             }
-            room.apply_membership(user, m, &p.sender);
+            room.apply_membership(user, m, Some(&p.sender), seq);
         }
     }
 
-    fn apply_client_event(&mut self, c: &ClientEventEntry) {
+    fn apply_client_event(&mut self, c: &ClientEventEntry, seq: u64) {
         let room = self
             .rooms
             .entry(c.room_id.clone())
@@ -467,7 +538,7 @@ impl Views {
             return;
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
-            room.apply_membership(user, m, &c.sender);
+            room.apply_membership(user, m, Some(&c.sender), seq);
         } else if c.state_key.is_none() && c.origin_server_ts.is_some() {
             // Sending counts as reading, ordered by the homeserver's timestamp.
             room.read_up_to(&c.sender, &c.event_id, (None, c.origin_server_ts), c.origin_server_ts, 0);
@@ -476,8 +547,9 @@ impl Views {
 }
 
 impl RoomView {
-    /// A membership change of `user` to `m`, sent by `sender`.
-    fn apply_membership(&mut self, user: OwnedUserId, m: &str, sender: &OwnedUserId) {
+    /// A membership change of `user` to `m`, sent by `sender` (when known), at log position
+    /// `seq`.
+    fn apply_membership(&mut self, user: OwnedUserId, m: &str, sender: Option<&OwnedUserId>, seq: u64) {
         // A membership event for the target settles any invite fedlink had pending,
         // and any join, leave or invite it asked for.
         self.pending_invites.remove(&user);
@@ -485,15 +557,24 @@ impl RoomView {
             self.pending_actions.remove(&user);
         }
         self.blocked_actions.retain(|u, a| *u != user || a.kind == "read");
-        if m == "leave" && *sender == user && self.members.get(&user).is_some_and(|old| old == "join") {
-            self.left_by_self.insert(user.clone());
+        if m == "leave" && sender == Some(&user) && self.members.get(&user).is_some_and(|old| old == "join") {
+            self.left_by_self.insert(user.clone(), seq);
         } else {
             self.left_by_self.remove(&user);
         }
         if m != "leave" {
             self.failed_invites.remove(&user);
         }
+        self.member_seq.insert(user.clone(), seq);
         self.members.insert(user, m.to_owned());
+    }
+
+    /// Whether a sibling of `user` among `accounts` left by itself after `user`'s current
+    /// membership began (so `user` should follow it out). A leave older than `user`'s
+    /// membership (the person came back, or was invited again) does not count.
+    pub fn sibling_left_after(&self, user: &OwnedUserId, accounts: &BTreeSet<OwnedUserId>) -> bool {
+        let since = self.member_seq.get(user).copied().unwrap_or(0);
+        accounts.iter().any(|a| a != user && self.left_by_self.get(a).is_some_and(|left| *left > since))
     }
 }
 
