@@ -29,6 +29,9 @@ pub enum ClientError {
     /// The peer's answer did not parse.
     #[error("bad response from {dest}: {reason}")]
     BadResponse { dest: String, reason: String },
+    /// The peer's answer is larger than fedlink accepts (asking again will not shrink it).
+    #[error("response from {dest} is larger than {cap} bytes")]
+    TooLarge { dest: String, cap: usize },
 }
 
 impl ClientError {
@@ -37,7 +40,7 @@ impl ClientError {
         match self {
             ClientError::Network { .. } => true,
             ClientError::Http { status, .. } => *status == 429 || *status >= 500,
-            ClientError::BadResponse { .. } => false,
+            ClientError::BadResponse { .. } | ClientError::TooLarge { .. } => false,
         }
     }
 }
@@ -45,6 +48,10 @@ impl ClientError {
 /// Signs and sends federation requests.
 pub struct FederationClient {
     http: reqwest::Client,
+    /// For destinations the operator mapped in `federation.destinations`: may reach private
+    /// addresses even when `allow_private_networks` is off (the operator chose them; a peer
+    /// cannot add entries).
+    http_static: reqwest::Client,
     allow_private: bool,
     max_response: usize,
     discovery: Discovery,
@@ -56,24 +63,32 @@ pub struct FederationClient {
 impl FederationClient {
     /// A client for `cfg`, signing as `cfg.server_name` with `key`.
     pub fn new(cfg: &Config, key: Arc<SigningKey>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let mut b = reqwest::Client::builder()
-            .timeout(Duration::from_secs(cfg.federation.request_timeout_secs))
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("fedlink/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .danger_accept_invalid_certs(!cfg.federation.verify_tls);
+        let certs = match &cfg.federation.ca_file {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("federation.ca_file {}: {e}", ca.display()))?;
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| anyhow::anyhow!("federation.ca_file {}: {e}", ca.display()))?
+            }
+            None => Vec::new(),
+        };
+        let builder = || {
+            let mut b = reqwest::Client::builder()
+                .timeout(Duration::from_secs(cfg.federation.request_timeout_secs))
+                .connect_timeout(Duration::from_secs(10))
+                .user_agent(concat!("fedlink/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::none())
+                .danger_accept_invalid_certs(!cfg.federation.verify_tls);
+            for cert in &certs {
+                b = b.add_root_certificate(cert.clone());
+            }
+            b
+        };
+        let http_static = builder().build()?;
+        let mut b = builder();
         if !cfg.federation.allow_private_networks {
             b = b.dns_resolver(Arc::new(super::netguard::GuardedResolver));
         }
-        if let Some(ca) = &cfg.federation.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("federation.ca_file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("federation.ca_file {}: {e}", ca.display()))?
-            {
-                b = b.add_root_certificate(cert);
-            }
-        }
         Ok(Self {
+            http_static,
             http: b.build()?,
             allow_private: cfg.federation.allow_private_networks,
             max_response: cfg.federation.max_response_bytes,
@@ -87,12 +102,24 @@ impl FederationClient {
     /// An unauthenticated GET (key server queries), with a small response cap.
     pub async fn get_unsigned(&self, dest: &str, path: &str) -> Result<serde_json::Value, ClientError> {
         let d = self.resolve(dest).await?;
-        let req = self.http.get(format!("{}{path}", d.base_url)).header("Host", &d.host);
+        let req = self.http_for(dest).get(format!("{}{path}", d.base_url)).header("Host", &d.host);
         self.finish(dest, req, 256 * 1024).await
+    }
+
+    /// The client for `dest`: the unguarded one only for the operator's static entries.
+    fn http_for(&self, dest: &str) -> &reqwest::Client {
+        if self.discovery.is_static(dest) {
+            &self.http_static
+        } else {
+            &self.http
+        }
     }
 
     async fn resolve(&self, dest: &str) -> Result<super::discovery::Destination, ClientError> {
         let d = self.discovery.resolve(&self.http, dest).await;
+        if self.discovery.is_static(dest) {
+            return Ok(d);
+        }
         let host = d.base_url.trim_start_matches("https://").trim_start_matches("http://");
         let (host, _) = super::discovery::split_host_port(host.split('/').next().unwrap_or(host));
         if !self.allow_private && super::netguard::literal_blocked(host) {
@@ -119,7 +146,7 @@ impl FederationClient {
         };
         let authz = auth::sign_request(&self.key, &self.origin, dest, method.as_str(), path, content.as_ref());
         let mut req = self
-            .http
+            .http_for(dest)
             .request(method.clone(), format!("{}{path}", d.base_url))
             .header("Host", &d.host)
             .header("Authorization", authz);
@@ -139,7 +166,13 @@ impl FederationClient {
             }
         };
         let status = resp.status();
-        let bytes = read_capped(resp, cap).await.map_err(|reason| ClientError::Network { dest: dest.to_owned(), reason })?;
+        let bytes = read_capped(resp, cap).await.map_err(|reason| {
+            if reason.starts_with(TOO_LARGE) {
+                ClientError::TooLarge { dest: dest.to_owned(), cap }
+            } else {
+                ClientError::Network { dest: dest.to_owned(), reason }
+            }
+        })?;
         if !status.is_success() {
             self.metrics.outbound_requests.with_label_values(&["http_error"]).inc();
             let body = String::from_utf8_lossy(&bytes[..bytes.len().min(500)]).into_owned();
@@ -150,15 +183,17 @@ impl FederationClient {
     }
 }
 
+const TOO_LARGE: &str = "response larger than";
+
 /// Read a response body, refusing more than `cap` bytes.
 pub async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {
     if resp.content_length().is_some_and(|l| l as usize > cap) {
-        return Err(format!("response larger than {cap} bytes"));
+        return Err(format!("{TOO_LARGE} {cap} bytes"));
     }
     let mut buf = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| error_chain(&e))? {
         if buf.len() + chunk.len() > cap {
-            return Err(format!("response larger than {cap} bytes"));
+            return Err(format!("{TOO_LARGE} {cap} bytes"));
         }
         buf.extend_from_slice(&chunk);
     }

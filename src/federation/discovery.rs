@@ -74,6 +74,11 @@ impl Discovery {
         Self { overrides, cache: Mutex::new(HashMap::new()), resolver }
     }
 
+    /// Whether `name` has an entry in the operator's static map.
+    pub fn is_static(&self, name: &str) -> bool {
+        self.overrides.contains_key(name)
+    }
+
     /// Where `name` is reached.
     pub async fn resolve(&self, http: &reqwest::Client, name: &str) -> Destination {
         if let Some(d) = resolve_static(&self.overrides, name) {

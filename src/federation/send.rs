@@ -82,6 +82,9 @@ pub fn parse_transaction(origin: &str, body: &[u8]) -> Result<Transaction, Matri
     Ok(Transaction { pdus, edus })
 }
 
+/// Most updates in one `m.presence` EDU.
+pub const MAX_PRESENCE_PUSH: usize = 100;
+
 /// Most PDUs parked for one room while the bot's join there is under way.
 pub const MAX_PARKED_PER_ROOM: usize = 1000;
 /// Most PDUs parked in all.
@@ -562,18 +565,30 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
             let user = content.get("user_id").and_then(Value::as_str).ok_or("typing needs user_id")?;
             let user_id = own_user(origin, user)?;
             let typing = content.get("typing").and_then(Value::as_bool).ok_or("typing needs typing")?;
-            if app.views.read().await.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_servers().contains(origin)) {
+            // Kept only for linked accounts, in rooms the bot shares with the sender.
+            let views = app.views.read().await;
+            if views.directory.by_account.contains_key(&user_id)
+                && views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_servers().contains(origin))
+            {
                 out.push(Entry::Typing(TypingEntry { origin: origin.clone(), room_id, user_id, typing }));
             }
         }
         "m.presence" => {
             let push = content.get("push").and_then(Value::as_array).ok_or("presence needs push")?;
+            if push.len() > MAX_PRESENCE_PUSH {
+                return Err(format!("presence carries {} updates; at most {MAX_PRESENCE_PUSH} are allowed", push.len()));
+            }
+            let views = app.views.read().await;
             for p in push {
                 let user = p.get("user_id").and_then(Value::as_str).ok_or("presence needs user_id")?;
                 let user_id = own_user(origin, user)?;
                 let presence = p.get("presence").and_then(Value::as_str).ok_or("presence needs presence")?;
                 if !matches!(presence, "online" | "unavailable" | "offline") {
                     return Err(format!("unknown presence `{presence}`"));
+                }
+                // Presence matters only for linked accounts (presence following).
+                if !views.directory.by_account.contains_key(&user_id) {
+                    continue;
                 }
                 out.push(Entry::Presence(PresenceEntry {
                     origin: origin.clone(),
