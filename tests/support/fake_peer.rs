@@ -194,6 +194,16 @@ pub struct PeerState {
     pub transactions: Vec<(String, Vec<Value>)>,
     /// Invites received (and countersigned).
     pub invites: Vec<Value>,
+    /// Serve `POST /_matrix/key/v2/query` as a notary with these key documents (each
+    /// already signed by its server; the peer adds its own signature).
+    pub notary_docs: Option<Vec<Value>>,
+    /// Tamper with the invite it countersigns: `"content"` changes it, `"unsigned"` returns
+    /// it without the peer's signature.
+    pub tamper_invite: Option<&'static str>,
+    /// Hold `get_missing_events` answers this long.
+    pub delay_missing_events: Option<std::time::Duration>,
+    /// Public keys of servers that sent requests (fetched from their key servers and cached).
+    pub peer_keys: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// The fake peer.
@@ -235,6 +245,7 @@ impl FakePeer {
             .route("/_matrix/federation/v1/send/{txn}", put(receive_txn))
             .route("/_matrix/federation/v1/event_auth/{room}/{event}", get(event_auth))
             .route("/_matrix/federation/v2/invite/{room}/{event}", put(receive_invite))
+            .route("/_matrix/key/v2/query", axum::routing::post(key_query))
             .fallback(other)
             .with_state(ctx);
         let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.unwrap();
@@ -389,9 +400,62 @@ async fn other(State(ctx): State<Ctx>, method: Method, uri: Uri) -> (StatusCode,
     (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_UNRECOGNIZED", "error": "fake peer" })))
 }
 
-fn require_auth(headers: &HeaderMap) -> Result<auth::XMatrix, (StatusCode, Json<Value>)> {
+type Refusal = (StatusCode, Json<Value>);
+
+fn refuse(status: StatusCode, errcode: &str, error: impl ToString) -> Refusal {
+    (status, Json(json!({ "errcode": errcode, "error": error.to_string() })))
+}
+
+/// The keys of `server`, fetched from its key server (fedlink's name is `localhost:<port>`,
+/// reachable as is) and cached.
+async fn server_keys(ctx: &Ctx, server: &str) -> Result<BTreeMap<String, String>, Refusal> {
+    if let Some(k) = ctx.state.lock().unwrap().peer_keys.get(server) {
+        return Ok(k.clone());
+    }
+    let http = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let doc: Value = http
+        .get(format!("https://{server}/_matrix/key/v2/server"))
+        .send()
+        .await
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", format!("cannot fetch keys of {server}: {e}")))?
+        .json()
+        .await
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", e))?;
+    let keys: BTreeMap<String, String> = doc["verify_keys"]
+        .as_object()
+        .map(|m| m.iter().filter_map(|(id, k)| Some((id.clone(), k["key"].as_str()?.to_owned()))).collect())
+        .unwrap_or_default();
+    ctx.state.lock().unwrap().peer_keys.insert(server.to_owned(), keys.clone());
+    Ok(keys)
+}
+
+/// Verify a request's X-Matrix signature against the origin's published key, like a real
+/// homeserver: a signing regression in fedlink fails the fake-peer tests at once.
+async fn require_auth(ctx: &Ctx, method: &Method, uri: &Uri, headers: &HeaderMap, body: Option<&Value>) -> Result<auth::XMatrix, Refusal> {
     let h = headers.get("authorization").and_then(|h| h.to_str().ok()).unwrap_or("");
-    auth::parse_header(h).map_err(|e| (StatusCode::UNAUTHORIZED, Json(json!({ "errcode": "M_UNAUTHORIZED", "error": e.to_string() }))))
+    let x = auth::parse_header(h).map_err(|e| refuse(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", e))?;
+    if x.destination.as_deref().is_some_and(|d| d != ctx.name) {
+        return Err(refuse(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "wrong destination"));
+    }
+    let keys = server_keys(ctx, &x.origin).await?;
+    let public = keys.get(&x.key).ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "unknown key"))?;
+    let content = body.map(|b| ruma::canonical_json::CanonicalJsonValue::try_from(b.clone()).unwrap());
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    auth::verify_request(&x, public, &ctx.name, method.as_str(), target, content.as_ref())
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", format!("bad X-Matrix signature: {e}")))?;
+    Ok(x)
+}
+
+/// Verify `event`'s signature by `server` (and its content hash).
+async fn require_event_signed(ctx: &Ctx, server: &str, version: &RoomVersionId, event: &Value) -> Result<(), Refusal> {
+    let keys = server_keys(ctx, server).await?;
+    let set: ruma::signatures::PublicKeySet = keys.iter().map(|(id, k)| (id.clone(), ruma::serde::Base64::parse(k.clone()).unwrap())).collect();
+    let map = BTreeMap::from([(server.to_owned(), set)]);
+    let obj = canonical_object(event.clone()).map_err(|e| refuse(StatusCode::BAD_REQUEST, "M_BAD_JSON", e))?;
+    match ruma::signatures::verify_event(&map, &obj, &version.rules().unwrap()) {
+        Ok(ruma::signatures::Verified::All) => Ok(()),
+        other => Err(refuse(StatusCode::FORBIDDEN, "M_FORBIDDEN", format!("event not signed by {server}: {other:?}"))),
+    }
 }
 
 async fn make_join(
@@ -400,7 +464,7 @@ async fn make_join(
     uri: Uri,
     headers: HeaderMap,
 ) -> (StatusCode, Json<Value>) {
-    let x = match require_auth(&headers) {
+    let x = match require_auth(&ctx, &Method::GET, &uri, &headers, None).await {
         Ok(x) => x,
         Err(e) => return e,
     };
@@ -428,10 +492,17 @@ async fn send_join(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, Json<Value>) {
-    if let Err(e) = require_auth(&headers) {
-        return e;
-    }
     let event: Value = serde_json::from_slice(&body).unwrap();
+    let x = match require_auth(&ctx, &Method::PUT, &uri, &headers, Some(&event)).await {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    let version = ctx.state.lock().unwrap().rooms.get(&room_id).map(|r| r.version.clone());
+    if let Some(v) = version {
+        if let Err(e) = require_event_signed(&ctx, &x.origin, &v, &event).await {
+            return e;
+        }
+    }
     let mut st = ctx.state.lock().unwrap();
     st.requests.push(("PUT".into(), uri.path().to_owned()));
     st.joins.push(event.clone());
@@ -463,8 +534,12 @@ async fn get_missing_events(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
-    if let Err(e) = require_auth(&headers) {
+    if let Err(e) = require_auth(&ctx, &Method::POST, &uri, &headers, Some(&body)).await {
         return e;
+    }
+    let delay = ctx.state.lock().unwrap().delay_missing_events;
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
     }
     let mut st = ctx.state.lock().unwrap();
     st.requests.push(("POST".into(), uri.path().to_owned()));
@@ -498,11 +573,23 @@ async fn get_missing_events(
 async fn receive_txn(
     State(ctx): State<Ctx>,
     UrlPath(txn): UrlPath<String>,
+    uri: Uri,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
-    if let Err(e) = require_auth(&headers) {
-        return e;
+    let x = match require_auth(&ctx, &Method::PUT, &uri, &headers, Some(&body)).await {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    // Events the sending server authored must carry its valid signature.
+    for pdu in body["pdus"].as_array().cloned().unwrap_or_default() {
+        let sender_server = pdu["sender"].as_str().and_then(|s| s.split_once(':')).map(|(_, s)| s.to_owned()).unwrap_or_default();
+        let version = ctx.state.lock().unwrap().rooms.get(pdu["room_id"].as_str().unwrap_or("")).map(|r| r.version.clone());
+        if let (true, Some(v)) = (sender_server == x.origin, version) {
+            if let Err(e) = require_event_signed(&ctx, &x.origin, &v, &pdu).await {
+                return e;
+            }
+        }
     }
     let mut st = ctx.state.lock().unwrap();
     st.requests.push(("PUT".into(), format!("/send/{txn}")));
@@ -517,10 +604,16 @@ async fn receive_txn(
 async fn receive_invite(
     State(ctx): State<Ctx>,
     UrlPath((_room, _event)): UrlPath<(String, String)>,
+    uri: Uri,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
-    if let Err(e) = require_auth(&headers) {
+    let x = match require_auth(&ctx, &Method::PUT, &uri, &headers, Some(&body)).await {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    let version = RoomVersionId::try_from(body["room_version"].as_str().unwrap_or("12")).unwrap();
+    if let Err(e) = require_event_signed(&ctx, &x.origin, &version, &body["event"]).await {
         return e;
     }
     let mut st = ctx.state.lock().unwrap();
@@ -530,14 +623,24 @@ async fn receive_invite(
     }
     let version = RoomVersionId::try_from(body["room_version"].as_str().unwrap()).unwrap();
     let mut obj = canonical_object(body["event"].clone()).unwrap();
-    ruma::signatures::sign_event(&ctx.name, &*ctx.key, &mut obj, &version.rules().unwrap().redaction).unwrap();
+    match st.tamper_invite {
+        Some("unsigned") => {}
+        Some(_) => {
+            ruma::signatures::sign_event(&ctx.name, &*ctx.key, &mut obj, &version.rules().unwrap().redaction).unwrap();
+            // Change what the content says after signing (a displayname: the event id stays).
+            if let Some(ruma::canonical_json::CanonicalJsonValue::Object(c)) = obj.get_mut("content") {
+                c.insert("displayname".into(), ruma::canonical_json::CanonicalJsonValue::String("mallory".into()));
+            }
+        }
+        None => ruma::signatures::sign_event(&ctx.name, &*ctx.key, &mut obj, &version.rules().unwrap().redaction).unwrap(),
+    }
     let signed = serde_json::to_value(obj).unwrap();
     st.invites.push(signed.clone());
     (StatusCode::OK, Json(json!({ "event": signed })))
 }
 
-async fn event_auth(State(ctx): State<Ctx>, UrlPath((room_id, event_id)): UrlPath<(String, String)>, headers: HeaderMap) -> (StatusCode, Json<Value>) {
-    if let Err(e) = require_auth(&headers) {
+async fn event_auth(State(ctx): State<Ctx>, UrlPath((room_id, event_id)): UrlPath<(String, String)>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&ctx, &Method::GET, &uri, &headers, None).await {
         return e;
     }
     let mut st = ctx.state.lock().unwrap();
@@ -546,4 +649,40 @@ async fn event_auth(State(ctx): State<Ctx>, UrlPath((room_id, event_id)): UrlPat
         return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
     };
     (StatusCode::OK, Json(json!({ "auth_chain": room.auth_chain(&[event_id]) })))
+}
+
+/// `POST /_matrix/key/v2/query`: answer as a notary when configured to.
+async fn key_query(State(ctx): State<Ctx>, uri: Uri, headers: HeaderMap, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&ctx, &Method::POST, &uri, &headers, Some(&body)).await {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("POST".into(), "/key/v2/query".into()));
+    let Some(docs) = st.notary_docs.clone() else {
+        return refuse(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "not a notary");
+    };
+    let wanted: Vec<String> = body["server_keys"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let out: Vec<Value> = docs
+        .into_iter()
+        .filter(|d| wanted.iter().any(|w| d["server_name"] == w.as_str()))
+        .map(|d| {
+            let mut obj = canonical_object(d).unwrap();
+            ruma::signatures::sign_json(&ctx.name, &*ctx.key, &mut obj).unwrap();
+            serde_json::to_value(obj).unwrap()
+        })
+        .collect();
+    (StatusCode::OK, Json(json!({ "server_keys": out })))
+}
+
+/// A key document for `server` with `key`, self-signed (what its key server would answer).
+pub fn key_document(server: &str, key: &SigningKey) -> Value {
+    let doc = json!({
+        "server_name": server,
+        "valid_until_ts": now_ms() + 86_400_000,
+        "verify_keys": { key.key_id(): { "key": key.public_key_base64() } },
+        "old_verify_keys": {},
+    });
+    let mut obj = canonical_object(doc).unwrap();
+    ruma::signatures::sign_json(server, key, &mut obj).unwrap();
+    serde_json::to_value(obj).unwrap()
 }
