@@ -28,6 +28,7 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .route("/_fedlink/admin/v1/persons/{id}/opt_out", axum::routing::put(put_opt_out))
         .route("/_fedlink/admin/v1/persons/{id}/settings", axum::routing::put(put_settings))
         .route("/_fedlink/admin/v1/destinations", get(destinations))
+        .route("/_fedlink/admin/v1/inbound", get(inbound))
         .route("/_fedlink/admin/v1/rooms/{room_id}/join", axum::routing::post(retry_join))
         .route("/_fedlink/admin/v1/destinations/{dest}/retry", axum::routing::post(retry_destination))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
@@ -238,13 +239,30 @@ async fn retry_join(State(app): State<AppState>, Path(room_id): Path<String>) ->
     }
     app.append(vec![crate::core::log_entry::Entry::BotJoinRetry(crate::core::log_entry::BotJoinRetry { room_id: id.clone() })], None).await?;
     app.store.flush().await?;
+    app.keys.allow_refetch_now();
     app.joins.schedule(&id, 0);
     tracing::info!(room_id = %id, "an admin asked to retry a given-up join");
     Ok(Json(json!({ "bot_membership": "invited" })))
 }
 
+/// Every destination fedlink sends to: the outbox queues (`destinations`), and each queue's
+/// per-destination lanes (`lanes.outbox`, `lanes.invites`, `lanes.actions`, `lanes.joins`:
+/// failures, backoff, last error, whether busy), plus actions waiting for a homeserver.
 async fn destinations(State(app): State<AppState>) -> Json<Value> {
-    Json(crate::outbox::destinations_report(&app))
+    let mut v = crate::outbox::destinations_report(&app);
+    v["lanes"] = json!({
+        "outbox": app.outbox.lanes.report(),
+        "invites": app.sync.invites.report(),
+        "actions": app.sync.actions.report(),
+        "joins": app.joins.lanes.report(),
+    });
+    v["actions_not_yet"] = json!(app.sync.not_yet_report());
+    Json(v)
+}
+
+/// `GET /_fedlink/admin/v1/inbound`: per-origin requests in flight and 429s given.
+async fn inbound(State(app): State<AppState>) -> Json<Value> {
+    Json(app.inbound.report())
 }
 
 async fn retry_destination(State(app): State<AppState>, Path(dest): Path<String>) -> Result<Json<Value>, MatrixError> {

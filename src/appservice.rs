@@ -417,3 +417,39 @@ pub async fn not_mine(
     authenticate(&app, &headers, &query)?;
     Err(MatrixError::not_found("fedlink does not provide this"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A homeserver speaks for its own users only: another server's receipts, presence,
+    /// memberships (by target) and messages (by sender) are dropped and counted.
+    #[test]
+    fn a_push_keeps_only_what_the_homeserver_may_say() {
+        let kiwi = ruma::ServerName::parse("kiwi").unwrap();
+        let body = json!({
+            "events": [
+                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$a", "sender": "@alice:mango", "state_key": "@alice:mango", "content": { "membership": "leave" } },
+                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$b", "sender": "@bob:kiwi", "state_key": "@alice:litchi", "content": { "membership": "invite" } },
+                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$c", "sender": "@bob:kiwi", "state_key": "@bob:kiwi", "content": { "membership": "join" } },
+                { "type": "m.room.message", "room_id": "!r:kiwi", "event_id": "$d", "sender": "@alice:litchi", "content": {}, "origin_server_ts": 5 },
+                { "type": "m.room.message", "room_id": "!r:kiwi", "event_id": "$e", "sender": "@bob:kiwi", "content": {}, "origin_server_ts": 6 },
+            ],
+            "ephemeral": [
+                { "type": "m.receipt", "room_id": "!r:kiwi", "content": { "$e": { "m.read": { "@alice:litchi": {}, "@bob:kiwi": { "ts": 1 } }, "m.read.private": { "@bob:kiwi": {} } } } },
+                { "type": "m.presence", "sender": "@alice:mango", "content": { "presence": "online" } },
+                { "type": "m.presence", "sender": "@bob:kiwi", "content": { "presence": "online" } },
+            ],
+        });
+        let push = parse_push(&kiwi, body.to_string().as_bytes()).unwrap();
+        let ids: Vec<&str> = push.events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, vec!["$c", "$e"]);
+        assert_eq!(push.receipts.len(), 1);
+        assert_eq!(push.receipts[0].user_id.as_str(), "@bob:kiwi");
+        assert_eq!(push.presence.len(), 1);
+        assert_eq!(push.foreign, 5);
+        assert!(parse_push(&kiwi, b"[]").is_err());
+        assert!(parse_push(&kiwi, br#"{"events": {}}"#).is_err());
+    }
+}

@@ -254,10 +254,20 @@ impl RemoteKeys {
                 }
             }
         }
-        Err(match error {
-            Some(e @ KeyError::NotAllowed { .. }) => e,
-            _ => KeyError::Unknown { server: server.into(), key_ids: key_ids.to_vec() },
+        if let Some(e) = error {
+            tracing::debug!(%server, error = %e, "no usable key");
+        }
+        Err(if allowed {
+            KeyError::Unknown { server: server.into(), key_ids: key_ids.to_vec() }
+        } else {
+            KeyError::NotAllowed { server: server.to_owned() }
         })
+    }
+
+    /// Forget when keys were last fetched, so the next need fetches at once (an operator
+    /// asked to retry).
+    pub fn allow_refetch_now(&self) {
+        self.last_fetch.lock().expect("lock").clear();
     }
 
     /// Whether a fetch under `key` is allowed now (at most one per [`REFETCH_INTERVAL`]);
@@ -350,5 +360,41 @@ impl RemoteKeys {
         self.metrics.key_fetches.with_label_values(&["ok"]).inc();
         tracing::info!(%server, keys = n, "fetched server keys");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SigningKey;
+
+    fn doc(server: &str, key: &SigningKey) -> serde_json::Value {
+        serde_json::json!({
+            "server_name": server,
+            "valid_until_ts": 4_000_000_000_000u64,
+            "verify_keys": { key.key_id(): { "key": key.public_key_base64() } },
+            "old_verify_keys": {},
+        })
+    }
+
+    /// A key document must carry a valid self-signature by a key it lists: a missing or
+    /// empty `signatures`, or one by another key, is refused.
+    #[test]
+    fn key_documents_need_a_valid_self_signature() {
+        let key = SigningKey::generate();
+        let other = SigningKey::generate();
+        let unsigned = doc("kiwi", &key);
+        assert!(parse_key_response("kiwi", unsigned.clone()).unwrap_err().contains("self-signature"));
+        let mut empty = unsigned.clone();
+        empty["signatures"] = serde_json::json!({});
+        assert!(parse_key_response("kiwi", empty).is_err());
+        let mut obj = crate::core::pdu::canonical_object(unsigned.clone()).unwrap();
+        ruma::signatures::sign_json("kiwi", &other, &mut obj).unwrap();
+        assert!(parse_key_response("kiwi", serde_json::to_value(&obj).unwrap()).is_err(), "signed by a key it does not list");
+        let mut obj = crate::core::pdu::canonical_object(unsigned).unwrap();
+        ruma::signatures::sign_json("kiwi", &key, &mut obj).unwrap();
+        let good = serde_json::to_value(&obj).unwrap();
+        assert_eq!(parse_key_response("kiwi", good.clone()).unwrap().len(), 1);
+        assert!(parse_key_response("mango", good).is_err(), "for another server");
     }
 }

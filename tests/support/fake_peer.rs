@@ -537,12 +537,15 @@ async fn get_missing_events(
     if let Err(e) = require_auth(&ctx, &Method::POST, &uri, &headers, Some(&body)).await {
         return e;
     }
-    let delay = ctx.state.lock().unwrap().delay_missing_events;
+    let delay = {
+        let mut st = ctx.state.lock().unwrap();
+        st.requests.push(("POST".into(), uri.path().to_owned()));
+        st.delay_missing_events
+    };
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
     }
-    let mut st = ctx.state.lock().unwrap();
-    st.requests.push(("POST".into(), uri.path().to_owned()));
+    let st = ctx.state.lock().unwrap();
     let Some(room) = st.rooms.get(&room_id) else {
         return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
     };

@@ -88,6 +88,13 @@ impl Endpoints {
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST an admin API path (no body) with the token.
+    pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.admin_url)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.http.get(format!("{}/metrics", self.admin_url)).send().await.unwrap().text().await.unwrap()

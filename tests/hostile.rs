@@ -1,0 +1,392 @@
+//! In-process tests with hostile or failing peers and registration pushes (issue 7): one per
+//! hole. Each asserts that the log and views stay unchanged (or bounded), that nothing
+//! reaches another homeserver, and that a failing server holds up nobody else. The fake
+//! peer verifies fedlink's request and event signatures like a homeserver would.
+
+mod support;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::http::Method;
+use fedlink::keys::SigningKey;
+use ruma::RoomVersionId;
+use serde_json::{json, Value};
+use support::{enc, fake_peer::{key_document, FakePeer}, fedlink_proc::Fedlink, wait_until};
+
+const LOOPBACK: &str = "[federation]\nverify_tls = false\n";
+const T: Duration = Duration::from_secs(30);
+
+async fn room_view(f: &Fedlink, room: &str) -> Value {
+    f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(room))).await.1
+}
+
+async fn wait_bot(f: &Fedlink, room: &str, state: &str) -> Value {
+    wait_until(&format!("bot {state} in {room}"), T, || async {
+        let v = room_view(f, room).await;
+        if v["bot_membership"] == state {
+            return Ok(Some(v));
+        }
+        Err(anyhow::anyhow!("room as the admin API shows it: {v}"))
+    })
+    .await
+    .unwrap()
+}
+
+/// Given a room whose state holds a member of a server fedlink may not contact and no
+/// notary vouches for its keys, when the bot is invited, then the join is given up for good
+/// (visible in the admin API and metrics), and meanwhile a transaction for another room of
+/// the same homeserver is answered at once. Once the resident serves the keys as a notary,
+/// an admin retry joins the room.
+#[tokio::test]
+async fn a_join_that_cannot_succeed_is_given_up_visibly_and_never_holds_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let extra = format!("[federation]\nverify_tls = false\nallowed_servers = [\"{}\"]\n", peer.name);
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+
+    let ok_room = peer.create_room("alice", RoomVersionId::V12);
+    assert_eq!(peer.invite(&ok_room, "alice", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+    wait_bot(&f, &ok_room, "joined").await;
+
+    // A room with a member of mango, whose key server fedlink may not ask.
+    let mango = SigningKey::generate();
+    let bad_room = peer.create_room("alice", RoomVersionId::V12);
+    {
+        let mut st = peer.state.lock().unwrap();
+        let room = st.rooms.get_mut(&bad_room).unwrap();
+        room.push(&peer.name, &peer.key, &peer.user("alice"), "m.room.member", Some("@m:mango"), json!({ "membership": "invite" }));
+        room.push("mango", &mango, "@m:mango", "m.room.member", Some("@m:mango"), json!({ "membership": "join" }));
+    }
+    assert_eq!(peer.invite(&bad_room, "alice", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+
+    // While that join is tried and given up, the peer's other room is served at once.
+    for i in 0..5 {
+        let (id, ev) = peer.push(&ok_room, "alice", "m.room.message", None, json!({ "body": format!("m{i}") }));
+        let t = Instant::now();
+        let (s, v) = peer.send_txn(&f.name, &f.fed_url, &format!("ok{i}"), vec![ev], vec![]).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["pdus"][&id], json!({}), "{v}");
+        assert!(t.elapsed() < Duration::from_secs(1), "a transaction took {:?}", t.elapsed());
+    }
+
+    let v = wait_bot(&f, &bad_room, "join_failed").await;
+    assert!(v["bot"]["reason"].as_str().unwrap().contains("mango"), "{v}");
+    assert_eq!(f.metric("fedlink_rooms_join_failed").await, 1.0);
+    assert!(f.metric("fedlink_joins_total{result=\"permanent_error\"}").await >= 1.0);
+    let joins_sent = peer.state.lock().unwrap().joins.len();
+    // The given-up room's events are refused at once, not parked or waited on.
+    let (id, ev) = peer.push(&bad_room, "alice", "m.room.message", None, json!({ "body": "x" }));
+    let t = Instant::now();
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "bad1", vec![ev], vec![]).await;
+    assert_eq!(s, 200);
+    assert!(v["pdus"][&id]["error"].is_string(), "{v}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // Nothing retries it by itself.
+    assert_eq!(room_view(&f, &bad_room).await["bot_membership"], "join_failed");
+
+    // The resident becomes a notary for mango's keys; an admin retries the join.
+    peer.state.lock().unwrap().notary_docs = Some(vec![key_document("mango", &mango)]);
+    let (s, v) = f.admin_post(&format!("/_fedlink/admin/v1/rooms/{}/join", enc(&bad_room))).await;
+    assert_eq!(s, 200, "{v}");
+    let v = wait_bot(&f, &bad_room, "joined").await;
+    assert_eq!(v["members"]["@m:mango"], "join");
+    assert!(f.metric("fedlink_key_fetches_total{result=\"notary_ok\"}").await >= 1.0);
+    // A retry of a room that is not given up is refused.
+    let (s, _) = f.admin_post(&format!("/_fedlink/admin/v1/rooms/{}/join", enc(&ok_room))).await;
+    assert_eq!(s, 409);
+    assert!(peer.state.lock().unwrap().joins.len() > joins_sent);
+    f.stop().await;
+}
+
+/// Given a join that is under way (the resident fails make_join for now), when the resident
+/// already sends that room's events, then /send answers at once, the events are kept across
+/// a restart, and they are applied once the join lands.
+#[tokio::test]
+async fn events_of_a_room_being_joined_are_held_durably_and_applied_after_the_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let f = Fedlink::start(dir.path(), 0, LOOPBACK).await;
+    peer.state.lock().unwrap().fail_make_join = Some(503);
+    let room = peer.create_room("alice", RoomVersionId::V12);
+    assert_eq!(peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+    let (id, ev) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "early" }));
+    let t = Instant::now();
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "early1", vec![ev], vec![]).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["pdus"][&id], json!({}));
+    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert_eq!(f.metric("fedlink_parked_pdus ").await, 1.0);
+    assert_eq!(room_view(&f, &room).await["bot_membership"], "invited");
+    let log_before = f.log_len().await;
+    let port = f.fed_port;
+    f.stop().await;
+
+    peer.state.lock().unwrap().fail_make_join = None;
+    let f = Fedlink::start(dir.path(), port, LOOPBACK).await;
+    wait_bot(&f, &room, "joined").await;
+    wait_until("the held event applied", T, || async {
+        let v = room_view(&f, &room).await;
+        Ok(v["forward_extremities"].as_array().unwrap().contains(&json!(id)).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(f.log_len().await > log_before);
+    assert_eq!(f.metric("fedlink_parked_pdus ").await, 0.0);
+    assert_eq!(f.metric("fedlink_parked_pdus_total{result=\"applied\"}").await, 1.0);
+    f.stop().await;
+}
+
+/// A fake client-server API of a homeserver: records every request and says yes.
+async fn fake_client_api() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(move |method: Method, uri: axum::http::Uri| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(format!("{method} {}", uri.path()));
+            axum::Json(json!({ "origin_server_ts": 1 }))
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (url, seen)
+}
+
+async fn push(f: &Fedlink, hs_token: &str, txn: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/_matrix/app/v1/transactions/{txn}", f.admin_url))
+        .bearer_auth(hs_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn member(room: &str, id: &str, sender: &str, target: &str, m: &str) -> Value {
+    json!({ "type": "m.room.member", "room_id": room, "event_id": id, "sender": sender, "state_key": target,
+            "content": { "membership": m }, "origin_server_ts": 1 })
+}
+
+/// Given alice on mango and on litchi, linked, and registrations on kiwi, mango and litchi,
+/// when kiwi pushes "@alice:mango joined, then left by herself", then nothing is logged and
+/// no leave reaches litchi; when mango itself pushes the same, litchi's alice leaves.
+#[tokio::test]
+async fn a_registration_push_speaks_only_for_its_own_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let (litchi_url, litchi_calls) = fake_client_api().await;
+    let (other_url, _) = fake_client_api().await;
+    let extra = format!(
+        "{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"@alice:mango\", \"@alice:litchi\"]\n\
+         [[appservice]]\nserver_name = \"kiwi\"\nclient_url = \"{other_url}\"\nas_token = \"kiwi-as-token-0123456789\"\nhs_token = \"kiwi-hs-token-0123456789\"\n\
+         [[appservice]]\nserver_name = \"mango\"\nclient_url = \"{other_url}\"\nas_token = \"mango-as-token-0123456789\"\nhs_token = \"mango-hs-token-0123456789\"\n\
+         [[appservice]]\nserver_name = \"litchi\"\nclient_url = \"{litchi_url}\"\nas_token = \"litchi-as-token-0123456789\"\nhs_token = \"litchi-hs-token-0123456789\"\n"
+    );
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let room = "!r:kiwi";
+    // litchi says its alice joined the room.
+    let (s, _) = push(&f, "litchi-hs-token-0123456789", "l1", json!({ "events": [member(room, "$l1", "@alice:litchi", "@alice:litchi", "join")] })).await;
+    assert_eq!(s, 200);
+    let before = f.log_len().await;
+
+    // kiwi speaks for mango's alice (and for litchi's, and sends a receipt and presence for her).
+    let hostile = json!({
+        "events": [
+            member(room, "$k1", "@alice:mango", "@alice:mango", "join"),
+            member(room, "$k2", "@alice:mango", "@alice:mango", "leave"),
+            member(room, "$k3", "@bob:kiwi", "@alice:litchi", "invite"),
+            { "type": "m.room.message", "room_id": room, "event_id": "$k4", "sender": "@alice:litchi", "content": {}, "origin_server_ts": 5 },
+        ],
+        "ephemeral": [
+            { "type": "m.receipt", "room_id": room, "content": { "$k4": { "m.read": { "@alice:litchi": { "ts": 1 } } } } },
+            { "type": "m.presence", "sender": "@alice:mango", "content": { "presence": "online" } },
+        ],
+    });
+    let (s, _) = push(&f, "kiwi-hs-token-0123456789", "k1", hostile).await;
+    assert_eq!(s, 200);
+    assert_eq!(f.log_len().await, before, "nothing kiwi said about other servers' users is logged");
+    assert_eq!(f.metric("fedlink_appservice_foreign_items_total").await, 6.0);
+    let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
+    assert!(!p.to_string().contains("$k"), "{p}");
+
+    // The same from mango itself is honoured: litchi's alice follows her out.
+    let own = json!({ "events": [
+        member(room, "$m1", "@alice:mango", "@alice:mango", "join"),
+        member(room, "$m2", "@alice:mango", "@alice:mango", "leave"),
+    ] });
+    assert_eq!(push(&f, "mango-hs-token-0123456789", "m1", own).await.0, 200);
+    assert_eq!(f.metric("fedlink_log_appends_total{kind=\"client_event\"}").await, 3.0, "litchi's one and mango's two");
+    wait_until("litchi's alice leaves", T, || async {
+        Ok(litchi_calls.lock().unwrap().iter().any(|c| c.ends_with("/leave")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let leaves = litchi_calls.lock().unwrap().iter().filter(|c| c.ends_with("/leave")).count();
+    assert_eq!(leaves, 1);
+
+    // Malformed and oversized pushes are refused whole and change nothing.
+    let n = f.log_len().await;
+    let (s, v) = push(&f, "mango-hs-token-0123456789", "m2", json!({ "events": "nope" })).await;
+    assert_eq!((s, v["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+    let many: Vec<Value> = (0..1001).map(|i| member(room, &format!("$x{i}"), "@alice:mango", "@alice:mango", "join")).collect();
+    let (s, _) = push(&f, "mango-hs-token-0123456789", "m3", json!({ "events": many })).await;
+    assert_eq!(s, 400);
+    assert_eq!(f.log_len().await, n);
+    f.stop().await;
+}
+
+/// Presence and typing EDUs are capped and kept only for linked accounts.
+#[tokio::test]
+async fn presence_and_typing_are_capped_and_kept_only_for_linked_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let extra = format!("{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"@alice:litchi\"]\n", peer.user("alice"));
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let room = peer.create_room("alice", RoomVersionId::V12);
+    assert_eq!(peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+    wait_bot(&f, &room, "joined").await;
+    let before = f.log_len().await;
+    let push: Vec<Value> = (0..101).map(|i| json!({ "user_id": peer.user(&format!("u{i}")), "presence": "online" })).collect();
+    let edus = vec![
+        json!({ "edu_type": "m.presence", "content": { "push": push } }),
+        json!({ "edu_type": "m.presence", "content": { "push": [{ "user_id": peer.user("stranger"), "presence": "online" }] } }),
+        json!({ "edu_type": "m.typing", "content": { "room_id": room, "user_id": peer.user("stranger"), "typing": true } }),
+    ];
+    let (s, _) = peer.send_txn(&f.name, &f.fed_url, "p1", vec![], edus).await;
+    assert_eq!(s, 200);
+    assert_eq!(f.log_len().await, before, "nothing logged for 101 updates or unlinked users");
+    assert_eq!(f.metric("fedlink_edus_received_total{edu_type=\"m.presence\",result=\"rejected\"}").await, 1.0);
+    let edus = vec![
+        json!({ "edu_type": "m.presence", "content": { "push": [{ "user_id": peer.user("alice"), "presence": "online" }] } }),
+        json!({ "edu_type": "m.typing", "content": { "room_id": room, "user_id": peer.user("alice"), "typing": true } }),
+    ];
+    assert_eq!(peer.send_txn(&f.name, &f.fed_url, "p2", vec![], edus).await.0, 200);
+    assert_eq!(f.log_len().await, before + 2, "a linked account's presence and typing are kept");
+    f.stop().await;
+}
+
+/// `bot.invites_from` and `bot.max_rooms` bound who can put the bot in rooms, and how many.
+#[tokio::test]
+async fn only_allowed_inviters_and_at_most_max_rooms() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let extra = format!("{LOOPBACK}[bot]\ninvites_from = [\"@admin-*:{}\"]\nmax_rooms = 1\n", peer.name);
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let r1 = peer.create_room("alice", RoomVersionId::V12);
+    let before = f.log_len().await;
+    let (s, v) = peer.invite(&r1, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bot.invites_from"));
+    assert_eq!(f.log_len().await, before);
+    let r1 = peer.create_room("admin-1", RoomVersionId::V12);
+    assert_eq!(peer.invite(&r1, "admin-1", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+    wait_bot(&f, &r1, "joined").await;
+    let r2 = peer.create_room("admin-1", RoomVersionId::V12);
+    let before = f.log_len().await;
+    let (s, v) = peer.invite(&r2, "admin-1", &f.bot(), &f.name, &f.fed_url).await;
+    assert_eq!(s.as_u16(), 403, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bot.max_rooms"));
+    assert_eq!(f.log_len().await, before);
+    assert_eq!(f.metric("fedlink_bot_invites_refused_total").await, 2.0);
+    f.stop().await;
+}
+
+/// One origin with a request in flight (here: fedlink is filling a gap from it, which the
+/// peer answers slowly) gets 429 with `retry_after_ms` for more than the configured limit;
+/// the slot is free again once the request ends.
+#[tokio::test]
+async fn an_origin_gets_429_beyond_its_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Arc::new(FakePeer::start().await);
+    let extra = "[federation]\nverify_tls = false\nmax_inflight_per_origin = 1\n";
+    let f = Fedlink::start(dir.path(), 0, extra).await;
+    let room = peer.create_room("alice", RoomVersionId::V12);
+    assert_eq!(peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+    wait_bot(&f, &room, "joined").await;
+    peer.push(&room, "alice", "m.room.message", None, json!({ "body": "missed" }));
+    let (_, ev) = peer.push(&room, "alice", "m.room.message", None, json!({ "body": "after a gap" }));
+    peer.state.lock().unwrap().delay_missing_events = Some(Duration::from_secs(3));
+    let (p, name, url) = (peer.clone(), f.name.clone(), f.fed_url.clone());
+    let slow = tokio::spawn(async move { p.send_txn(&name, &url, "gap1", vec![ev], vec![]).await });
+    wait_until("fedlink asks for the missing events", T, || async {
+        Ok(peer.state.lock().unwrap().requests.iter().any(|(_, p)| p.contains("get_missing_events")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let path = format!("/_matrix/federation/v1/state_ids/{}?event_id=%24nope", enc(&room));
+    let (s, v) = peer.request(&f.name, &f.fed_url, Method::GET, &path, None).await;
+    assert_eq!((s.as_u16(), v["errcode"].as_str()), (429, Some("M_LIMIT_EXCEEDED")), "{v}");
+    assert!(v["retry_after_ms"].as_u64().is_some());
+    assert!(f.metric("fedlink_inbound_rate_limited_total").await >= 1.0);
+    let report = f.admin("/_fedlink/admin/v1/inbound").await.1;
+    assert!(report["rate_limited"][&peer.name].as_u64() >= Some(1), "{report}");
+    assert_eq!(slow.await.unwrap().0, 200);
+    let (s, _) = peer.request(&f.name, &f.fed_url, Method::GET, &path, None).await;
+    assert_ne!(s.as_u16(), 429, "the slot is free again");
+    f.stop().await;
+}
+
+/// A target server that changes the invite it countersigns, or does not sign it, gets
+/// nothing stored or relayed: the invite is recorded as failed.
+#[tokio::test]
+async fn a_tampered_or_unsigned_returned_invite_is_neither_stored_nor_relayed() {
+    for tamper in ["content", "unsigned"] {
+        let dir = tempfile::tempdir().unwrap();
+        let kiwi = FakePeer::start().await;
+        let litchi = FakePeer::start().await;
+        litchi.state.lock().unwrap().tamper_invite = Some(tamper);
+        let extra = format!("{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n", kiwi.user("alice"), litchi.user("alice"));
+        let f = Fedlink::start(dir.path(), 0, &extra).await;
+        let room = kiwi.create_room("alice", RoomVersionId::V12);
+        kiwi.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+        wait_bot(&f, &room, "joined").await;
+        let v = wait_until("the invite recorded as failed", T, || async {
+            let v = room_view(&f, &room).await;
+            Ok(v["failed_invites"].get(litchi.user("alice")).cloned())
+        })
+        .await
+        .unwrap();
+        assert!(v["reason"].as_str().unwrap().contains("invite"), "{tamper}: {v}");
+        let r = room_view(&f, &room).await;
+        assert!(r["members"].get(litchi.user("alice")).is_none(), "{tamper}: not stored: {r}");
+        // Nothing relayed to the room's other server: kiwi received no transaction with it.
+        assert!(kiwi.state.lock().unwrap().transactions.iter().all(|(_, pdus)| pdus.iter().all(|p| p["state_key"] != litchi.user("alice").as_str())));
+        f.stop().await;
+    }
+}
+
+/// Given a person with accounts on a healthy server and on one that hangs (accepts
+/// connections, never answers), the healthy one's invite is delivered at once.
+#[tokio::test]
+async fn a_hanging_destination_delays_only_its_own_invites() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiwi = FakePeer::start().await;
+    let litchi = FakePeer::start().await;
+    // Accepts TCP connections (the kernel's backlog) and never answers.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_name = format!("localhost:{}", hang.local_addr().unwrap().port());
+    let extra = format!(
+        "{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"@alice:{hang_name}\", \"{}\"]\n",
+        kiwi.user("alice"),
+        litchi.user("alice")
+    );
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let room = kiwi.create_room("alice", RoomVersionId::V12);
+    kiwi.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    wait_bot(&f, &room, "joined").await;
+    let t = Instant::now();
+    wait_until("litchi's alice invited", Duration::from_secs(5), || async {
+        Ok((!litchi.state.lock().unwrap().invites.is_empty()).then_some(()))
+    })
+    .await
+    .unwrap();
+    eprintln!("litchi invited {:?} after the bot joined", t.elapsed());
+    let lanes = f.admin("/_fedlink/admin/v1/destinations").await.1;
+    assert_eq!(lanes["lanes"]["invites"][&hang_name]["running"], true, "{lanes}");
+    drop(hang);
+    f.stop().await;
+}
