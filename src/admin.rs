@@ -13,7 +13,7 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use crate::{app::Fedlink, core::views::BotMembership, federation::error::MatrixError};
+use crate::{node::Fedlink, core::views::BotMembership, federation::error::MatrixError};
 
 type AppState = Arc<Fedlink>;
 

@@ -19,7 +19,7 @@ use ruma::{OwnedServerName, RoomId, UserId};
 use serde_json::{json, Value};
 
 use crate::{
-    app::Fedlink,
+    node::Fedlink,
     config::{AppserviceConfig, Config},
     core::log_entry::{Entry, PresenceEntry, ReceiptEntry, UserAction},
     federation::{client::enc, error::MatrixError},

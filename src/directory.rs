@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
 
 use crate::{
-    app::Fedlink,
+    node::Fedlink,
     core::{
         log_entry::{Entry, LinkSource, OptOut, PersonRemoved, PersonSet},
         views::directory::DirectoryError,

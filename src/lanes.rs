@@ -19,7 +19,7 @@ use std::{
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
-use crate::{app::now_ms, core::backoff::Backoff, metrics::Metrics};
+use crate::{node::now_ms, core::backoff::Backoff, metrics::Metrics};
 
 /// What one step of a lane's work came to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,7 +25,10 @@
 //! - [`outbox`]: durable per-destination delivery of PDUs.
 //! - [`admin`]: `/metrics`, the bearer-token admin API, and the appservice endpoint.
 //! - [`metrics`]: every `fedlink_*` metric.
-//! - [`app`]: wiring, workers, shutdown.
+//! - [`node`]: the shared node every handler and worker reaches: the log writer (store,
+//!   views, append, change notifications), keys, client, metrics, and the services' handles.
+//! - [`snapshot`]: the snapshot worker (views snapshots, storage gauge, pruning).
+//! - [`app`]: wiring only: builds the node, spawns the services, shuts down. Imported by none.
 //!
 //! # Data flow
 //! `federation /send, invites, joins, appservice pushes, directory changes -> checks
@@ -42,7 +45,9 @@ pub mod federation;
 pub mod keys;
 pub mod lanes;
 pub mod metrics;
+pub mod node;
 pub mod outbox;
 pub mod sync;
 pub mod rooms;
+pub mod snapshot;
 pub mod store;

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use crate::{
-    app::{now_ms, Fedlink},
+    node::{now_ms, Fedlink},
     core::backoff::Backoff,
     federation::client::enc,
     lanes::{Lanes, Step},

@@ -23,7 +23,7 @@ use ruma::{OwnedRoomId, OwnedUserId};
 use serde_json::{json, Value};
 
 use crate::{
-    app::{now_ms, Fedlink},
+    node::{now_ms, Fedlink},
     core::{
         log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus, ReceiptEntry, UserAction},
         pdu::{canonical_object, rules_for, Pdu},
@@ -44,7 +44,7 @@ pub struct SyncState {
     /// Registration action lanes, by the acting homeserver.
     pub actions: Arc<Lanes>,
     /// Per-action retry state for actions the homeserver cannot do yet.
-    not_yet: Mutex<HashMap<ActionKey, crate::app::RetryStatus>>,
+    not_yet: Mutex<HashMap<ActionKey, crate::node::RetryStatus>>,
     /// Membership actions done, waiting for the membership to come back.
     sent: Mutex<HashSet<ActionKey>>,
     /// When fedlink last set a user online (presence following), to avoid repeating itself.

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::{client::enc, error::MatrixError};
 use crate::{
-    app::{now_ms, Fedlink, RetryStatus},
+    node::{now_ms, Fedlink, RetryStatus},
     core::{
         log_entry::{BotInvited, BotJoinFailed, BotJoinSigned, BotJoined, Entry, PduEntry, PduStatus, StateRef},
         pdu::{canonical_object, is_supported, rules_for, Pdu, SUPPORTED_ROOM_VERSIONS},

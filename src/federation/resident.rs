@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::error::MatrixError;
 use crate::{
-    app::{now_ms, Fedlink},
+    node::{now_ms, Fedlink},
     core::{
         log_entry::{Entry, PduEntry, PduStatus},
         pdu::{canonical_object, rules_for, Pdu},

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::error::MatrixError;
 use crate::{
-    app::Fedlink,
+    node::Fedlink,
     core::{
         log_entry::{Entry, PduEntry, PduStatus, PresenceEntry, ReceiptEntry, TypingEntry},
         pdu::{canonical_object, rules_for, Pdu},

@@ -16,7 +16,7 @@ use ruma::canonical_json::CanonicalJsonObject;
 use serde_json::{json, Value};
 
 use super::{auth, error::MatrixError};
-use crate::app::{now_ms, Fedlink};
+use crate::node::{now_ms, Fedlink};
 
 type AppState = Arc<Fedlink>;
 

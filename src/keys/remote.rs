@@ -334,7 +334,7 @@ impl RemoteKeys {
 
     /// Cache `keys` of `server` (validity capped), in memory and in sled.
     fn remember(&self, server: &str, keys: Vec<(String, StoredKey)>) {
-        let cap = crate::app::now_ms() + MAX_KEY_VALIDITY_MS;
+        let cap = crate::node::now_ms() + MAX_KEY_VALIDITY_MS;
         let mut mem = self.mem.lock().expect("key cache lock");
         let entry = mem.entry(server.to_owned()).or_default();
         for (id, mut k) in keys {

@@ -1,0 +1,223 @@
+//! The shared node: what every handler and worker reaches through [`Fedlink`]. The log
+//! writer (store, views, the ingest lock, [`Fedlink::append`] and its change notifications),
+//! the keys, the outbound client, the metrics, and the handles of the services, each of
+//! which owns its own retry and status state ([`crate::federation::membership::Joins`],
+//! [`crate::outbox::Outbox`], [`crate::sync::SyncState`], the inbound limit). Built by
+//! [`crate::app`], which nothing imports.
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use ruma::{OwnedServerName, OwnedUserId};
+use tokio::sync::RwLock;
+
+use crate::{
+    config::Config,
+    core::{
+        log_entry::{Entry, LogRecord},
+        views::{BotMembership, Views},
+    },
+    federation::client::FederationClient,
+    keys::{RemoteKeys, SigningKey},
+    metrics::Metrics,
+    store::{Store, StoreError},
+};
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Retry state of something fedlink keeps trying (a join, an invite delivery, an action
+/// through a registration), for the workers and the admin API.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RetryStatus {
+    /// Consecutive failures.
+    pub failures: u32,
+    /// Of those, refusals that may pass later (counted apart so network errors do not
+    /// use up their retries).
+    pub not_yet: u32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When the next attempt is due (ms since the epoch).
+    pub next_attempt_ms: u64,
+}
+
+impl RetryStatus {
+    /// Record a failure worth retrying; returns when the next attempt is due.
+    pub fn fail_transient(&mut self, reason: String) -> u64 {
+        self.failures += 1;
+        self.last_error = Some(reason);
+        self.next_attempt_ms = now_ms() + crate::core::backoff::Backoff::DEFAULT.delay(self.failures).as_millis() as u64;
+        self.next_attempt_ms
+    }
+}
+
+/// Everything a handler or worker needs.
+pub struct Fedlink {
+    /// The validated config.
+    pub cfg: Config,
+    /// Our server name.
+    pub server_name: OwnedServerName,
+    /// The bot's user id.
+    pub bot: OwnedUserId,
+    /// Our signing key.
+    pub key: Arc<SigningKey>,
+    /// Storage.
+    pub store: Arc<Store>,
+    /// Outbound client.
+    pub client: Arc<FederationClient>,
+    /// Remote key cache.
+    pub keys: Arc<RemoteKeys>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The folded views.
+    pub views: RwLock<Views>,
+    /// Serialises check-against-state, append and fold.
+    pub ingest: tokio::sync::Mutex<()>,
+    /// Bumped on every append: the reconcile worker runs when it changes.
+    pub changes: tokio::sync::watch::Sender<u64>,
+    /// Tells every worker and lane to stop.
+    pub stop: tokio::sync::watch::Sender<bool>,
+    /// The join service (its lanes and retry state).
+    pub joins: crate::federation::membership::Joins,
+    /// The outbox service (its lanes).
+    pub outbox: crate::outbox::Outbox,
+    /// The sync service's delivery state (invite and action lanes, retries).
+    pub sync: crate::sync::SyncState,
+    /// In-flight inbound requests per origin (the `rc_federation`-style limit).
+    pub inbound: Arc<crate::federation::server::InboundLimit>,
+    /// Admin bearer token.
+    pub admin_token: String,
+    /// Homeservers with an application-service registration (the reconciler's routes).
+    pub routes: crate::core::reconcile::Routes,
+}
+
+impl Fedlink {
+    /// Open storage and build the services; folds the log into the views.
+    pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let key = Arc::new(SigningKey::load_or_create(&cfg.keys.signing_key)?);
+        let admin_token = cfg.admin_token()?;
+        let store = Arc::new(Store::open(&cfg.storage.path).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
+        let metrics = Arc::new(Metrics::new());
+        let client = Arc::new(FederationClient::new(&cfg, key.clone(), metrics.clone())?);
+        let keys = Arc::new(RemoteKeys::new(
+            store.clone(),
+            client.clone(),
+            metrics.clone(),
+            &cfg.server_name,
+            &key.key_id(),
+            &key.public_key_base64(),
+            cfg.federation.allowed_servers.clone(),
+        ));
+        let bot: OwnedUserId = cfg.bot_user_id().try_into().context("bot.localpart")?;
+        let views = fold_views(&store, bot.clone(), false)?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let app = Arc::new(Self {
+            stop,
+            joins: crate::federation::membership::Joins::new(metrics.clone(), stop_rx.clone()),
+            outbox: crate::outbox::Outbox::new(metrics.clone(), stop_rx.clone()),
+            sync: crate::sync::SyncState::new(metrics.clone(), stop_rx.clone()),
+            inbound: Arc::new(crate::federation::server::InboundLimit::new(cfg.federation.max_inflight_per_origin)),
+            server_name: cfg.server_name.clone().try_into().context("server_name")?,
+            bot,
+            key,
+            store,
+            client,
+            keys,
+            metrics,
+            views: RwLock::new(views),
+            ingest: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
+            admin_token,
+            routes: cfg
+                .appservice
+                .iter()
+                .filter_map(|a| {
+                    Some((
+                        OwnedServerName::try_from(a.server_name.as_str()).ok()?,
+                        crate::core::reconcile::Route { auto_join: a.auto_join, mirror_leave: a.mirror_leave },
+                    ))
+                })
+                .collect(),
+            cfg,
+        });
+        Ok(app)
+    }
+
+    /// Append entries and fold them into the views. Call with the ingest lock held, and
+    /// [`Store::flush`] before acknowledging them.
+    pub async fn append(
+        &self,
+        entries: Vec<Entry>,
+        txn: Option<(&str, &str, &serde_json::Value)>,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        self.append_and_send(entries, txn, &[]).await
+    }
+
+    /// [`Fedlink::append`], also queueing PDUs for destinations in the same batch.
+    pub async fn append_and_send(
+        &self,
+        entries: Vec<Entry>,
+        txn: Option<(&str, &str, &serde_json::Value)>,
+        outbox: &[(String, String)],
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let kinds: Vec<&'static str> = entries.iter().map(Entry::kind).collect();
+        let records = self.store.append(entries, txn, outbox, now_ms())?;
+        {
+            let mut views = self.views.write().await;
+            for r in &records {
+                views.apply(r);
+            }
+            self.update_view_gauges(&views);
+        }
+        // Wake the workers only once the views show what was appended.
+        if !outbox.is_empty() {
+            self.outbox.wake.notify_one();
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        for k in kinds {
+            self.metrics.log_appends.with_label_values(&[k]).inc();
+        }
+        self.metrics.log_entries.set(self.store.last_seq() as i64);
+        Ok(records)
+    }
+
+    /// Set the room gauges from `views`.
+    pub fn update_view_gauges(&self, views: &Views) {
+        let joined = views.rooms.values().filter(|r| r.bot_joined()).count();
+        let pending = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::Invited { .. })).count();
+        let failed = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::JoinFailed { .. })).count();
+        self.metrics.rooms_join_failed.set(failed as i64);
+        self.metrics.rooms_joined.set(joined as i64);
+        self.metrics.rooms_pending_join.set(pending as i64);
+    }
+
+    /// Write a views snapshot.
+    pub async fn snapshot(&self) -> Result<(), StoreError> {
+        let views = self.views.read().await.clone();
+        self.store.save_views(&views).await?;
+        self.metrics.views_snapshots.inc();
+        Ok(())
+    }
+}
+
+/// Load the snapshot (unless `rebuild`) and fold every later record.
+pub fn fold_views(store: &Store, bot: OwnedUserId, rebuild: bool) -> anyhow::Result<Views> {
+    let mut views = match (rebuild, store.load_views()?) {
+        (false, Some(v)) if v.bot_user_id == bot => v,
+        _ => Views::new(bot),
+    };
+    let from = views.folded_seq;
+    let mut n = 0u64;
+    for rec in store.records_after(from) {
+        views.apply(&rec?);
+        n += 1;
+    }
+    tracing::info!(from_seq = from, folded = n, rooms = views.rooms.len(), "views ready");
+    Ok(views)
+}
+
