@@ -337,6 +337,8 @@ pub async fn transaction(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, MatrixError> {
     let reg = authenticate(&app, &headers, &query)?;
+    // The homeserver is up: retry its backed-off actions now.
+    app.sync.actions.contact(&reg.server_name);
     let origin = format!("appservice:{}", reg.server_name);
     let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| MatrixError::internal("bad server name in config"))?;
     let push = parse_push(&server, &body).inspect_err(|_| {

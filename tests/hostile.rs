@@ -390,3 +390,24 @@ async fn a_hanging_destination_delays_only_its_own_invites() {
     drop(hang);
     f.stop().await;
 }
+
+/// A static `federation.destinations` entry may point at a private address while private
+/// networks stay closed to everyone else: the bot joins through the mapped peer, and a peer
+/// that is not mapped is still refused before any connection.
+#[tokio::test]
+async fn a_static_destination_may_be_private_without_opening_private_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let extra = format!("[federation]\nverify_tls = false\n[federation.destinations]\n\"{}\" = \"{}\"\n", peer.name, peer.url);
+    let f = Fedlink::start_with_env(dir.path(), 0, &extra, &[]).await;
+    let room = peer.create_room("alice", RoomVersionId::V12);
+    assert_eq!(peer.invite(&room, "alice", &f.bot(), &f.name, &f.fed_url).await.0, 200);
+    wait_bot(&f, &room, "joined").await;
+    let other = FakePeer::start().await;
+    let room2 = other.create_room("alice", RoomVersionId::V12);
+    let (s, _) = other.invite(&room2, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    assert_eq!(s.as_u16(), 401, "the unmapped peer's keys cannot be fetched from a private address");
+    // The guarded resolver refused `localhost` for the unmapped peer.
+    assert!(f.metric("fedlink_outbound_requests_total{result=\"network_error\"}").await >= 1.0);
+    f.stop().await;
+}
