@@ -121,6 +121,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
         return Ok((resp, true));
     }
+    let parked_rooms: std::collections::BTreeSet<OwnedRoomId> = to_park.iter().map(|(r, _)| r.clone()).collect();
     park(app, origin, to_park, &mut results).await?;
     apply_prepared(app, &via, prepared, &mut results).await?;
 
@@ -145,6 +146,14 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     let response = json!({ "pdus": results });
     app.append(entries, Some((origin, txn_id, &response))).await?;
     app.store.flush().await?;
+    // A join may have landed between sorting and parking: have the join worker apply
+    // what was just parked rather than wait for its next round.
+    if !parked_rooms.is_empty() {
+        let views = app.views.read().await;
+        if parked_rooms.iter().any(|r| views.rooms.get(r).is_some_and(|v| !matches!(v.bot, BotMembership::Invited { .. }))) {
+            app.joins.wake.notify_one();
+        }
+    }
     Ok((response, false))
 }
 
