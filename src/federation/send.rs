@@ -479,11 +479,17 @@ async fn precheck(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre, PreErr
         .and_then(Value::as_str)
         .and_then(|r| RoomId::parse(r).ok())
         .ok_or((None, Rejection::Format("PDU has no valid room_id".into())))?;
-    let version = app.views.read().await.rooms.get(&room_id).map(|r| r.version.clone());
-    let Some(version) = version else {
+    let room = app.views.read().await.rooms.get(&room_id).map(|r| (r.version.clone(), r.bot_joined()));
+    let Some((version, joined)) = room else {
         return Err((None, Rejection::Room(format!("unknown room {room_id}"))));
     };
     let rules = rules_for(&version).ok_or((None, Rejection::Room("unsupported room version".into())))?;
+    if !joined {
+        // Refused before any key fetch: a peer cannot make fedlink verify events of rooms
+        // it is not in.
+        let id = Pdu::parse(canonical_object(raw).map_err(|e| (None, Rejection::Format(e.to_string())))?, &rules).ok().map(|p| p.event_id.to_string());
+        return Err((id, Rejection::Room("fedlink is not in this room".into())));
+    }
     let obj = canonical_object(raw).map_err(|e| (None, Rejection::Format(e.to_string())))?;
     let pdu = Pdu::parse(obj, &rules).map_err(|e| (None, Rejection::Format(e.to_string())))?;
     let id = pdu.event_id.to_string();
