@@ -6,7 +6,7 @@
 //! - `txns`: `origin \0 txn_id` -> the response JSON we answered (idempotent retransmits).
 //! - `views`: the latest views snapshot.
 //! - `server_keys`: `server \0 key_id` -> cached remote key.
-//! - `parked`: `room_id \0 id` -> `{origin, pdu}`: PDUs received for a room whose join is under
+//! - `parked`: `room_id \0 event_id` -> `{origin, pdu}`: PDUs received for a room whose join is under
 //!   way, kept (durably, before the sender's 200) until the join lands; not yet log records.
 //!
 //! [`Store::append`] writes all records of one batch, their index entries and the
@@ -403,13 +403,17 @@ impl Store {
 
     /// Keep `pdu` from `origin` for `room_id` until the bot's join there lands. Not durable
     /// until [`Store::flush`].
-    pub fn park(&self, room_id: &str, origin: &str, pdu: &serde_json::Value) -> Result<(), StoreError> {
-        let key: Vec<u8> = txn_key(room_id, "").into_iter().chain(self.db.generate_id()?.to_be_bytes()).collect();
+    /// Returns whether it was new (one copy per event id).
+    pub fn park(&self, room_id: &str, event_id: &str, origin: &str, pdu: &serde_json::Value) -> Result<bool, StoreError> {
+        let key = txn_key(room_id, event_id);
+        if self.parked.contains_key(&key)? {
+            return Ok(false);
+        }
         let bytes = serde_json::to_vec(&serde_json::json!({ "origin": origin, "pdu": pdu })).map_err(|e| corrupt("parked", e))?;
         if self.parked.insert(key, bytes)?.is_none() {
             self.parked_len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// PDUs parked for `room_id`, counting at most `limit`.

@@ -291,38 +291,35 @@ async fn deliver_invites(app: &Fedlink, dest: &str) -> Step {
 /// Check the invite a target's server returned before it is stored or relayed: our own
 /// signature and content hash intact, the target server's signature valid, and nothing
 /// but signatures added.
-async fn verify_returned_invite(app: &Fedlink, ours: &Value, returned: Pdu, target: &OwnedUserId, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu, String> {
-    use ruma::canonical_json::CanonicalJsonValue as V;
+async fn verify_returned_invite(app: &Fedlink, ours: &Value, returned: Pdu, target: &OwnedUserId, rules: &ruma::room_version_rules::RoomVersionRules) -> Result<Pdu, InviteError> {
+    let refused = |m: String| InviteError::Refused(m);
     let mut as_returned = returned.json.clone();
     as_returned.remove("unsigned");
-    let verified = crate::rooms::verify_signatures(&app.keys, returned.json.clone(), rules).await.map_err(|e| format!("the returned invite does not verify: {e}"))?;
+    let verified = crate::rooms::verify_signatures(&app.keys, returned.json.clone(), rules).await.map_err(|e| match e {
+        crate::rooms::Rejection::Keys(m) => InviteError::Transient(format!("keys to check the returned invite: {m}")),
+        e => refused(format!("the returned invite does not verify: {e}")),
+    })?;
     if verified != as_returned {
-        return Err("the returned invite's content does not match its hash".into());
+        return Err(refused("the returned invite's content does not match its hash".into()));
     }
     let strip = |mut o: ruma::canonical_json::CanonicalJsonObject| {
         o.remove("signatures");
         o.remove("unsigned");
         o
     };
-    let ours = canonical_object(ours.clone()).map_err(|e| e.to_string())?;
+    let ours = canonical_object(ours.clone()).map_err(|e| refused(e.to_string()))?;
     if strip(ours) != strip(verified.clone()) {
-        return Err("the target's server changed the invite".into());
+        return Err(refused("the target's server changed the invite".into()));
     }
     let server = target.server_name().as_str();
-    let key_ids: Vec<String> = match verified.get("signatures") {
-        Some(V::Object(s)) => match s.get(server) {
-            Some(V::Object(k)) => k.keys().cloned().collect(),
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    };
+    let key_ids = crate::keys::remote::signing_key_ids(&verified, server);
     if key_ids.is_empty() {
-        return Err(format!("the returned invite is not signed by {server}"));
+        return Err(refused(format!("the returned invite is not signed by {server}")));
     }
-    let keys = app.keys.keys(server, &key_ids, 0).await.map_err(|e| e.to_string())?;
-    let redacted = ruma::canonical_json::redact(verified.clone(), &rules.redaction, None).map_err(|e| e.to_string())?;
-    crate::keys::remote::verify_signed_by(&redacted, server, keys).map_err(|e| format!("{server}'s signature on the invite: {e}"))?;
-    Pdu::parse(verified, rules).map_err(|e| e.to_string())
+    let keys = app.keys.keys(server, &key_ids, 0).await.map_err(|e| InviteError::Transient(format!("keys of {server}: {e}")))?;
+    let redacted = ruma::canonical_json::redact(verified.clone(), &rules.redaction, None).map_err(|e| refused(e.to_string()))?;
+    crate::keys::remote::verify_signed_by(&redacted, server, keys).map_err(|e| refused(format!("{server}'s signature on the invite: {e}")))?;
+    Pdu::parse(verified, rules).map_err(|e| refused(e.to_string()))
 }
 
 enum InviteError {
@@ -358,7 +355,7 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
         .and_then(|o| Pdu::parse(o, &rules).ok())
         .filter(|p| p.event_id == event_id)
         .ok_or_else(|| InviteError::Refused("the target's server returned a different event".into()))?;
-    let pdu = verify_returned_invite(app, &event, pdu, target, &rules).await.map_err(InviteError::Refused)?;
+    let pdu = verify_returned_invite(app, &event, pdu, target, &rules).await?;
     let _lock = app.ingest.lock().await;
     if app.store.has_event(event_id.as_str()).unwrap_or(false) {
         return Ok(());

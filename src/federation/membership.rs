@@ -105,8 +105,10 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     let signed = serde_json::to_value(&obj).expect("canonical JSON serializes");
 
     let _lock = app.ingest.lock().await;
-    let already_joined = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| r.bot_joined());
-    if !already_joined {
+    // An invite while joined or joining changes nothing (a repeated invite neither grows the
+    // log nor resets the join's backoff).
+    let already = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. }));
+    if !already {
         let entry = Entry::BotInvited(BotInvited {
             room_id: pdu.room_id.clone(),
             room_version: version,
@@ -154,9 +156,6 @@ impl From<super::client::ClientError> for JoinError {
     }
 }
 
-/// How many transient failures of one join are retried before it is given up.
-pub const MAX_TRANSIENT_ATTEMPTS: u32 = 10;
-
 /// The join service's own state: one lane per resident server (a hanging resident delays
 /// only the joins through it), and each room's retry state.
 pub struct Joins {
@@ -166,6 +165,8 @@ pub struct Joins {
     retries: std::sync::Mutex<std::collections::HashMap<OwnedRoomId, RetryStatus>>,
     /// Wakes the join worker.
     pub wake: tokio::sync::Notify,
+    /// Rooms whose held events are being applied or dropped now.
+    draining: std::sync::Mutex<std::collections::HashSet<OwnedRoomId>>,
 }
 
 impl Joins {
@@ -175,6 +176,7 @@ impl Joins {
             lanes: crate::lanes::Lanes::new("joins", crate::core::backoff::Backoff::DEFAULT, metrics, stop),
             retries: Default::default(),
             wake: tokio::sync::Notify::new(),
+            draining: Default::default(),
         }
     }
 
@@ -187,6 +189,22 @@ impl Joins {
     pub fn schedule(&self, room_id: &OwnedRoomId, delay_ms: u64) {
         self.retries.lock().expect("joins lock").insert(room_id.clone(), RetryStatus { next_attempt_ms: now_ms() + delay_ms, ..Default::default() });
         self.wake.notify_one();
+    }
+
+    /// Apply (or drop) the events held for `room_id` in a task of its own, at most one per
+    /// room at a time: never in a resident's lane or the worker's loop, so a slow origin of
+    /// held events delays nobody else.
+    pub fn settle(app: &Arc<Fedlink>, room_id: &OwnedRoomId) {
+        if !app.joins.draining.lock().expect("joins lock").insert(room_id.clone()) {
+            return;
+        }
+        let (a, room) = (app.clone(), room_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = super::send::drain_parked(&a, &room).await {
+                tracing::warn!(room_id = %room, error = %e, "cannot settle the events held for the join yet");
+            }
+            a.joins.draining.lock().expect("joins lock").remove(&room);
+        });
     }
 
     fn due(&self, room_id: &OwnedRoomId) -> u64 {
@@ -235,12 +253,13 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
 }
 
 /// Apply the events held for rooms the bot has joined; drop those of rooms it gave up.
-async fn settle_parked(app: &Fedlink) {
+async fn settle_parked(app: &Arc<Fedlink>) {
     let rooms = app.store.parked_rooms().unwrap_or_default();
+    let views = app.views.read().await;
     for room in rooms {
         let Ok(room_id) = OwnedRoomId::try_from(room.as_str()) else { continue };
-        if let Err(e) = super::send::drain_parked(app, &room_id).await {
-            tracing::warn!(%room_id, error = %e, "cannot settle held events");
+        if !views.rooms.get(&room_id).is_some_and(|r| matches!(r.bot, BotMembership::Invited { .. })) {
+            Joins::settle(app, &room_id);
         }
     }
 }
@@ -270,9 +289,7 @@ async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step 
                 app.joins.retries.lock().expect("joins lock").remove(&room_id);
                 app.metrics.joins.with_label_values(&["ok"]).inc();
                 joined += 1;
-                if let Err(e) = super::send::drain_parked(app, &room_id).await {
-                    tracing::warn!(%room_id, error = %e, "cannot apply the events held during the join yet");
-                }
+                Joins::settle(app, &room_id);
             }
             Err(e) => {
                 let give_up = {
@@ -282,8 +299,9 @@ async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step 
                     if matches!(e, JoinError::NotYet(_)) {
                         status.not_yet += 1;
                     }
+                    // Transient failures back off (up to 10 min) without end; the rest give up.
                     let (label, give_up) = match &e {
-                        JoinError::Transient(_) if status.failures < MAX_TRANSIENT_ATTEMPTS => ("transient_error", false),
+                        JoinError::Transient(_) => ("transient_error", false),
                         JoinError::NotYet(_) if status.not_yet < MAX_NOT_YET_ATTEMPTS => ("not_yet", false),
                         _ => ("permanent_error", true),
                     };
@@ -302,19 +320,23 @@ async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step 
 
 /// Log that fedlink gave up joining `room_id` (until a new invite or an admin request), and
 /// drop the events held for it.
-async fn give_up_join(app: &Fedlink, room_id: &OwnedRoomId, reason: String) {
-    {
+async fn give_up_join(app: &Arc<Fedlink>, room_id: &OwnedRoomId, reason: String) {
+    let logged = {
         let _lock = app.ingest.lock().await;
         let entry = Entry::BotJoinFailed(BotJoinFailed { room_id: room_id.clone(), reason: reason.clone() });
-        if app.append(vec![entry], None).await.is_ok() {
-            let _ = app.store.flush().await;
+        match app.append(vec![entry], None).await {
+            Ok(_) => app.store.flush().await.is_ok(),
+            Err(_) => false,
         }
+    };
+    if !logged {
+        // Keep the backoff the failure set: storage trouble must not become a hot loop.
+        tracing::error!(%room_id, %reason, "cannot log that the join was given up; will try again later");
+        return;
     }
     app.joins.retries.lock().expect("joins lock").remove(room_id);
     tracing::error!(%room_id, %reason, "gave up joining the room; a new invite or POST /_fedlink/admin/v1/rooms/{{roomId}}/join retries");
-    if let Err(e) = super::send::drain_parked(app, room_id).await {
-        tracing::warn!(%room_id, error = %e, "cannot drop the events held for the join");
-    }
+    Joins::settle(app, room_id);
 }
 
 /// Join `room_id` through `inviter`'s server.

@@ -86,9 +86,9 @@ pub fn parse_transaction(origin: &str, body: &[u8]) -> Result<Transaction, Matri
 pub const MAX_PRESENCE_PUSH: usize = 100;
 
 /// Most PDUs parked for one room while the bot's join there is under way.
-pub const MAX_PARKED_PER_ROOM: usize = 1000;
-/// Most PDUs parked in all.
-pub const MAX_PARKED: usize = 20_000;
+pub const MAX_PARKED_PER_ROOM: usize = 200;
+/// Most PDUs parked in all (at most 64 KiB each).
+pub const MAX_PARKED: usize = 5_000;
 
 async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) -> Result<(Value, bool), MatrixError> {
     let Transaction { pdus, edus } = parse_transaction(origin, body)?;
@@ -102,14 +102,33 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     // may still be checking the state: those are parked (durably, before the 200) and
     // applied once the join lands, so the sender never waits on a join.
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
-    let mut to_park: Vec<(OwnedRoomId, Value)> = Vec::new();
+    let mut to_park: Vec<(OwnedRoomId, String, Value)> = Vec::new();
     let mut now: Vec<Value> = Vec::new();
     {
         let views = app.views.read().await;
         for raw in pdus {
             let room = raw.get("room_id").and_then(Value::as_str).and_then(|r| RoomId::parse(r).ok());
-            match room {
-                Some(r) if views.rooms.get(&r).is_some_and(|v| matches!(v.bot, BotMembership::Invited { .. })) => to_park.push((r, raw)),
+            let joining = room.as_ref().and_then(|r| views.rooms.get(r)).and_then(|v| match &v.bot {
+                BotMembership::Invited { inviter, .. } => Some((inviter.server_name().to_owned(), v.version.clone())),
+                _ => None,
+            });
+            match (room, joining) {
+                (Some(room), Some((resident, version))) => {
+                    // Only the resident fedlink joins through, and only well-formed events
+                    // within the PDU size limit, are held.
+                    let parsed = rules_for(&version).and_then(|rules| Pdu::parse(canonical_object(raw.clone()).ok()?, &rules).ok());
+                    match parsed {
+                        Some(p) if resident.as_str() == origin => to_park.push((room, p.event_id.to_string(), raw)),
+                        Some(p) => {
+                            app.metrics.parked_pdus.with_label_values(&["refused"]).inc();
+                            results.insert(p.event_id.to_string(), json!({ "error": "fedlink is joining this room through another server" }));
+                        }
+                        None => {
+                            app.metrics.pdus_rejected.with_label_values(&["format"]).inc();
+                            tracing::info!(%origin, %room, "dropping an unparseable PDU for a room being joined");
+                        }
+                    }
+                }
                 _ => now.push(raw),
             }
         }
@@ -121,7 +140,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
         return Ok((resp, true));
     }
-    let parked_rooms: std::collections::BTreeSet<OwnedRoomId> = to_park.iter().map(|(r, _)| r.clone()).collect();
+    let parked_rooms: std::collections::BTreeSet<OwnedRoomId> = to_park.iter().map(|(r, _, _)| r.clone()).collect();
     park(app, origin, to_park, &mut results).await?;
     apply_prepared(app, &via, prepared, &mut results).await?;
 
@@ -157,36 +176,25 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     Ok((response, false))
 }
 
-/// Park PDUs of rooms whose join is under way (bounded per room and in all). Call with the
-/// ingest lock held; the caller flushes before answering.
-async fn park(app: &Fedlink, origin: &str, pdus: Vec<(OwnedRoomId, Value)>, results: &mut BTreeMap<String, Value>) -> Result<(), MatrixError> {
-    for (room, raw) in pdus {
-        let id = raw_event_id(app, &room, &raw).await;
+/// Park PDUs of rooms whose join is under way (bounded per room and in all; one copy per
+/// event). Call with the ingest lock held; the caller flushes before answering.
+async fn park(app: &Fedlink, origin: &str, pdus: Vec<(OwnedRoomId, String, Value)>, results: &mut BTreeMap<String, Value>) -> Result<(), MatrixError> {
+    for (room, id, raw) in pdus {
         let full = app.store.parked_total() >= MAX_PARKED || app.store.parked_count(room.as_str(), MAX_PARKED_PER_ROOM) >= MAX_PARKED_PER_ROOM;
         if full {
             app.metrics.parked_pdus.with_label_values(&["refused"]).inc();
             tracing::warn!(%origin, %room, "too many events held for a room whose join is under way; refusing one");
-            if let Some(id) = id {
-                results.insert(id, json!({ "error": "fedlink is joining this room and holds too many of its events already" }));
-            }
+            results.insert(id, json!({ "error": "fedlink is joining this room and holds too many of its events already" }));
             continue;
         }
-        app.store.park(room.as_str(), origin, &raw)?;
-        app.metrics.parked_pdus.with_label_values(&["parked"]).inc();
-        tracing::debug!(%origin, %room, "parked a PDU until the bot's join lands");
-        if let Some(id) = id {
-            results.insert(id, json!({}));
+        if app.store.park(room.as_str(), &id, origin, &raw)? {
+            app.metrics.parked_pdus.with_label_values(&["parked"]).inc();
+            tracing::debug!(%origin, %room, event_id = %id, "parked a PDU until the bot's join lands");
         }
+        results.insert(id, json!({}));
     }
     app.metrics.parked_pending.set(app.store.parked_total() as i64);
     Ok(())
-}
-
-/// The event id of a raw PDU of a room with a known version, if it parses.
-async fn raw_event_id(app: &Fedlink, room: &OwnedRoomId, raw: &Value) -> Option<String> {
-    let version = app.views.read().await.rooms.get(room).map(|r| r.version.clone())?;
-    let rules = rules_for(&version)?;
-    Pdu::parse(canonical_object(raw.clone()).ok()?, &rules).ok().map(|p| p.event_id.to_string())
 }
 
 /// Apply the PDUs parked for `room_id` now that the bot joined it (or drop them when the

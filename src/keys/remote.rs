@@ -123,6 +123,26 @@ pub fn verify_signed_by(object: &CanonicalJsonObject, entity: &str, keys: Public
     ruma::signatures::verify_json(&map, &only).map_err(|e| e.to_string())
 }
 
+/// Key ids `entity` signed `object` with (its entry in `signatures`).
+pub fn signing_key_ids(object: &CanonicalJsonObject, entity: &str) -> Vec<String> {
+    use ruma::canonical_json::CanonicalJsonValue as V;
+    match object.get("signatures") {
+        Some(V::Object(s)) => match s.get(entity) {
+            Some(V::Object(k)) => k.keys().cloned().collect(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// Why a notary gave no keys.
+enum NotaryError {
+    /// It did not answer (network, 429, 5xx): try again later.
+    Unreachable(String),
+    /// It answered without valid keys.
+    Refused(String),
+}
+
 /// The remote key cache.
 pub struct RemoteKeys {
     store: Arc<Store>,
@@ -131,6 +151,11 @@ pub struct RemoteKeys {
     /// Our own name and key, answered without a fetch.
     own: (String, String, String),
     mem: Mutex<HashMap<String, BTreeMap<String, StoredKey>>>,
+    /// Keys notaries vouched for: (server, notary) -> keys. In memory only; never used for
+    /// requests.
+    notary_mem: Mutex<HashMap<(String, String), BTreeMap<String, StoredKey>>>,
+    /// Bounds notary queries in flight (apart from direct fetches).
+    notary_fetches: tokio::sync::Semaphore,
     last_fetch: Mutex<HashMap<String, Instant>>,
     /// One fetch per server at a time (others wait for its result), servers independent.
     per_server: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -157,6 +182,8 @@ impl RemoteKeys {
             metrics,
             own: (own_name.to_owned(), own_key_id.to_owned(), own_public.to_owned()),
             mem: Mutex::new(HashMap::new()),
+            notary_mem: Mutex::new(HashMap::new()),
+            notary_fetches: tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES),
             last_fetch: Mutex::new(HashMap::new()),
             per_server: Mutex::new(HashMap::new()),
             fetches: tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES),
@@ -194,8 +221,12 @@ impl RemoteKeys {
         self.keys_for_event(server, key_ids, at_ts, None).await
     }
 
-    /// Like [`RemoteKeys::keys`], for verifying events: when `server` may not or cannot be
-    /// contacted, ask `notary` (the server that handed over the event).
+    /// Like [`RemoteKeys::keys`], for verifying events: when `server` may not be contacted
+    /// (outside `allowed_servers`) or cannot be (its key server does not answer), ask
+    /// `notary` (the server that handed over the event). Keys a notary vouched for are kept
+    /// apart, per (server, notary), and only ever verify events that notary hands over:
+    /// they never authenticate requests, and never stand in for keys a reachable server
+    /// published itself.
     pub async fn keys_for_event(&self, server: &str, key_ids: &[String], at_ts: u64, notary: Option<&str>) -> Result<PublicKeySet, KeyError> {
         if server == self.own.0 {
             let set: PublicKeySet = key_ids
@@ -218,50 +249,59 @@ impl RemoteKeys {
         if !set.is_empty() {
             return Ok(set);
         }
-        let lock = {
-            let mut m = self.per_server.lock().expect("lock");
-            if m.len() > 10_000 {
-                m.retain(|_, l| Arc::strong_count(l) > 1);
+        if let Some(n) = notary {
+            let set = Self::usable(&self.vouched(server, n), key_ids, at_ts);
+            if !set.is_empty() {
+                return Ok(set);
             }
-            m.entry(server.to_owned()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-        // Another task may have fetched while we waited.
-        let set = Self::usable(&self.known(server), key_ids, at_ts);
+        }
+        if allowed {
+            let lock = {
+                let mut m = self.per_server.lock().expect("lock");
+                if m.len() > 10_000 {
+                    m.retain(|_, l| Arc::strong_count(l) > 1);
+                }
+                m.entry(server.to_owned()).or_default().clone()
+            };
+            let _guard = lock.lock().await;
+            // Another task may have fetched while we waited.
+            let set = Self::usable(&self.known(server), key_ids, at_ts);
+            if !set.is_empty() {
+                return Ok(set);
+            }
+            let reachable = if self.due(server) { self.fetch(server).await.is_ok() } else { !self.known(server).is_empty() };
+            let set = Self::usable(&self.known(server), key_ids, at_ts);
+            if !set.is_empty() {
+                return Ok(set);
+            }
+            if reachable || notary.is_none() {
+                // The server answers for itself: no notary speaks over it.
+                return Err(KeyError::Unknown { server: server.into(), key_ids: key_ids.to_vec() });
+            }
+        }
+        let notary = notary.expect("checked above");
+        if !self.due(&format!("{server}\0{notary}")) {
+            return Err(KeyError::Fetch { server: server.into(), reason: format!("asked {notary} for these keys moments ago") });
+        }
+        match self.fetch_via_notary(server, notary).await {
+            Ok(()) => {}
+            Err(NotaryError::Unreachable(reason)) => return Err(KeyError::Fetch { server: server.into(), reason }),
+            Err(NotaryError::Refused(reason)) => tracing::info!(%server, %notary, %reason, "the notary did not vouch for keys"),
+        }
+        let set = Self::usable(&self.vouched(server, notary), key_ids, at_ts);
         if !set.is_empty() {
             return Ok(set);
-        }
-        let mut error = if allowed {
-            match self.due(server) {
-                true => self.fetch(server).await.err(),
-                false => Some(KeyError::Fetch { server: server.into(), reason: "fetched recently".into() }),
-            }
-        } else {
-            Some(KeyError::NotAllowed { server: server.to_owned() })
-        };
-        let set = Self::usable(&self.known(server), key_ids, at_ts);
-        if !set.is_empty() {
-            return Ok(set);
-        }
-        if let Some(notary) = notary {
-            if self.due(&format!("{server}\0{notary}")) {
-                if let Err(e) = self.fetch_via_notary(server, notary).await {
-                    error = Some(e);
-                }
-                let set = Self::usable(&self.known(server), key_ids, at_ts);
-                if !set.is_empty() {
-                    return Ok(set);
-                }
-            }
-        }
-        if let Some(e) = error {
-            tracing::debug!(%server, error = %e, "no usable key");
         }
         Err(if allowed {
             KeyError::Unknown { server: server.into(), key_ids: key_ids.to_vec() }
         } else {
             KeyError::NotAllowed { server: server.to_owned() }
         })
+    }
+
+    /// Keys of `server` that `notary` vouched for.
+    fn vouched(&self, server: &str, notary: &str) -> BTreeMap<String, StoredKey> {
+        self.notary_mem.lock().expect("key cache lock").get(&(server.to_owned(), notary.to_owned())).cloned().unwrap_or_default()
     }
 
     /// Forget when keys were last fetched, so the next need fetches at once (an operator
@@ -285,20 +325,26 @@ impl RemoteKeys {
     }
 
     /// Ask `notary` for `server`'s keys (`POST /_matrix/key/v2/query`). Each returned key
-    /// document must be `server`'s own, self-signed, and signed by the notary.
-    async fn fetch_via_notary(&self, server: &str, notary: &str) -> Result<(), KeyError> {
-        let _permit = self.fetches.acquire().await.map_err(|_| KeyError::Fetch { server: server.into(), reason: "shutting down".into() })?;
-        let fail = |reason: String| {
+    /// document must be `server`'s own, self-signed, and signed by the notary with a key
+    /// fedlink already holds (no fetch happens here, so no lock is held across another
+    /// server's fetch). Notary queries have their own budget of requests in flight.
+    async fn fetch_via_notary(&self, server: &str, notary: &str) -> Result<(), NotaryError> {
+        let _permit = self.notary_fetches.acquire().await.map_err(|_| NotaryError::Unreachable("shutting down".into()))?;
+        let refused = |reason: String| {
             self.metrics.key_fetches.with_label_values(&["notary_error"]).inc();
             tracing::warn!(%server, %notary, %reason, "key query through a notary failed");
-            KeyError::Fetch { server: server.to_owned(), reason }
+            NotaryError::Refused(reason)
         };
         let body = serde_json::json!({ "server_keys": { server: {} } });
-        let resp = self
-            .client
-            .request(notary, reqwest::Method::POST, "/_matrix/key/v2/query", Some(&body))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let resp = match self.client.request(notary, reqwest::Method::POST, "/_matrix/key/v2/query", Some(&body)).await {
+            Ok(r) => r,
+            Err(e) if e.is_transient() => {
+                self.metrics.key_fetches.with_label_values(&["notary_error"]).inc();
+                tracing::warn!(%server, %notary, error = %e, "notary unreachable");
+                return Err(NotaryError::Unreachable(e.to_string()));
+            }
+            Err(e) => return Err(refused(e.to_string())),
+        };
         let docs = resp.get("server_keys").and_then(serde_json::Value::as_array).cloned().unwrap_or_default();
         let mut got: Vec<(String, StoredKey)> = Vec::new();
         for doc in docs.into_iter().take(10) {
@@ -309,24 +355,24 @@ impl RemoteKeys {
                 Ok(ruma::canonical_json::CanonicalJsonValue::Object(o)) => o,
                 _ => continue,
             };
-            let notary_ids: Vec<String> = match object.get("signatures") {
-                Some(ruma::canonical_json::CanonicalJsonValue::Object(s)) => match s.get(notary) {
-                    Some(ruma::canonical_json::CanonicalJsonValue::Object(k)) => k.keys().cloned().collect(),
-                    _ => Vec::new(),
-                },
-                _ => Vec::new(),
-            };
-            let notary_keys = match Box::pin(self.keys(notary, &notary_ids, 0)).await {
-                Ok(k) => k,
-                Err(e) => return Err(fail(format!("notary's own keys: {e}"))),
-            };
-            verify_signed_by(&object, notary, notary_keys).map_err(|e| fail(format!("notary signature: {e}")))?;
-            got.extend(parse_key_response(server, doc).map_err(fail)?);
+            let notary_ids = signing_key_ids(&object, notary);
+            let notary_keys = Self::usable(&self.known(notary), &notary_ids, 0);
+            verify_signed_by(&object, notary, notary_keys).map_err(|e| refused(format!("notary signature: {e}")))?;
+            got.extend(parse_key_response(server, doc).map_err(refused)?);
         }
         if got.is_empty() {
-            return Err(fail("the notary returned no keys".into()));
+            return Err(refused("the notary returned no keys".into()));
         }
-        self.remember(server, got);
+        let cap = crate::node::now_ms() + MAX_KEY_VALIDITY_MS;
+        let mut mem = self.notary_mem.lock().expect("key cache lock");
+        if mem.len() > 10_000 {
+            mem.clear();
+        }
+        let entry = mem.entry((server.to_owned(), notary.to_owned())).or_default();
+        for (id, mut k) in got {
+            k.valid_until_ts = k.valid_until_ts.min(cap);
+            entry.insert(id, k);
+        }
         self.metrics.key_fetches.with_label_values(&["notary_ok"]).inc();
         tracing::info!(%server, %notary, "fetched server keys through a notary");
         Ok(())

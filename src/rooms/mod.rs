@@ -94,13 +94,7 @@ pub async fn verify_signatures_via(
     let at = if rules.enforce_key_validity { ts } else { 0 };
     let mut map = PublicKeyMap::new();
     for server in servers {
-        let key_ids: Vec<String> = match object.get("signatures") {
-            Some(CanonicalJsonValue::Object(s)) => match s.get(server.as_str()) {
-                Some(CanonicalJsonValue::Object(k)) => k.keys().cloned().collect(),
-                _ => Vec::new(),
-            },
-            _ => Vec::new(),
-        };
+        let key_ids = crate::keys::remote::signing_key_ids(&object, server.as_str());
         if key_ids.is_empty() {
             return Err(Rejection::Signature(format!("no signature from {server}")));
         }

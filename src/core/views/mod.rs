@@ -550,6 +550,11 @@ impl RoomView {
     /// A membership change of `user` to `m`, sent by `sender` (when known), at log position
     /// `seq`.
     fn apply_membership(&mut self, user: OwnedUserId, m: &str, sender: Option<&OwnedUserId>, seq: u64) {
+        // A profile change (join to join) or a repeated invite changes no membership: it
+        // neither settles nor starts anything, and does not reset the membership's age.
+        if self.members.get(&user).is_some_and(|old| old == m) {
+            return;
+        }
         // A membership event for the target settles any invite fedlink had pending,
         // and any join, leave or invite it asked for.
         self.pending_invites.remove(&user);
