@@ -96,6 +96,18 @@ impl Lanes {
         tokio::spawn(async move { this.run(dest, work).await });
     }
 
+    /// [`Lanes::kick`] with a step that needs a shared context (the node): each step gets
+    /// its own handle on `ctx` and the destination.
+    pub fn kick_for<C, F, Fut>(self: &Arc<Self>, dest: &str, ctx: &Arc<C>, step: F)
+    where
+        C: Send + Sync + 'static,
+        F: Fn(Arc<C>, String) -> Fut + Send + Sync + Copy + 'static,
+        Fut: Future<Output = Step> + Send + 'static,
+    {
+        let ctx = ctx.clone();
+        self.kick(dest, move |d| step(ctx.clone(), d));
+    }
+
     /// `dest` contacted fedlink: it is up. Reset its backoff and wake its lane, as Synapse
     /// does when a backed-off destination sends it something.
     pub fn contact(&self, dest: &str) {

@@ -50,11 +50,7 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
         };
         app.metrics.outbox_pending.set(dests.values().sum::<usize>() as i64);
         for dest in dests.keys() {
-            let a = app.clone();
-            app.outbox.lanes.kick(dest, move |d| {
-                let a = a.clone();
-                async move { deliver_batch(&a, &d).await }
-            });
+            app.outbox.lanes.kick_for(dest, &app, |a, d| async move { deliver_batch(&a, &d).await });
         }
         tokio::select! {
             _ = app.outbox.wake.notified() => {}

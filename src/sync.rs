@@ -106,11 +106,7 @@ async fn schedule(app: &Arc<Fedlink>) -> Option<u64> {
         )
     };
     for dest in invite_dests {
-        let a = app.clone();
-        app.sync.invites.kick(&dest, move |d| {
-            let a = a.clone();
-            async move { deliver_invites(&a, &d).await }
-        });
+        app.sync.invites.kick_for(&dest, app, |a, d| async move { deliver_invites(&a, &d).await });
     }
     // Forget the state of actions that are settled (their membership or read arrived).
     let live: HashSet<ActionKey> = actions.iter().map(action_key).collect();
@@ -129,11 +125,7 @@ async fn schedule(app: &Arc<Fedlink>) -> Option<u64> {
         }
     }
     for dest in action_dests {
-        let a = app.clone();
-        app.sync.actions.kick(&dest, move |d| {
-            let a = a.clone();
-            async move { deliver_actions(&a, &d).await }
-        });
+        app.sync.actions.kick_for(&dest, app, |a, d| async move { deliver_actions(&a, &d).await });
     }
     next_due
 }

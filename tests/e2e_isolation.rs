@@ -150,6 +150,7 @@ async fn a_room_with_a_member_of_a_server_fedlink_does_not_allow_never_holds_up_
         latencies.push((i, latency));
     }
     eprintln!("(a) {during} room B messages were sent before room A's join settled");
+    assert!(during >= 1, "no room B message overlapped room A's join");
 
     // Room A ends joined, or given up visibly.
     let last_seen = RefCell::new(String::new());
@@ -311,7 +312,9 @@ async fn a_hanging_homeserver_delays_only_its_own_invites() {
     let bob = kiwi.register("bob").await.unwrap();
     let alice_k = kiwi.register("alice").await.unwrap();
     let alice_l = litchi.register("alice").await.unwrap();
-    let alice_m = mango.register("alice").await.unwrap();
+    // Her mango account sorts first among her accounts, so a fedlink that went through
+    // invites one after another in order would hit the hanging server first.
+    let alice_m = mango.register("a0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\", \"{}\"]\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\", \"{}\"]\n",

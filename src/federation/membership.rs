@@ -237,11 +237,7 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                 crate::core::backoff::earliest(&mut next_due, due);
                 continue;
             }
-            let a = app.clone();
-            app.joins.lanes.kick(inviter.server_name().as_str(), move |resident| {
-                let a = a.clone();
-                async move { join_through(&a, &resident).await }
-            });
+            app.joins.lanes.kick_for(inviter.server_name().as_str(), &app, |a, resident| async move { join_through(&a, &resident).await });
         }
         let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(60));
         tokio::select! {
