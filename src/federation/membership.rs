@@ -83,15 +83,6 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         app.metrics.bot_invites_refused.with_label_values(&["invites_from"]).inc();
         return Err(MatrixError::forbidden(format!("{} may not invite the bot (bot.invites_from)", pdu.sender)));
     }
-    {
-        let views = app.views.read().await;
-        let here = views.rooms.get(&pdu.room_id).is_some_and(|r| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. }));
-        let rooms = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. })).count();
-        if !here && rooms >= app.cfg.bot.max_rooms {
-            app.metrics.bot_invites_refused.with_label_values(&["max_rooms"]).inc();
-            return Err(MatrixError::forbidden(format!("the bot is in {rooms} rooms, its limit (bot.max_rooms)")));
-        }
-    }
     let mut obj = verify_signatures(&app.keys, pdu.json.clone(), &rules)
         .await
         .map_err(|e| MatrixError::forbidden(e.to_string()))?;
@@ -106,8 +97,17 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
 
     let _lock = app.ingest.lock().await;
     // An invite while joined or joining changes nothing (a repeated invite neither grows the
-    // log nor resets the join's backoff).
-    let already = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. }));
+    // log nor resets the join's backoff). Counted under the ingest lock, so concurrent
+    // invites cannot pass `bot.max_rooms` together.
+    let in_room = |r: &crate::core::views::RoomView| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. });
+    let (already, rooms) = {
+        let views = app.views.read().await;
+        (views.rooms.get(&pdu.room_id).is_some_and(in_room), views.rooms.values().filter(|r| in_room(r)).count())
+    };
+    if !already && rooms >= app.cfg.bot.max_rooms {
+        app.metrics.bot_invites_refused.with_label_values(&["max_rooms"]).inc();
+        return Err(MatrixError::forbidden(format!("the bot is in {rooms} rooms, its limit (bot.max_rooms)")));
+    }
     if !already {
         let entry = Entry::BotInvited(BotInvited {
             room_id: pdu.room_id.clone(),
@@ -167,6 +167,8 @@ pub struct Joins {
     pub wake: tokio::sync::Notify,
     /// Rooms whose held events are being applied or dropped now.
     draining: std::sync::Mutex<std::collections::HashSet<OwnedRoomId>>,
+    /// The resident each failing join goes through (to retry it when that server is up).
+    residents: std::sync::Mutex<std::collections::HashMap<OwnedRoomId, String>>,
 }
 
 impl Joins {
@@ -177,6 +179,7 @@ impl Joins {
             retries: Default::default(),
             wake: tokio::sync::Notify::new(),
             draining: Default::default(),
+            residents: Default::default(),
         }
     }
 
@@ -205,6 +208,29 @@ impl Joins {
             }
             a.joins.draining.lock().expect("joins lock").remove(&room);
         });
+    }
+
+    /// `server` contacted fedlink: joins through it that are backing off are retried now
+    /// (the cost is the number of failing joins, not of rooms).
+    pub fn contact(&self, server: &str) {
+        let rooms: Vec<OwnedRoomId> = self.residents.lock().expect("joins lock").iter().filter(|(_, r)| *r == server).map(|(id, _)| id.clone()).collect();
+        if rooms.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut woke = false;
+        let mut retries = self.retries.lock().expect("joins lock");
+        for id in rooms {
+            if let Some(s) = retries.get_mut(&id).filter(|s| s.next_attempt_ms > now && s.failures > 0) {
+                s.next_attempt_ms = now;
+                woke = true;
+            }
+        }
+        drop(retries);
+        if woke {
+            tracing::info!(%server, "the resident contacted us; retrying the joins through it now");
+            self.wake.notify_one();
+        }
     }
 
     fn due(&self, room_id: &OwnedRoomId) -> u64 {
@@ -283,11 +309,13 @@ async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step 
         match result {
             Ok(()) => {
                 app.joins.retries.lock().expect("joins lock").remove(&room_id);
+                app.joins.residents.lock().expect("joins lock").remove(&room_id);
                 app.metrics.joins.with_label_values(&["ok"]).inc();
                 joined += 1;
                 Joins::settle(app, &room_id);
             }
             Err(e) => {
+                app.joins.residents.lock().expect("joins lock").insert(room_id.clone(), resident.to_owned());
                 let give_up = {
                     let mut joins = app.joins.retries.lock().expect("joins lock");
                     let status = joins.entry(room_id.clone()).or_default();
@@ -331,6 +359,7 @@ async fn give_up_join(app: &Arc<Fedlink>, room_id: &OwnedRoomId, reason: String)
         return;
     }
     app.joins.retries.lock().expect("joins lock").remove(room_id);
+    app.joins.residents.lock().expect("joins lock").remove(room_id);
     tracing::error!(%room_id, %reason, "gave up joining the room; a new invite or POST /_fedlink/admin/v1/rooms/{{roomId}}/join retries");
     Joins::settle(app, room_id);
 }
@@ -598,4 +627,26 @@ pub fn auth_order(events: &BTreeMap<OwnedEventId, Pdu>) -> Vec<OwnedEventId> {
     }
     // Cycles cannot pass auth; leave them out so their dependents fail loudly.
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Given joins backing off through two residents, when one resident contacts fedlink,
+    /// then only the joins through it are due at once.
+    #[test]
+    fn a_resident_that_contacts_us_gets_its_joins_retried_now() {
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let joins = Joins::new(Arc::new(crate::metrics::Metrics::new()), rx);
+        let far = now_ms() + 3_600_000;
+        for (room, resident) in [("!a:kiwi", "kiwi"), ("!b:litchi", "litchi")] {
+            let id = OwnedRoomId::try_from(room).unwrap();
+            joins.retries.lock().unwrap().insert(id.clone(), RetryStatus { failures: 3, next_attempt_ms: far, ..Default::default() });
+            joins.residents.lock().unwrap().insert(id, resident.to_owned());
+        }
+        joins.contact("kiwi");
+        assert!(joins.due(&OwnedRoomId::try_from("!a:kiwi").unwrap()) <= now_ms());
+        assert_eq!(joins.due(&OwnedRoomId::try_from("!b:litchi").unwrap()), far);
+    }
 }

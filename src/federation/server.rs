@@ -166,6 +166,7 @@ pub async fn authenticate(
         .map_err(|e| reject("bad_signature", MatrixError::unauthorized(e.to_string())))?;
     app.outbox.lanes.contact(&x.origin);
     app.sync.invites.contact(&x.origin);
+    app.joins.contact(&x.origin);
     let Some(slot) = app.inbound.acquire(&x.origin) else {
         app.metrics.inbound_rate_limited.inc();
         tracing::info!(origin = %x.origin, uri = %uri.path(), "too many requests in flight from this origin; answered 429");
