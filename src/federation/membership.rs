@@ -244,17 +244,7 @@ impl Joins {
 pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
         settle_parked(&app).await;
-        let pending: Vec<(OwnedRoomId, OwnedUserId)> = app
-            .views
-            .read()
-            .await
-            .rooms
-            .iter()
-            .filter_map(|(id, r)| match &r.bot {
-                BotMembership::Invited { inviter, .. } => Some((id.clone(), inviter.clone())),
-                _ => None,
-            })
-            .collect();
+        let pending = joining(&app).await;
         let now = now_ms();
         let mut next_due: Option<u64> = None;
         for (room_id, inviter) in pending {
@@ -274,6 +264,20 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
     }
 }
 
+/// Rooms whose join is under way, with whose server to join through.
+async fn joining(app: &Fedlink) -> Vec<(OwnedRoomId, OwnedUserId)> {
+    app.views
+        .read()
+        .await
+        .rooms
+        .iter()
+        .filter_map(|(id, r)| match &r.bot {
+            BotMembership::Invited { inviter, .. } => Some((id.clone(), inviter.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Apply the events held for rooms the bot has joined; drop those of rooms it gave up.
 async fn settle_parked(app: &Arc<Fedlink>) {
     let rooms = app.store.parked_rooms().unwrap_or_default();
@@ -288,21 +292,9 @@ async fn settle_parked(app: &Arc<Fedlink>) {
 
 /// One step of a resident's lane: every due join through `resident`.
 async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step {
-    let due: Vec<(OwnedRoomId, OwnedUserId)> = {
-        let now = now_ms();
-        app.views
-            .read()
-            .await
-            .rooms
-            .iter()
-            .filter_map(|(id, r)| match &r.bot {
-                BotMembership::Invited { inviter, .. } if inviter.server_name().as_str() == resident && app.joins.due(id) <= now => {
-                    Some((id.clone(), inviter.clone()))
-                }
-                _ => None,
-            })
-            .collect()
-    };
+    let now = now_ms();
+    let due: Vec<(OwnedRoomId, OwnedUserId)> =
+        joining(app).await.into_iter().filter(|(id, inviter)| inviter.server_name().as_str() == resident && app.joins.due(id) <= now).collect();
     let mut joined = 0;
     for (room_id, inviter) in due {
         let result = join_room(app, &room_id, &inviter).await;
