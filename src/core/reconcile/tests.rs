@@ -527,17 +527,21 @@ fn where_fedlink_lacks_the_events_the_homeservers_timestamps_order_reads() {
     assert_eq!(g.decide_sync(&routes(&["kiwi", "litchi"])), vec![set_read("@alice:kiwi", "$l")]);
 }
 
-fn read_action(u: &str, event: &str, depth: u64) -> Entry {
+fn pending(u: &str, kind: &str, read: Option<(&str, u64)>) -> Entry {
     Entry::ActionPending(crate::core::log_entry::UserAction {
         room_id: room(),
         user_id: user(u),
-        kind: "read".into(),
-        event_id: Some(event.try_into().unwrap()),
+        kind: kind.into(),
+        event_id: read.map(|(e, _)| e.try_into().unwrap()),
         reason: None,
         actor: None,
         event_ts: None,
-        depth: Some(depth),
+        depth: read.map(|(_, d)| d),
     })
+}
+
+fn read_action(u: &str, event: &str, depth: u64) -> Entry {
+    pending(u, "read", Some((event, depth)))
 }
 
 /// The read loop: the target's own receipt moves past the event between `decide()` and
@@ -588,16 +592,7 @@ fn after_a_mirrored_leave_a_new_invite_and_rejoin_are_not_undone() {
     let r = routes(&["kiwi", "litchi"]);
     g.state_by("@alice:kiwi", "m.room.member", "@alice:kiwi", Some("leave"), json!({ "membership": "leave" }));
     assert_eq!(g.decide_sync(&r), vec![Action::Leave { room_id: room(), target: user("@alice:litchi") }]);
-    g.record(Entry::ActionPending(crate::core::log_entry::UserAction {
-        room_id: room(),
-        user_id: user("@alice:litchi"),
-        kind: "leave".into(),
-        event_id: None,
-        reason: None,
-        actor: None,
-        event_ts: None,
-        depth: None,
-    }));
+    g.record(pending("@alice:litchi", "leave", None));
     // litchi leaves (fedlink acted as her).
     g.state_by("@alice:litchi", "m.room.member", "@alice:litchi", Some("leave"), json!({ "membership": "leave" }));
     assert_eq!(g.decide_sync(&r), vec![]);
@@ -620,16 +615,7 @@ fn memberships_of_a_resolved_fork_settle_actions_and_mirror_self_leaves() {
     g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "invite")], 0, 0);
     let r = routes(&["kiwi", "litchi"]);
     assert_eq!(g.decide_sync(&r), vec![Action::Join { room_id: room(), target: user("@alice:litchi") }]);
-    g.record(Entry::ActionPending(crate::core::log_entry::UserAction {
-        room_id: room(),
-        user_id: user("@alice:litchi"),
-        kind: "join".into(),
-        event_id: None,
-        reason: None,
-        actor: None,
-        event_ts: None,
-        depth: None,
-    }));
+    g.record(pending("@alice:litchi", "join", None));
     let fork = |g: &mut Given, id: &str, sender: &str, target: &str, m: &str, others: &[(&str, &str, &str)]| {
         let mut state = vec![
             StateRef { event_type: "m.room.member".into(), state_key: BOT.into(), event_id: "$e1".try_into().unwrap(), membership: Some("join".into()) },
