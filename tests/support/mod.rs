@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod synapse;
+pub mod util;
 
 #[allow(unused_imports)]
 pub use synapse::*;

@@ -33,6 +33,8 @@
 
 use std::fmt::Write as _;
 use std::fs;
+
+pub use super::util::{enc, self_signed_cert, TlsFiles};
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -94,27 +96,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("binding 127.0.0.1:0")
         .port()
-}
-
-/// PEM files of a certificate and its private key.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Writes a self-signed certificate for `names` (DNS names or IP literals) into
-/// `dir` as `tls.crt` / `tls.key` (PEM).
-pub fn self_signed_cert(dir: &Path, names: &[&str]) -> TlsFiles {
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let ck = rcgen::generate_simple_self_signed(names).expect("rcgen self-signed certificate");
-    let files = TlsFiles {
-        cert: dir.join("tls.crt"),
-        key: dir.join("tls.key"),
-    };
-    fs::write(&files.cert, ck.cert.pem()).expect("writing tls.crt");
-    fs::write(&files.key, ck.key_pair.serialize_pem()).expect("writing tls.key");
-    files
 }
 
 /// Options for [`Synapse::start`].
@@ -729,19 +710,6 @@ fn http_client() -> reqwest::Client {
         .expect("building reqwest client")
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters (for path
-/// segments and query values such as room ids, event ids and server names).
-pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            write!(out, "%{b:02X}").unwrap();
-        }
-    }
-    out
-}
 
 fn random_alnum(n: usize) -> String {
     rand::thread_rng()

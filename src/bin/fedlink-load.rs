@@ -1,0 +1,324 @@
+//! `fedlink-load`: a load generator for fedlink.
+//!
+//! It is a federation peer of its own (signing key, TLS, key server, `make_join`/`send_join`),
+//! starts the `fedlink` binary next to it as a child process on loopback with a fresh
+//! database, and drives it over real HTTPS with signed transactions:
+//!
+//! 1. `--rooms` rooms the bot is invited to and joins (fedlink's size in rooms);
+//! 2. messages into a 3-member room (the baseline);
+//! 3. one room grown to `--members` members by joins over `/send`, timed per tenth, with
+//!    fedlink's disk growth per membership event;
+//! 4. messages into that big room.
+//!
+//! It prints PDUs/s, transaction latency p50/p99, fedlink's RSS and disk use. Transactions
+//! carry `--batch` PDUs (50 like Synapse), one in flight, and every PDU must be accepted.
+//! Events are built and signed before the clock starts, so the figures are fedlink's.
+//!
+//! `cargo run --release --bin fedlink-load -- --members 10000 --messages 5000 --rooms 1000`
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ruma::RoomVersionId;
+use serde_json::{json, Value};
+
+mod synapse {
+    include!("../../tests/support/util.rs");
+}
+#[allow(dead_code)]
+#[path = "../../tests/support/fake_peer.rs"]
+mod fake_peer;
+
+use fake_peer::FakePeer;
+
+const ADMIN_TOKEN: &str = "fedlink-load-admin-token-0123456789";
+
+#[derive(Parser, Debug)]
+#[command(about = "Drive fedlink with signed federation traffic and report throughput, latency, memory and disk")]
+struct Args {
+    /// Members the big room grows to (joins over /send).
+    #[arg(long, default_value_t = 2000)]
+    members: usize,
+    /// Messages sent into the small room and into the big room.
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    /// PDUs per transaction.
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Extra rooms the bot joins before the measurements.
+    #[arg(long, default_value_t = 0)]
+    rooms: usize,
+    /// The fedlink binary (default: `fedlink` next to this binary).
+    #[arg(long)]
+    fedlink: Option<PathBuf>,
+    /// Keep fedlink's directory (config, database, log) and print where it is.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Target {
+    child: Child,
+    dir: tempfile::TempDir,
+    name: String,
+    fed_url: String,
+    admin_url: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Target {
+    async fn start(bin: &Path) -> Result<Target> {
+        let dir = tempfile::tempdir()?;
+        let port = |_: ()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        let (fed_port, metrics_port) = (port(())?, port(())?);
+        synapse::self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
+        let config = format!(
+            "server_name = \"localhost:{fed_port}\"\n[listen]\nfederation = \"127.0.0.1:{fed_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+             [tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[keys]\nsigning_key = \"signing.key\"\n[storage]\npath = \"db\"\n\
+             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[federation]\nverify_tls = false\nmax_inflight_per_origin = 64\n[bot]\nmax_rooms = 100000\n"
+        );
+        std::fs::write(dir.path().join("fedlink.toml"), config)?;
+        let log = std::fs::File::create(dir.path().join("fedlink.log"))?;
+        let child = Command::new(bin)
+            .args(["run", "-c"])
+            .arg(dir.path().join("fedlink.toml"))
+            .env("FEDLINK_FEDERATION__ALLOW_PRIVATE_NETWORKS", "true")
+            .env("FEDLINK_LOG", std::env::var("FEDLINK_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let http = reqwest::Client::builder().danger_accept_invalid_certs(true).timeout(Duration::from_secs(120)).build()?;
+        let t = Target {
+            child,
+            dir,
+            name: format!("localhost:{fed_port}"),
+            fed_url: format!("https://127.0.0.1:{fed_port}"),
+            admin_url: format!("http://127.0.0.1:{metrics_port}"),
+            http,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if t.http.get(format!("{}/_matrix/key/v2/server", t.fed_url)).send().await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(t);
+            }
+            if Instant::now() > deadline {
+                bail!("fedlink did not start; see {}", t.dir.path().join("fedlink.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn bot(&self) -> String {
+        format!("@fedlink:{}", self.name)
+    }
+
+    async fn admin(&self, path: &str) -> Result<Value> {
+        Ok(self.http.get(format!("{}{path}", self.admin_url)).bearer_auth(ADMIN_TOKEN).send().await?.json().await?)
+    }
+
+    /// (RSS, peak RSS) in bytes, from /proc.
+    fn rss(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn disk(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.dir.path().join("db"))
+    }
+
+    async fn wait_joined(&self, room: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = self.admin(&format!("/_fedlink/admin/v1/rooms/{}", synapse::enc(room))).await?;
+            if v["bot_membership"] == "joined" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the bot did not join {room}: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Latencies of a run of transactions.
+#[derive(Default)]
+struct Run {
+    pdus: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.pdus as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(((l.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default()
+    }
+    fn line(&self, what: &str) -> String {
+        format!(
+            "{what}: {} PDUs in {:.2} s = {:.0} PDUs/s; transaction p50 {:.1} ms, p99 {:.1} ms",
+            self.pdus,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.pct(0.5).as_secs_f64() * 1e3,
+            self.pct(0.99).as_secs_f64() * 1e3
+        )
+    }
+}
+
+/// Send pre-built PDUs in transactions of `batch`, one in flight; every PDU must be accepted.
+async fn send_all(peer: &FakePeer, t: &Target, pdus: Vec<Value>, batch: usize, txn_prefix: &str) -> Result<Run> {
+    let mut run = Run { pdus: pdus.len(), ..Default::default() };
+    let start = Instant::now();
+    for (i, chunk) in pdus.chunks(batch).enumerate() {
+        let t0 = Instant::now();
+        let (status, body) = peer.send_txn(&t.name, &t.fed_url, &format!("{txn_prefix}-{i}"), chunk.to_vec(), vec![]).await;
+        run.latencies.push(t0.elapsed());
+        if !status.is_success() {
+            bail!("transaction {txn_prefix}-{i}: {status} {body}");
+        }
+        if let Some((id, err)) = body["pdus"].as_object().and_then(|m| m.iter().find(|(_, r)| r.get("error").is_some())) {
+            bail!("transaction {txn_prefix}-{i}: {id} refused: {err}");
+        }
+    }
+    run.elapsed = start.elapsed();
+    Ok(run)
+}
+
+/// A room hosted by the peer with public joins, the bot joined.
+async fn room_with_bot(peer: &FakePeer, t: &Target) -> Result<String> {
+    let room = peer.create_room("creator", RoomVersionId::V11);
+    peer.push(&room, "creator", "m.room.join_rules", Some(""), json!({ "join_rule": "public" }));
+    let (status, body) = peer.invite(&room, "creator", &t.bot(), &t.name, &t.fed_url).await;
+    if !status.is_success() {
+        bail!("invite refused: {status} {body}");
+    }
+    t.wait_joined(&room).await?;
+    Ok(room)
+}
+
+fn joins(peer: &FakePeer, room: &str, from: usize, to: usize) -> Vec<Value> {
+    (from..to)
+        .map(|i| {
+            let local = format!("m{i}");
+            let user = peer.user(&local);
+            peer.push(room, &local, "m.room.member", Some(&user), json!({ "membership": "join" })).1
+        })
+        .collect()
+}
+
+fn messages(peer: &FakePeer, room: &str, n: usize) -> Vec<Value> {
+    (0..n).map(|i| peer.push(room, "creator", "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("load message {i}") })).1).collect()
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / 1_048_576.0
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = match &args.fedlink {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("fedlink"),
+    };
+    let peer = FakePeer::start().await;
+    let t = Target::start(&bin).await?;
+    println!("fedlink {} (pid {}) <- peer {}", t.name, t.child.id(), peer.name);
+
+    if args.rooms > 0 {
+        let start = Instant::now();
+        for _ in 0..args.rooms {
+            room_with_bot(&peer, &t).await?;
+        }
+        println!("rooms: the bot joined {} rooms in {:.1} s", args.rooms, start.elapsed().as_secs_f64());
+    }
+
+    // Baseline: a 3-member room.
+    let small = room_with_bot(&peer, &t).await?;
+    let pdus = joins(&peer, &small, 0, 1);
+    send_all(&peer, &t, pdus, args.batch, "small-join").await?;
+    let pdus = messages(&peer, &small, args.messages);
+    let small_run = send_all(&peer, &t, pdus, args.batch, "small-msg").await?;
+    println!("{}", small_run.line("messages, 3-member room"));
+
+    // The big room, grown by tenths.
+    let big = room_with_bot(&peer, &t).await?;
+    let tenth = (args.members / 10).max(1);
+    let disk_before = t.disk();
+    let mut tenths = Vec::new();
+    let mut done = 0;
+    while done < args.members {
+        let to = (done + tenth).min(args.members);
+        let pdus = joins(&peer, &big, done, to);
+        let run = send_all(&peer, &t, pdus, args.batch, &format!("grow-{done}")).await?;
+        println!("  joins {done}..{to}: {:.0} PDUs/s, p99 {:.1} ms", run.rate(), run.pct(0.99).as_secs_f64() * 1e3);
+        tenths.push(run);
+        done = to;
+    }
+    let disk_after = t.disk();
+    let (first, last) = (tenths.first().expect("a tenth"), tenths.last().expect("a tenth"));
+    let per_join_first = first.elapsed.as_secs_f64() / first.pdus as f64;
+    let per_join_last = last.elapsed.as_secs_f64() / last.pdus as f64;
+    println!(
+        "growth to {} members: first tenth {:.0} joins/s, last tenth {:.0} joins/s: last/first cost {:.2}x; disk {:.1} MiB -> {:.1} MiB = {:.2} KiB per membership event",
+        args.members,
+        1.0 / per_join_first,
+        1.0 / per_join_last,
+        per_join_last / per_join_first,
+        mib(disk_before),
+        mib(disk_after),
+        (disk_after.saturating_sub(disk_before)) as f64 / 1024.0 / args.members as f64
+    );
+
+    let pdus = messages(&peer, &big, args.messages);
+    let big_run = send_all(&peer, &t, pdus, args.batch, "big-msg").await?;
+    println!("{}", big_run.line(&format!("messages, {}-member room", args.members + 2)));
+    println!("big room / small room message cost: {:.2}x", small_run.rate() / big_run.rate());
+    let (rss, hwm) = t.rss();
+    println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB", mib(rss), mib(hwm), mib(t.disk()));
+    if args.keep {
+        let mut t = t;
+        let _ = t.child.kill();
+        let _ = t.child.wait();
+        let dir = t.dir.path().to_owned();
+        std::mem::forget(t);
+        println!("kept {}", dir.display());
+    }
+    Ok(())
+}
