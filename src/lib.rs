@@ -37,6 +37,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cache;
 pub mod appservice;
 pub mod config;
 pub mod core;

@@ -6,6 +6,13 @@
 //! - `txns`: `origin \0 txn_id` -> the response JSON we answered (idempotent retransmits).
 //! - `views`: the latest views snapshot.
 //! - `server_keys`: `server \0 key_id` -> cached remote key.
+//! - `state_nodes`: id -> a node of the persistent state trie ([`StateNode`]; see
+//!   `rooms::state`): the state at every event, shared between events by path copying.
+//! - `state_root_of`: event id -> the trie root of the state after it.
+//! - `state_before_root`: event id -> the trie root of the state before an event fedlink
+//!   authored or served (for `state_ids`).
+//! - `state_groups`, `state_group_of`, `state_at`: the full-map format of earlier versions,
+//!   read (and converted on first use) only for events stored before it.
 //! - `parked`: `room_id \0 event_id` -> `{origin, pdu}`: PDUs received for a room whose join is under
 //!   way, kept (durably, before the sender's 200) until the join lands; not yet log records.
 //!
@@ -37,6 +44,78 @@ pub enum StoreError {
 /// One stored state entry: (event type, state key, event id).
 pub type StateEntry = (String, String, String);
 
+/// A node of the persistent state trie (see `rooms::state`). Nodes are immutable: a change
+/// writes new nodes along one path and shares the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateNode {
+    /// Entries, sorted.
+    Leaf(Vec<StateEntry>),
+    /// Children by hash nibble: `bitmap` bit `i` set means a child for nibble `i`, in order.
+    Branch { bitmap: u16, children: Vec<u64> },
+}
+
+impl StateNode {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            StateNode::Leaf(entries) => {
+                out.push(0);
+                for (t, k, e) in entries {
+                    for s in [t, k, e] {
+                        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                        out.extend_from_slice(s.as_bytes());
+                    }
+                }
+            }
+            StateNode::Branch { bitmap, children } => {
+                out.push(1);
+                out.extend_from_slice(&bitmap.to_le_bytes());
+                for c in children {
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, StoreError> {
+        let bad = |r: &str| corrupt("state_nodes", r);
+        match b.split_first() {
+            Some((0, mut rest)) => {
+                let mut entries = Vec::new();
+                let take = |rest: &mut &[u8]| -> Result<String, StoreError> {
+                    if rest.len() < 4 {
+                        return Err(bad("truncated leaf"));
+                    }
+                    let n = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+                    let s = rest.get(4..4 + n).ok_or_else(|| bad("truncated leaf"))?;
+                    let s = String::from_utf8(s.to_vec()).map_err(|_| bad("leaf is not UTF-8"))?;
+                    *rest = &rest[4 + n..];
+                    Ok(s)
+                };
+                while !rest.is_empty() {
+                    entries.push((take(&mut rest)?, take(&mut rest)?, take(&mut rest)?));
+                }
+                Ok(StateNode::Leaf(entries))
+            }
+            Some((1, rest)) if rest.len() >= 2 && (rest.len() - 2) % 8 == 0 => {
+                let bitmap = u16::from_le_bytes([rest[0], rest[1]]);
+                let children: Vec<u64> = rest[2..].chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+                if children.len() != bitmap.count_ones() as usize {
+                    return Err(bad("branch children do not match its bitmap"));
+                }
+                Ok(StateNode::Branch { bitmap, children })
+            }
+            _ => Err(bad("unknown node")),
+        }
+    }
+}
+
+/// Decoded state trie nodes kept in memory (x2 generations).
+const NODE_CACHE: usize = 32_768;
+/// Parsed events kept in memory (x2 generations).
+const PDU_CACHE: usize = 8_192;
+
 /// A remote server's key as cached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredKey {
@@ -62,6 +141,11 @@ pub struct Store {
     state_group_of: sled::Tree,
     state_groups: sled::Tree,
     parked: sled::Tree,
+    state_nodes: sled::Tree,
+    state_root_of: sled::Tree,
+    state_before_root: sled::Tree,
+    node_cache: crate::cache::Cache<u64, std::sync::Arc<StateNode>>,
+    pdu_cache: crate::cache::Cache<String, std::sync::Arc<crate::core::pdu::Pdu>>,
     /// PDUs in `parked` (kept in step with the tree).
     parked_len: std::sync::atomic::AtomicUsize,
     /// Serialises appends and holds the last assigned sequence number.
@@ -105,6 +189,11 @@ impl Store {
             state_at: db.open_tree("state_at")?,
             state_group_of: db.open_tree("state_group_of")?,
             state_groups: db.open_tree("state_groups")?,
+            state_nodes: db.open_tree("state_nodes")?,
+            state_root_of: db.open_tree("state_root_of")?,
+            state_before_root: db.open_tree("state_before_root")?,
+            node_cache: crate::cache::Cache::new(NODE_CACHE),
+            pdu_cache: crate::cache::Cache::new(PDU_CACHE),
             parked_len: std::sync::atomic::AtomicUsize::new(parked.len()),
             parked,
             log,
@@ -360,45 +449,93 @@ impl Store {
         Ok(n)
     }
 
-    /// Record the room state before an event fedlink authored or served (for `state_ids`).
-    pub fn put_state_before(&self, event_id: &str, state: &[String]) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(state).map_err(|e| corrupt("state_at", e))?;
-        self.state_at.insert(event_id.as_bytes(), bytes)?;
-        Ok(())
-    }
-
-    /// The state before `event_id`, if recorded.
-    pub fn state_before(&self, event_id: &str) -> Result<Option<Vec<String>>, StoreError> {
+    /// The state before `event_id` in the format of earlier versions, if recorded.
+    pub fn legacy_state_before(&self, event_id: &str) -> Result<Option<Vec<String>>, StoreError> {
         match self.state_at.get(event_id.as_bytes())? {
             Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| corrupt("state_at", e))?)),
             None => Ok(None),
         }
     }
 
-    /// The state group (an event id) holding the state after `event_id`.
-    pub fn state_group_of(&self, event_id: &str) -> Result<Option<String>, StoreError> {
+    /// The state group (an event id) holding the state after `event_id`, in the format of
+    /// earlier versions.
+    pub fn legacy_state_group_of(&self, event_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.state_group_of.get(event_id.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Point `event_id` at a state group.
-    pub fn put_state_group_of(&self, event_id: &str, group: &str) -> Result<(), StoreError> {
-        self.state_group_of.insert(event_id.as_bytes(), group.as_bytes())?;
-        Ok(())
-    }
-
-    /// A state group: (type, state key, event id) entries.
-    pub fn state_group(&self, group: &str) -> Result<Option<Vec<StateEntry>>, StoreError> {
+    /// A state group of earlier versions: (type, state key, event id) entries.
+    pub fn legacy_state_group(&self, group: &str) -> Result<Option<Vec<StateEntry>>, StoreError> {
         match self.state_groups.get(group.as_bytes())? {
             Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| corrupt("state_groups", e))?)),
             None => Ok(None),
         }
     }
 
-    /// Store a state group.
-    pub fn put_state_group(&self, group: &str, entries: &[StateEntry]) -> Result<(), StoreError> {
+    /// Nodes in the state trie (for tests and the admin view).
+    pub fn state_node_count(&self) -> usize {
+        self.state_nodes.len()
+    }
+
+    /// Write a state group in the format of earlier versions (tests of the conversion).
+    #[doc(hidden)]
+    pub fn put_legacy_state_group(&self, event_id: &str, group: &str, entries: &[StateEntry]) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(entries).map_err(|e| corrupt("state_groups", e))?;
         self.state_groups.insert(group.as_bytes(), bytes)?;
+        self.state_group_of.insert(event_id.as_bytes(), group.as_bytes())?;
         Ok(())
+    }
+
+    /// A state trie node.
+    pub fn state_node(&self, id: u64) -> Result<std::sync::Arc<StateNode>, StoreError> {
+        if let Some(n) = self.node_cache.get(&id) {
+            return Ok(n);
+        }
+        let b = self.state_nodes.get(id.to_be_bytes())?.ok_or_else(|| corrupt("state_nodes", format!("node {id} is missing")))?;
+        let n = std::sync::Arc::new(StateNode::decode(&b)?);
+        self.node_cache.insert(id, n.clone());
+        Ok(n)
+    }
+
+    /// Write a new state trie node; returns its id (never 0, which stands for the empty
+    /// state). Not durable until [`Store::flush`]; an unflushed node is only ever reachable
+    /// from records written after it.
+    pub fn put_state_node(&self, node: StateNode) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()? + 1;
+        self.state_nodes.insert(id.to_be_bytes(), node.encode())?;
+        self.node_cache.insert(id, std::sync::Arc::new(node));
+        Ok(id)
+    }
+
+    /// The trie root of the state after `event_id`.
+    pub fn state_root_of(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.state_root_of.get(event_id.as_bytes())?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+
+    /// Record the trie root of the state after `event_id`.
+    pub fn put_state_root_of(&self, event_id: &str, root: u64) -> Result<(), StoreError> {
+        self.state_root_of.insert(event_id.as_bytes(), &root.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The trie root of the state before an event fedlink authored or served.
+    pub fn state_before_root(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.state_before_root.get(event_id.as_bytes())?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+
+    /// Record the trie root of the state before an event fedlink authored or served.
+    pub fn put_state_before_root(&self, event_id: &str, root: u64) -> Result<(), StoreError> {
+        self.state_before_root.insert(event_id.as_bytes(), &root.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// A parsed event from the in-memory cache.
+    pub fn cached_pdu(&self, event_id: &str) -> Option<std::sync::Arc<crate::core::pdu::Pdu>> {
+        self.pdu_cache.get(event_id)
+    }
+
+    /// Keep a parsed event in the in-memory cache.
+    pub fn cache_pdu(&self, pdu: std::sync::Arc<crate::core::pdu::Pdu>) {
+        self.pdu_cache.insert(pdu.event_id.to_string(), pdu);
     }
 
     /// Keep `pdu` from `origin` for `room_id` until the bot's join there lands. Not durable

@@ -352,11 +352,11 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
     if app.store.has_event(event_id.as_str()).unwrap_or(false) {
         return Ok(());
     }
-    let (dests, state_before, resolved): (Vec<(String, String)>, Vec<String>, _) = {
+    let (dests, state_before, resolved): (Vec<(String, String)>, crate::rooms::state::Root, _) = {
         let views = app.views.read().await;
         let room = views.rooms.get(room_id);
-        let resolved = match room.map(|r| crate::rooms::admit(&app.store, r, &pdu, &rules)) {
-            Some(Ok(a)) => a.resolved,
+        let (resolved, before) = match room.map(|r| crate::rooms::admit(&app.store, r, &pdu, &rules)) {
+            Some(Ok(a)) => (a.resolved, a.before),
             Some(Err(e)) => return Err(InviteError::Refused(format!("the room no longer allows this invite: {e}"))),
             None => return Err(InviteError::Refused("fedlink left the room".into())),
         };
@@ -367,10 +367,9 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
             .filter(|s| *s != app.server_name)
             .map(|s| (s.to_string(), event_id.to_string()))
             .collect();
-        let state = room.map(|r| r.state.values().flat_map(|m| m.values().map(|e| e.to_string())).collect()).unwrap_or_default();
-        (dests, state, resolved)
+        (dests, before, resolved)
     };
-    app.store.put_state_before(event_id.as_str(), &state_before).map_err(|e| InviteError::Transient(e.to_string()))?;
+    app.store.put_state_before_root(event_id.as_str(), state_before).map_err(|e| InviteError::Transient(e.to_string()))?;
     let mut entry = PduEntry::new(&pdu, app.server_name.clone(), PduStatus::Accepted);
     entry.resolved_state = resolved;
     let entry = Entry::Pdu(entry);

@@ -523,7 +523,7 @@ async fn send_join(
     let state_refs: Vec<StateRef> = state_ids
         .iter()
         .filter_map(|id| {
-            let p = checked.get(id).cloned().or_else(|| crate::rooms::load_pdu(&app.store, id, &rules))?;
+            let p = checked.get(id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, id, &rules))?;
             Some(StateRef {
                 event_type: p.kind.to_string(),
                 state_key: p.state_key.clone().unwrap_or_default(),
@@ -537,7 +537,7 @@ async fn send_join(
     let power_levels = state_refs
         .iter()
         .find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty())
-        .and_then(|s| checked.get(&s.event_id).cloned().or_else(|| crate::rooms::load_pdu(&app.store, &s.event_id, &rules)))
+        .and_then(|s| checked.get(&s.event_id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, &s.event_id, &rules)))
         .and_then(|p| serde_json::from_str::<Value>(p.content.get()).ok());
     let _lock = app.ingest.lock().await;
     let mut entries: Vec<Entry> = checked
@@ -557,7 +557,9 @@ async fn send_join(
     if !app.store.has_event(join.event_id.as_str()).unwrap_or(false) {
         let before: crate::rooms::state::StateMap =
             state_before_join.iter().map(|s| ((s.event_type.clone(), s.state_key.clone()), s.event_id.clone())).collect();
-        crate::rooms::state::record_after(&app.store, &join, &before, None).map_err(|e| JoinError::Transient(e.to_string()))?;
+        let transient = |e: crate::store::StoreError| JoinError::Transient(e.to_string());
+        let before = crate::rooms::state::from_map(&app.store, &before).map_err(transient)?;
+        crate::rooms::state::record_after(&app.store, &join, before).map_err(transient)?;
         entries.push(Entry::Pdu(PduEntry::new(&join, resident.clone(), PduStatus::Accepted)));
     }
     app.append(entries, None).await.map_err(|e| JoinError::Transient(e.to_string()))?;

@@ -152,18 +152,18 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
     let pdu = Pdu::parse(obj, &rules).map_err(|e| MatrixError::bad_json(e.to_string()))?;
 
     let _lock = app.ingest.lock().await;
-    let (state_ids, servers, dests, resolved) = {
+    let (before, servers, dests, resolved) = {
         let views = app.views.read().await;
         let room = views.rooms.get(&room_id).ok_or_else(|| MatrixError::not_found("fedlink is not in this room"))?;
         let mut resolved = None;
+        let mut before = None;
         if !app.store.has_event(pdu.event_id.as_str())? {
             match crate::rooms::admit(&app.store, room, &pdu, &rules) {
-                Ok(a) if a.status == PduStatus::Accepted => resolved = a.resolved,
+                Ok(a) if a.status == PduStatus::Accepted => (resolved, before) = (a.resolved, Some(a.before)),
                 Ok(_) => return Err(MatrixError::forbidden(format!("the {membership} is not allowed by the room's current state"))),
                 Err(e) => return Err(MatrixError::forbidden(e.to_string())),
             }
         }
-        let state_ids: Vec<OwnedEventId> = room.state.values().flat_map(|m| m.values().cloned()).collect();
         let mut servers = room.joined_servers();
         let dests: Vec<(String, String)> = servers
             .iter()
@@ -171,10 +171,10 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
             .map(|s| (s.to_string(), pdu.event_id.to_string()))
             .collect();
         servers.insert(app.server_name.clone());
-        (state_ids, servers, dests, resolved)
+        (before, servers, dests, resolved)
     };
-    if !app.store.has_event(pdu.event_id.as_str())? {
-        app.store.put_state_before(pdu.event_id.as_str(), &state_ids.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    if let Some(before) = before.filter(|_| !app.store.has_event(pdu.event_id.as_str()).unwrap_or(true)) {
+        app.store.put_state_before_root(pdu.event_id.as_str(), before)?;
         let mut entry = PduEntry::new(&pdu, origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?, PduStatus::Accepted);
         entry.resolved_state = resolved;
         let entry = Entry::Pdu(entry);
@@ -185,10 +185,11 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
     if membership == "leave" {
         return Ok(json!({}));
     }
-    // A retried send_join gets the state it was answered with the first time.
-    let state_ids: Vec<OwnedEventId> = match app.store.state_before(pdu.event_id.as_str())? {
+    // The state before the join (a retried send_join gets the state it was answered with
+    // the first time).
+    let state_ids: Vec<OwnedEventId> = match crate::rooms::state::state_before_ids(&app.store, pdu.event_id.as_str())? {
         Some(s) => s.iter().filter_map(|i| i.as_str().try_into().ok()).collect(),
-        None => state_ids,
+        None => app.views.read().await.rooms.get(&room_id).map(|r| r.state.values().flat_map(|m| m.values().cloned()).collect()).unwrap_or_default(),
     };
     let state: Vec<Value> = state_ids.iter().filter_map(|id| app.store.get_event(id.as_str()).ok().flatten()).map(|e| e.pdu).collect();
     let mut roots = state_ids.clone();
@@ -323,7 +324,7 @@ pub async fn state(app: &Fedlink, origin: &str, room: &str, event_id: &str, full
         (r.version.clone(), r.state.values().flat_map(|m| m.values().map(|e| e.to_string())).collect::<Vec<_>>(), r.extremities.clone())
     };
     let event = app.store.get_event(event_id)?.filter(|e| e.room_id == room_id).ok_or_else(|| MatrixError::not_found("unknown event"))?;
-    let ids: Vec<String> = match app.store.state_before(event_id)? {
+    let ids: Vec<String> = match crate::rooms::state::state_before_ids(&app.store, event_id)? {
         Some(s) => s,
         None if extremities.len() == 1 && extremities.iter().next().map(|e| e.as_str()) == Some(event_id) => {
             // State after the extremity = current state, which is the state before it

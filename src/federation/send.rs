@@ -339,7 +339,7 @@ pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prep
         let checked = crate::rooms::admit(&app.store, room, &pdu, &rules);
         drop(views);
         match checked {
-            Ok(crate::rooms::Admitted { status, resolved }) => {
+            Ok(crate::rooms::Admitted { status, resolved, .. }) => {
                 let mut entry = PduEntry::new(&pdu, via.clone(), status);
                 entry.resolved_state = resolved;
                 app.append(vec![Entry::Pdu(entry)], None).await?;

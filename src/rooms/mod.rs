@@ -8,7 +8,7 @@
 pub mod build;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use ruma::{
     canonical_json::{CanonicalJsonObject, CanonicalJsonValue},
@@ -128,18 +128,25 @@ pub fn verify_with_keys(
     }
 }
 
-/// Load a stored event as a [`Pdu`].
-pub fn load_pdu(store: &Store, event_id: &EventId, rules: &RoomVersionRules) -> Option<Pdu> {
+/// Load a stored event as a [`Pdu`], through the store's bounded cache of parsed events:
+/// checking an event does not re-read and re-parse its auth events each time.
+pub fn load_pdu(store: &Store, event_id: &EventId, rules: &RoomVersionRules) -> Option<Arc<Pdu>> {
+    if let Some(p) = store.cached_pdu(event_id.as_str()) {
+        return Some(p);
+    }
     let entry = store.get_event(event_id.as_str()).ok()??;
     let obj = canonical_object(entry.pdu).ok()?;
-    Pdu::parse(obj, rules).ok()
+    let pdu = Arc::new(Pdu::parse(obj, rules).ok()?);
+    store.cache_pdu(pdu.clone());
+    Some(pdu)
 }
 
 /// Run the state-dependent authorization rules against a given state (the state before the
-/// event): failure rejects the event.
-pub fn check_against_state(store: &Store, pdu: &Pdu, rules: &RoomVersionRules, state: &state::StateMap) -> Result<(), Rejection> {
+/// event, as a trie root: only the entries the rules ask for are read): failure rejects the
+/// event.
+pub fn check_against_state(store: &Store, pdu: &Pdu, rules: &RoomVersionRules, state: state::Root) -> Result<(), Rejection> {
     ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, sk| {
-        state.get(&(t.to_string(), sk.to_owned())).and_then(|id| load_pdu(store, id, rules))
+        state::get(store, state, &t.to_string(), sk).ok().flatten().and_then(|id| load_pdu(store, &id, rules))
     })
     .map_err(|e| Rejection::Auth(format!("{e} (against the state before the event)")))
 }
@@ -159,7 +166,7 @@ pub fn check_auth(
     rules: &RoomVersionRules,
     extra: &BTreeMap<OwnedEventId, Pdu>,
 ) -> Result<PduStatus, Rejection> {
-    let fetch = |id: &EventId| -> Option<Pdu> { extra.get(id).cloned().or_else(|| load_pdu(store, id, rules)) };
+    let fetch = |id: &EventId| -> Option<Arc<Pdu>> { extra.get(id).map(|p| Arc::new(p.clone())).or_else(|| load_pdu(store, id, rules)) };
     for a in &pdu.auth_events {
         if !extra.contains_key(a) && !store.has_event(a.as_str()).unwrap_or(false) {
             return Err(Rejection::MissingAuth(a.clone()));
@@ -167,7 +174,7 @@ pub fn check_auth(
     }
     ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, fetch)
         .map_err(Rejection::Auth)?;
-    let auth_state: BTreeMap<(String, String), Pdu> = pdu
+    let auth_state: BTreeMap<(String, String), Arc<Pdu>> = pdu
         .auth_events
         .iter()
         .filter_map(|id| fetch(id))
@@ -206,34 +213,60 @@ pub struct Admitted {
     pub status: PduStatus,
     /// The room's new current state when it is not simply the old one plus this event.
     pub resolved: Option<crate::core::log_entry::ResolvedState>,
+    /// The state before the event (a trie root), for serving `state_ids` at it.
+    pub before: state::Root,
 }
 
 /// Every check for an event joining the timeline: auth events (reject), the state before
 /// the event from its parents, resolved when they differ (reject), the current state (soft
 /// fail). Records the state after the event and, when forks meet, resolves the room's new
 /// current state.
+///
+/// In the common case (the event's parents are the room's one forward extremity) no state
+/// map is read or compared: the state before is the extremity's root, which is the room's
+/// current state, and the checks read only the entries the rules name. Forks and gaps take
+/// the full path, whose cost grows with the room's state.
 pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules) -> Result<Admitted, Rejection> {
     let status = check_auth(store, Some(room), pdu, rules, &BTreeMap::new())?;
-    let current = view_state(room);
-    let (before, group) = state::state_before(store, rules, pdu, &current).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?;
-    check_against_state(store, pdu, rules, &before)?;
-    let after = state::record_after(store, pdu, &before, group.as_deref()).map_err(|e| Rejection::Format(format!("storage: {e}")))?;
+    let current = std::cell::OnceCell::new();
+    let current = || current.get_or_init(|| view_state(room)).clone();
+    let (before, shared) =
+        state::state_before(store, rules, pdu, &current).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?;
+    check_against_state(store, pdu, rules, before)?;
+    let storage = |e: crate::store::StoreError| Rejection::Format(format!("storage: {e}"));
+    let after = state::record_after(store, pdu, before).map_err(storage)?;
     if status != PduStatus::Accepted {
-        return Ok(Admitted { status, resolved: None });
+        return Ok(Admitted { status, resolved: None, before });
     }
-    // The room's state after this event: its own state if it is the only extremity left,
-    // else the resolution of every extremity's state.
     let mut extremities: Vec<OwnedEventId> = room.extremities.iter().filter(|e| !pdu.prev_events.contains(e)).cloned().collect();
+    // Linear history: the event follows the room's only extremity, whose state is the
+    // room's current state (folding keeps the two equal), and it is the only extremity now.
+    let linear = shared
+        && extremities.is_empty()
+        && room.extremities.len() == 1
+        && room.extremities.iter().next().is_some_and(|e| state::root_of(store, e.as_str()).ok().flatten() == Some(before));
+    if linear {
+        return Ok(Admitted { status, resolved: None, before });
+    }
+    let current = current();
     let mut incremental = current.clone();
     if let Some(k) = &pdu.state_key {
         incremental.insert((pdu.kind.to_string(), k.clone()), pdu.event_id.clone());
     }
-    if extremities.is_empty() && before == current {
-        return Ok(Admitted { status, resolved: None });
+    if extremities.is_empty() && state::load(store, before).map_err(storage)? == current {
+        return Ok(Admitted { status, resolved: None, before });
     }
     extremities.sort();
-    let mut maps: Vec<state::StateMap> = extremities.iter().map(|e| state::state_after(store, e.as_str()).unwrap_or_else(|| current.clone())).collect();
-    maps.push(after);
+    let mut roots: Vec<Option<state::Root>> =
+        extremities.iter().map(|e| state::root_of(store, e.as_str())).collect::<Result<_, _>>().map_err(storage)?;
+    roots.push(Some(after));
+    roots.sort();
+    roots.dedup();
+    let mut maps: Vec<state::StateMap> = roots
+        .iter()
+        .map(|r| r.map(|r| state::load(store, r)).unwrap_or_else(|| Ok(current.clone())))
+        .collect::<Result<_, _>>()
+        .map_err(storage)?;
     maps.sort();
     maps.dedup();
     let resolved = if maps.len() == 1 {
@@ -242,10 +275,10 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
         state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
     };
     if resolved == incremental {
-        return Ok(Admitted { status, resolved: None });
+        return Ok(Admitted { status, resolved: None, before });
     }
     tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, extremities = extremities.len() + 1, "forks resolved with state resolution v2");
-    Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)) })
+    Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)), before })
 }
 
 /// A state map as log records carry it.
@@ -272,7 +305,8 @@ pub fn resolved_state(store: &Store, map: &state::StateMap) -> crate::core::log_
 /// Whether `m.room.server_acl` in `room`'s current state lets `server` take part.
 pub fn server_allowed(store: &Store, room: &RoomView, server: &str) -> bool {
     let Some(id) = room.state_event("m.room.server_acl", "") else { return true };
-    let Some(content) = store.get_event(id.as_str()).ok().flatten().and_then(|e| e.pdu.get("content").cloned()) else {
+    let Some(rules) = room.version.rules() else { return true };
+    let Some(content) = load_pdu(store, id, &rules).and_then(|p| serde_json::from_str::<serde_json::Value>(p.content.get()).ok()) else {
         return true;
     };
     acl_allows(&content, server)
