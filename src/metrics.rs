@@ -2,7 +2,7 @@
 //! reasons, EDU types), never user, room or event ids.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Every metric fedlink exports.
@@ -85,6 +85,8 @@ pub struct Metrics {
     pub inbound_rate_limited: IntCounter,
     /// Invites for the bot refused by policy, by reason (`invites_from`, `max_rooms`).
     pub bot_invites_refused: IntCounterVec,
+    /// Time of a reconcile pass, by pass (`incremental`: the touched rooms; `full`).
+    pub reconcile_seconds: HistogramVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -172,6 +174,16 @@ impl Metrics {
             destination_wakeups: counter_vec(&r, "fedlink_destination_wakeups_total", "Backed-off destinations woken early because the server contacted fedlink", &["queue"]),
             inbound_rate_limited: counter(&r, "fedlink_inbound_rate_limited_total", "Inbound federation requests refused with 429 (too many in flight from one origin)"),
             bot_invites_refused: counter_vec(&r, "fedlink_bot_invites_refused_total", "Invites for the bot refused by policy, by reason", &["reason"]),
+            reconcile_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new("fedlink_reconcile_duration_seconds", "Time of a reconcile pass (incremental: the rooms touched since the last pass)")
+                        .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                    &["pass"],
+                )
+                .expect("static metric definition");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
             registry: r,
         }
     }

@@ -166,13 +166,17 @@ impl Fedlink {
         outbox: &[(String, String)],
     ) -> Result<Vec<LogRecord>, StoreError> {
         let kinds: Vec<&'static str> = entries.iter().map(Entry::kind).collect();
+        let moves_bot = entries.iter().any(Entry::moves_bot);
         let records = self.store.append(entries, txn, outbox, now_ms())?;
         {
             let mut views = self.views.write().await;
             for r in &records {
                 views.apply(r);
             }
-            self.update_view_gauges(&views);
+            // Counting rooms costs O(rooms): only when the bot's rooms may have changed.
+            if moves_bot {
+                self.update_view_gauges(&views);
+            }
         }
         // Wake the workers only once the views show what was appended.
         if !outbox.is_empty() {

@@ -27,7 +27,7 @@ use crate::{
     core::{
         log_entry::{Entry, InviteFailed, InvitePending, PduEntry, PduStatus, ReceiptEntry, UserAction},
         pdu::{canonical_object, rules_for, Pdu},
-        reconcile::{decide, Action},
+        reconcile::Action,
     },
     federation::client::enc,
     lanes::{Lanes, Step},
@@ -80,13 +80,18 @@ impl SyncState {
 /// Runs reconcile and hands due deliveries to their lanes until `stop`.
 pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut changes = app.changes.subscribe();
+    let mut last_full = Instant::now();
     loop {
         changes.borrow_and_update();
-        if let Err(e) = reconcile_once(&app).await {
+        let full = last_full.elapsed() >= FULL_PASS;
+        if full {
+            last_full = Instant::now();
+        }
+        if let Err(e) = reconcile_once(&app, full).await {
             tracing::error!(error = %e, "reconcile failed");
         }
         let next_due = schedule(&app).await;
-        let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(30));
+        let wait = next_due.map(|d| Duration::from_millis(d.saturating_sub(now_ms()))).unwrap_or(Duration::from_secs(30)).min(FULL_PASS.saturating_sub(last_full.elapsed()));
         tokio::select! {
             _ = changes.changed() => {}
             _ = tokio::time::sleep(wait.min(Duration::from_secs(30))) => {}
@@ -152,10 +157,31 @@ fn action_due(app: &Fedlink, a: &UserAction) -> Option<u64> {
     Some(app.sync.not_yet.lock().expect("lock").get(&key).map(|s| s.next_attempt_ms).unwrap_or(0))
 }
 
-/// Decide and log what to do.
-pub async fn reconcile_once(app: &Fedlink) -> Result<(), crate::store::StoreError> {
-    let actions = decide(&*app.views.read().await, &app.routes);
-    tracing::debug!(actions = actions.len(), "reconciled");
+/// A full pass over every room at least this often, as a safety net under the incremental
+/// passes.
+const FULL_PASS: Duration = Duration::from_secs(600);
+
+/// Decide and log what to do: for the rooms touched since the last pass (all of them when
+/// `full`).
+pub async fn reconcile_once(app: &Fedlink, full: bool) -> Result<(), crate::store::StoreError> {
+    let started = Instant::now();
+    let touched = {
+        let mut views = app.views.write().await;
+        let taken = std::mem::replace(&mut views.touched, crate::core::views::Touched::none());
+        if full { crate::core::views::Touched::default() } else { taken }
+    };
+    if touched.is_empty() {
+        return Ok(());
+    }
+    // Decided under the read lock: ingest goes on; what it touches meanwhile is decided on
+    // the next pass.
+    let (actions, rooms) = {
+        let views = app.views.read().await;
+        let rooms = if touched.all { views.rooms.len() } else { touched.rooms.len() };
+        (crate::core::reconcile::decide_touched(&views, &app.routes, &touched), rooms)
+    };
+    app.metrics.reconcile_seconds.with_label_values(&[if full { "full" } else { "incremental" }]).observe(started.elapsed().as_secs_f64());
+    tracing::debug!(actions = actions.len(), rooms, full, "reconciled");
     if actions.is_empty() {
         return Ok(());
     }

@@ -416,7 +416,47 @@ pub struct BotJoined {
     pub power_levels: Option<serde_json::Value>,
 }
 
+/// What a record can change the reconciler's decisions for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Decisions in one room.
+    Room(&'a OwnedRoomId),
+    /// Any room (directory changes).
+    Everything,
+    /// No decision (typing, presence: presence is followed on its own path).
+    Nothing,
+}
+
 impl Entry {
+    /// Which decisions folding this record can change.
+    pub fn scope(&self) -> Scope<'_> {
+        match self {
+            Entry::Pdu(e) => Scope::Room(&e.room_id),
+            Entry::Receipt(e) => Scope::Room(&e.room_id),
+            Entry::Typing(_) | Entry::Presence(_) => Scope::Nothing,
+            Entry::BotInvited(e) => Scope::Room(&e.room_id),
+            Entry::BotJoined(e) => Scope::Room(&e.room_id),
+            Entry::BotJoinSigned(e) => Scope::Room(&e.room_id),
+            Entry::BotJoinFailed(e) => Scope::Room(&e.room_id),
+            Entry::BotJoinRetry(e) => Scope::Room(&e.room_id),
+            Entry::PersonSet(_) | Entry::PersonRemoved(_) | Entry::OptOut(_) | Entry::PersonSettings(_) => Scope::Everything,
+            Entry::ClientEvent(e) => Scope::Room(&e.room_id),
+            Entry::InvitePending(e) => Scope::Room(&e.room_id),
+            Entry::InviteFailed(e) => Scope::Room(&e.room_id),
+            Entry::ActionPending(e) | Entry::ActionFailed(e) | Entry::ActionUnsupported(e) => Scope::Room(&e.room_id),
+        }
+    }
+
+    /// Whether folding this record can change which rooms the bot is in, invited to or
+    /// has given up on (the room gauges).
+    pub fn moves_bot(&self) -> bool {
+        match self {
+            Entry::BotInvited(_) | Entry::BotJoined(_) | Entry::BotJoinFailed(_) | Entry::BotJoinRetry(_) => true,
+            Entry::Pdu(p) => p.event_type == "m.room.member",
+            _ => false,
+        }
+    }
+
     /// A short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

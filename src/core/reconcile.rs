@@ -114,15 +114,37 @@ pub enum Action {
 pub fn decide(views: &Views, routes: &Routes) -> Vec<Action> {
     let mut out = Vec::new();
     for (room_id, room) in views.rooms.iter() {
-        match room.bot {
-            BotMembership::Joined => decide_room(views, room_id, room, &mut out),
-            // Known only from a registration's pushes: a joined sibling invites.
-            BotMembership::Absent => decide_invites_as(views, routes, room_id, room, &mut out),
-            _ => continue,
-        }
-        decide_sync(views, routes, room_id, room, &mut out);
+        decide_in(views, routes, room_id, room, &mut out);
     }
     out
+}
+
+/// The actions the touched rooms call for: the same as [`decide`] restricted to those
+/// rooms (decisions in a room depend only on that room and the directory, and a directory
+/// change touches every room). Its cost follows what changed, not how many rooms there are.
+pub fn decide_touched(views: &Views, routes: &Routes, touched: &crate::core::views::Touched) -> Vec<Action> {
+    if touched.all {
+        return decide(views, routes);
+    }
+    let mut out = Vec::new();
+    for room_id in &touched.rooms {
+        if let Some(room) = views.rooms.get(room_id) {
+            decide_in(views, routes, room_id, room, &mut out);
+        }
+    }
+    out
+}
+
+fn decide_in(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+    {
+        match room.bot {
+            BotMembership::Joined => decide_room(views, room_id, room, out),
+            // Known only from a registration's pushes: a joined sibling invites.
+            BotMembership::Absent => decide_invites_as(views, routes, room_id, room, out),
+            _ => return,
+        }
+        decide_sync(views, routes, room_id, room, out);
+    }
 }
 
 fn decide_invites_as(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {

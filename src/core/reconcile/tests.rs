@@ -94,9 +94,12 @@ impl Given {
     fn member(&mut self, u: &str, m: &str) -> &mut Self {
         self.state("m.room.member", u, Some(m), json!({ "membership": m }))
     }
-    /// What the shell logs after acting on `decide`.
+    /// What the shell logs after acting on an incremental pass (the rooms touched since the
+    /// last one), as the worker does. Tests then check with a full `decide` that nothing is
+    /// left: an incremental pass that missed a decision fails them.
     fn acted(&mut self) -> &mut Self {
-        for a in decide(&self.views, &Routes::new()) {
+        let touched = std::mem::replace(&mut self.views.touched, crate::core::views::Touched::none());
+        for a in decide_touched(&self.views, &Routes::new(), &touched) {
             match a {
                 Action::Invite { room_id, target, .. } => {
                     self.record(Entry::InvitePending(InvitePending {
@@ -673,4 +676,30 @@ fn opt_out_and_unlink_cancel_pending_invites_and_actions() {
     g.record(Entry::PersonRemoved(crate::core::log_entry::PersonRemoved { person: "alice".into(), source: LinkSource::Admin }));
     assert!(g.views.rooms[&room()].pending_actions.is_empty());
     assert!(g.views.rooms[&room()].pending_invites.is_empty());
+}
+
+#[test]
+fn an_incremental_pass_decides_only_touched_rooms_and_a_directory_change_touches_all() {
+    let mut g = given();
+    g.bot_joined(&[("@alice:kiwi", "join")], 0, 100).acted();
+    assert!(g.views.touched.is_empty(), "a pass takes what was touched");
+    assert!(decide_touched(&g.views, &Routes::new(), &g.views.touched).is_empty());
+    // Linking touches every room: the linked sibling is invited on the next pass.
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    assert!(g.views.touched.all);
+    let touched = std::mem::replace(&mut g.views.touched, crate::core::views::Touched::none());
+    assert_eq!(decide_touched(&g.views, &Routes::new(), &touched), decide(&g.views, &Routes::new()));
+    assert!(!decide(&g.views, &Routes::new()).is_empty());
+    // A record in the room touches that room only; presence touches nothing.
+    g.member("@bob:kiwi", "join");
+    assert!(!g.views.touched.all);
+    assert_eq!(g.views.touched.rooms.iter().map(|r| r.as_str()).collect::<Vec<_>>(), vec![ROOM]);
+    let before = g.views.touched.clone();
+    g.record(Entry::Presence(crate::core::log_entry::PresenceEntry {
+        origin: "kiwi".try_into().unwrap(),
+        user_id: user("@alice:kiwi"),
+        presence: "online".into(),
+        last_active_ago: None,
+    }));
+    assert_eq!(g.views.touched, before);
 }

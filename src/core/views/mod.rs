@@ -304,12 +304,51 @@ pub struct Views {
     /// Latest presence per user (`online`, `unavailable`, `offline`).
     #[serde(default)]
     pub presence: BTreeMap<OwnedUserId, String>,
+    /// What folding changed since the reconciler last looked: it decides for these rooms
+    /// only. Not persisted: views loaded or rebuilt start with everything touched.
+    #[serde(skip)]
+    pub touched: Touched,
+}
+
+/// Rooms whose decisions may have changed since the reconciler last ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// Every room (a directory change, or fresh views).
+    pub all: bool,
+    /// These rooms.
+    pub rooms: BTreeSet<OwnedRoomId>,
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Touched { all: true, rooms: BTreeSet::new() }
+    }
+}
+
+impl Touched {
+    /// Nothing touched.
+    pub fn none() -> Self {
+        Touched { all: false, rooms: BTreeSet::new() }
+    }
+
+    /// Whether nothing was touched.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.rooms.is_empty()
+    }
 }
 
 impl Views {
     /// Empty views for `bot_user_id`.
     pub fn new(bot_user_id: OwnedUserId) -> Self {
-        Self { format: VIEWS_FORMAT, bot_user_id, folded_seq: 0, rooms: BTreeMap::new(), directory: Directory::default(), presence: BTreeMap::new() }
+        Self {
+            format: VIEWS_FORMAT,
+            bot_user_id,
+            folded_seq: 0,
+            rooms: BTreeMap::new(),
+            directory: Directory::default(),
+            presence: BTreeMap::new(),
+            touched: Touched::default(),
+        }
     }
 
     /// Fold one record. Records at or below `folded_seq` are ignored, so folding is idempotent.
@@ -318,6 +357,15 @@ impl Views {
             return;
         }
         self.folded_seq = rec.seq;
+        match rec.entry.scope() {
+            crate::core::log_entry::Scope::Room(r) if !self.touched.all => {
+                self.touched.rooms.insert(r.clone());
+            }
+            crate::core::log_entry::Scope::Everything => {
+                self.touched = Touched::default();
+            }
+            _ => {}
+        }
         match &rec.entry {
             Entry::Pdu(p) => self.apply_pdu(p, rec.seq),
             Entry::Receipt(r) => {
