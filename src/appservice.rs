@@ -268,12 +268,13 @@ pub fn parse_push(server: &ruma::ServerName, body: &[u8]) -> Result<Push, Matrix
     Ok(push)
 }
 
-/// The record of a pushed room event fedlink follows: a membership change, or a message
-/// (sending counts as reading). Anything else, or anything malformed, gives `None`.
+/// The record of a pushed room event fedlink follows: a membership change, or a send (any
+/// non-state event: messages, encrypted messages, reactions...; sending counts as reading).
+/// Other state events, or anything malformed, give `None`.
 fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::log_entry::ClientEventEntry> {
     let event_type = ev.get("type").and_then(Value::as_str)?;
     let (state_key, membership) = match event_type {
-        "m.room.message" => (None, None),
+        _ if ev.get("state_key").is_none() => (None, None),
         "m.room.member" => (
             Some(ev.get("state_key").and_then(Value::as_str)?.to_owned()),
             Some(ev.get("content").and_then(|c| c.get("membership")).and_then(Value::as_str)?.to_owned()),
@@ -399,9 +400,19 @@ pub async fn transaction(
                 entries.push(Entry::Presence(PresenceEntry { origin: server.clone(), user_id, presence, last_active_ago }));
             }
         }
+        // Memberships and sends of rooms the bot is not in: the registration route's view.
+        // In rooms the bot is in, its verified PDUs are the truth and folding ignores pushed
+        // events, so they are not logged at all (the log does not carry a homeserver's
+        // traffic twice).
+        let before = push.events.len();
+        entries.extend(
+            push.events.into_iter().filter(|c| !views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined())).map(Entry::ClientEvent),
+        );
+        let dropped = before - entries.iter().filter(|e| matches!(e, Entry::ClientEvent(_))).count();
+        if dropped > 0 {
+            app.metrics.appservice_events_dropped.with_label_values(&["bot_in_room"]).inc_by(dropped as u64);
+        }
     }
-    // Memberships and messages of rooms the bot is not in: the registration route's view.
-    entries.extend(push.events.into_iter().map(Entry::ClientEvent));
     let n = entries.len();
     app.append(entries, Some((&origin, &txn_id, &json!({})))).await?;
     app.store.flush().await?;
@@ -453,5 +464,20 @@ mod tests {
         assert_eq!(push.foreign, 5);
         assert!(parse_push(&kiwi, b"[]").is_err());
         assert!(parse_push(&kiwi, br#"{"events": {}}"#).is_err());
+    }
+
+    /// Any non-state event is a send (sending counts as reading): encrypted messages and
+    /// reactions too; state events other than memberships are not followed.
+    #[test]
+    fn any_non_state_event_is_a_send() {
+        let kiwi = ruma::ServerName::parse("kiwi").unwrap();
+        let body = json!({ "events": [
+            { "type": "m.room.encrypted", "room_id": "!r:kiwi", "event_id": "$enc", "sender": "@bob:kiwi", "content": { "algorithm": "m.megolm.v1.aes-sha2" }, "origin_server_ts": 7 },
+            { "type": "m.reaction", "room_id": "!r:kiwi", "event_id": "$re", "sender": "@bob:kiwi", "content": {}, "origin_server_ts": 8 },
+            { "type": "m.room.topic", "room_id": "!r:kiwi", "event_id": "$topic", "sender": "@bob:kiwi", "state_key": "", "content": { "topic": "t" } },
+        ]});
+        let push = parse_push(&kiwi, body.to_string().as_bytes()).unwrap();
+        let sends: Vec<(&str, bool)> = push.events.iter().map(|e| (e.event_id.as_str(), e.state_key.is_none())).collect();
+        assert_eq!(sends, vec![("$enc", true), ("$re", true)]);
     }
 }

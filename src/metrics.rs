@@ -70,6 +70,8 @@ pub struct Metrics {
     pub views_snapshots: IntCounter,
     /// Items of registration pushes dropped because they spoke for another server's users.
     pub appservice_foreign_items: IntCounter,
+    /// Pushed room events not logged, by reason (`bot_in_room`: its PDUs are the truth).
+    pub appservice_events_dropped: IntCounterVec,
     /// PDUs kept for rooms whose join is under way, by what became of them
     /// (`parked`, `applied`, `dropped`, `refused`).
     pub parked_pdus: IntCounterVec,
@@ -162,6 +164,7 @@ impl Metrics {
             rooms_joined: gauge(&r, "fedlink_rooms_joined", "Rooms the bot is joined to"),
             rooms_pending_join: gauge(&r, "fedlink_rooms_pending_join", "Rooms with an accepted invite whose join has not completed"),
             views_snapshots,
+            appservice_events_dropped: counter_vec(&r, "fedlink_appservice_events_dropped_total", "Pushed room events not logged, by reason", &["reason"]),
             appservice_foreign_items: counter(&r, "fedlink_appservice_foreign_items_total", "Registration push items dropped because they spoke for another server's users"),
             parked_pdus: counter_vec(&r, "fedlink_parked_pdus_total", "PDUs kept for rooms whose join is under way, by outcome", &["result"]),
             parked_pending: gauge(&r, "fedlink_parked_pdus", "PDUs waiting for a join of the bot to land"),
