@@ -87,3 +87,18 @@ fn replay_rebuilds_views_from_an_empty_log() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("replayed 0 log entries into 0 rooms"), "{out}");
 }
+
+/// The load generator drives a real fedlink binary over HTTPS end to end: every PDU of a
+/// small run is accepted and it reports the figures the README quotes.
+#[test]
+fn the_load_generator_runs_against_the_fedlink_binary() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedlink-load"))
+        .args(["--members", "40", "--messages", "100", "--batch", "20", "--rooms", "2", "--fedlink", env!("CARGO_BIN_EXE_fedlink")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fedlink-load failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for figure in ["messages, 3-member room: 100 PDUs", "growth to 40 members", "KiB per membership event", "messages, 42-member room: 100 PDUs", "fedlink RSS", "the bot joined 2 rooms"] {
+        assert!(stdout.contains(figure), "no `{figure}` in:\n{stdout}");
+    }
+}
