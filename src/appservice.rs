@@ -274,11 +274,11 @@ pub fn parse_push(server: &ruma::ServerName, body: &[u8]) -> Result<Push, Matrix
 fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::log_entry::ClientEventEntry> {
     let event_type = ev.get("type").and_then(Value::as_str)?;
     let (state_key, membership) = match event_type {
-        _ if ev.get("state_key").is_none() => (None, None),
         "m.room.member" => (
             Some(ev.get("state_key").and_then(Value::as_str)?.to_owned()),
             Some(ev.get("content").and_then(|c| c.get("membership")).and_then(Value::as_str)?.to_owned()),
         ),
+        _ if ev.get("state_key").is_none() => (None, None),
         _ => return None,
     };
     Some(crate::core::log_entry::ClientEventEntry {

@@ -114,7 +114,7 @@ impl StateNode {
 /// Decoded state trie nodes kept in memory (x2 generations).
 const NODE_CACHE: usize = 32_768;
 /// Parsed events kept in memory (x2 generations).
-const PDU_CACHE: usize = 8_192;
+const PDU_CACHE: usize = 4_096;
 
 /// A remote server's key as cached.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +163,10 @@ fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
 fn dest_of(key: &[u8]) -> Result<String, StoreError> {
     let end = key.iter().position(|b| *b == 0).ok_or_else(|| corrupt("outbox", "key without separator"))?;
     Ok(String::from_utf8_lossy(&key[..end]).into_owned())
+}
+
+fn root_from(v: &[u8], tree: &'static str) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt(tree, "a state root is not 8 bytes"))?))
 }
 
 fn corrupt(tree: &'static str, reason: impl ToString) -> StoreError {
@@ -508,7 +512,7 @@ impl Store {
 
     /// The trie root of the state after `event_id`.
     pub fn state_root_of(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.state_root_of.get(event_id.as_bytes())?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+        self.state_root_of.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_root_of")).transpose()
     }
 
     /// Record the trie root of the state after `event_id`.
@@ -519,7 +523,7 @@ impl Store {
 
     /// The trie root of the state before an event fedlink authored or served.
     pub fn state_before_root(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.state_before_root.get(event_id.as_bytes())?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+        self.state_before_root.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_before_root")).transpose()
     }
 
     /// Record the trie root of the state before an event fedlink authored or served.

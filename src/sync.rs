@@ -181,7 +181,22 @@ pub async fn reconcile_once(app: &Fedlink, full: bool) -> Result<(), crate::stor
         (crate::core::reconcile::decide_touched(&views, &app.routes, &touched), rooms)
     };
     app.metrics.reconcile_seconds.with_label_values(&[if full { "full" } else { "incremental" }]).observe(started.elapsed().as_secs_f64());
-    tracing::debug!(actions = actions.len(), rooms, full, "reconciled");
+    let result = act(app, actions).await;
+    if result.is_err() {
+        // Decide for these rooms again on the next pass: nothing taken is lost.
+        let mut views = app.views.write().await;
+        if touched.all {
+            views.touched = crate::core::views::Touched::default();
+        } else if !views.touched.all {
+            views.touched.rooms.extend(touched.rooms);
+        }
+    }
+    tracing::debug!(rooms, full, "reconciled");
+    result
+}
+
+/// Log the decisions of a pass.
+async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::StoreError> {
     if actions.is_empty() {
         return Ok(());
     }

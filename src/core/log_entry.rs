@@ -452,7 +452,7 @@ impl Entry {
     pub fn moves_bot(&self) -> bool {
         match self {
             Entry::BotInvited(_) | Entry::BotJoined(_) | Entry::BotJoinFailed(_) | Entry::BotJoinRetry(_) => true,
-            Entry::Pdu(p) => p.event_type == "m.room.member",
+            Entry::Pdu(p) => p.event_type == "m.room.member" || p.resolved_state.is_some(),
             _ => false,
         }
     }

@@ -145,10 +145,22 @@ pub fn load_pdu(store: &Store, event_id: &EventId, rules: &RoomVersionRules) -> 
 /// event, as a trie root: only the entries the rules ask for are read): failure rejects the
 /// event.
 pub fn check_against_state(store: &Store, pdu: &Pdu, rules: &RoomVersionRules, state: state::Root) -> Result<(), Rejection> {
-    ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, sk| {
-        state::get(store, state, &t.to_string(), sk).ok().flatten().and_then(|id| load_pdu(store, &id, rules))
-    })
-    .map_err(|e| Rejection::Auth(format!("{e} (against the state before the event)")))
+    // A state entry that cannot be read must not look like an absent one (a missing ban
+    // would let the event in): any storage error fails the check as such.
+    let failed: std::cell::RefCell<Option<crate::store::StoreError>> = Default::default();
+    let checked = ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |t, sk| {
+        match state::get(store, state, &t.to_string(), sk) {
+            Ok(id) => id.and_then(|id| load_pdu(store, &id, rules)),
+            Err(e) => {
+                failed.borrow_mut().get_or_insert(e);
+                None
+            }
+        }
+    });
+    if let Some(e) = failed.into_inner() {
+        return Err(Rejection::Format(format!("storage: reading the state before the event: {e}")));
+    }
+    checked.map_err(|e| Rejection::Auth(format!("{e} (against the state before the event)")))
 }
 
 /// The current state of a room view as a [`state::StateMap`].

@@ -60,6 +60,11 @@ fn key_hash(t: &str, k: &str) -> u64 {
     h
 }
 
+/// A branch below the last level: the stored trie is corrupt (or has a cycle).
+fn too_deep(id: Root) -> StoreError {
+    StoreError::Corrupt { tree: "state_nodes", reason: format!("branch {id} lies below the last level") }
+}
+
 fn nibble(hash: u64, level: u32) -> u32 {
     ((hash >> (60 - 4 * level)) & 0xf) as u32
 }
@@ -75,6 +80,7 @@ pub fn get(store: &Store, root: Root, t: &str, k: &str) -> Result<Option<OwnedEv
             StateNode::Leaf(entries) => {
                 return Ok(entries.iter().find(|(et, ek, _)| et == t && ek == k).and_then(|(_, _, e)| EventId::parse(e.as_str()).ok()));
             }
+            StateNode::Branch { .. } if level >= LEVELS => return Err(too_deep(id)),
             StateNode::Branch { bitmap, children } => {
                 let n = nibble(hash, level);
                 if bitmap & (1 << n) == 0 {
@@ -112,6 +118,7 @@ fn set_at(store: &Store, id: Root, level: u32, hash: u64, t: &str, k: &str, even
             }
             build(store, level, entries.into_iter().map(|e| (key_hash(&e.0, &e.1), e)).collect())
         }
+        StateNode::Branch { .. } if level >= LEVELS => Err(too_deep(id)),
         StateNode::Branch { bitmap, children } => {
             let n = nibble(hash, level);
             let idx = (bitmap & ((1u16 << n) - 1)).count_ones() as usize;
@@ -174,12 +181,13 @@ pub fn from_map(store: &Store, map: &StateMap) -> Result<Root, StoreError> {
 /// Read a whole state (cost grows with the state: for forks, gaps and serving state only).
 pub fn load(store: &Store, root: Root) -> Result<StateMap, StoreError> {
     let mut out = StateMap::new();
-    let mut todo = vec![root];
-    while let Some(id) = todo.pop() {
+    let mut todo = vec![(root, 0u32)];
+    while let Some((id, level)) = todo.pop() {
         if id == EMPTY {
             continue;
         }
         match &*store.state_node(id)? {
+            StateNode::Branch { .. } if level >= LEVELS => return Err(too_deep(id)),
             StateNode::Leaf(entries) => {
                 for (t, k, e) in entries {
                     if let Ok(e) = EventId::parse(e.as_str()) {
@@ -187,7 +195,7 @@ pub fn load(store: &Store, root: Root) -> Result<StateMap, StoreError> {
                     }
                 }
             }
-            StateNode::Branch { children, .. } => todo.extend(children.iter().copied()),
+            StateNode::Branch { children, .. } => todo.extend(children.iter().map(|c| (*c, level + 1))),
         }
     }
     Ok(out)
@@ -353,7 +361,7 @@ mod tests {
     fn key(i: u16) -> (String, String) {
         match i % 3 {
             0 => ("m.room.member".to_owned(), format!("@u{i}:kiwi")),
-            1 => ("m.room.power_levels".to_owned(), if i % 2 == 0 { String::new() } else { format!("k{i}") }),
+            1 => ("m.room.power_levels".to_owned(), if i.is_multiple_of(2) { String::new() } else { format!("k{i}") }),
             _ => (format!("org.example.t{}", i % 7), format!("{i}")),
         }
     }
