@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async {
                 store.clear_views()?;
                 let views = app::fold_views(&store, bot, true)?;
-                store.save_views(&views).await?;
+                store.save_views(&views, None).await?;
                 println!("replayed {} log entries into {} rooms", views.folded_seq, views.rooms.len());
                 anyhow::Ok(())
             })

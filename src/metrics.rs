@@ -68,6 +68,10 @@ pub struct Metrics {
     pub rooms_pending_join: IntGauge,
     /// Views snapshots written.
     pub views_snapshots: IntCounter,
+    /// Rooms written by views checkpoints.
+    pub views_checkpoint_rooms: IntCounter,
+    /// Bytes written by views checkpoints.
+    pub views_checkpoint_bytes: IntCounter,
     /// Items of registration pushes dropped because they spoke for another server's users.
     pub appservice_foreign_items: IntCounter,
     /// Pushed room events not logged, by reason (`bot_in_room`: its PDUs are the truth).
@@ -164,6 +168,8 @@ impl Metrics {
             rooms_joined: gauge(&r, "fedlink_rooms_joined", "Rooms the bot is joined to"),
             rooms_pending_join: gauge(&r, "fedlink_rooms_pending_join", "Rooms with an accepted invite whose join has not completed"),
             views_snapshots,
+            views_checkpoint_rooms: counter(&r, "fedlink_views_checkpoint_rooms_total", "Rooms written by views checkpoints (only the rooms that changed)"),
+            views_checkpoint_bytes: counter(&r, "fedlink_views_checkpoint_bytes_total", "Bytes written by views checkpoints"),
             appservice_events_dropped: counter_vec(&r, "fedlink_appservice_events_dropped_total", "Pushed room events not logged, by reason", &["reason"]),
             appservice_foreign_items: counter(&r, "fedlink_appservice_foreign_items_total", "Registration push items dropped because they spoke for another server's users"),
             parked_pdus: counter_vec(&r, "fedlink_parked_pdus_total", "PDUs kept for rooms whose join is under way, by outcome", &["result"]),

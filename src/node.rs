@@ -200,12 +200,34 @@ impl Fedlink {
         self.metrics.rooms_pending_join.set(pending as i64);
     }
 
-    /// Write a views snapshot.
+    /// Write a views checkpoint: the rooms changed since the last one, and the non-room
+    /// part. The set is taken under the write lock, then the lock is downgraded so ingest
+    /// only waits while the changed rooms are serialised; on failure the set is put back.
     pub async fn snapshot(&self) -> Result<(), StoreError> {
-        let views = self.views.read().await.clone();
-        self.store.save_views(&views).await?;
-        self.metrics.views_snapshots.inc();
-        Ok(())
+        let mut views = self.views.write().await;
+        let taken = std::mem::replace(&mut views.unsaved, crate::core::views::Touched::none());
+        let views = views.downgrade();
+        let rooms = if taken.all { views.rooms.len() } else { taken.rooms.len() };
+        let written = self.store.save_views(&views, (!taken.all).then_some(&taken.rooms)).await;
+        drop(views);
+        match written {
+            Ok(bytes) => {
+                self.metrics.views_snapshots.inc();
+                self.metrics.views_checkpoint_rooms.inc_by(rooms as u64);
+                self.metrics.views_checkpoint_bytes.inc_by(bytes as u64);
+                tracing::debug!(rooms, bytes, "views checkpoint written");
+                Ok(())
+            }
+            Err(e) => {
+                let mut views = self.views.write().await;
+                if taken.all {
+                    views.unsaved = crate::core::views::Touched::default();
+                } else if !views.unsaved.all {
+                    views.unsaved.rooms.extend(taken.rooms);
+                }
+                Err(e)
+            }
+        }
     }
 }
 

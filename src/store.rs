@@ -4,7 +4,8 @@
 //! - `log`: big-endian `seq` -> [`LogRecord`] JSON. Append-only.
 //! - `event_index`: event id -> `seq` of the PDU entry holding it (idempotency by event id).
 //! - `txns`: `origin \0 txn_id` -> the response JSON we answered (idempotent retransmits).
-//! - `views`: the latest views snapshot.
+//! - `views`: the latest views checkpoint: `meta` (directory, presence, folded position) and
+//!   `room \0 room_id` -> one room's view; a checkpoint writes only the rooms that changed.
 //! - `server_keys`: `server \0 key_id` -> cached remote key.
 //! - `state_nodes`: id -> a node of the persistent state trie ([`StateNode`]; see
 //!   `rooms::state`): the state at every event, shared between events by path copying.
@@ -163,6 +164,13 @@ fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
 fn dest_of(key: &[u8]) -> Result<String, StoreError> {
     let end = key.iter().position(|b| *b == 0).ok_or_else(|| corrupt("outbox", "key without separator"))?;
     Ok(String::from_utf8_lossy(&key[..end]).into_owned())
+}
+
+/// Key prefix of a room's view in the `views` tree.
+const VIEW_ROOM_PREFIX: &[u8] = b"room\0";
+
+fn view_room_key(room_id: &str) -> Vec<u8> {
+    [VIEW_ROOM_PREFIX, room_id.as_bytes()].concat()
 }
 
 fn root_from(v: &[u8], tree: &'static str) -> Result<u64, StoreError> {
@@ -331,23 +339,58 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0)
     }
 
-    /// Save a views snapshot.
-    pub async fn save_views(&self, views: &Views) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(views).map_err(|e| corrupt("views", e))?;
-        self.views.insert("snapshot", bytes)?;
+    /// Write a views checkpoint: the non-room part, and the rooms in `rooms` (all of them
+    /// when `None`), in one atomic batch, then flush. Rooms not written keep their earlier
+    /// checkpoint, which is still exact: they have not changed since (the caller tracks
+    /// that in `Views::unsaved`, taken under the same lock the views were read under).
+    /// Returns the bytes written.
+    pub async fn save_views(&self, views: &Views, rooms: Option<&std::collections::BTreeSet<ruma::OwnedRoomId>>) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut bytes = 0;
+        let mut put = |room_id: &ruma::OwnedRoomId, room: &crate::core::views::RoomView| -> Result<(), StoreError> {
+            let b = serde_json::to_vec(room).map_err(|e| corrupt("views", e))?;
+            bytes += b.len();
+            batch.insert(view_room_key(room_id.as_str()), b);
+            Ok(())
+        };
+        match rooms {
+            None => views.rooms.iter().try_for_each(|(id, r)| put(id, r))?,
+            Some(ids) => ids.iter().filter_map(|id| views.rooms.get(id).map(|r| (id, r))).try_for_each(|(id, r)| put(id, r))?,
+        }
+        let meta = serde_json::to_vec(&views.meta()).map_err(|e| corrupt("views", e))?;
+        bytes += meta.len();
+        batch.insert("meta", meta);
+        batch.remove("snapshot");
+        self.views.apply_batch(batch)?;
         self.views.flush_async().await?;
-        Ok(())
+        Ok(bytes)
     }
 
-    /// Load the views snapshot, if one of the current format exists.
+    /// Load the views checkpoint, if one of the current format exists (a whole-views
+    /// snapshot of earlier versions is read too).
     pub fn load_views(&self) -> Result<Option<Views>, StoreError> {
+        let stale = || {
+            tracing::warn!("views checkpoint has an old or unreadable format; rebuilding from the log");
+            Ok(None)
+        };
+        if let Some(b) = self.views.get("meta")? {
+            let Ok(meta) = serde_json::from_slice::<crate::core::views::ViewsMeta>(&b) else { return stale() };
+            if meta.format != VIEWS_FORMAT {
+                return stale();
+            }
+            let mut rooms = BTreeMap::new();
+            for r in self.views.scan_prefix(VIEW_ROOM_PREFIX) {
+                let (k, v) = r?;
+                let id = String::from_utf8_lossy(&k[VIEW_ROOM_PREFIX.len()..]).into_owned();
+                let (Ok(id), Ok(room)) = (ruma::OwnedRoomId::try_from(id), serde_json::from_slice(&v)) else { return stale() };
+                rooms.insert(id, room);
+            }
+            return Ok(Some(Views::from_parts(meta, rooms)));
+        }
         let Some(b) = self.views.get("snapshot")? else { return Ok(None) };
         match serde_json::from_slice::<Views>(&b) {
             Ok(v) if v.format == VIEWS_FORMAT => Ok(Some(v)),
-            Ok(_) | Err(_) => {
-                tracing::warn!("views snapshot has an old or unreadable format; rebuilding from the log");
-                Ok(None)
-            }
+            Ok(_) | Err(_) => stale(),
         }
     }
 
@@ -621,6 +664,46 @@ mod tests {
             presence: "online".into(),
             last_active_ago: None,
         })
+    }
+
+    fn invited(room: &str) -> Entry {
+        Entry::BotInvited(crate::core::log_entry::BotInvited {
+            room_id: room.try_into().unwrap(),
+            room_version: ruma::RoomVersionId::V11,
+            event_id: format!("$inv{}", &room[1..3]).try_into().unwrap(),
+            inviter: "@bob:kiwi".try_into().unwrap(),
+            event: serde_json::json!({}),
+        })
+    }
+
+    /// A checkpoint writes the rooms changed since the last one (and the non-room part); the
+    /// rooms it leaves alone keep their earlier, still exact, checkpoint: loading gives the
+    /// views back exactly, with nothing left to save.
+    #[tokio::test]
+    async fn a_checkpoint_writes_only_changed_rooms_and_loads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut views = Views::new("@fedlink:fl".try_into().unwrap());
+        let rooms: Vec<String> = (0..50).map(|i| format!("!room{i:02}:kiwi")).collect();
+        let records = store.append(rooms.iter().map(|r| invited(r)).collect(), None, &[], 1).unwrap();
+        records.iter().for_each(|r| views.apply(r));
+        assert!(views.unsaved.all, "fresh views have everything unsaved");
+        let all = store.save_views(&views, None).await.unwrap();
+        views.unsaved = crate::core::views::Touched::none();
+
+        // One room changes (and presence, in the non-room part).
+        let records = store.append(vec![invited("!room07:kiwi"), presence("@a:kiwi")], None, &[], 2).unwrap();
+        records.iter().for_each(|r| views.apply(r));
+        let changed = std::mem::replace(&mut views.unsaved, crate::core::views::Touched::none());
+        assert_eq!(changed.rooms.iter().map(|r| r.as_str()).collect::<Vec<_>>(), vec!["!room07:kiwi"]);
+        let some = store.save_views(&views, Some(&changed.rooms)).await.unwrap();
+        assert!(some * 10 < all, "one room of 50 written: {some} bytes against {all}");
+
+        let loaded = store.load_views().unwrap().expect("a checkpoint");
+        assert_eq!(loaded, views);
+        assert!(loaded.unsaved.is_empty(), "loaded views have nothing unsaved");
+        assert_eq!(loaded.folded_seq, 52);
+        assert_eq!(loaded.presence.len(), 1);
     }
 
     #[tokio::test]

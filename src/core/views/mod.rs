@@ -288,7 +288,7 @@ impl RoomView {
 }
 
 /// All views, with the log position they have folded up to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Views {
     /// Snapshot format version.
     pub format: u16,
@@ -308,6 +308,67 @@ pub struct Views {
     /// only. Not persisted: views loaded or rebuilt start with everything touched.
     #[serde(skip)]
     pub touched: Touched,
+    /// Rooms changed since the last checkpoint: a checkpoint writes these only. Not
+    /// persisted: views loaded or rebuilt start with everything unsaved.
+    #[serde(skip)]
+    pub unsaved: Touched,
+}
+
+/// Views are equal when what they show is: the bookkeeping of what changed since the last
+/// pass or checkpoint is not part of it (a replay equals incremental folding).
+impl PartialEq for Views {
+    fn eq(&self, other: &Self) -> bool {
+        self.format == other.format
+            && self.bot_user_id == other.bot_user_id
+            && self.folded_seq == other.folded_seq
+            && self.rooms == other.rooms
+            && self.directory == other.directory
+            && self.presence == other.presence
+    }
+}
+
+impl Eq for Views {}
+
+/// The part of [`Views`] a checkpoint writes whole (rooms are written one by one).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ViewsMeta {
+    /// Snapshot format version.
+    pub format: u16,
+    /// The bot's user id.
+    pub bot_user_id: OwnedUserId,
+    /// Highest log sequence number folded in.
+    pub folded_seq: u64,
+    /// Linked identities.
+    pub directory: Directory,
+    /// Latest presence per user.
+    pub presence: BTreeMap<OwnedUserId, String>,
+}
+
+impl Views {
+    /// The non-room part, for a checkpoint.
+    pub fn meta(&self) -> ViewsMeta {
+        ViewsMeta {
+            format: self.format,
+            bot_user_id: self.bot_user_id.clone(),
+            folded_seq: self.folded_seq,
+            directory: self.directory.clone(),
+            presence: self.presence.clone(),
+        }
+    }
+
+    /// Views from a checkpoint: its non-room part and its rooms.
+    pub fn from_parts(meta: ViewsMeta, rooms: BTreeMap<OwnedRoomId, RoomView>) -> Self {
+        Views {
+            format: meta.format,
+            bot_user_id: meta.bot_user_id,
+            folded_seq: meta.folded_seq,
+            rooms,
+            directory: meta.directory,
+            presence: meta.presence,
+            touched: Touched::default(),
+            unsaved: Touched::none(),
+        }
+    }
 }
 
 /// Rooms whose decisions may have changed since the reconciler last ran.
@@ -348,6 +409,7 @@ impl Views {
             directory: Directory::default(),
             presence: BTreeMap::new(),
             touched: Touched::default(),
+            unsaved: Touched::default(),
         }
     }
 
@@ -358,8 +420,13 @@ impl Views {
         }
         self.folded_seq = rec.seq;
         match rec.entry.scope() {
-            crate::core::log_entry::Scope::Room(r) if !self.touched.all => {
-                self.touched.rooms.insert(r.clone());
+            crate::core::log_entry::Scope::Room(r) => {
+                if !self.touched.all {
+                    self.touched.rooms.insert(r.clone());
+                }
+                if !self.unsaved.all {
+                    self.unsaved.rooms.insert(r.clone());
+                }
             }
             crate::core::log_entry::Scope::Everything => {
                 self.touched = Touched::default();
@@ -502,12 +569,16 @@ impl Views {
             if room.is_some_and(|only| only != id) {
                 continue;
             }
+            let before = (r.pending_invites.len(), r.pending_actions.len());
             for a in accounts {
                 r.pending_invites.remove(a);
                 r.pending_actions.remove(a);
             }
             // An invite as a sibling is pending under its target's id.
             r.pending_actions.retain(|_, act| !act.actor.as_ref().is_some_and(|x| accounts.contains(x)));
+            if (r.pending_invites.len(), r.pending_actions.len()) != before && !self.unsaved.all {
+                self.unsaved.rooms.insert(id.clone());
+            }
         }
     }
 
