@@ -97,6 +97,7 @@ fn bench_replay(c: &mut Criterion) {
                 origin_server_ts: 0,
                 pdu: json!({}),
                 resolved_state: None,
+                superseded: Vec::new(),
             }),
         })
         .collect();

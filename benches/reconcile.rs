@@ -71,6 +71,7 @@ fn message(room: usize, seq: u64) -> LogRecord {
             origin_server_ts: 0,
             pdu: json!({ "content": { "body": "hi" } }),
             resolved_state: None,
+            superseded: Vec::new(),
         }),
     }
 }

@@ -303,6 +303,16 @@ impl Store {
         Ok(self.event_index.contains_key(event_id.as_bytes())?)
     }
 
+    /// Whether the event is in the log as part of the timeline (accepted or soft-failed):
+    /// an outlier (stored for an auth chain or a join's state) is not, and becomes a
+    /// timeline event when it arrives as one.
+    pub fn has_timeline_event(&self, event_id: &str) -> Result<bool, StoreError> {
+        if !self.has_event(event_id)? {
+            return Ok(false);
+        }
+        Ok(self.get_event(event_id)?.is_some_and(|e| e.status != crate::core::log_entry::PduStatus::Outlier))
+    }
+
     /// The log entry of a stored event.
     pub fn get_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
         let Some(seq) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
@@ -725,6 +735,7 @@ mod tests {
                 origin_server_ts: 1,
                 pdu: serde_json::json!({"type": "m.room.message"}),
                 resolved_state: None,
+                superseded: Vec::new(),
             });
             let resp = serde_json::json!({"pdus": {}});
             let recs = s.append(vec![presence("@a:kiwi"), pdu], Some(("kiwi", "t1", &resp)), &[("litchi".into(), "$e1".into())], 42).unwrap();

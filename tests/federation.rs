@@ -333,6 +333,65 @@ async fn a_gap_before_a_received_event_is_filled_from_the_origin() {
     }
 }
 
+/// A gap longer than `get_missing_events` fills (5 rounds of 20), with a member's join in
+/// it: fedlink fetches the state at the gap (`/state_ids`, then `/event` for what it
+/// lacks), so the member is joined in its view, their later message is accepted, and the
+/// room is linear again (one extremity).
+#[tokio::test]
+async fn a_gap_longer_than_get_missing_events_fills_is_closed_with_the_state_at_the_gap() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V11).await;
+    peer.state.lock().unwrap().rooms.get_mut(&room).unwrap().state_at = Some(Default::default());
+    let carol = peer.user("carol");
+    peer.push(&room, "alice", "m.room.member", Some(&carol), json!({ "membership": "invite" }));
+    let (join_id, _) = peer.push(&room, "carol", "m.room.member", Some(&carol), json!({ "membership": "join" }));
+    for i in 0..150 {
+        peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("while fedlink looked away {i}") }));
+    }
+    let (last, ev) = peer.push(&room, "carol", "m.room.message", None, json!({ "body": "hello from carol" }));
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "long-gap", vec![ev], vec![]).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["pdus"][&last], json!({}), "carol's message is accepted: {v}");
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["members"][&carol], "join", "{}", r["members"]);
+    assert_eq!(r["state"]["m.room.member"][&carol], json!(join_id));
+    assert_eq!(r["forward_extremities"], json!([last]), "the gap is closed: one extremity");
+    let reqs = peer.state.lock().unwrap().requests.clone();
+    assert!(reqs.iter().any(|(m, p)| m == "GET" && p.contains("/state_ids/")), "{reqs:?}");
+    assert!(reqs.iter().any(|(m, p)| m == "GET" && p.contains(&format!("/event/{}", enc(&join_id)))), "carol's join was fetched");
+    // The room goes on linearly: the next messages are accepted (no resolution per event).
+    let next: Vec<Value> = (0..3).map(|i| peer.push(&room, "carol", "m.room.message", None, json!({ "body": format!("after {i}") })).1).collect();
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "after-gap", next, vec![]).await;
+    assert_eq!(s, 200);
+    assert!(v["pdus"].as_object().unwrap().values().all(|r| r == &json!({})), "{v}");
+    f.stop().await;
+}
+
+/// An event fedlink stored as an outlier (the auth chain of a join, say) becomes a timeline
+/// event when it later arrives over `/send`, instead of being answered as already known.
+#[tokio::test]
+async fn an_outlier_that_arrives_over_send_joins_the_timeline() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V11).await;
+    peer.state.lock().unwrap().rooms.get_mut(&room).unwrap().state_at = Some(Default::default());
+    let carol = peer.user("carol");
+    let (inv_id, inv) = peer.push(&room, "alice", "m.room.member", Some(&carol), json!({ "membership": "invite" }));
+    peer.push(&room, "carol", "m.room.member", Some(&carol), json!({ "membership": "join" }));
+    for i in 0..150 {
+        peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("m{i}") }));
+    }
+    let (_, ev) = peer.push(&room, "carol", "m.room.message", None, json!({ "body": "hi" }));
+    assert_eq!(peer.send_txn(&f.name, &f.fed_url, "gap", vec![ev], vec![]).await.0, 200);
+    let before = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1["events"].as_u64().unwrap();
+    // The invite was fetched for the state at the gap: an outlier. Now it arrives for real.
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "late", vec![inv], vec![]).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["pdus"][&inv_id], json!({}), "{v}");
+    let after = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1["events"].as_u64().unwrap();
+    assert_eq!(after, before + 1, "the late event was applied, not answered as known");
+    f.stop().await;
+    let store = Store::open(&_dir.path().join("db")).unwrap();
+    assert!(store.has_timeline_event(&inv_id).unwrap());
+}
+
 #[tokio::test]
 async fn fedlink_serves_make_join_and_send_join_and_forwards_the_join() {
     let (_dir, f, kiwi, room) = joined(RoomVersionId::V11).await;

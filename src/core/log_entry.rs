@@ -223,6 +223,11 @@ pub struct PduEntry {
     /// itself (a fork resolved with state resolution): the whole new current state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_state: Option<ResolvedState>,
+    /// Forward extremities this event supersedes: it closed a gap fedlink could not fill
+    /// event by event (its state came from `/state_ids` at the gap and was resolved against
+    /// the room's), so the room moves on from here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<OwnedEventId>,
 }
 
 /// A room's current state after state resolution.
@@ -252,6 +257,7 @@ impl PduEntry {
             origin_server_ts: pdu.origin_server_ts.get().into(),
             pdu: pdu.to_value(),
             resolved_state: None,
+            superseded: Vec::new(),
         }
     }
 }

@@ -251,7 +251,23 @@ pub struct Prepared {
     sent: std::collections::BTreeSet<OwnedEventId>,
     verified: Vec<(Pdu, OwnedRoomId)>,
     auth_only: Vec<(Pdu, OwnedRoomId)>,
+    gaps: Vec<GapState>,
 }
+
+/// The state at a gap `get_missing_events` could not fill: the missing parent, the ids of
+/// the state before it (from `/state_ids`), and the events fedlink lacked (from `/event`),
+/// all signature-checked.
+pub struct GapState {
+    room_id: OwnedRoomId,
+    prev: Pdu,
+    state_ids: Vec<OwnedEventId>,
+    events: Vec<Pdu>,
+}
+
+/// Most gaps fetched by state per transaction.
+pub const MAX_GAP_STATES: usize = 3;
+/// Most events fetched one by one for the state at a gap.
+pub const MAX_GAP_STATE_EVENTS: usize = 2_000;
 
 /// The lock-free part of ingesting `pdus` from `origin`.
 pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared {
@@ -282,16 +298,20 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
         verified.extend(fetched);
     }
     verified.sort_by_key(|(p, _)| p.depth);
+    let gaps = fetch_state_at_gaps(app, origin, &verified).await;
     let auth_only = fetch_missing_auth(app, origin, &verified).await;
-    Prepared { results, sent, verified, auth_only }
+    Prepared { results, sent, verified, auth_only, gaps }
 }
 
 /// Auth-check and log prepared PDUs; answers go into `results`. Call with the ingest lock
 /// held; the caller flushes.
 pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prepared, results: &mut BTreeMap<String, Value>) -> Result<(), MatrixError> {
-    let Prepared { results: early, sent, verified, auth_only } = prepared;
+    let Prepared { results: early, sent, verified, auth_only, gaps } = prepared;
     results.extend(early);
     let origin = via.as_str();
+    for gap in gaps {
+        apply_gap_state(app, via, gap).await?;
+    }
     // Auth events fedlink lacked, fetched from the origin: stored as outliers first, each
     // checked against its own auth events.
     for (pdu, room_id) in auth_only {
@@ -315,7 +335,7 @@ pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prep
         // Events fetched to fill a gap are logged like any other but not answered for.
         let mut answers = Results { map: results, answer: sent.contains(&pdu.event_id) };
         let answers = &mut answers;
-        if app.store.has_event(&id)? {
+        if app.store.has_timeline_event(&id)? {
             app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
             answers.ok(id);
             continue;
@@ -339,9 +359,10 @@ pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prep
         let checked = crate::rooms::admit(&app.store, room, &pdu, &rules);
         drop(views);
         match checked {
-            Ok(crate::rooms::Admitted { status, resolved, .. }) => {
+            Ok(crate::rooms::Admitted { status, resolved, superseded, .. }) => {
                 let mut entry = PduEntry::new(&pdu, via.clone(), status);
                 entry.resolved_state = resolved;
+                entry.superseded = superseded;
                 app.append(vec![Entry::Pdu(entry)], None).await?;
                 let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
                 app.metrics.pdus_received.with_label_values(&[label]).inc();
@@ -418,6 +439,135 @@ async fn fetch_missing_auth(app: &Fedlink, origin: &str, events: &[(Pdu, OwnedRo
     }
     let by_id: BTreeMap<OwnedEventId, Pdu> = found.iter().map(|(k, (p, _))| (k.clone(), p.clone())).collect();
     super::membership::auth_order(&by_id).into_iter().filter_map(|id| found.remove(&id)).collect()
+}
+
+/// For received PDUs whose parents are still unknown after `get_missing_events` (a gap
+/// longer than it fills), fetch the state at each missing parent as Synapse does: the
+/// parent (`/event`), the ids of the state before it (`/state_ids`), and the events of
+/// that state and its auth chain fedlink lacks (`/event`, at most
+/// [`MAX_GAP_STATE_EVENTS`]). All are signature-checked here; auth checks and storage
+/// happen under the ingest lock ([`apply_gap_state`]).
+async fn fetch_state_at_gaps(app: &Fedlink, origin: &str, verified: &[(Pdu, OwnedRoomId)]) -> Vec<GapState> {
+    let here: std::collections::BTreeSet<&OwnedEventId> = verified.iter().map(|(p, _)| &p.event_id).collect();
+    let mut missing: BTreeMap<OwnedEventId, OwnedRoomId> = BTreeMap::new();
+    for (p, room) in verified {
+        for prev in &p.prev_events {
+            if !here.contains(prev) && !app.store.has_event(prev.as_str()).unwrap_or(true) && missing.len() < MAX_GAP_STATES {
+                missing.insert(prev.clone(), room.clone());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (prev_id, room_id) in missing {
+        match fetch_gap(app, origin, &room_id, &prev_id).await {
+            Ok(gap) => {
+                app.metrics.gap_fills.with_label_values(&["state"]).inc();
+                tracing::info!(%origin, %room_id, prev = %prev_id, state = gap.state_ids.len(), fetched = gap.events.len(), "fetched the state at a gap get_missing_events could not fill");
+                out.push(gap);
+            }
+            Err(reason) => {
+                app.metrics.gap_fills.with_label_values(&["state_error"]).inc();
+                tracing::warn!(%origin, %room_id, prev = %prev_id, %reason, "cannot fetch the state at a gap; accepting the events against the room's state");
+            }
+        }
+    }
+    out
+}
+
+async fn fetch_event(app: &Fedlink, origin: &str, event_id: &OwnedEventId) -> Result<Pre, String> {
+    let path = format!("/_matrix/federation/v1/event/{}", super::client::enc(event_id.as_str()));
+    let v = app.client.request(origin, reqwest::Method::GET, &path, None).await.map_err(|e| format!("/event {event_id}: {e}"))?;
+    let raw = v.get("pdus").and_then(Value::as_array).and_then(|a| a.first()).cloned().ok_or_else(|| format!("/event {event_id}: no PDU"))?;
+    let pre = precheck(app, origin, raw).await.map_err(|(_, r)| format!("/event {event_id}: {r}"))?;
+    match &pre {
+        Pre::Fresh(p, _) if p.event_id != *event_id => Err(format!("/event {event_id} answered another event {}", p.event_id)),
+        Pre::Known(id) if id != event_id.as_str() => Err(format!("/event {event_id} answered another event {id}")),
+        _ => Ok(pre),
+    }
+}
+
+async fn fetch_gap(app: &Fedlink, origin: &str, room_id: &OwnedRoomId, prev_id: &OwnedEventId) -> Result<GapState, String> {
+    let prev = match fetch_event(app, origin, prev_id).await? {
+        Pre::Fresh(p, r) if r == *room_id => *p,
+        Pre::Fresh(..) => return Err("the missing parent is in another room".into()),
+        Pre::Known(_) => return Err("the missing parent arrived meanwhile".into()),
+    };
+    let path = format!(
+        "/_matrix/federation/v1/state_ids/{}?event_id={}",
+        super::client::enc(room_id.as_str()),
+        super::client::enc(prev_id.as_str())
+    );
+    let v = app.client.request(origin, reqwest::Method::GET, &path, None).await.map_err(|e| format!("/state_ids: {e}"))?;
+    let ids = |k: &str| -> Vec<OwnedEventId> {
+        v.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(|i| i.as_str().and_then(|s| OwnedEventId::try_from(s).ok())).collect()).unwrap_or_default()
+    };
+    let state_ids = ids("pdu_ids");
+    let mut need: Vec<OwnedEventId> = state_ids.iter().chain(ids("auth_chain_ids").iter()).chain(prev.auth_events.iter()).cloned().collect();
+    need.sort();
+    need.dedup();
+    need.retain(|id| !app.store.has_event(id.as_str()).unwrap_or(true));
+    if need.len() > MAX_GAP_STATE_EVENTS {
+        return Err(format!("{} events of the state are missing; at most {MAX_GAP_STATE_EVENTS} are fetched one by one", need.len()));
+    }
+    let mut events = Vec::new();
+    for id in need {
+        match fetch_event(app, origin, &id).await {
+            Ok(Pre::Fresh(p, r)) if r == *room_id => events.push(*p),
+            Ok(_) => {}
+            Err(e) => tracing::info!(%origin, %room_id, event_id = %id, reason = %e, "a state event at a gap could not be fetched"),
+        }
+    }
+    Ok(GapState { room_id: room_id.clone(), prev, state_ids, events })
+}
+
+/// Store what was fetched for a gap (as outliers, each checked against its own auth
+/// events) and record the state after the missing parent, so the events after the gap are
+/// checked against the state the origin had there (resolved with the room's in `admit`).
+async fn apply_gap_state(app: &Fedlink, via: &OwnedServerName, gap: GapState) -> Result<(), MatrixError> {
+    let GapState { room_id, prev, state_ids, events } = gap;
+    let Some(rules) = app.views.read().await.rooms.get(&room_id).and_then(|r| rules_for(&r.version)) else { return Ok(()) };
+    let mut all: BTreeMap<OwnedEventId, Pdu> = events.into_iter().map(|p| (p.event_id.clone(), p)).collect();
+    all.insert(prev.event_id.clone(), prev.clone());
+    let mut checked: BTreeMap<OwnedEventId, Pdu> = BTreeMap::new();
+    let mut entries = Vec::new();
+    for id in super::membership::auth_order(&all) {
+        let pdu = all.remove(&id).expect("ordered ids come from the map");
+        if app.store.has_event(id.as_str())? {
+            continue;
+        }
+        match check_auth(&app.store, None, &pdu, &rules, &checked) {
+            Ok(_) => {
+                entries.push(Entry::Pdu(PduEntry::new(&pdu, via.clone(), PduStatus::Outlier)));
+                checked.insert(id, pdu);
+            }
+            Err(rej) => {
+                app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
+                tracing::info!(event_id = %id, reason = %rej, "rejecting an event of the state at a gap");
+            }
+        }
+    }
+    let usable = checked.contains_key(&prev.event_id);
+    if !entries.is_empty() {
+        app.append(entries, None).await?;
+    }
+    if !usable {
+        tracing::warn!(room_id = %room_id, prev = %prev.event_id, "the missing parent fails its auth checks; not using the state at the gap");
+        return Ok(());
+    }
+    let mut map = crate::rooms::state::StateMap::new();
+    for id in &state_ids {
+        let Some(p) = crate::rooms::load_pdu(&app.store, id, &rules) else { continue };
+        if let Some(k) = &p.state_key {
+            map.insert((p.kind.to_string(), k.clone()), p.event_id.clone());
+        }
+    }
+    if let Some(k) = &prev.state_key {
+        map.insert((prev.kind.to_string(), k.clone()), prev.event_id.clone());
+    }
+    let storage = |e: crate::store::StoreError| MatrixError::internal(e.to_string());
+    let root = crate::rooms::state::from_map(&app.store, &map).map_err(storage)?;
+    app.store.put_state_root_of(prev.event_id.as_str(), root).map_err(storage)?;
+    Ok(())
 }
 
 /// For rooms where a received PDU's `prev_events` are unknown, ask the origin for the
@@ -504,7 +654,7 @@ async fn precheck(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre, PreErr
     if pdu.room_id != room_id {
         return Err((Some(id), Rejection::Format("room_id mismatch".into())));
     }
-    if app.store.has_event(&id).unwrap_or(false) {
+    if app.store.has_timeline_event(&id).unwrap_or(false) {
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
         return Ok(Pre::Known(id));
     }

@@ -227,6 +227,8 @@ pub struct Admitted {
     pub resolved: Option<crate::core::log_entry::ResolvedState>,
     /// The state before the event (a trie root), for serving `state_ids` at it.
     pub before: state::Root,
+    /// Extremities the event supersedes (it closed a gap with state fetched at the gap).
+    pub superseded: Vec<OwnedEventId>,
 }
 
 /// Every check for an event joining the timeline: auth events (reject), the state before
@@ -248,9 +250,37 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
     let storage = |e: crate::store::StoreError| Rejection::Format(format!("storage: {e}"));
     let after = state::record_after(store, pdu, before).map_err(storage)?;
     if status != PduStatus::Accepted {
-        return Ok(Admitted { status, resolved: None, before });
+        return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }
     let mut extremities: Vec<OwnedEventId> = room.extremities.iter().filter(|e| !pdu.prev_events.contains(e)).cloned().collect();
+    // A parent fedlink never had in its timeline, whose state it fetched at the gap
+    // (`/state_ids`): the event closes the gap. Its state is resolved with the room's, that
+    // becomes the state after it, and the room's other extremities are superseded, so the
+    // room is linear again from here (instead of resolving on every later event).
+    let closes_gap = pdu.prev_events.iter().any(|p| {
+        !store.get_event(p.as_str()).ok().flatten().is_some_and(|e| e.status != PduStatus::Outlier)
+            && state::root_of(store, p.as_str()).ok().flatten().is_some()
+    });
+    if closes_gap && !extremities.is_empty() {
+        let mut maps: Vec<state::StateMap> = vec![state::load(store, after).map_err(storage)?];
+        for e in &extremities {
+            maps.push(match state::root_of(store, e.as_str()).map_err(storage)? {
+                Some(r) => state::load(store, r).map_err(storage)?,
+                None => current(),
+            });
+        }
+        maps.sort();
+        maps.dedup();
+        let resolved = if maps.len() == 1 {
+            maps.pop().expect("one map")
+        } else {
+            state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
+        };
+        store.put_state_root_of(pdu.event_id.as_str(), state::from_map(store, &resolved).map_err(storage)?).map_err(storage)?;
+        extremities.sort();
+        tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, superseded = extremities.len(), "a gap closed with state fetched at the gap; resolved with the room's state");
+        return Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)), before, superseded: extremities });
+    }
     // Linear history: the event follows the room's only extremity, whose state is the
     // room's current state (folding keeps the two equal), and it is the only extremity now.
     let linear = shared
@@ -258,7 +288,7 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
         && room.extremities.len() == 1
         && room.extremities.iter().next().is_some_and(|e| state::root_of(store, e.as_str()).ok().flatten() == Some(before));
     if linear {
-        return Ok(Admitted { status, resolved: None, before });
+        return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }
     let current = current();
     let mut incremental = current.clone();
@@ -266,7 +296,7 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
         incremental.insert((pdu.kind.to_string(), k.clone()), pdu.event_id.clone());
     }
     if extremities.is_empty() && state::load(store, before).map_err(storage)? == current {
-        return Ok(Admitted { status, resolved: None, before });
+        return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }
     extremities.sort();
     let mut roots: Vec<Option<state::Root>> =
@@ -287,10 +317,10 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
         state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
     };
     if resolved == incremental {
-        return Ok(Admitted { status, resolved: None, before });
+        return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }
     tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, extremities = extremities.len() + 1, "forks resolved with state resolution v2");
-    Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)), before })
+    Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)), before, superseded: Vec::new() })
 }
 
 /// A state map as log records carry it.

@@ -28,6 +28,9 @@ use serde_json::{json, Value};
 
 use super::synapse::{enc, self_signed_cert};
 
+/// (type, state_key) -> event id.
+pub type StateIds = BTreeMap<(String, String), String>;
+
 /// A room the fake peer hosts (or tracks).
 #[derive(Debug, Clone)]
 pub struct FakeRoom {
@@ -36,9 +39,11 @@ pub struct FakeRoom {
     /// event id -> signed event
     pub events: BTreeMap<String, Value>,
     /// (type, state_key) -> event id
-    pub state: BTreeMap<(String, String), String>,
+    pub state: StateIds,
     pub extremities: BTreeSet<String>,
     pub depth: u64,
+    /// When set, the state before each event added from then on (for `/state_ids`).
+    pub state_at: Option<BTreeMap<String, StateIds>>,
 }
 
 /// Milliseconds since the epoch.
@@ -99,6 +104,9 @@ impl FakeRoom {
 
     /// Record a signed event as part of the room.
     pub fn add(&mut self, id: &str, event: Value) {
+        if let Some(m) = &mut self.state_at {
+            m.insert(id.to_owned(), self.state.clone());
+        }
         for p in event["prev_events"].as_array().unwrap() {
             self.extremities.remove(p.as_str().unwrap());
         }
@@ -138,7 +146,7 @@ impl FakeRoom {
         };
         let (id, ev) = Self::sign(&version, origin, key, canonical_object(create).unwrap());
         let room_id = room_id.unwrap_or_else(|| format!("!{}", &id[1..]));
-        let mut room = FakeRoom { version: version.clone(), room_id, events: BTreeMap::new(), state: BTreeMap::new(), extremities: BTreeSet::new(), depth: 0 };
+        let mut room = FakeRoom { version: version.clone(), room_id, events: BTreeMap::new(), state: BTreeMap::new(), extremities: BTreeSet::new(), depth: 0, state_at: None };
         room.add(&id, ev);
         room.push(origin, key, creator, "m.room.member", Some(creator), json!({ "membership": "join" }));
         let mut users = json!({});
@@ -244,6 +252,8 @@ impl FakePeer {
             .route("/_matrix/federation/v1/get_missing_events/{room}", axum::routing::post(get_missing_events))
             .route("/_matrix/federation/v1/send/{txn}", put(receive_txn))
             .route("/_matrix/federation/v1/event_auth/{room}/{event}", get(event_auth))
+            .route("/_matrix/federation/v1/event/{event}", get(get_event))
+            .route("/_matrix/federation/v1/state_ids/{room}", get(state_ids))
             .route("/_matrix/federation/v2/invite/{room}/{event}", put(receive_invite))
             .route("/_matrix/key/v2/query", axum::routing::post(key_query))
             .fallback(other)
@@ -688,4 +698,36 @@ pub fn key_document(server: &str, key: &SigningKey) -> Value {
     let mut obj = canonical_object(doc).unwrap();
     ruma::signatures::sign_json(server, key, &mut obj).unwrap();
     serde_json::to_value(obj).unwrap()
+}
+
+/// `GET /event/{eventId}`: any event of a hosted room.
+async fn get_event(State(ctx): State<Ctx>, UrlPath(event_id): UrlPath<String>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&ctx, &Method::GET, &uri, &headers, None).await {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("GET".into(), uri.path().to_owned()));
+    match st.rooms.values().find_map(|r| r.events.get(&event_id).cloned()) {
+        Some(ev) => (StatusCode::OK, Json(json!({ "origin": ctx.name, "origin_server_ts": now_ms(), "pdus": [ev] }))),
+        None => (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no such event" }))),
+    }
+}
+
+/// `GET /state_ids/{roomId}?event_id=`: the state before an event, for rooms recording it.
+async fn state_ids(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if let Err(e) = require_auth(&ctx, &Method::GET, &uri, &headers, None).await {
+        return e;
+    }
+    let mut st = ctx.state.lock().unwrap();
+    st.requests.push(("GET".into(), uri.path().to_owned()));
+    let event_id = uri.query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("event_id=")).map(|e| percent_encoding::percent_decode_str(e).decode_utf8_lossy().into_owned());
+    let Some(state) = st.rooms.get(&room_id).and_then(|r| r.state_at.as_ref()?.get(event_id.as_deref()?)).cloned() else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no state recorded at that event" })));
+    };
+    let ids: Vec<String> = state.values().cloned().collect();
+    let chain: Vec<String> = st.rooms[&room_id].auth_chain(&ids).iter().filter_map(|e| {
+        let rules = st.rooms[&room_id].version.rules().unwrap();
+        Some(format!("${}", ruma::signatures::reference_hash(&canonical_object(e.clone()).ok()?, &rules).ok()?))
+    }).collect();
+    (StatusCode::OK, Json(json!({ "pdu_ids": ids, "auth_chain_ids": chain })))
 }

@@ -89,6 +89,7 @@ impl Given {
             origin_server_ts: 0,
             pdu: json!({ "content": content }),
             resolved_state: None,
+            superseded: Vec::new(),
         }))
     }
     fn member(&mut self, u: &str, m: &str) -> &mut Self {
@@ -163,6 +164,7 @@ impl Given {
             origin_server_ts: 0,
             pdu: json!({}),
             resolved_state: None,
+            superseded: Vec::new(),
         }));
         id
     }
@@ -641,6 +643,7 @@ fn memberships_of_a_resolved_fork_settle_actions_and_mirror_self_leaves() {
             origin_server_ts: 0,
             pdu: json!({}),
             resolved_state: Some(crate::core::log_entry::ResolvedState { state, power_levels: None }),
+            superseded: Vec::new(),
         }));
     };
     // litchi's join arrives on a fork and resolves in.

@@ -598,7 +598,7 @@ impl Views {
         if p.state_key.is_none() {
             room.read_up_to(&p.sender, &p.event_id, (Some(p.depth), Some(p.origin_server_ts)), Some(p.origin_server_ts), 0);
         }
-        for prev in &p.prev_events {
+        for prev in p.prev_events.iter().chain(&p.superseded) {
             room.extremities.remove(prev);
         }
         room.extremities.insert(p.event_id.clone());
@@ -728,6 +728,7 @@ mod tests {
             origin_server_ts: 0,
             pdu: serde_json::json!({}),
             resolved_state: None,
+            superseded: Vec::new(),
         })
     }
 
