@@ -166,11 +166,11 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
     #[test]
     fn replay_equals_incremental_folding_across_room_by_room_checkpoints(
         ops in prop::collection::vec(op(), 1..120),
-        cuts in prop::collection::btree_set(0usize..120, 0..6),
+        cuts in prop::collection::btree_set(0usize..120, 0..60),
     ) {
         let records: Vec<LogRecord> = entries(&ops).into_iter().enumerate().map(|(i, entry)| LogRecord { v: 1, seq: i as u64 + 1, at_ms: 0, entry }).collect();
         let bot: ruma::OwnedUserId = BOT.try_into().unwrap();
