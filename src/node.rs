@@ -18,7 +18,7 @@ use crate::{
     config::Config,
     core::{
         log_entry::{Entry, LogRecord},
-        views::{BotMembership, Views},
+        views::Views,
     },
     federation::client::FederationClient,
     keys::{RemoteKeys, SigningKey},
@@ -192,9 +192,9 @@ impl Fedlink {
 
     /// Set the room gauges from `views`.
     pub fn update_view_gauges(&self, views: &Views) {
-        let joined = views.rooms.values().filter(|r| r.bot_joined()).count();
-        let pending = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::Invited { .. })).count();
-        let failed = views.rooms.values().filter(|r| matches!(r.bot, BotMembership::JoinFailed { .. })).count();
+        let joined = views.index.joined.len();
+        let pending = views.index.joining.len();
+        let failed = views.index.join_failed.len();
         self.metrics.rooms_join_failed.set(failed as i64);
         self.metrics.rooms_joined.set(joined as i64);
         self.metrics.rooms_pending_join.set(pending as i64);

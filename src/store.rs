@@ -399,7 +399,7 @@ impl Store {
         }
         let Some(b) = self.views.get("snapshot")? else { return Ok(None) };
         match serde_json::from_slice::<Views>(&b) {
-            Ok(v) if v.format == VIEWS_FORMAT => Ok(Some(v)),
+            Ok(v) if v.format == VIEWS_FORMAT => Ok(Some(v.reindexed())),
             Ok(_) | Err(_) => stale(),
         }
     }

@@ -106,8 +106,8 @@ async fn schedule(app: &Arc<Fedlink>) -> Option<u64> {
     let (invite_dests, actions): (HashSet<String>, Vec<UserAction>) = {
         let views = app.views.read().await;
         (
-            views.rooms.values().flat_map(|r| r.pending_invites.keys().map(|t| t.server_name().to_string())).collect(),
-            views.rooms.values().flat_map(|r| r.pending_actions.values().cloned()).collect(),
+            pending_rooms(&views).flat_map(|r| r.pending_invites.keys().map(|t| t.server_name().to_string())).collect(),
+            pending_rooms(&views).flat_map(|r| r.pending_actions.values().cloned()).collect(),
         )
     };
     for dest in invite_dests {
@@ -133,6 +133,11 @@ async fn schedule(app: &Arc<Fedlink>) -> Option<u64> {
         app.sync.actions.kick_for(&dest, app, |a, d| async move { deliver_actions(&a, &d).await });
     }
     next_due
+}
+
+/// Rooms with pending invites or actions (from the views' index: no scan of every room).
+fn pending_rooms(views: &crate::core::views::Views) -> impl Iterator<Item = &crate::core::views::RoomView> {
+    views.index.pending.iter().filter_map(|id| views.rooms.get(id))
 }
 
 fn action_key(a: &UserAction) -> ActionKey {
@@ -426,7 +431,7 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
 async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
     let pending: Vec<UserAction> = {
         let views = app.views.read().await;
-        views.rooms.values().flat_map(|r| r.pending_actions.values()).filter(|a| acting(a).server_name().as_str() == dest).cloned().collect()
+        pending_rooms(&views).flat_map(|r| r.pending_actions.values()).filter(|a| acting(a).server_name().as_str() == dest).cloned().collect()
     };
     let mut delivered = 0;
     for action in pending {

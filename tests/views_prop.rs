@@ -191,6 +191,9 @@ proptest! {
             }
         }
         prop_assert_eq!(&views, &straight);
+        // The room index kept in step by folding equals one rebuilt from scratch.
+        prop_assert_eq!(&straight.index, &straight.clone().reindexed().index);
+        prop_assert_eq!(&views.index, &straight.index);
         rt.block_on(store.save_views(&straight, None)).unwrap();
         prop_assert_eq!(&store.load_views().unwrap().expect("a checkpoint"), &straight);
     }

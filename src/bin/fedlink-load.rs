@@ -23,6 +23,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use futures::StreamExt;
 use clap::Parser;
 use ruma::RoomVersionId;
 use serde_json::{json, Value};
@@ -59,9 +60,13 @@ struct Args {
     /// Keep fedlink's directory (config, database, log) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Finally kill fedlink (SIGKILL) and time its restart until it serves again.
+    #[arg(long)]
+    restart: bool,
 }
 
 struct Target {
+    bin: PathBuf,
     child: Child,
     dir: tempfile::TempDir,
     name: String,
@@ -89,19 +94,10 @@ impl Target {
              [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[federation]\nverify_tls = false\nmax_inflight_per_origin = 64\n[bot]\nmax_rooms = 100000\n"
         );
         std::fs::write(dir.path().join("fedlink.toml"), config)?;
-        let log = std::fs::File::create(dir.path().join("fedlink.log"))?;
-        let child = Command::new(bin)
-            .args(["run", "-c"])
-            .arg(dir.path().join("fedlink.toml"))
-            .env("FEDLINK_FEDERATION__ALLOW_PRIVATE_NETWORKS", "true")
-            .env("FEDLINK_LOG", std::env::var("FEDLINK_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let child = spawn(bin, dir.path())?;
         let http = reqwest::Client::builder().danger_accept_invalid_certs(true).timeout(Duration::from_secs(120)).build()?;
         let t = Target {
+            bin: bin.to_owned(),
             child,
             dir,
             name: format!("localhost:{fed_port}"),
@@ -109,16 +105,37 @@ impl Target {
             admin_url: format!("http://127.0.0.1:{metrics_port}"),
             http,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        t.wait_serving().await?;
+        Ok(t)
+    }
+
+    async fn wait_serving(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if t.http.get(format!("{}/_matrix/key/v2/server", t.fed_url)).send().await.is_ok_and(|r| r.status().is_success()) {
-                return Ok(t);
+            if self.http.get(format!("{}/_matrix/key/v2/server", self.fed_url)).send().await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("fedlink did not start; see {}", t.dir.path().join("fedlink.log").display());
+                bail!("fedlink did not start; see {}", self.dir.path().join("fedlink.log").display());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// SIGKILL, start again on the same database; returns the time until it serves.
+    async fn restart(&mut self) -> Result<Duration> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let started = Instant::now();
+        self.child = spawn(&self.bin, self.dir.path())?;
+        self.wait_serving().await?;
+        Ok(started.elapsed())
+    }
+
+    /// A gauge or counter from /metrics (0 if absent).
+    async fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.http.get(format!("{}/metrics", self.admin_url)).send().await?.text().await?;
+        Ok(text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
     }
 
     fn bot(&self) -> String {
@@ -170,6 +187,20 @@ impl Target {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+fn spawn(bin: &Path, dir: &Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("fedlink.log"))?;
+    Command::new(bin)
+        .args(["run", "-c"])
+        .arg(dir.join("fedlink.toml"))
+        .env("FEDLINK_FEDERATION__ALLOW_PRIVATE_NETWORKS", "true")
+        .env("FEDLINK_LOG", std::env::var("FEDLINK_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 /// Latencies of a run of transactions.
@@ -262,11 +293,40 @@ async fn main() -> Result<()> {
     println!("fedlink {} (pid {}) <- peer {}", t.name, t.child.id(), peer.name);
 
     if args.rooms > 0 {
+        // Invites go out 16 at a time; fedlink joins through the peer at its own pace.
         let start = Instant::now();
-        for _ in 0..args.rooms {
-            room_with_bot(&peer, &t).await?;
+        let rooms: Vec<String> = (0..args.rooms)
+            .map(|_| {
+                let room = peer.create_room("creator", RoomVersionId::V11);
+                peer.push(&room, "creator", "m.room.join_rules", Some(""), json!({ "join_rule": "public" }));
+                room
+            })
+            .collect();
+        let bot = t.bot();
+        let refused = std::sync::atomic::AtomicUsize::new(0);
+        futures::stream::iter(rooms.iter())
+            .for_each_concurrent(16, |room| {
+                let (bot, refused) = (&bot, &refused);
+                let (peer, t) = (&peer, &t);
+                async move {
+                    if !peer.invite(room, "creator", bot, &t.name, &t.fed_url).await.0.is_success() {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        if refused.into_inner() > 0 {
+            bail!("fedlink refused some invites");
         }
-        println!("rooms: the bot joined {} rooms in {:.1} s", args.rooms, start.elapsed().as_secs_f64());
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while t.metric("fedlink_rooms_joined").await? < args.rooms as f64 {
+            if Instant::now() > deadline {
+                bail!("the bot did not join all rooms");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (rss, _) = t.rss();
+        println!("rooms: the bot joined {} rooms in {:.1} s; RSS {:.0} MiB", args.rooms, start.elapsed().as_secs_f64(), mib(rss));
     }
 
     // Baseline: a 3-member room.
@@ -311,9 +371,17 @@ async fn main() -> Result<()> {
     println!("{}", big_run.line(&format!("messages, {}-member room", args.members + 2)));
     println!("big room / small room message cost: {:.2}x", small_run.rate() / big_run.rate());
     let (rss, hwm) = t.rss();
-    println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB", mib(rss), mib(hwm), mib(t.disk()));
+    let records = t.admin("/_fedlink/admin/v1/status").await?["log_entries"].as_u64().unwrap_or(0);
+    println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB; {records} log records", mib(rss), mib(hwm), mib(t.disk()));
+    let mut t = t;
+    if args.restart {
+        // Let a views checkpoint happen first, as in a running deployment.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let took = t.restart().await?;
+        let (rss, _) = t.rss();
+        println!("restart after SIGKILL: serving again in {:.2} s; RSS {:.0} MiB", took.as_secs_f64(), mib(rss));
+    }
     if args.keep {
-        let mut t = t;
         let _ = t.child.kill();
         let _ = t.child.wait();
         let dir = t.dir.path().to_owned();

@@ -102,7 +102,7 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     let in_room = |r: &crate::core::views::RoomView| matches!(r.bot, BotMembership::Joined | BotMembership::Invited { .. });
     let (already, rooms) = {
         let views = app.views.read().await;
-        (views.rooms.get(&pdu.room_id).is_some_and(in_room), views.rooms.values().filter(|r| in_room(r)).count())
+        (views.rooms.get(&pdu.room_id).is_some_and(in_room), views.index.joined.len() + views.index.joining.len())
     };
     if !already && rooms >= app.cfg.bot.max_rooms {
         app.metrics.bot_invites_refused.with_label_values(&["max_rooms"]).inc();
@@ -266,16 +266,7 @@ pub async fn join_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
 
 /// Rooms whose join is under way, with whose server to join through.
 async fn joining(app: &Fedlink) -> Vec<(OwnedRoomId, OwnedUserId)> {
-    app.views
-        .read()
-        .await
-        .rooms
-        .iter()
-        .filter_map(|(id, r)| match &r.bot {
-            BotMembership::Invited { inviter, .. } => Some((id.clone(), inviter.clone())),
-            _ => None,
-        })
-        .collect()
+    app.views.read().await.index.joining.iter().map(|(id, inviter)| (id.clone(), inviter.clone())).collect()
 }
 
 /// Apply the events held for rooms the bot has joined; drop those of rooms it gave up.

@@ -312,6 +312,50 @@ pub struct Views {
     /// persisted: views loaded or rebuilt start with everything unsaved.
     #[serde(skip)]
     pub unsaved: Touched,
+    /// Which rooms are in which state, kept in step by folding so that workers never scan
+    /// every room. Not persisted: rebuilt when views are loaded.
+    #[serde(skip)]
+    pub index: RoomIndex,
+}
+
+/// Rooms by the bot's membership and by pending work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomIndex {
+    /// Rooms the bot is joined to.
+    pub joined: BTreeSet<OwnedRoomId>,
+    /// Rooms the bot is invited to and joining, with the inviter (whose server it joins through).
+    pub joining: BTreeMap<OwnedRoomId, OwnedUserId>,
+    /// Rooms whose join was given up.
+    pub join_failed: BTreeSet<OwnedRoomId>,
+    /// Rooms with pending invites or actions.
+    pub pending: BTreeSet<OwnedRoomId>,
+}
+
+impl RoomIndex {
+    fn update(&mut self, id: &OwnedRoomId, room: Option<&RoomView>) {
+        let bot = room.map(|r| &r.bot);
+        set_in(&mut self.joined, id, matches!(bot, Some(BotMembership::Joined)));
+        set_in(&mut self.join_failed, id, matches!(bot, Some(BotMembership::JoinFailed { .. })));
+        match bot {
+            Some(BotMembership::Invited { inviter, .. }) => {
+                self.joining.insert(id.clone(), inviter.clone());
+            }
+            _ => {
+                self.joining.remove(id);
+            }
+        }
+        set_in(&mut self.pending, id, room.is_some_and(|r| !r.pending_invites.is_empty() || !r.pending_actions.is_empty()));
+    }
+}
+
+fn set_in(set: &mut BTreeSet<OwnedRoomId>, id: &OwnedRoomId, member: bool) {
+    if member {
+        if !set.contains(id) {
+            set.insert(id.clone());
+        }
+    } else {
+        set.remove(id);
+    }
 }
 
 /// Views are equal when what they show is: the bookkeeping of what changed since the last
@@ -367,7 +411,19 @@ impl Views {
             presence: meta.presence,
             touched: Touched::default(),
             unsaved: Touched::none(),
+            index: RoomIndex::default(),
         }
+        .reindexed()
+    }
+
+    /// These views with [`Views::index`] rebuilt from every room (after loading).
+    pub fn reindexed(mut self) -> Self {
+        let mut index = RoomIndex::default();
+        for (id, r) in &self.rooms {
+            index.update(id, Some(r));
+        }
+        self.index = index;
+        self
     }
 }
 
@@ -410,6 +466,7 @@ impl Views {
             presence: BTreeMap::new(),
             touched: Touched::default(),
             unsaved: Touched::default(),
+            index: RoomIndex::default(),
         }
     }
 
@@ -419,6 +476,16 @@ impl Views {
             return;
         }
         self.folded_seq = rec.seq;
+        if let crate::core::log_entry::Scope::Room(r) = rec.entry.scope() {
+            let r = r.clone();
+            self.apply_entry(rec);
+            self.index.update(&r, self.rooms.get(&r));
+        } else {
+            self.apply_entry(rec);
+        }
+    }
+
+    fn apply_entry(&mut self, rec: &LogRecord) {
         match rec.entry.scope() {
             crate::core::log_entry::Scope::Room(r) => {
                 if !self.touched.all {
@@ -576,8 +643,11 @@ impl Views {
             }
             // An invite as a sibling is pending under its target's id.
             r.pending_actions.retain(|_, act| !act.actor.as_ref().is_some_and(|x| accounts.contains(x)));
-            if (r.pending_invites.len(), r.pending_actions.len()) != before && !self.unsaved.all {
-                self.unsaved.rooms.insert(id.clone());
+            if (r.pending_invites.len(), r.pending_actions.len()) != before {
+                if !self.unsaved.all {
+                    self.unsaved.rooms.insert(id.clone());
+                }
+                self.index.update(id, Some(r));
             }
         }
     }
