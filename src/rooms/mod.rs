@@ -253,10 +253,21 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
         return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }
     let mut extremities: Vec<OwnedEventId> = room.extremities.iter().filter(|e| !pdu.prev_events.contains(e)).cloned().collect();
+    // Linear history: the event follows the room's only extremity, whose state is the
+    // room's current state (folding keeps the two equal), and it is the only extremity now.
+    let linear = shared
+        && extremities.is_empty()
+        && room.extremities.len() == 1
+        && room.extremities.iter().next().is_some_and(|e| state::root_of(store, e.as_str()).ok().flatten() == Some(before));
+    if linear {
+        return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
+    }
     // A parent fedlink never had in its timeline, whose state it fetched at the gap
     // (`/state_ids`): the event closes the gap. Its state is resolved with the room's, that
     // becomes the state after it, and the room's other extremities are superseded, so the
     // room is linear again from here (instead of resolving on every later event).
+    // (Checked only off the linear path: a parent outside the timeline is never the room's
+    // extremity, and this reads stored events.)
     let closes_gap = pdu.prev_events.iter().any(|p| {
         !store.get_event(p.as_str()).ok().flatten().is_some_and(|e| e.status != PduStatus::Outlier)
             && state::root_of(store, p.as_str()).ok().flatten().is_some()
@@ -280,15 +291,6 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
         extremities.sort();
         tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, superseded = extremities.len(), "a gap closed with state fetched at the gap; resolved with the room's state");
         return Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)), before, superseded: extremities });
-    }
-    // Linear history: the event follows the room's only extremity, whose state is the
-    // room's current state (folding keeps the two equal), and it is the only extremity now.
-    let linear = shared
-        && extremities.is_empty()
-        && room.extremities.len() == 1
-        && room.extremities.iter().next().is_some_and(|e| state::root_of(store, e.as_str()).ok().flatten() == Some(before));
-    if linear {
-        return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }
     let current = current();
     let mut incremental = current.clone();
