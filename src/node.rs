@@ -90,6 +90,9 @@ pub struct Fedlink {
     pub sync: crate::sync::SyncState,
     /// In-flight inbound requests per origin (the `rc_federation`-style limit).
     pub inbound: Arc<crate::federation::server::InboundLimit>,
+    /// One checkpoint at a time: two interleaved could write an older `meta` over rooms of
+    /// a newer one.
+    pub checkpoint: tokio::sync::Mutex<()>,
     /// Admin bearer token.
     pub admin_token: String,
     /// Homeservers with an application-service registration (the reconciler's routes).
@@ -122,6 +125,7 @@ impl Fedlink {
             outbox: crate::outbox::Outbox::new(metrics.clone(), stop_rx.clone()),
             sync: crate::sync::SyncState::new(metrics.clone(), stop_rx.clone()),
             inbound: Arc::new(crate::federation::server::InboundLimit::new(cfg.federation.max_inflight_per_origin)),
+            checkpoint: tokio::sync::Mutex::new(()),
             server_name: cfg.server_name.clone().try_into().context("server_name")?,
             bot,
             key,
@@ -201,15 +205,24 @@ impl Fedlink {
     }
 
     /// Write a views checkpoint: the rooms changed since the last one, and the non-room
-    /// part. The set is taken under the write lock, then the lock is downgraded so ingest
-    /// only waits while the changed rooms are serialised; on failure the set is put back.
+    /// part. The set is taken under the write lock, then the lock is downgraded while the
+    /// changed rooms are serialised, and released before the write and flush; on failure
+    /// the set is put back.
     pub async fn snapshot(&self) -> Result<(), StoreError> {
+        let _one = self.checkpoint.lock().await;
         let mut views = self.views.write().await;
         let taken = std::mem::replace(&mut views.unsaved, crate::core::views::Touched::none());
         let views = views.downgrade();
         let rooms = if taken.all { views.rooms.len() } else { taken.rooms.len() };
-        let written = self.store.save_views(&views, (!taken.all).then_some(&taken.rooms)).await;
+        let batch = self.store.views_batch(&views, (!taken.all).then_some(&taken.rooms));
         drop(views);
+        let written = match batch {
+            Ok(b) => {
+                let bytes = b.bytes;
+                self.store.write_views(b).await.map(|()| bytes)
+            }
+            Err(e) => Err(e),
+        };
         match written {
             Ok(bytes) => {
                 self.metrics.views_snapshots.inc();

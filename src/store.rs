@@ -166,6 +166,13 @@ fn dest_of(key: &[u8]) -> Result<String, StoreError> {
     Ok(String::from_utf8_lossy(&key[..end]).into_owned())
 }
 
+/// A views checkpoint ready to be written.
+pub struct ViewsBatch {
+    batch: sled::Batch,
+    /// Bytes it writes.
+    pub bytes: usize,
+}
+
 /// Key prefix of a room's view in the `views` tree.
 const VIEW_ROOM_PREFIX: &[u8] = b"room\0";
 
@@ -350,11 +357,20 @@ impl Store {
     }
 
     /// Write a views checkpoint: the non-room part, and the rooms in `rooms` (all of them
-    /// when `None`), in one atomic batch, then flush. Rooms not written keep their earlier
-    /// checkpoint, which is still exact: they have not changed since (the caller tracks
-    /// that in `Views::unsaved`, taken under the same lock the views were read under).
-    /// Returns the bytes written.
+    /// when `None`, dropping rooms no longer in the views), in one atomic batch, then flush.
+    /// Rooms not written keep their earlier checkpoint, which is still exact: they have not
+    /// changed since (the caller tracks that in `Views::unsaved`, taken under the same lock
+    /// the views were read under). Returns the bytes written.
     pub async fn save_views(&self, views: &Views, rooms: Option<&std::collections::BTreeSet<ruma::OwnedRoomId>>) -> Result<usize, StoreError> {
+        let batch = self.views_batch(views, rooms)?;
+        let bytes = batch.bytes;
+        self.write_views(batch).await?;
+        Ok(bytes)
+    }
+
+    /// The batch of a views checkpoint (see [`Store::save_views`]): built while the views
+    /// are locked, written after the lock is released.
+    pub fn views_batch(&self, views: &Views, rooms: Option<&std::collections::BTreeSet<ruma::OwnedRoomId>>) -> Result<ViewsBatch, StoreError> {
         let mut batch = sled::Batch::default();
         let mut bytes = 0;
         let mut put = |room_id: &ruma::OwnedRoomId, room: &crate::core::views::RoomView| -> Result<(), StoreError> {
@@ -364,16 +380,30 @@ impl Store {
             Ok(())
         };
         match rooms {
-            None => views.rooms.iter().try_for_each(|(id, r)| put(id, r))?,
+            None => {
+                views.rooms.iter().try_for_each(|(id, r)| put(id, r))?;
+                for k in self.views.scan_prefix(VIEW_ROOM_PREFIX).keys() {
+                    let k = k?;
+                    let id = String::from_utf8_lossy(&k[VIEW_ROOM_PREFIX.len()..]).into_owned();
+                    if !ruma::OwnedRoomId::try_from(id).is_ok_and(|id| views.rooms.contains_key(&id)) {
+                        batch.remove(k);
+                    }
+                }
+            }
             Some(ids) => ids.iter().filter_map(|id| views.rooms.get(id).map(|r| (id, r))).try_for_each(|(id, r)| put(id, r))?,
         }
         let meta = serde_json::to_vec(&views.meta()).map_err(|e| corrupt("views", e))?;
         bytes += meta.len();
         batch.insert("meta", meta);
         batch.remove("snapshot");
-        self.views.apply_batch(batch)?;
+        Ok(ViewsBatch { batch, bytes })
+    }
+
+    /// Write a views checkpoint batch atomically and flush.
+    pub async fn write_views(&self, batch: ViewsBatch) -> Result<(), StoreError> {
+        self.views.apply_batch(batch.batch)?;
         self.views.flush_async().await?;
-        Ok(bytes)
+        Ok(())
     }
 
     /// Load the views checkpoint, if one of the current format exists (a whole-views

@@ -366,6 +366,36 @@ async fn a_gap_longer_than_get_missing_events_fills_is_closed_with_the_state_at_
     f.stop().await;
 }
 
+/// A resident whose `/state_ids` slips in an event of another room (here the other room's
+/// power levels) does not get its state used: nothing of it is stored, the events after the
+/// gap are checked against the room's own state (carol, who joined in the gap, is not a
+/// member there, so her message is refused), and the refusal is counted.
+#[tokio::test]
+async fn state_at_a_gap_with_an_event_of_another_room_is_not_used() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V11).await;
+    let other = peer.create_room("alice", RoomVersionId::V11);
+    let (s, v) = peer.invite(&other, "alice", &f.bot(), &f.name, &f.fed_url).await;
+    assert_eq!(s, 200, "{v}");
+    wait_joined(&f, &other).await;
+    let foreign = peer.state.lock().unwrap().rooms[&other].state[&("m.room.power_levels".to_owned(), String::new())].clone();
+    peer.state.lock().unwrap().state_ids_extra = vec![foreign];
+    peer.state.lock().unwrap().rooms.get_mut(&room).unwrap().state_at = Some(Default::default());
+    let carol = peer.user("carol");
+    peer.push(&room, "alice", "m.room.member", Some(&carol), json!({ "membership": "invite" }));
+    peer.push(&room, "carol", "m.room.member", Some(&carol), json!({ "membership": "join" }));
+    for i in 0..150 {
+        peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("m{i}") }));
+    }
+    let (last, ev) = peer.push(&room, "carol", "m.room.message", None, json!({ "body": "hi" }));
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "lying-gap", vec![ev], vec![]).await;
+    assert_eq!(s, 200);
+    assert!(v["pdus"][&last]["error"].is_string(), "carol's message is checked against the room's own state: {v}");
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_ne!(r["members"][&carol], "join");
+    assert!(f.metric("fedlink_gap_fills_total{result=\"state_refused\"}").await >= 1.0);
+    f.stop().await;
+}
+
 /// An event fedlink stored as an outlier (the auth chain of a join, say) becomes a timeline
 /// event when it later arrives over `/send`, instead of being answered as already known.
 #[tokio::test]

@@ -457,6 +457,11 @@ async fn fetch_state_at_gaps(app: &Fedlink, origin: &str, verified: &[(Pdu, Owne
             }
         }
     }
+    // Only a server the room's ACL lets take part may make fedlink fetch on its word.
+    {
+        let views = app.views.read().await;
+        missing.retain(|_, room_id| views.rooms.get(room_id).is_some_and(|r| crate::rooms::server_allowed(&app.store, r, origin)));
+    }
     let mut out = Vec::new();
     for (prev_id, room_id) in missing {
         match fetch_gap(app, origin, &room_id, &prev_id).await {
@@ -523,50 +528,73 @@ async fn fetch_gap(app: &Fedlink, origin: &str, room_id: &OwnedRoomId, prev_id: 
 /// Store what was fetched for a gap (as outliers, each checked against its own auth
 /// events) and record the state after the missing parent, so the events after the gap are
 /// checked against the state the origin had there (resolved with the room's in `admit`).
+/// The state is used only whole: every listed event must be known, in this room, and pass
+/// its auth checks; the room's create event must be in it; and the parent must pass the
+/// authorization rules against it. Otherwise nothing is stored and the events after the gap
+/// are checked against the room's current state, as before. Never fails the transaction.
 async fn apply_gap_state(app: &Fedlink, via: &OwnedServerName, gap: GapState) -> Result<(), MatrixError> {
     let GapState { room_id, prev, state_ids, events } = gap;
-    let Some(rules) = app.views.read().await.rooms.get(&room_id).and_then(|r| rules_for(&r.version)) else { return Ok(()) };
+    let prev_id = prev.event_id.clone();
+    if let Err(reason) = gap_state(app, via, &room_id, prev, &state_ids, events).await {
+        app.metrics.gap_fills.with_label_values(&["state_refused"]).inc();
+        tracing::warn!(%room_id, prev = %prev_id, via = %via, %reason, "not using the state fetched at a gap");
+    }
+    Ok(())
+}
+
+async fn gap_state(app: &Fedlink, via: &OwnedServerName, room_id: &OwnedRoomId, prev: Pdu, state_ids: &[OwnedEventId], events: Vec<Pdu>) -> Result<(), String> {
+    let rules = app.views.read().await.rooms.get(room_id).and_then(|r| rules_for(&r.version)).ok_or("the room is gone")?;
     let mut all: BTreeMap<OwnedEventId, Pdu> = events.into_iter().map(|p| (p.event_id.clone(), p)).collect();
     all.insert(prev.event_id.clone(), prev.clone());
     let mut checked: BTreeMap<OwnedEventId, Pdu> = BTreeMap::new();
-    let mut entries = Vec::new();
     for id in super::membership::auth_order(&all) {
         let pdu = all.remove(&id).expect("ordered ids come from the map");
-        if app.store.has_event(id.as_str())? {
+        if app.store.has_event(id.as_str()).unwrap_or(true) {
             continue;
         }
-        match check_auth(&app.store, None, &pdu, &rules, &checked) {
-            Ok(_) => {
-                entries.push(Entry::Pdu(PduEntry::new(&pdu, via.clone(), PduStatus::Outlier)));
-                checked.insert(id, pdu);
-            }
-            Err(rej) => {
-                app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
-                tracing::info!(event_id = %id, reason = %rej, "rejecting an event of the state at a gap");
-            }
+        check_auth(&app.store, None, &pdu, &rules, &checked).map_err(|rej| format!("{id} fails its auth checks: {rej}"))?;
+        checked.insert(id, pdu);
+    }
+    let prev = checked.get(&prev.event_id).cloned().ok_or("the missing parent fails its auth checks")?;
+    // The state before the parent, whole and of this room only.
+    let mut before = crate::rooms::state::StateMap::new();
+    for id in state_ids {
+        let p = checked.get(id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, id, &rules)).ok_or_else(|| format!("state event {id} is unknown"))?;
+        if p.room_id != *room_id {
+            return Err(format!("state event {id} belongs to another room"));
+        }
+        let Some(k) = &p.state_key else { return Err(format!("{id} is not a state event")) };
+        if before.insert((p.kind.to_string(), k.clone()), p.event_id.clone()).is_some() {
+            return Err(format!("two state events for ({}, {k})", p.kind));
         }
     }
-    let usable = checked.contains_key(&prev.event_id);
-    if !entries.is_empty() {
-        app.append(entries, None).await?;
+    if !before.contains_key(&("m.room.create".to_owned(), String::new())) && !rules.authorization.room_create_event_id_as_room_id {
+        return Err("the state has no create event".into());
     }
-    if !usable {
-        tracing::warn!(room_id = %room_id, prev = %prev.event_id, "the missing parent fails its auth checks; not using the state at the gap");
-        return Ok(());
+    let storage = |e: crate::store::StoreError| e.to_string();
+    // Checked against the state before it with the events not yet logged at hand.
+    let extra: BTreeMap<OwnedEventId, Pdu> = checked.clone();
+    {
+        let fetch = |id: &ruma::EventId| -> Option<std::sync::Arc<Pdu>> {
+            extra.get(id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, id, &rules))
+        };
+        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &prev, |t, sk| {
+            before.get(&(t.to_string(), sk.to_owned())).and_then(|id| fetch(id))
+        })
+        .map_err(|e| format!("the missing parent is not allowed by the state before it: {e}"))?;
     }
-    let mut map = crate::rooms::state::StateMap::new();
-    for id in &state_ids {
-        let Some(p) = crate::rooms::load_pdu(&app.store, id, &rules) else { continue };
-        if let Some(k) = &p.state_key {
-            map.insert((p.kind.to_string(), k.clone()), p.event_id.clone());
-        }
-    }
+    let mut after = before;
     if let Some(k) = &prev.state_key {
-        map.insert((prev.kind.to_string(), k.clone()), prev.event_id.clone());
+        after.insert((prev.kind.to_string(), k.clone()), prev.event_id.clone());
     }
-    let storage = |e: crate::store::StoreError| MatrixError::internal(e.to_string());
-    let root = crate::rooms::state::from_map(&app.store, &map).map_err(storage)?;
+    // The root first: if logging the events fails, the parent is not stored and the gap is
+    // fetched again next time.
+    let root = crate::rooms::state::from_map(&app.store, &after).map_err(storage)?;
     app.store.put_state_root_of(prev.event_id.as_str(), root).map_err(storage)?;
+    let entries: Vec<Entry> = checked.values().map(|p| Entry::Pdu(PduEntry::new(p, via.clone(), PduStatus::Outlier))).collect();
+    let n = entries.len();
+    app.append(entries, None).await.map_err(|e| e.to_string())?;
+    tracing::info!(%room_id, prev = %prev.event_id, stored = n, "closing a gap with the state at it");
     Ok(())
 }
 

@@ -288,6 +288,10 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
             state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
         };
         store.put_state_root_of(pdu.event_id.as_str(), state::from_map(store, &resolved).map_err(storage)?).map_err(storage)?;
+        // Only extremities from before the gap are superseded (older than the parents the
+        // origin claimed); other servers' newer forks stay extremities.
+        let gap_depth = pdu.prev_events.iter().filter_map(|p| store.get_event(p.as_str()).ok().flatten()).map(|e| e.depth).min().unwrap_or(0);
+        extremities.retain(|e| store.get_event(e.as_str()).ok().flatten().is_some_and(|x| x.depth < gap_depth));
         extremities.sort();
         tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, superseded = extremities.len(), "a gap closed with state fetched at the gap; resolved with the room's state");
         return Ok(Admitted { status, resolved: Some(resolved_state(store, &resolved)), before, superseded: extremities });

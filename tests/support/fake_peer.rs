@@ -208,6 +208,8 @@ pub struct PeerState {
     /// Tamper with the invite it countersigns: `"content"` changes it, `"unsigned"` returns
     /// it without the peer's signature.
     pub tamper_invite: Option<&'static str>,
+    /// Add these event ids to every `/state_ids` answer (a lying resident).
+    pub state_ids_extra: Vec<String>,
     /// Hold `get_missing_events` answers this long.
     pub delay_missing_events: Option<std::time::Duration>,
     /// Public keys of servers that sent requests (fetched from their key servers and cached).
@@ -724,7 +726,8 @@ async fn state_ids(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, ur
     let Some(state) = st.rooms.get(&room_id).and_then(|r| r.state_at.as_ref()?.get(event_id.as_deref()?)).cloned() else {
         return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no state recorded at that event" })));
     };
-    let ids: Vec<String> = state.values().cloned().collect();
+    let mut ids: Vec<String> = state.values().cloned().collect();
+    ids.extend(st.state_ids_extra.iter().cloned());
     let chain: Vec<String> = st.rooms[&room_id].auth_chain(&ids).iter().filter_map(|e| {
         let rules = st.rooms[&room_id].version.rules().unwrap();
         Some(format!("${}", ruma::signatures::reference_hash(&canonical_object(e.clone()).ok()?, &rules).ok()?))
