@@ -14,6 +14,9 @@
 //!   authored or served (for `state_ids`).
 //! - `state_groups`, `state_group_of`, `state_at`: the full-map format of earlier versions,
 //!   read (and converted on first use) only for events stored before it.
+//! - `latest_ephemeral`: `p \0 user` / `t \0 room \0 user` -> `seq` of the latest presence or
+//!   typing record; appending a newer one removes the older from `log` in the same
+//!   transaction, so chatter does not grow the log (folding keeps only the latest anyway).
 //! - `parked`: `room_id \0 event_id` -> `{origin, pdu}`: PDUs received for a room whose join is under
 //!   way, kept (durably, before the sender's 200) until the join lands; not yet log records.
 //!
@@ -143,6 +146,7 @@ pub struct Store {
     state_groups: sled::Tree,
     parked: sled::Tree,
     state_nodes: sled::Tree,
+    latest_ephemeral: sled::Tree,
     state_root_of: sled::Tree,
     state_before_root: sled::Tree,
     node_cache: crate::cache::Cache<u64, std::sync::Arc<StateNode>>,
@@ -164,6 +168,16 @@ fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
 fn dest_of(key: &[u8]) -> Result<String, StoreError> {
     let end = key.iter().position(|b| *b == 0).ok_or_else(|| corrupt("outbox", "key without separator"))?;
     Ok(String::from_utf8_lossy(&key[..end]).into_owned())
+}
+
+/// For records of which only the latest matters (presence per user, typing per room and
+/// user): the key under which the latest one's `seq` is kept in `latest_ephemeral`.
+fn superseding_key(entry: &Entry) -> Option<Vec<u8>> {
+    match entry {
+        Entry::Presence(p) => Some([b"p\0".as_slice(), p.user_id.as_bytes()].concat()),
+        Entry::Typing(t) => Some([b"t\0".as_slice(), t.room_id.as_bytes(), b"\0", t.user_id.as_bytes()].concat()),
+        _ => None,
+    }
 }
 
 /// A views checkpoint ready to be written.
@@ -209,6 +223,7 @@ impl Store {
             state_group_of: db.open_tree("state_group_of")?,
             state_groups: db.open_tree("state_groups")?,
             state_nodes: db.open_tree("state_nodes")?,
+            latest_ephemeral: db.open_tree("latest_ephemeral")?,
             state_root_of: db.open_tree("state_root_of")?,
             state_before_root: db.open_tree("state_before_root")?,
             node_cache: crate::cache::Cache::new(NODE_CACHE),
@@ -253,8 +268,8 @@ impl Store {
                 )),
                 None => None,
             };
-            (&self.log, &self.event_index, &self.txns, &self.outbox)
-                .transaction(|(log, index, txns, out)| {
+            (&self.log, &self.event_index, &self.txns, &self.outbox, &self.latest_ephemeral)
+                .transaction(|(log, index, txns, out, latest)| {
                     for (k, e) in &outbox_keys {
                         out.insert(k.as_slice(), e.as_bytes())?;
                     }
@@ -262,6 +277,12 @@ impl Store {
                         log.insert(&seq.to_be_bytes(), bytes.as_slice())?;
                         if let Entry::Pdu(p) = &rec.entry {
                             index.insert(p.event_id.as_bytes(), &seq.to_be_bytes())?;
+                        }
+                        // Typing and presence: only the latest record per user is kept.
+                        if let Some(key) = superseding_key(&rec.entry) {
+                            if let Some(old) = latest.insert(key, &seq.to_be_bytes())? {
+                                log.remove(old.as_ref())?;
+                            }
                         }
                     }
                     if let Some((k, v)) = &txn_val {
@@ -714,6 +735,36 @@ mod tests {
             inviter: "@bob:kiwi".try_into().unwrap(),
             event: serde_json::json!({}),
         })
+    }
+
+    /// Presence (per user) and typing (per room and user) keep only their latest record in
+    /// the log; folding what is left gives the same views as folding everything.
+    #[tokio::test]
+    async fn superseded_presence_and_typing_records_leave_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let typing = |typing: bool| {
+            Entry::Typing(crate::core::log_entry::TypingEntry {
+                origin: "kiwi".try_into().unwrap(),
+                room_id: "!r:kiwi".try_into().unwrap(),
+                user_id: "@a:kiwi".try_into().unwrap(),
+                typing,
+            })
+        };
+        let offline = Entry::Presence(PresenceEntry { origin: "kiwi".try_into().unwrap(), user_id: "@a:kiwi".try_into().unwrap(), presence: "offline".into(), last_active_ago: None });
+        let mut everything = Views::new("@fedlink:fl".try_into().unwrap());
+        let mut written = Vec::new();
+        for batch in [vec![presence("@a:kiwi"), typing(true)], vec![presence("@b:kiwi"), presence("@a:kiwi")], vec![offline, typing(false)], vec![invited("!r1:kiwi")]] {
+            written.extend(store.append(batch, None, &[], 1).unwrap());
+        }
+        written.iter().for_each(|r| everything.apply(r));
+        let kept: Vec<LogRecord> = store.records_after(0).collect::<Result<_, _>>().unwrap();
+        let kinds: Vec<(u64, &str)> = kept.iter().map(|r| (r.seq, r.entry.kind())).collect();
+        assert_eq!(kinds, vec![(3, "presence"), (5, "presence"), (6, "typing"), (7, "bot_invited")]);
+        let mut replayed = Views::new("@fedlink:fl".try_into().unwrap());
+        kept.iter().for_each(|r| replayed.apply(r));
+        assert_eq!(replayed, everything);
+        assert_eq!(replayed.presence[&ruma::OwnedUserId::try_from("@a:kiwi").unwrap()], "offline");
     }
 
     /// A checkpoint writes the rooms changed since the last one (and the non-room part); the
