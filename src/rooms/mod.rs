@@ -241,11 +241,12 @@ pub struct Admitted {
 /// current state, and the checks read only the entries the rules name. Forks and gaps take
 /// the full path, whose cost grows with the room's state.
 pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules) -> Result<Admitted, Rejection> {
+    let resolution = |e: String| Rejection::Auth(format!("state resolution failed: {e}"));
     let status = check_auth(store, Some(room), pdu, rules, &BTreeMap::new())?;
     let current = std::cell::OnceCell::new();
     let current = || current.get_or_init(|| view_state(room)).clone();
     let (before, shared) =
-        state::state_before(store, rules, pdu, &current).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?;
+        state::state_before(store, rules, pdu, &current).map_err(resolution)?;
     check_against_state(store, pdu, rules, before)?;
     let storage = |e: crate::store::StoreError| Rejection::Format(format!("storage: {e}"));
     let after = state::record_after(store, pdu, before).map_err(storage)?;
@@ -280,13 +281,7 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
                 None => current(),
             });
         }
-        maps.sort();
-        maps.dedup();
-        let resolved = if maps.len() == 1 {
-            maps.pop().expect("one map")
-        } else {
-            state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
-        };
+        let resolved = state::resolve_distinct(store, rules, maps, Some(pdu)).map_err(resolution)?;
         store.put_state_root_of(pdu.event_id.as_str(), state::from_map(store, &resolved).map_err(storage)?).map_err(storage)?;
         // Only extremities from before the gap are superseded (older than the parents the
         // origin claimed); other servers' newer forks stay extremities.
@@ -310,18 +305,12 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
     roots.push(Some(after));
     roots.sort();
     roots.dedup();
-    let mut maps: Vec<state::StateMap> = roots
+    let maps: Vec<state::StateMap> = roots
         .iter()
         .map(|r| r.map(|r| state::load(store, r)).unwrap_or_else(|| Ok(current.clone())))
         .collect::<Result<_, _>>()
         .map_err(storage)?;
-    maps.sort();
-    maps.dedup();
-    let resolved = if maps.len() == 1 {
-        maps.pop().expect("one map")
-    } else {
-        state::resolve(store, rules, &maps, Some(pdu)).map_err(|e| Rejection::Auth(format!("state resolution failed: {e}")))?
-    };
+    let resolved = state::resolve_distinct(store, rules, maps, Some(pdu)).map_err(resolution)?;
     if resolved == incremental {
         return Ok(Admitted { status, resolved: None, before, superseded: Vec::new() });
     }

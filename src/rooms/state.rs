@@ -267,10 +267,20 @@ pub fn state_before(
     if unknown || maps.is_empty() {
         maps.push(fallback());
     }
+    let map = resolve_distinct(store, rules, maps, None)?;
+    Ok((from_map(store, &map).map_err(|e| e.to_string())?, false))
+}
+
+/// One state from several of one room: duplicates dropped, and resolved with state
+/// resolution v2 only when more than one differs. `pending` is an event being admitted,
+/// not yet in the store.
+pub fn resolve_distinct(store: &Store, rules: &RoomVersionRules, mut maps: Vec<StateMap>, pending: Option<&Pdu>) -> Result<StateMap, String> {
     maps.sort();
     maps.dedup();
-    let map = if maps.len() == 1 { maps.pop().expect("one map") } else { resolve(store, rules, &maps, None)? };
-    Ok((from_map(store, &map).map_err(|e| e.to_string())?, false))
+    match maps.len() {
+        1 => Ok(maps.pop().expect("one map")),
+        _ => resolve(store, rules, &maps, pending),
+    }
 }
 
 /// Resolve several states of one room with state resolution v2.
