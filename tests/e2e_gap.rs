@@ -7,10 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{enc, fedlink_proc::FedlinkBin, wait_until, Synapse, SynapseOpts};
+use support::{enc, fedlink_proc::FedlinkBin, linked_alice_config, wait_until, Synapse, SynapseOpts, FAST_RETRY};
 
 const T: Duration = Duration::from_secs(90);
-const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_during_downtime_followed_by_300_messages_still_brings_the_sibling() {
@@ -21,10 +20,7 @@ async fn a_join_during_downtime_followed_by_300_messages_still_brings_the_siblin
     let (kiwi, litchi) = (kiwi.unwrap(), litchi.unwrap());
     let (bob, alice_k, alice_l) = (kiwi.register("bob").await.unwrap(), kiwi.register("alice").await.unwrap(), litchi.register("alice").await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\"]\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n",
-        kiwi.server_name, litchi.server_name, alice_k.user_id, alice_l.user_id
-    );
+    let extra = linked_alice_config(&[&kiwi.server_name, &litchi.server_name], &[&alice_k.user_id, &alice_l.user_id]);
     let mut f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");
     let room = bob.create_room(&[&f.bot()], None, "private_chat").await.unwrap();
     wait_until("the bot joined", T, || async { Ok(bob.joined_members(&room).await?.contains(&f.bot()).then_some(())) }).await.unwrap();

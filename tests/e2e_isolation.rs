@@ -21,12 +21,10 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{enc, fedlink_proc::FedlinkBin, wait_until, ClientSession, Synapse, SynapseOpts};
+use support::{enc, fedlink_proc::FedlinkBin, linked_alice_config, wait_until, ClientSession, Synapse, SynapseOpts, FAST_RETRY};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Synapse retries a destination quickly after a failure (the default waits 10 minutes).
-const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
 
 /// Serializes the tests of this file (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -316,9 +314,9 @@ async fn a_hanging_homeserver_delays_only_its_own_invites() {
     // invites one after another in order would hit the hanging server first.
     let alice_m = mango.register("a0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\", \"{}\"]\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\", \"{}\"]\n",
-        kiwi.server_name, litchi.server_name, mango.server_name, alice_k.user_id, alice_l.user_id, alice_m.user_id
+    let extra = linked_alice_config(
+        &[&kiwi.server_name, &litchi.server_name, &mango.server_name],
+        &[&alice_k.user_id, &alice_l.user_id, &alice_m.user_id],
     );
     let f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");
     mark("started");

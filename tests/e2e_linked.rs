@@ -10,10 +10,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{enc, fedlink_proc::FedlinkBin, wait_until, ClientSession, Synapse, SynapseOpts};
+use support::{enc, fedlink_proc::FedlinkBin, linked_alice_config, wait_until, ClientSession, Synapse, SynapseOpts, FAST_RETRY};
 
 const T: Duration = Duration::from_secs(60);
-const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
 
 async fn invited_rooms(c: &ClientSession) -> anyhow::Result<Vec<String>> {
     let v = c.get("/_matrix/client/v3/sync?timeout=0").await?;
@@ -57,10 +56,7 @@ async fn scenario(room_version: Option<&str>) {
     let (kiwi, litchi) = (kiwi.unwrap(), litchi.unwrap());
     let (bob, alice_k, alice_l) = (kiwi.register("bob").await.unwrap(), kiwi.register("alice").await.unwrap(), litchi.register("alice").await.unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[federation]\nverify_tls = false\nallowed_servers = [\"{}\", \"{}\"]\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n",
-        kiwi.server_name, litchi.server_name, alice_k.user_id, alice_l.user_id
-    );
+    let extra = linked_alice_config(&[&kiwi.server_name, &litchi.server_name], &[&alice_k.user_id, &alice_l.user_id]);
     let f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");
 
     mark("started");

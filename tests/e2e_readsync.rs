@@ -15,6 +15,7 @@ mod support;
 use std::time::Duration;
 
 use support::{
+    FAST_RETRY,
     appservice::{appservice_toml, install_registration, receipt_of, sync},
     enc,
     fedlink_proc::FedlinkBin,
@@ -22,7 +23,6 @@ use support::{
 };
 
 const T: Duration = Duration::from_secs(60);
-const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
 
 async fn wait_member(c: &ClientSession, room: &str, user: &str, present: bool) {
     wait_until(&format!("{user} present={present} in {room}"), T, || async {

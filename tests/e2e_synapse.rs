@@ -10,12 +10,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use fedlink::{core::log_entry::Entry, store::Store};
 use serde_json::Value;
-use support::{enc, fedlink_proc::FedlinkBin, wait_until, Synapse, SynapseOpts};
+use support::{enc, fedlink_proc::FedlinkBin, wait_until, Synapse, SynapseOpts, FAST_RETRY};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Synapse retries a destination quickly after a failure (the default waits 10 minutes).
-const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
 
 async fn room_view(f: &FedlinkBin, room: &str) -> Value {
     f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(room))).await.1

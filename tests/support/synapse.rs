@@ -98,6 +98,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Synapse YAML that retries a failed destination after 1 s, at most 5 s apart (the
+/// default starts at 10 minutes), so tests that stop a server see it caught up quickly.
+pub const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
+
+/// fedlink config for loopback tests: TLS checks off, only `servers` allowed, and one
+/// person `alice` linking `accounts`.
+pub fn linked_alice_config(servers: &[&str], accounts: &[&str]) -> String {
+    let list = |v: &[&str]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[federation]\nverify_tls = false\nallowed_servers = [{}]\n[[directory.person]]\nid = \"alice\"\naccounts = [{}]\n",
+        list(servers),
+        list(accounts)
+    )
+}
+
 /// Options for [`Synapse::start`].
 #[derive(Debug, Clone, Default)]
 pub struct SynapseOpts {
