@@ -824,8 +824,18 @@ mod tests {
             s.append(vec![presence("@b:kiwi")], None, &[], 43).unwrap();
             s.flush().await.unwrap();
         }
-        // Reopen: everything is there, sequence continues.
-        let s = Store::open(dir.path()).unwrap();
+        // Reopen: everything is there, sequence continues. sled's flusher thread may hold the
+        // last reference (and the file lock) for a moment after the drop: wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let s = loop {
+            match Store::open(dir.path()) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         assert_eq!(s.last_seq(), 3);
         assert!(s.has_event("$e1").unwrap());
         assert_eq!(s.get_event("$e1").unwrap().unwrap().depth, 3);
