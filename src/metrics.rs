@@ -93,6 +93,10 @@ pub struct Metrics {
     pub bot_invites_refused: IntCounterVec,
     /// Time of a reconcile pass, by pass (`incremental`: the touched rooms; `full`).
     pub reconcile_seconds: HistogramVec,
+    /// Time of each phase of an inbound transaction (`prepare`: parse, signatures and
+    /// fetches, no lock; `wait`: for the ingest lock; `apply`: auth checks and logging;
+    /// `flush`: making it durable).
+    pub ingest_phase_seconds: HistogramVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -188,6 +192,16 @@ impl Metrics {
                     HistogramOpts::new("fedlink_reconcile_duration_seconds", "Time of a reconcile pass (incremental: the rooms touched since the last pass)")
                         .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
                     &["pass"],
+                )
+                .expect("static metric definition");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
+            ingest_phase_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new("fedlink_ingest_phase_duration_seconds", "Time of each phase of an inbound /send transaction")
+                        .buckets(vec![0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+                    &["phase"],
                 )
                 .expect("static metric definition");
                 r.register(Box::new(h.clone())).expect("metric registered once");

@@ -56,6 +56,69 @@ impl RetryStatus {
     }
 }
 
+/// Records folded into the views ahead of their write to the log: a federation
+/// transaction's PDUs are admitted one after the other (each against the views the earlier
+/// ones made) and written together, in one log transaction instead of one per PDU.
+pub struct Batch<'a> {
+    app: &'a Fedlink,
+    views: tokio::sync::RwLockWriteGuard<'a, Views>,
+    records: Vec<LogRecord>,
+    done: bool,
+}
+
+impl Batch<'_> {
+    /// The views, including the records added so far.
+    pub fn views(&self) -> &Views {
+        &self.views
+    }
+
+    /// Number, fold and keep `entry`; PDUs are staged in the store so later events of the
+    /// batch find them (auth events, parents).
+    pub fn push(&mut self, entry: Entry) {
+        let seq = self.app.store.next_seq() + self.records.len() as u64;
+        let rec = LogRecord { v: crate::core::log_entry::LOG_FORMAT, seq, at_ms: now_ms(), entry };
+        if let Entry::Pdu(p) = &rec.entry {
+            self.app.store.stage(p);
+        }
+        self.views.apply(&rec);
+        self.records.push(rec);
+    }
+
+    /// Write the batch (with a federation transaction's answer) in one log transaction.
+    /// Not yet durable: the caller flushes before acknowledging.
+    pub fn commit(mut self, txn: Option<(&str, &str, &serde_json::Value)>) -> Result<Vec<LogRecord>, StoreError> {
+        let records = std::mem::take(&mut self.records);
+        let written = self.app.store.append_records(&records, txn, now_ms());
+        self.app.store.unstage();
+        if let Err(e) = written {
+            self.records = records;
+            return Err(e); // Drop folds the views again
+        }
+        self.done = true;
+        let kinds: Vec<&'static str> = records.iter().map(|r| r.entry.kind()).collect();
+        let moves_bot = records.iter().any(|r| r.entry.moves_bot());
+        self.app.appended(&self.views, &kinds, moves_bot);
+        self.app.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(records)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if self.done || self.records.is_empty() {
+            self.app.store.unstage();
+            return;
+        }
+        // The views hold records the log does not: fold them again from the log.
+        self.app.store.unstage();
+        tracing::warn!(records = self.records.len(), "a batch was not written; folding the views again from the log");
+        match fold_views(&self.app.store, self.app.bot.clone(), false) {
+            Ok(v) => *self.views = v,
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot fold the views again; they may be ahead of the log until restart"),
+        }
+    }
+}
+
 /// Everything a handler or worker needs.
 pub struct Fedlink {
     /// The validated config.
@@ -171,27 +234,41 @@ impl Fedlink {
     ) -> Result<Vec<LogRecord>, StoreError> {
         let kinds: Vec<&'static str> = entries.iter().map(Entry::kind).collect();
         let moves_bot = entries.iter().any(Entry::moves_bot);
+        // The views lock is taken before the log's: records are folded in the order they
+        // were numbered (the views skip a record older than one already folded).
+        let mut views = self.views.write().await;
         let records = self.store.append(entries, txn, outbox, now_ms())?;
-        {
-            let mut views = self.views.write().await;
-            for r in &records {
-                views.apply(r);
-            }
-            // Counting rooms costs O(rooms): only when the bot's rooms may have changed.
-            if moves_bot {
-                self.update_view_gauges(&views);
-            }
+        for r in &records {
+            views.apply(r);
         }
+        self.appended(&views, &kinds, moves_bot);
+        drop(views);
         // Wake the workers only once the views show what was appended.
         if !outbox.is_empty() {
             self.outbox.wake.notify_one();
         }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(records)
+    }
+
+    /// Metrics after records were appended and folded.
+    fn appended(&self, views: &Views, kinds: &[&'static str], moves_bot: bool) {
+        // Counting rooms costs O(rooms): only when the bot's rooms may have changed.
+        if moves_bot {
+            self.update_view_gauges(views);
+        }
         for k in kinds {
             self.metrics.log_appends.with_label_values(&[k]).inc();
         }
         self.metrics.log_entries.set(self.store.last_seq() as i64);
-        Ok(records)
+    }
+
+    /// Start a batch: records folded as they are added and written to the log in one
+    /// transaction by [`Batch::commit`]. The batch holds the views' write lock throughout,
+    /// so nothing reads views ahead of the log; if it is dropped or its write fails, the
+    /// views are folded again from the log.
+    pub async fn batch(&self) -> Batch<'_> {
+        Batch { app: self, views: self.views.write().await, records: Vec::new(), done: false }
     }
 
     /// Set the room gauges from `views`.
@@ -260,3 +337,76 @@ pub fn fold_views(store: &Store, bot: OwnedUserId, rebuild: bool) -> anyhow::Res
     Ok(views)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::log_entry::{PduEntry, PduStatus, PersonSet};
+
+    fn open(dir: &std::path::Path) -> Arc<Fedlink> {
+        let text = "server_name = \"fedlink.test\"\n[listen]\nfederation = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
+                    [tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[keys]\nsigning_key = \"signing.key\"\n[storage]\npath = \"db\"\n\
+                    [admin]\ntoken = \"batch-test-admin-token-0123456789\"\n";
+        let cfg = Config::from_toml_str(text, std::iter::empty(), dir).unwrap();
+        Fedlink::open(cfg).unwrap()
+    }
+
+    fn link(person: &str, accounts: &[&str]) -> Entry {
+        Entry::PersonSet(PersonSet {
+            person: person.into(),
+            accounts: accounts.iter().map(|a| OwnedUserId::try_from(*a).unwrap()).collect(),
+            source: crate::core::log_entry::LinkSource::Admin,
+        })
+    }
+
+    fn pdu(event_id: &str) -> Entry {
+        Entry::Pdu(PduEntry {
+            room_id: "!r:kiwi".try_into().unwrap(),
+            event_id: event_id.try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            status: PduStatus::Accepted,
+            event_type: "m.room.message".into(),
+            state_key: None,
+            sender: "@a:kiwi".try_into().unwrap(),
+            membership: None,
+            prev_events: vec![],
+            depth: 3,
+            origin_server_ts: 1,
+            pdu: serde_json::json!({"type": "m.room.message"}),
+            resolved_state: None,
+            superseded: Vec::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_seen_while_open_written_whole_or_forgotten_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = open(dir.path());
+        app.append(vec![link("carol", &["@carol:kiwi"])], None).await.unwrap();
+        let before = app.views.read().await.clone();
+
+        // Dropped without commit: the views and the store are as the log has them.
+        {
+            let mut batch = app.batch().await;
+            batch.push(link("alice", &["@alice:kiwi", "@alice:litchi"]));
+            batch.push(pdu("$staged"));
+            assert!(batch.views().directory.persons.contains_key("alice"), "later entries see earlier ones folded");
+            assert!(app.store.has_event("$staged").unwrap(), "and the batch's events staged");
+        }
+        assert_eq!(*app.views.read().await, before, "a dropped batch leaves the views as they were");
+        assert!(!app.store.has_event("$staged").unwrap());
+        assert_eq!(app.store.last_seq(), 1);
+
+        // Committed: one write, numbered after the log, equal to folding the log again.
+        let mut batch = app.batch().await;
+        batch.push(link("alice", &["@alice:kiwi", "@alice:litchi"]));
+        batch.push(pdu("$written"));
+        let records = batch.commit(None).unwrap();
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(app.store.has_event("$written").unwrap());
+        let refolded = fold_views(&app.store, app.bot.clone(), true).unwrap();
+        assert_eq!(*app.views.read().await, refolded);
+        // Plain appends go on numbering after it.
+        assert_eq!(app.append(vec![link("bob", &["@bob:kiwi"])], None).await.unwrap()[0].seq, 4);
+    }
+}

@@ -155,6 +155,8 @@ pub struct Store {
     parked_len: std::sync::atomic::AtomicUsize,
     /// Serialises appends and holds the last assigned sequence number.
     next_seq: Mutex<u64>,
+    /// PDU entries of a batch being admitted, not written yet (see [`Store::stage`]).
+    staged: Mutex<std::collections::HashMap<String, PduEntry>>,
 }
 
 fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
@@ -233,12 +235,13 @@ impl Store {
             log,
             db,
             next_seq: Mutex::new(last),
+            staged: Mutex::new(Default::default()),
         })
     }
 
     /// Append `entries` (and, for a federation transaction, its response) atomically.
     /// Not yet durable: call [`Store::flush`] before acknowledging anything to a sender.
-    /// Returns the records as written.
+    /// `outbox` lists (destination, event id) pairs to queue for delivery in the same batch.
     pub fn append(
         &self,
         entries: Vec<Entry>,
@@ -246,58 +249,103 @@ impl Store {
         outbox: &[(String, String)],
         now_ms: u64,
     ) -> Result<Vec<LogRecord>, StoreError> {
+        let mut next = self.next_seq.lock().expect("append lock poisoned");
+        let records: Vec<LogRecord> = entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| LogRecord { v: LOG_FORMAT, seq: *next + 1 + i as u64, at_ms: now_ms, entry })
+            .collect();
+        self.write_records(&mut next, &records, txn, outbox, now_ms)?;
+        Ok(records)
+    }
+
+    /// Append records already numbered by the caller (a batch folded ahead of its write:
+    /// see `Fedlink::batch`). Their numbers must follow the log's last one, without gaps.
+    pub fn append_records(&self, records: &[LogRecord], txn: Option<(&str, &str, &serde_json::Value)>, now_ms: u64) -> Result<(), StoreError> {
+        let mut next = self.next_seq.lock().expect("append lock poisoned");
+        if records.iter().enumerate().any(|(i, r)| r.seq != *next + 1 + i as u64) {
+            return Err(corrupt("log", format!("records numbered from {:?} do not follow the log's last, {}", records.first().map(|r| r.seq), *next)));
+        }
+        self.write_records(&mut next, records, txn, &[], now_ms)
+    }
+
+    /// The next sequence number the log will give.
+    pub fn next_seq(&self) -> u64 {
+        *self.next_seq.lock().expect("append lock poisoned") + 1
+    }
+
+    fn write_records(
+        &self,
+        next: &mut u64,
+        records: &[LogRecord],
+        txn: Option<(&str, &str, &serde_json::Value)>,
+        outbox: &[(String, String)],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let outbox_keys: Vec<(Vec<u8>, &str)> = outbox
             .iter()
             .map(|(dest, event_id)| Ok((txn_key(dest, "").into_iter().chain(self.db.generate_id()?.to_be_bytes()).collect(), event_id.as_str())))
             .collect::<Result<_, StoreError>>()?;
-        let records = {
-            let mut next = self.next_seq.lock().expect("append lock poisoned");
-            let records: Vec<LogRecord> = entries
-                .into_iter()
-                .enumerate()
-                .map(|(i, entry)| LogRecord { v: LOG_FORMAT, seq: *next + 1 + i as u64, at_ms: now_ms, entry })
-                .collect();
-            let encoded: Vec<(u64, Vec<u8>)> = records
-                .iter()
-                .map(|r| Ok((r.seq, serde_json::to_vec(r).map_err(|e| corrupt("log", e))?)))
-                .collect::<Result<_, StoreError>>()?;
-            let txn_val = match txn {
-                Some((o, t, v)) => Some((
-                    txn_key(o, t),
-                    serde_json::to_vec(&serde_json::json!({ "at_ms": now_ms, "response": v })).map_err(|e| corrupt("txns", e))?,
-                )),
-                None => None,
-            };
-            (&self.log, &self.event_index, &self.txns, &self.outbox, &self.latest_ephemeral)
-                .transaction(|(log, index, txns, out, latest)| {
-                    for (k, e) in &outbox_keys {
-                        out.insert(k.as_slice(), e.as_bytes())?;
-                    }
-                    for ((seq, bytes), rec) in encoded.iter().zip(&records) {
-                        log.insert(&seq.to_be_bytes(), bytes.as_slice())?;
-                        if let Entry::Pdu(p) = &rec.entry {
-                            index.insert(p.event_id.as_bytes(), &seq.to_be_bytes())?;
-                        }
-                        // Typing and presence: only the latest record per user is kept.
-                        if let Some(key) = superseding_key(&rec.entry) {
-                            if let Some(old) = latest.insert(key, &seq.to_be_bytes())? {
-                                log.remove(old.as_ref())?;
-                            }
-                        }
-                    }
-                    if let Some((k, v)) = &txn_val {
-                        txns.insert(k.as_slice(), v.as_slice())?;
-                    }
-                    Ok(())
-                })
-                .map_err(|e: TransactionError<()>| match e {
-                    TransactionError::Storage(e) => StoreError::Sled(e),
-                    TransactionError::Abort(()) => corrupt("log", "transaction aborted"),
-                })?;
-            *next += records.len() as u64;
-            records
+        let encoded: Vec<(u64, Vec<u8>)> = records
+            .iter()
+            .map(|r| Ok((r.seq, serde_json::to_vec(r).map_err(|e| corrupt("log", e))?)))
+            .collect::<Result<_, StoreError>>()?;
+        let txn_val = match txn {
+            Some((o, t, v)) => Some((
+                txn_key(o, t),
+                serde_json::to_vec(&serde_json::json!({ "at_ms": now_ms, "response": v })).map_err(|e| corrupt("txns", e))?,
+            )),
+            None => None,
         };
-        Ok(records)
+        (&self.log, &self.event_index, &self.txns, &self.outbox, &self.latest_ephemeral)
+            .transaction(|(log, index, txns, out, latest)| {
+                for (k, e) in &outbox_keys {
+                    out.insert(k.as_slice(), e.as_bytes())?;
+                }
+                for ((seq, bytes), rec) in encoded.iter().zip(records) {
+                    log.insert(&seq.to_be_bytes(), bytes.as_slice())?;
+                    if let Entry::Pdu(p) = &rec.entry {
+                        index.insert(p.event_id.as_bytes(), &seq.to_be_bytes())?;
+                    }
+                    // Typing and presence: only the latest record per user is kept.
+                    if let Some(key) = superseding_key(&rec.entry) {
+                        if let Some(old) = latest.insert(key, &seq.to_be_bytes())? {
+                            log.remove(old.as_ref())?;
+                        }
+                    }
+                }
+                if let Some((k, v)) = &txn_val {
+                    txns.insert(k.as_slice(), v.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(|e: TransactionError<()>| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => corrupt("log", "transaction aborted"),
+            })?;
+        *next += records.len() as u64;
+        Ok(())
+    }
+
+    /// Make a PDU entry visible to [`Store::has_event`] and [`Store::get_event`] before it
+    /// is written: the events of a batch being admitted are the auth events and parents of
+    /// the batch's later events. [`Store::unstage`] forgets them (the batch was written,
+    /// or dropped).
+    pub fn stage(&self, entry: &PduEntry) {
+        self.staged.lock().expect("staged lock poisoned").insert(entry.event_id.to_string(), entry.clone());
+    }
+
+    /// Forget every staged entry.
+    pub fn unstage(&self) {
+        self.staged.lock().expect("staged lock poisoned").clear();
+    }
+
+    fn staged(&self, event_id: &str) -> Option<PduEntry> {
+        let staged = self.staged.lock().expect("staged lock poisoned");
+        if staged.is_empty() {
+            return None;
+        }
+        staged.get(event_id).cloned()
     }
 
     /// The response stored for a transaction already processed.
@@ -328,6 +376,9 @@ impl Store {
 
     /// Whether the event is in the log.
     pub fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
+        if self.staged.lock().expect("staged lock poisoned").contains_key(event_id) {
+            return Ok(true);
+        }
         Ok(self.event_index.contains_key(event_id.as_bytes())?)
     }
 
@@ -343,6 +394,9 @@ impl Store {
 
     /// The log entry of a stored event.
     pub fn get_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
+        if let Some(e) = self.staged(event_id) {
+            return Ok(Some(e));
+        }
         let Some(seq) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
         let seq = u64::from_be_bytes(seq.as_ref().try_into().map_err(|_| corrupt("event_index", "bad seq"))?);
         match self.record(seq)? {

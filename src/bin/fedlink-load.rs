@@ -373,6 +373,13 @@ async fn main() -> Result<()> {
     let (rss, hwm) = t.rss();
     let records = t.admin("/_fedlink/admin/v1/status").await?["log_entries"].as_u64().unwrap_or(0);
     println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB; {records} log records", mib(rss), mib(hwm), mib(t.disk()));
+    let mut phases = Vec::new();
+    for phase in ["prepare", "wait", "apply", "flush"] {
+        let sum = t.metric(&format!("fedlink_ingest_phase_duration_seconds_sum{{phase=\"{phase}\"}}")).await?;
+        let count = t.metric(&format!("fedlink_ingest_phase_duration_seconds_count{{phase=\"{phase}\"}}")).await?;
+        phases.push(format!("{phase} {:.2} ms", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }));
+    }
+    println!("mean time per transaction by phase: {}", phases.join(", "));
     let mut t = t;
     if args.restart {
         // Let a views checkpoint happen first, as in a running deployment.

@@ -134,23 +134,27 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
         }
     }
 
+    let phase = |name: &str, since: std::time::Instant| app.metrics.ingest_phase_seconds.with_label_values(&[name]).observe(since.elapsed().as_secs_f64());
+    let t = std::time::Instant::now();
     let prepared = prepare(app, origin, now).await;
+    phase("prepare", t);
     let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
+    let t = std::time::Instant::now();
     let _lock = app.ingest.lock().await;
+    phase("wait", t);
+    let t = std::time::Instant::now();
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
         return Ok((resp, true));
     }
     let parked_rooms: std::collections::BTreeSet<OwnedRoomId> = to_park.iter().map(|(r, _, _)| r.clone()).collect();
     park(app, origin, to_park, &mut results).await?;
-    apply_prepared(app, &via, prepared, &mut results).await?;
-
-    let mut entries = Vec::new();
+    let mut batch = apply_prepared(app, &via, prepared, &mut results).await?;
     for edu in edus {
         let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or("").to_owned();
         let label = edu_metric_label(&edu_type);
-        match parse_edu(app, &via, &edu).await {
-            Ok(mut e) if !e.is_empty() => {
-                entries.append(&mut e);
+        match parse_edu(app, batch.views(), &via, &edu) {
+            Ok(entries) if !entries.is_empty() => {
+                entries.into_iter().for_each(|e| batch.push(e));
                 app.metrics.edus_received.with_label_values(&[label, "logged"]).inc();
             }
             Ok(_) => {
@@ -163,8 +167,11 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
         }
     }
     let response = json!({ "pdus": results });
-    app.append(entries, Some((origin, txn_id, &response))).await?;
+    batch.commit(Some((origin, txn_id, &response)))?;
+    phase("apply", t);
+    let t = std::time::Instant::now();
     app.store.flush().await?;
+    phase("flush", t);
     // A join may have landed between sorting and parking: have the join worker apply
     // what was just parked rather than wait for its next round.
     if !parked_rooms.is_empty() {
@@ -231,9 +238,14 @@ pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize,
         let prepared = prepare(app, &origin, pdus).await;
         let _lock = app.ingest.lock().await;
         let mut ignored = BTreeMap::new();
-        if let Err(e) = apply_prepared(app, &via, prepared, &mut ignored).await {
-            tracing::warn!(%room_id, error = %e.message, "cannot apply held events yet");
-            return Err(crate::store::StoreError::Corrupt { tree: "parked", reason: e.message });
+        match apply_prepared(app, &via, prepared, &mut ignored).await {
+            Ok(batch) => {
+                batch.commit(None)?;
+            }
+            Err(e) => {
+                tracing::warn!(%room_id, error = %e.message, "cannot apply held events yet");
+                return Err(crate::store::StoreError::Corrupt { tree: "parked", reason: e.message });
+            }
         }
     }
     app.store.flush().await?;
@@ -273,9 +285,10 @@ pub const MAX_GAP_STATE_EVENTS: usize = 2_000;
 pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared {
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
+    let mut unverified: Vec<(Unverified, OwnedRoomId)> = Vec::new();
     for raw in pdus {
-        match precheck(app, origin, raw).await {
-            Ok(Pre::Fresh(pdu, room)) => verified.push((*pdu, room)),
+        match precheck_keys(app, origin, raw).await {
+            Ok(Pre::Fresh(job, room)) => unverified.push((*job, room)),
             Ok(Pre::Known(id)) => {
                 results.insert(id, json!({}));
             }
@@ -287,6 +300,17 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
                 app.metrics.pdus_rejected.with_label_values(&[rej.reason()]).inc();
                 tracing::info!(%origin, reason = %rej, "dropping unparseable PDU");
             }
+        }
+    }
+    let (jobs, rooms): (Vec<Unverified>, Vec<OwnedRoomId>) = unverified.into_iter().unzip();
+    let ids: Vec<String> = jobs.iter().map(|j| j.pdu.event_id.to_string()).collect();
+    // CPU-bound for a few milliseconds, like the sequential checks it replaces: run here
+    // (the work is spread over threads of its own), not handed to the blocking pool.
+    let checked = verify_all(jobs);
+    for ((outcome, room), id) in checked.into_iter().zip(rooms).zip(ids) {
+        match outcome {
+            Ok(pdu) => verified.push((pdu, room)),
+            Err(rej) => reject(app, &id, &rej, &mut results),
         }
     }
     let sent: std::collections::BTreeSet<OwnedEventId> = verified.iter().map(|(p, _)| p.event_id.clone()).collect();
@@ -303,9 +327,15 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
     Prepared { results, sent, verified, auth_only, gaps }
 }
 
-/// Auth-check and log prepared PDUs; answers go into `results`. Call with the ingest lock
-/// held; the caller flushes.
-pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prepared, results: &mut BTreeMap<String, Value>) -> Result<(), MatrixError> {
+/// Auth-check prepared PDUs and fold them into a batch; answers go into `results`. Call
+/// with the ingest lock held; the caller adds what else the transaction carries, commits
+/// the batch and flushes.
+pub async fn apply_prepared<'a>(
+    app: &'a Fedlink,
+    via: &OwnedServerName,
+    prepared: Prepared,
+    results: &mut BTreeMap<String, Value>,
+) -> Result<crate::node::Batch<'a>, MatrixError> {
     let Prepared { results: early, sent, verified, auth_only, gaps } = prepared;
     results.extend(early);
     let origin = via.as_str();
@@ -330,6 +360,9 @@ pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prep
             }
         }
     }
+    // Each event is checked against the views and store as the earlier ones of the batch
+    // left them (folded and staged), and all are written in one log transaction.
+    let mut batch = app.batch().await;
     for (pdu, room_id) in verified {
         let id = pdu.event_id.to_string();
         // Events fetched to fill a gap are logged like any other but not answered for.
@@ -340,30 +373,25 @@ pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prep
             answers.ok(id);
             continue;
         }
-        let views = app.views.read().await;
+        let views = batch.views();
         let Some(room) = views.rooms.get(&room_id).filter(|r| r.bot_joined()) else {
-            drop(views);
             answers.reject(app, &id, &Rejection::Room("fedlink is not in this room".into()));
             continue;
         };
         let Some(rules) = rules_for(&room.version) else {
-            drop(views);
             answers.reject(app, &id, &Rejection::Room("unsupported room version".into()));
             continue;
         };
         if !crate::rooms::server_allowed(&app.store, room, origin) {
-            drop(views);
             answers.reject(app, &id, &Rejection::Room("the room's server ACL denies the sending server".into()));
             continue;
         }
-        let checked = crate::rooms::admit(&app.store, room, &pdu, &rules);
-        drop(views);
-        match checked {
+        match crate::rooms::admit(&app.store, room, &pdu, &rules) {
             Ok(crate::rooms::Admitted { status, resolved, superseded, .. }) => {
                 let mut entry = PduEntry::new(&pdu, via.clone(), status);
                 entry.resolved_state = resolved;
                 entry.superseded = superseded;
-                app.append(vec![Entry::Pdu(entry)], None).await?;
+                batch.push(Entry::Pdu(entry));
                 let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
                 app.metrics.pdus_received.with_label_values(&[label]).inc();
                 tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");
@@ -372,7 +400,7 @@ pub async fn apply_prepared(app: &Fedlink, via: &OwnedServerName, prepared: Prep
             Err(rej) => answers.reject(app, &id, &rej),
         }
     }
-    Ok(())
+    Ok(batch)
 }
 
 /// The per-PDU answers, skipping events fedlink fetched itself.
@@ -651,15 +679,27 @@ fn reject(app: &Fedlink, id: &str, rej: &Rejection, results: &mut BTreeMap<Strin
 type PreError = (Option<String>, Rejection);
 
 /// The outcome of the lock-free checks.
-enum Pre {
+enum Pre<T = Pdu> {
     /// Already in the log: answered as success without more work.
     Known(String),
-    /// Parsed and signature-checked; auth checks come next.
-    Fresh(Box<Pdu>, OwnedRoomId),
+    /// Parsed and signature-checked (or, as [`Unverified`], with the keys to check it);
+    /// auth checks come next.
+    Fresh(Box<T>, OwnedRoomId),
 }
 
 /// Parse a PDU against its room's rules and verify its signatures.
 async fn precheck(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre, PreError> {
+    match precheck_keys(app, origin, raw).await? {
+        Pre::Known(id) => Ok(Pre::Known(id)),
+        Pre::Fresh(job, room) => {
+            let id = job.pdu.event_id.to_string();
+            Ok(Pre::Fresh(Box::new(job.verify().map_err(|r| (Some(id), r))?), room))
+        }
+    }
+}
+
+/// Parse a PDU against its room's rules and get the keys to verify it with.
+async fn precheck_keys(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre<Unverified>, PreError> {
     let room_id = raw
         .get("room_id")
         .and_then(Value::as_str)
@@ -686,9 +726,62 @@ async fn precheck(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre, PreErr
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
         return Ok(Pre::Known(id));
     }
-    let obj = crate::rooms::verify_signatures_via(&app.keys, pdu.json, &rules, Some(origin)).await.map_err(|r| (Some(id.clone()), r))?;
-    let pdu = Pdu::parse(obj, &rules).map_err(|e| (Some(id), Rejection::Format(e.to_string())))?;
-    Ok(Pre::Fresh(Box::new(pdu), room_id))
+    let keys = crate::rooms::keys_to_verify(&app.keys, &pdu.json, &rules, Some(origin)).await.map_err(|r| (Some(id.clone()), r))?;
+    Ok(Pre::Fresh(Box::new(Unverified { pdu, keys, rules }), room_id))
+}
+
+/// A parsed PDU with the keys its signatures are checked against.
+struct Unverified {
+    pdu: Pdu,
+    keys: ruma::signatures::PublicKeyMap,
+    rules: ruma::room_version_rules::RoomVersionRules,
+}
+
+impl Unverified {
+    /// Check signatures and content hash (pure CPU work).
+    fn verify(self) -> Result<Pdu, Rejection> {
+        let Unverified { mut pdu, keys, rules } = self;
+        let json = std::mem::take(&mut pdu.json);
+        let (checked, content_kept) = crate::rooms::verify_keeping(&keys, json, &rules)?;
+        if content_kept {
+            // Only `unsigned` was dropped: nothing parsed from the event changed.
+            pdu.json = checked;
+            Ok(pdu)
+        } else {
+            Pdu::parse(checked, &rules).map_err(|e| Rejection::Format(e.to_string()))
+        }
+    }
+}
+
+/// Most PDUs one thread checks before the work is shared with another.
+const VERIFY_CHUNK: usize = 8;
+
+/// Verify `jobs` on up to as many threads as the machine has cores (a transaction's
+/// signatures are the bulk of its CPU work); results in the order of `jobs`.
+fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().div_ceil(VERIFY_CHUNK)).max(1);
+    if threads == 1 {
+        return jobs.into_iter().map(Unverified::verify).collect();
+    }
+    let per = jobs.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<Unverified>> = Vec::new();
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        chunks.push(jobs.by_ref().take(per).collect());
+    }
+    std::thread::scope(|scope| {
+        let mut chunks = chunks.into_iter();
+        let first = chunks.next().unwrap_or_default();
+        let others: Vec<_> = chunks.map(|c| scope.spawn(move || c.into_iter().map(Unverified::verify).collect::<Vec<_>>())).collect();
+        let mut out: Vec<Result<Pdu, Rejection>> = first.into_iter().map(Unverified::verify).collect();
+        for h in others {
+            match h.join() {
+                Ok(mut r) => out.append(&mut r),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
 }
 
 fn edu_metric_label(edu_type: &str) -> &'static str {
@@ -709,17 +802,16 @@ fn own_user(origin: &OwnedServerName, user: &str) -> Result<OwnedUserId, String>
 }
 
 /// Validate one EDU into log entries. Types fedlink does not act on give no entries.
-async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Result<Vec<Entry>, String> {
+fn parse_edu(app: &Fedlink, views: &crate::core::views::Views, origin: &OwnedServerName, edu: &Value) -> Result<Vec<Entry>, String> {
     let edu_type = edu.get("edu_type").and_then(Value::as_str).ok_or("EDU has no edu_type")?;
     let content = edu.get("content").and_then(Value::as_object).ok_or("EDU content must be an object")?;
     let mut out = Vec::new();
     match edu_type {
         "m.receipt" => {
-            let views = app.views.read().await;
             for (room, by_type) in content {
                 let room_id = RoomId::parse(room).map_err(|e| format!("bad room id: {e}"))?;
                 if !views.rooms.get(&room_id).is_some_and(|r| {
-                    r.bot_joined() && r.joined_servers().contains(origin) && crate::rooms::server_allowed(&app.store, r, origin.as_str())
+                    r.bot_joined() && r.joined_members().any(|u| u.server_name() == origin) && crate::rooms::server_allowed(&app.store, r, origin.as_str())
                 }) {
                     continue;
                 }
@@ -767,9 +859,8 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
             let user_id = own_user(origin, user)?;
             let typing = content.get("typing").and_then(Value::as_bool).ok_or("typing needs typing")?;
             // Kept only for linked accounts, in rooms the bot shares with the sender.
-            let views = app.views.read().await;
             if views.directory.by_account.contains_key(&user_id)
-                && views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_servers().contains(origin))
+                && views.rooms.get(&room_id).is_some_and(|r| r.bot_joined() && r.joined_members().any(|u| u.server_name() == origin))
             {
                 out.push(Entry::Typing(TypingEntry { origin: origin.clone(), room_id, user_id, typing }));
             }
@@ -779,7 +870,6 @@ async fn parse_edu(app: &Fedlink, origin: &OwnedServerName, edu: &Value) -> Resu
             if push.len() > MAX_PRESENCE_PUSH {
                 return Err(format!("presence carries {} updates; at most {MAX_PRESENCE_PUSH} are allowed", push.len()));
             }
-            let views = app.views.read().await;
             for p in push {
                 let user = p.get("user_id").and_then(Value::as_str).ok_or("presence needs user_id")?;
                 let user_id = own_user(origin, user)?;

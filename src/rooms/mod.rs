@@ -85,7 +85,19 @@ pub async fn verify_signatures_via(
     rules: &RoomVersionRules,
     notary: Option<&str>,
 ) -> Result<CanonicalJsonObject, Rejection> {
-    let servers = ruma::signatures::required_server_signatures_to_verify_event(&object, &rules.signatures)
+    let map = keys_to_verify(keys, &object, rules, notary).await?;
+    verify_with_keys(&map, object, rules)
+}
+
+/// The keys [`verify_with_keys`] needs for `object`: those of every server that must have
+/// signed it, valid when it was sent (fetched through `notary` when not known).
+pub async fn keys_to_verify(
+    keys: &RemoteKeys,
+    object: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    notary: Option<&str>,
+) -> Result<PublicKeyMap, Rejection> {
+    let servers = ruma::signatures::required_server_signatures_to_verify_event(object, &rules.signatures)
         .map_err(|e| Rejection::Format(e.to_string()))?;
     let ts = match object.get("origin_server_ts") {
         Some(CanonicalJsonValue::Integer(i)) => u64::try_from(i64::from(*i)).unwrap_or(0),
@@ -94,7 +106,7 @@ pub async fn verify_signatures_via(
     let at = if rules.enforce_key_validity { ts } else { 0 };
     let mut map = PublicKeyMap::new();
     for server in servers {
-        let key_ids = crate::keys::remote::signing_key_ids(&object, server.as_str());
+        let key_ids = crate::keys::remote::signing_key_ids(object, server.as_str());
         if key_ids.is_empty() {
             return Err(Rejection::Signature(format!("no signature from {server}")));
         }
@@ -104,7 +116,7 @@ pub async fn verify_signatures_via(
         })?;
         map.insert(server.to_string(), set);
     }
-    verify_with_keys(&map, object, rules)
+    Ok(map)
 }
 
 /// The signature and hash check proper, given the keys: pure and synchronous.
@@ -113,16 +125,26 @@ pub fn verify_with_keys(
     object: CanonicalJsonObject,
     rules: &RoomVersionRules,
 ) -> Result<CanonicalJsonObject, Rejection> {
+    verify_keeping(map, object, rules).map(|(object, _)| object)
+}
+
+/// [`verify_with_keys`], also telling whether the content was kept (`true`) or the event
+/// redacted for a content hash mismatch (`false`).
+pub fn verify_keeping(
+    map: &PublicKeyMap,
+    object: CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> Result<(CanonicalJsonObject, bool), Rejection> {
     let mut object = object;
     match ruma::signatures::verify_event(map, &object, rules) {
         Ok(Verified::All) => {
             // `unsigned` is not covered by signatures: never keep or relay what a peer put there.
             object.remove("unsigned");
-            Ok(object)
+            Ok((object, true))
         }
         Ok(Verified::Signatures) => {
             tracing::info!("content hash mismatch; keeping the redacted event");
-            ruma::canonical_json::redact(object, &rules.redaction, None).map_err(|e| Rejection::Format(e.to_string()))
+            ruma::canonical_json::redact(object, &rules.redaction, None).map(|o| (o, false)).map_err(|e| Rejection::Format(e.to_string()))
         }
         Err(e) => Err(Rejection::Signature(e.to_string())),
     }
