@@ -70,6 +70,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let outbox = tokio::spawn(crate::outbox::worker(app.clone(), stop_rx.clone()));
     let sync = tokio::spawn(crate::sync::worker(app.clone(), stop_rx.clone()));
     let directory = tokio::spawn(crate::directory::http_worker(app.clone(), stop_rx.clone()));
+    let catch_up = tokio::spawn(crate::appservice::catch_up_worker(app.clone(), stop_rx.clone()));
 
     let fed_task = tokio::spawn(fed);
     let admin_task = tokio::spawn(async move { admin.await });
@@ -84,6 +85,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let _ = outbox.await;
     let _ = sync.await;
     let _ = directory.await;
+    let _ = catch_up.await;
     app.snapshot().await?;
     app.store.flush().await?;
     tracing::info!("stopped");

@@ -369,7 +369,14 @@ pub async fn transaction(
     let mut entries = Vec::new();
     {
         let views = app.views.read().await;
+        let linked = |u: &UserId| views.directory.by_account.contains_key(u);
+        let mut not_linked = 0u64;
         for r in push.receipts {
+            // Only linked accounts' reads matter (views keep reads to move siblings).
+            if !linked(&r.user_id) {
+                not_linked += 1;
+                continue;
+            }
             // Rooms the bot is in, and rooms known only through registrations.
             if !views.rooms.get(&r.room_id).is_some_and(|room| room.bot_joined() || room.bot == crate::core::views::BotMembership::Absent) {
                 continue;
@@ -404,13 +411,23 @@ pub async fn transaction(
         // In rooms the bot is in, its verified PDUs are the truth and folding ignores pushed
         // events, so they are not logged at all (the log does not carry a homeserver's
         // traffic twice).
-        let before = push.events.len();
-        entries.extend(
-            push.events.into_iter().filter(|c| !views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined())).map(Entry::ClientEvent),
-        );
-        let dropped = before - entries.iter().filter(|e| matches!(e, Entry::ClientEvent(_))).count();
-        if dropped > 0 {
-            app.metrics.appservice_events_dropped.with_label_values(&["bot_in_room"]).inc_by(dropped as u64);
+        // Only linked accounts' memberships and sends are logged: a homeserver pushing all
+        // its traffic does not grow the log with it. An account linked later catches up on
+        // its rooms through its registration (`catch_up_worker`).
+        let mut bot_in_room = 0u64;
+        for c in push.events {
+            if views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined()) {
+                bot_in_room += 1;
+            } else if !linked(&c.sender) && !c.state_key.as_deref().and_then(|k| UserId::parse(k).ok()).is_some_and(|u| linked(&u)) {
+                not_linked += 1;
+            } else {
+                entries.push(Entry::ClientEvent(c));
+            }
+        }
+        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked)] {
+            if n > 0 {
+                app.metrics.appservice_events_dropped.with_label_values(&[reason]).inc_by(n);
+            }
         }
     }
     let n = entries.len();
@@ -480,4 +497,190 @@ mod tests {
         let sends: Vec<(&str, bool)> = push.events.iter().map(|e| (e.event_id.as_str(), e.state_key.is_none())).collect();
         assert_eq!(sends, vec![("$enc", true), ("$re", true)]);
     }
+}
+
+/// Most rooms taken from one account's `joined_rooms` when it catches up.
+pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
+
+/// A linked account's joins that fedlink did not see (it was linked after it joined, and
+/// pushes about unlinked accounts are not logged): for every linked account on a homeserver
+/// with a registration, once per link (and again after a restart), ask the homeserver for
+/// the account's joined rooms and log the membership events fedlink lacks. Each homeserver
+/// is asked by its own task, so one that hangs delays only its own accounts.
+pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    enum Done {
+        Account(ruma::OwnedUserId, Result<usize, String>),
+        Server(String),
+    }
+    let mut changes = app.changes.subscribe();
+    let mut done: std::collections::BTreeSet<ruma::OwnedUserId> = Default::default();
+    let mut retry: std::collections::BTreeMap<ruma::OwnedUserId, (u32, tokio::time::Instant)> = Default::default();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let mut busy: std::collections::BTreeMap<String, tokio::task::JoinHandle<()>> = Default::default();
+    let mut look = true;
+    loop {
+        if look {
+            let now = tokio::time::Instant::now();
+            let due: Vec<ruma::OwnedUserId> = {
+                let views = app.views.read().await;
+                let linked = &views.directory.by_account;
+                // An account unlinked and linked again catches up again.
+                done.retain(|a| linked.contains_key(a));
+                retry.retain(|a, _| linked.contains_key(a));
+                linked
+                    .keys()
+                    .filter(|a| !busy.contains_key(a.server_name().as_str()) && registration_for(&app, a).is_some())
+                    .filter(|a| !done.contains(*a) && retry.get(*a).is_none_or(|(_, at)| *at <= now))
+                    .cloned()
+                    .collect()
+            };
+            let mut by_server: std::collections::BTreeMap<String, Vec<ruma::OwnedUserId>> = Default::default();
+            for a in due {
+                by_server.entry(a.server_name().to_string()).or_default().push(a);
+            }
+            // One task per homeserver: one that hangs delays only its own accounts.
+            for (server, accounts) in by_server {
+                let (app, tx, name) = (app.clone(), tx.clone(), server.clone());
+                busy.insert(
+                    server,
+                    tokio::spawn(async move {
+                        let mut failed = false;
+                        for account in accounts {
+                            // After one failure the homeserver's other accounts wait for the retry.
+                            let result = if failed { Err("an earlier account of this homeserver failed".to_owned()) } else { catch_up(&app, &account).await };
+                            failed |= result.is_err();
+                            let _ = tx.send(Done::Account(account, result));
+                        }
+                        let _ = tx.send(Done::Server(name));
+                    }),
+                );
+            }
+        }
+        let next_retry = retry.values().map(|(_, at)| *at).min();
+        let (event, grew) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => (None, false),
+            r = changes.changed() => (r.is_ok().then_some(None), true),
+            d = rx.recv() => (Some(d), false),
+            _ = async { match next_retry { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => (Some(None), false),
+        };
+        let Some(event) = event else {
+            busy.values().for_each(tokio::task::JoinHandle::abort);
+            return;
+        };
+        if grew {
+            // Links change through the log: look again when it grows, at most once a second.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        look = true;
+        match event {
+            Some(Done::Server(server)) => {
+                busy.remove(&server);
+            }
+            Some(Done::Account(account, Ok(added))) => {
+                app.metrics.catch_up.with_label_values(&["ok"]).inc();
+                if added > 0 {
+                    tracing::info!(%account, memberships = added, "a linked account caught up on rooms it had joined");
+                }
+                retry.remove(&account);
+                done.insert(account);
+                look = false;
+            }
+            Some(Done::Account(account, Err(e))) => {
+                app.metrics.catch_up.with_label_values(&["failed"]).inc();
+                let failures = retry.get(&account).map_or(1, |(n, _)| n + 1);
+                let delay = crate::core::backoff::Backoff::DEFAULT.delay(failures);
+                tracing::warn!(%account, error = %e, retry_in_s = delay.as_secs(), "cannot catch a linked account up on its rooms");
+                retry.insert(account, (failures, tokio::time::Instant::now() + delay));
+                look = false;
+            }
+            None => {}
+        }
+    }
+}
+
+/// Catch `account` up (see [`catch_up_worker`]); returns how many memberships were logged.
+async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, String> {
+    let reg = registration_for(app, account).ok_or("no registration for this homeserver")?;
+    let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| "bad server name in config")?;
+    let base = reg.client_url.trim_end_matches('/');
+    let as_user = format!("user_id={}", enc(account.as_str()));
+    let get = |url: String| async move {
+        let resp = http().get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(10)).send().await.map_err(|e| format!("{e:#}"))?;
+        let status = resp.status();
+        let body = crate::federation::client::read_capped(resp, 4 * 1024 * 1024).await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body[..body.len().min(200)])));
+        }
+        serde_json::from_slice::<Value>(&body).map_err(|e| format!("{} answered with bad JSON: {e}", reg.server_name))
+    };
+    let joined = get(format!("{base}/_matrix/client/v3/joined_rooms?{as_user}")).await?;
+    let rooms: Vec<ruma::OwnedRoomId> = joined
+        .get("joined_rooms")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{} answered joined_rooms without `joined_rooms`", reg.server_name))?
+        .iter()
+        .filter_map(|r| RoomId::parse(r.as_str()?).ok())
+        .take(MAX_CATCH_UP_ROOMS)
+        .collect();
+    // Rooms where fedlink does not know the account as joined (and the bot, whose PDUs
+    // are the truth, is not): what fedlink knew of each, to log only over unchanged views.
+    let missing: Vec<(ruma::OwnedRoomId, Option<String>)> = {
+        let views = app.views.read().await;
+        rooms
+            .into_iter()
+            .filter_map(|r| {
+                let known = views.rooms.get(&r);
+                if known.is_some_and(|v| v.bot_joined() || v.membership(account) == Some("join")) {
+                    return None;
+                }
+                let m = known.and_then(|v| v.membership(account)).map(str::to_owned);
+                Some((r, m))
+            })
+            .collect()
+    };
+    let mut added = 0;
+    for chunk in missing.chunks(100) {
+        let mut found = Vec::new();
+        for (room, knew) in chunk {
+            let url = format!("{base}/_matrix/client/v3/rooms/{}/state/m.room.member/{}?format=event&{as_user}", enc(room.as_str()), enc(account.as_str()));
+            let ev = get(url).await?;
+            let ev = match ev.get("room_id") {
+                Some(_) => ev,
+                // Older homeservers leave the room id out of a state event.
+                None => {
+                    let mut ev = ev;
+                    if let Some(o) = ev.as_object_mut() {
+                        o.insert("room_id".into(), json!(room));
+                    }
+                    ev
+                }
+            };
+            match client_event(&ev, &server) {
+                Some(c) if c.room_id == *room && c.state_key.as_deref() == Some(account.as_str()) && c.membership.as_deref() == Some("join") => {
+                    found.push((c, knew.clone()));
+                }
+                _ => tracing::debug!(%account, %room, "the homeserver's member event is not a join of this account; skipped"),
+            }
+        }
+        let _lock = app.ingest.lock().await;
+        let entries: Vec<Entry> = {
+            let views = app.views.read().await;
+            // A push logged meanwhile is newer than what was read: it wins.
+            found
+                .into_iter()
+                .filter(|(c, knew)| {
+                    let room = views.rooms.get(&c.room_id);
+                    !room.is_some_and(|v| v.bot_joined()) && room.and_then(|v| v.membership(account)).map(str::to_owned) == *knew
+                })
+                .map(|(c, _)| Entry::ClientEvent(c))
+                .collect()
+        };
+        added += entries.len();
+        if !entries.is_empty() {
+            app.metrics.catch_up_memberships.inc_by(entries.len() as u64);
+            app.append(entries, None).await.map_err(|e| e.to_string())?;
+            app.store.flush().await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(added)
 }

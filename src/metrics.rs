@@ -97,6 +97,10 @@ pub struct Metrics {
     /// fetches, no lock; `wait`: for the ingest lock; `apply`: auth checks and logging;
     /// `flush`: making it durable).
     pub ingest_phase_seconds: HistogramVec,
+    /// Linked accounts caught up on their rooms through a registration, by result.
+    pub catch_up: IntCounterVec,
+    /// Memberships logged by catching linked accounts up.
+    pub catch_up_memberships: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -207,6 +211,8 @@ impl Metrics {
                 r.register(Box::new(h.clone())).expect("metric registered once");
                 h
             },
+            catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their joined rooms through a registration, by result", &["result"]),
+            catch_up_memberships: counter(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up"),
             registry: r,
         }
     }

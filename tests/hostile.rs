@@ -6,6 +6,7 @@
 mod support;
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -423,5 +424,110 @@ async fn a_static_destination_may_be_private_without_opening_private_networks() 
     assert_eq!(s.as_u16(), 401, "the unmapped peer's keys cannot be fetched from a private address");
     // The guarded resolver refused `localhost` for the unmapped peer.
     assert!(f.metric("fedlink_outbound_requests_total{result=\"network_error\"}").await >= 1.0);
+    f.stop().await;
+}
+
+/// A fake client-server API that knows which rooms each user has joined: `joined_rooms`
+/// and the user's member event in each (as a join); records every request.
+async fn fake_joined_rooms_api(joined: Vec<(&'static str, Vec<&'static str>)>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let joined: Arc<BTreeMap<String, Vec<String>>> =
+        Arc::new(joined.into_iter().map(|(u, rooms)| (u.to_owned(), rooms.into_iter().map(String::from).collect())).collect());
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, axum::extract::Query(query): axum::extract::Query<BTreeMap<String, String>>| {
+        let (s, joined) = (s.clone(), joined.clone());
+        async move {
+            let user = query.get("user_id").cloned().unwrap_or_default();
+            s.lock().unwrap().push(format!("{} as {user}", uri.path()));
+            let path = uri.path().to_owned();
+            if path.ends_with("/joined_rooms") {
+                return axum::Json(json!({ "joined_rooms": joined.get(&user).cloned().unwrap_or_default() }));
+            }
+            let parts: Vec<String> = path.split('/').map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned()).collect();
+            // /_matrix/client/v3/rooms/{room}/state/m.room.member/{user}
+            let room = parts.get(5).cloned().unwrap_or_default();
+            axum::Json(json!({ "type": "m.room.member", "room_id": room, "event_id": format!("$join-{}", room.trim_start_matches('!').replace(':', "-")),
+                               "sender": user, "state_key": user, "content": { "membership": "join" }, "origin_server_ts": 7 }))
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (url, seen)
+}
+
+/// Given registrations on litchi and on kiwi (whose client API accepts connections and never
+/// answers), when litchi pushes traffic of accounts nobody linked, then none of it is logged;
+/// when alice is linked later, her litchi account catches up on the rooms it had joined
+/// (asked once, without waiting on kiwi), and linking someone else does not ask again.
+#[tokio::test]
+async fn pushes_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (litchi_url, calls) = fake_joined_rooms_api(vec![("@alice:litchi", vec!["!a:litchi", "!b:litchi"]), ("@bob:litchi", vec![])]).await;
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}", hanging.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hanging.accept().await {
+            held.push(c);
+        }
+    });
+    let extra = format!(
+        "{LOOPBACK}[[appservice]]\nserver_name = \"litchi\"\nclient_url = \"{litchi_url}\"\nas_token = \"litchi-as-token-0123456789\"\nhs_token = \"litchi-hs-token-0123456789\"\n\
+         [[appservice]]\nserver_name = \"kiwi\"\nclient_url = \"{hanging_url}\"\nas_token = \"kiwi-as-token-0123456789\"\nhs_token = \"kiwi-hs-token-0123456789\"\n"
+    );
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let before = f.log_len().await;
+    let traffic = json!({ "events": [
+        member("!c:litchi", "$c1", "@alice:litchi", "@alice:litchi", "join"),
+        { "type": "m.room.message", "room_id": "!c:litchi", "event_id": "$c2", "sender": "@carol:litchi", "content": {}, "origin_server_ts": 5 },
+    ], "ephemeral": [
+        { "type": "m.receipt", "room_id": "!c:litchi", "content": { "$c2": { "m.read": { "@carol:litchi": { "ts": 1 } } } } },
+    ] });
+    assert_eq!(push(&f, "litchi-hs-token-0123456789", "t1", traffic).await.0, 200);
+    assert_eq!(f.log_len().await, before, "nothing of unlinked accounts is logged");
+    assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"not_linked\"}").await, 3.0);
+
+    let link = |id: &'static str, accounts: Value| {
+        let f = &f;
+        async move {
+            let r = reqwest::Client::new()
+                .put(format!("{}/_fedlink/admin/v1/persons/{id}", f.admin_url))
+                .bearer_auth(support::fedlink_proc::ADMIN_TOKEN)
+                .json(&json!({ "accounts": accounts }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    let linked_at = std::time::Instant::now();
+    link("alice", json!(["@alice:kiwi", "@alice:litchi"])).await;
+    let rooms = wait_until("alice@litchi caught up on !a and !b", T, || async {
+        let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
+        let joined: Vec<String> = p["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["accounts"]["@alice:litchi"]["membership"] == "join")
+            .map(|r| r["room_id"].as_str().unwrap().to_owned())
+            .collect();
+        Ok((joined.len() == 2).then_some(joined))
+    })
+    .await
+    .unwrap();
+    assert!(linked_at.elapsed() < Duration::from_secs(8), "litchi's catch-up did not wait on kiwi's 10 s timeout: {:?}", linked_at.elapsed());
+    assert_eq!(rooms, vec!["!a:litchi", "!b:litchi"]);
+    assert_eq!(f.metric("fedlink_catch_up_memberships_total").await, 2.0);
+
+    // Linking bob makes the worker look again: bob is asked for, alice is not asked twice.
+    link("bob", json!(["@bob:litchi", "@bob:mango"])).await;
+    wait_until("bob asked for", T, || async {
+        Ok(calls.lock().unwrap().iter().any(|c| c.ends_with("as @bob:litchi")).then_some(()))
+    })
+    .await
+    .unwrap();
+    let asked_for_alice = calls.lock().unwrap().iter().filter(|c| c.contains("/joined_rooms as @alice:litchi")).count();
+    assert_eq!(asked_for_alice, 1);
     f.stop().await;
 }
