@@ -448,57 +448,6 @@ pub async fn not_mine(
     Err(MatrixError::not_found("fedlink does not provide this"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    /// A homeserver speaks for its own users only: another server's receipts, presence,
-    /// memberships (by target) and messages (by sender) are dropped and counted.
-    #[test]
-    fn a_push_keeps_only_what_the_homeserver_may_say() {
-        let kiwi = ruma::ServerName::parse("kiwi").unwrap();
-        let body = json!({
-            "events": [
-                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$a", "sender": "@alice:mango", "state_key": "@alice:mango", "content": { "membership": "leave" } },
-                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$b", "sender": "@bob:kiwi", "state_key": "@alice:litchi", "content": { "membership": "invite" } },
-                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$c", "sender": "@bob:kiwi", "state_key": "@bob:kiwi", "content": { "membership": "join" } },
-                { "type": "m.room.message", "room_id": "!r:kiwi", "event_id": "$d", "sender": "@alice:litchi", "content": {}, "origin_server_ts": 5 },
-                { "type": "m.room.message", "room_id": "!r:kiwi", "event_id": "$e", "sender": "@bob:kiwi", "content": {}, "origin_server_ts": 6 },
-            ],
-            "ephemeral": [
-                { "type": "m.receipt", "room_id": "!r:kiwi", "content": { "$e": { "m.read": { "@alice:litchi": {}, "@bob:kiwi": { "ts": 1 } }, "m.read.private": { "@bob:kiwi": {} } } } },
-                { "type": "m.presence", "sender": "@alice:mango", "content": { "presence": "online" } },
-                { "type": "m.presence", "sender": "@bob:kiwi", "content": { "presence": "online" } },
-            ],
-        });
-        let push = parse_push(&kiwi, body.to_string().as_bytes()).unwrap();
-        let ids: Vec<&str> = push.events.iter().map(|e| e.event_id.as_str()).collect();
-        assert_eq!(ids, vec!["$c", "$e"]);
-        assert_eq!(push.receipts.len(), 1);
-        assert_eq!(push.receipts[0].user_id.as_str(), "@bob:kiwi");
-        assert_eq!(push.presence.len(), 1);
-        assert_eq!(push.foreign, 5);
-        assert!(parse_push(&kiwi, b"[]").is_err());
-        assert!(parse_push(&kiwi, br#"{"events": {}}"#).is_err());
-    }
-
-    /// Any non-state event is a send (sending counts as reading): encrypted messages and
-    /// reactions too; state events other than memberships are not followed.
-    #[test]
-    fn any_non_state_event_is_a_send() {
-        let kiwi = ruma::ServerName::parse("kiwi").unwrap();
-        let body = json!({ "events": [
-            { "type": "m.room.encrypted", "room_id": "!r:kiwi", "event_id": "$enc", "sender": "@bob:kiwi", "content": { "algorithm": "m.megolm.v1.aes-sha2" }, "origin_server_ts": 7 },
-            { "type": "m.reaction", "room_id": "!r:kiwi", "event_id": "$re", "sender": "@bob:kiwi", "content": {}, "origin_server_ts": 8 },
-            { "type": "m.room.topic", "room_id": "!r:kiwi", "event_id": "$topic", "sender": "@bob:kiwi", "state_key": "", "content": { "topic": "t" } },
-        ]});
-        let push = parse_push(&kiwi, body.to_string().as_bytes()).unwrap();
-        let sends: Vec<(&str, bool)> = push.events.iter().map(|e| (e.event_id.as_str(), e.state_key.is_none())).collect();
-        assert_eq!(sends, vec![("$enc", true), ("$re", true)]);
-    }
-}
-
 /// Most rooms taken from one account's `joined_rooms` when it catches up.
 pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
 
@@ -683,4 +632,55 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
         }
     }
     Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A homeserver speaks for its own users only: another server's receipts, presence,
+    /// memberships (by target) and messages (by sender) are dropped and counted.
+    #[test]
+    fn a_push_keeps_only_what_the_homeserver_may_say() {
+        let kiwi = ruma::ServerName::parse("kiwi").unwrap();
+        let body = json!({
+            "events": [
+                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$a", "sender": "@alice:mango", "state_key": "@alice:mango", "content": { "membership": "leave" } },
+                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$b", "sender": "@bob:kiwi", "state_key": "@alice:litchi", "content": { "membership": "invite" } },
+                { "type": "m.room.member", "room_id": "!r:kiwi", "event_id": "$c", "sender": "@bob:kiwi", "state_key": "@bob:kiwi", "content": { "membership": "join" } },
+                { "type": "m.room.message", "room_id": "!r:kiwi", "event_id": "$d", "sender": "@alice:litchi", "content": {}, "origin_server_ts": 5 },
+                { "type": "m.room.message", "room_id": "!r:kiwi", "event_id": "$e", "sender": "@bob:kiwi", "content": {}, "origin_server_ts": 6 },
+            ],
+            "ephemeral": [
+                { "type": "m.receipt", "room_id": "!r:kiwi", "content": { "$e": { "m.read": { "@alice:litchi": {}, "@bob:kiwi": { "ts": 1 } }, "m.read.private": { "@bob:kiwi": {} } } } },
+                { "type": "m.presence", "sender": "@alice:mango", "content": { "presence": "online" } },
+                { "type": "m.presence", "sender": "@bob:kiwi", "content": { "presence": "online" } },
+            ],
+        });
+        let push = parse_push(&kiwi, body.to_string().as_bytes()).unwrap();
+        let ids: Vec<&str> = push.events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, vec!["$c", "$e"]);
+        assert_eq!(push.receipts.len(), 1);
+        assert_eq!(push.receipts[0].user_id.as_str(), "@bob:kiwi");
+        assert_eq!(push.presence.len(), 1);
+        assert_eq!(push.foreign, 5);
+        assert!(parse_push(&kiwi, b"[]").is_err());
+        assert!(parse_push(&kiwi, br#"{"events": {}}"#).is_err());
+    }
+
+    /// Any non-state event is a send (sending counts as reading): encrypted messages and
+    /// reactions too; state events other than memberships are not followed.
+    #[test]
+    fn any_non_state_event_is_a_send() {
+        let kiwi = ruma::ServerName::parse("kiwi").unwrap();
+        let body = json!({ "events": [
+            { "type": "m.room.encrypted", "room_id": "!r:kiwi", "event_id": "$enc", "sender": "@bob:kiwi", "content": { "algorithm": "m.megolm.v1.aes-sha2" }, "origin_server_ts": 7 },
+            { "type": "m.reaction", "room_id": "!r:kiwi", "event_id": "$re", "sender": "@bob:kiwi", "content": {}, "origin_server_ts": 8 },
+            { "type": "m.room.topic", "room_id": "!r:kiwi", "event_id": "$topic", "sender": "@bob:kiwi", "state_key": "", "content": { "topic": "t" } },
+        ]});
+        let push = parse_push(&kiwi, body.to_string().as_bytes()).unwrap();
+        let sends: Vec<(&str, bool)> = push.events.iter().map(|e| (e.event_id.as_str(), e.state_key.is_none())).collect();
+        assert_eq!(sends, vec![("$enc", true), ("$re", true)]);
+    }
 }
