@@ -85,7 +85,12 @@ async fn status(State(app): State<AppState>) -> Json<Value> {
         "key_id": app.key.key_id(),
         "log_entries": app.store.last_seq(),
         "views_folded_seq": views.folded_seq,
+        // Rooms changed since the last views checkpoint (what a restart folds again).
+        "views_unsaved_rooms": if views.unsaved.all { views.rooms.len() } else { views.unsaved.rooms.len() },
         "rooms": views.rooms.len(),
+        "rooms_joined": views.index.joined.len(),
+        "rooms_joining": views.index.joining.len(),
+        "rooms_join_failed": views.index.join_failed.len(),
         "storage_bytes": app.store.size_on_disk(),
     }))
 }
