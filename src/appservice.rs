@@ -370,11 +370,11 @@ pub async fn transaction(
     {
         let views = app.views.read().await;
         let linked = |u: &UserId| views.directory.by_account.contains_key(u);
-        let mut not_linked = 0u64;
+        let (mut not_linked, mut receipts_not_linked) = (0u64, 0u64);
         for r in push.receipts {
             // Only linked accounts' reads matter (views keep reads to move siblings).
             if !linked(&r.user_id) {
-                not_linked += 1;
+                receipts_not_linked += 1;
                 continue;
             }
             // Rooms the bot is in, and rooms known only through registrations.
@@ -424,7 +424,7 @@ pub async fn transaction(
                 entries.push(Entry::ClientEvent(c));
             }
         }
-        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked)] {
+        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked), ("receipt_not_linked", receipts_not_linked)] {
             if n > 0 {
                 app.metrics.appservice_events_dropped.with_label_values(&[reason]).inc_by(n);
             }

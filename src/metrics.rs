@@ -74,7 +74,8 @@ pub struct Metrics {
     pub views_checkpoint_bytes: IntCounter,
     /// Items of registration pushes dropped because they spoke for another server's users.
     pub appservice_foreign_items: IntCounter,
-    /// Pushed room events not logged, by reason (`bot_in_room`: its PDUs are the truth).
+    /// Pushed room events and receipts not logged, by reason (`bot_in_room`: its PDUs are
+    /// the truth; `not_linked`, `receipt_not_linked`: of accounts nobody linked).
     pub appservice_events_dropped: IntCounterVec,
     /// PDUs kept for rooms whose join is under way, by what became of them
     /// (`parked`, `applied`, `dropped`, `refused`).

@@ -33,6 +33,10 @@ async fn wait_member(c: &ClientSession, room: &str, user: &str, present: bool) {
 }
 
 async fn setup(register_litchi: bool) -> (Synapse, Synapse, FedlinkBin, tempfile::TempDir, [ClientSession; 3]) {
+    setup_with(register_litchi, true).await
+}
+
+async fn setup_with(register_litchi: bool, link_alice: bool) -> (Synapse, Synapse, FedlinkBin, tempfile::TempDir, [ClientSession; 3]) {
     let (kiwi, litchi) = tokio::join!(
         Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
         Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
@@ -42,12 +46,8 @@ async fn setup(register_litchi: bool) -> (Synapse, Synapse, FedlinkBin, tempfile
     let alice_k = kiwi.register("alice").await.unwrap();
     let alice_l = litchi.register("alice").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut extra = format!(
-        "[federation]\nverify_tls = false\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n{}",
-        alice_k.user_id,
-        alice_l.user_id,
-        appservice_toml(&kiwi)
-    );
+    let person = format!("[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n", alice_k.user_id, alice_l.user_id);
+    let mut extra = format!("[federation]\nverify_tls = false\n{}{}", if link_alice { person.as_str() } else { "" }, appservice_toml(&kiwi));
     if register_litchi {
         extra.push_str(&appservice_toml(&litchi));
     }
@@ -185,4 +185,37 @@ async fn without_the_bot_reads_follow_by_the_homeservers_order() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e:?}\n{}", f.log_tail()));
+}
+
+/// Given registrations on both homeservers and alice not linked yet: alice@kiwi joins bob's
+/// room (the bot is not in it; kiwi's pushes about her are not logged). When an admin links
+/// her accounts, fedlink asks kiwi for alice@kiwi's joined rooms, learns of the room, and
+/// alice@litchi is invited (by alice@kiwi, through kiwi's registration) and joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_linked_after_joining_catches_up_and_the_sibling_follows() {
+    let (_kiwi, _litchi, f, _dir, [bob, alice_k, alice_l]) = setup_with(true, false).await;
+    let room = bob.create_room(&[&alice_k.user_id], None, "private_chat").await.unwrap();
+    alice_k.join(&room, &[]).await.unwrap();
+    bob.send_text(&room, "after alice's join").await.unwrap();
+    // The room's memberships and sends (bob's join, alice's invite and join, the message)
+    // were pushed, in order, and none was logged.
+    wait_until("kiwi's pushes up to the message reached fedlink and were not logged", T, || async {
+        Ok((f.metric("fedlink_appservice_events_dropped_total{reason=\"not_linked\"}").await >= 4.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.0, 404, "the room is not known yet");
+    let r = reqwest::Client::new()
+        .put(format!("{}/_fedlink/admin/v1/persons/alice", f.admin_url))
+        .bearer_auth(support::fedlink_proc::ADMIN_TOKEN)
+        .json(&serde_json::json!({ "accounts": [alice_k.user_id, alice_l.user_id] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_member(&bob, &room, &alice_l.user_id, true).await;
+    assert!(f.metric("fedlink_catch_up_memberships_total").await >= 1.0, "{}", f.log_tail());
+    wait_until("the catch-up logged", T, || async { Ok(f.log_tail().contains("a linked account caught up on rooms it had joined").then_some(())) })
+        .await
+        .unwrap();
 }

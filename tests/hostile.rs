@@ -486,7 +486,8 @@ async fn pushes_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up(
     ] });
     assert_eq!(push(&f, "litchi-hs-token-0123456789", "t1", traffic).await.0, 200);
     assert_eq!(f.log_len().await, before, "nothing of unlinked accounts is logged");
-    assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"not_linked\"}").await, 3.0);
+    assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"not_linked\"}").await, 2.0);
+    assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"receipt_not_linked\"}").await, 1.0);
 
     let link = |id: &'static str, accounts: Value| {
         let f = &f;
