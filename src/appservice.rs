@@ -411,14 +411,17 @@ pub async fn transaction(
         // In rooms the bot is in, its verified PDUs are the truth and folding ignores pushed
         // events, so they are not logged at all (the log does not carry a homeserver's
         // traffic twice).
-        // Only linked accounts' memberships and sends are logged: a homeserver pushing all
-        // its traffic does not grow the log with it. An account linked later catches up on
-        // its rooms through its registration (`catch_up_worker`).
+        // Only linked accounts' sends are logged: a homeserver pushing all its traffic does
+        // not grow the log with its messages. Rooms an account joined before fedlink's
+        // registration was installed are caught up at link time (`catch_up_worker`).
         let mut bot_in_room = 0u64;
         for c in push.events {
             if views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined()) {
                 bot_in_room += 1;
-            } else if !linked(&c.sender) && !c.state_key.as_deref().and_then(|k| UserId::parse(k).ok()).is_some_and(|u| linked(&u)) {
+            } else if c.membership.is_none() && !linked(&c.sender) {
+                // Sends of unlinked accounts. Memberships are all kept (they are few): an
+                // account linked later must not be invited where it left, declined or was
+                // banned, and an invite it already has must be followed.
                 not_linked += 1;
             } else {
                 entries.push(Entry::ClientEvent(c));
@@ -493,6 +496,14 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                 busy.insert(
                     server,
                     tokio::spawn(async move {
+                        // Reports the homeserver idle however the task ends (even by a panic).
+                        struct Idle(tokio::sync::mpsc::UnboundedSender<Done>, String);
+                        impl Drop for Idle {
+                            fn drop(&mut self) {
+                                let _ = self.0.send(Done::Server(std::mem::take(&mut self.1)));
+                            }
+                        }
+                        let _idle = Idle(tx.clone(), name);
                         let mut failed = false;
                         for account in accounts {
                             // After one failure the homeserver's other accounts wait for the retry.
@@ -500,12 +511,14 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                             failed |= result.is_err();
                             let _ = tx.send(Done::Account(account, result));
                         }
-                        let _ = tx.send(Done::Server(name));
                     }),
                 );
             }
         }
-        let next_retry = retry.values().map(|(_, at)| *at).min();
+        // The next retry of an account whose homeserver is idle (a busy one reports back
+        // when done, which wakes this loop anyway).
+        let now = tokio::time::Instant::now();
+        let next_retry = retry.iter().filter(|(a, (_, at))| *at > now && !busy.contains_key(a.server_name().as_str())).map(|(_, (_, at))| *at).min();
         let (event, grew) = tokio::select! {
             _ = stop.wait_for(|s| *s) => (None, false),
             r = changes.changed() => (r.is_ok().then_some(None), true),
@@ -573,24 +586,16 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
         .collect();
     // Rooms where fedlink does not know the account as joined (and the bot, whose PDUs
     // are the truth, is not): what fedlink knew of each, to log only over unchanged views.
-    let missing: Vec<(ruma::OwnedRoomId, Option<String>)> = {
+    // Only rooms where fedlink knows no membership of the account at all (every pushed
+    // membership is logged, so a known one is newer than this catch-up can prove).
+    let missing: Vec<ruma::OwnedRoomId> = {
         let views = app.views.read().await;
-        rooms
-            .into_iter()
-            .filter_map(|r| {
-                let known = views.rooms.get(&r);
-                if known.is_some_and(|v| v.bot_joined() || v.membership(account) == Some("join")) {
-                    return None;
-                }
-                let m = known.and_then(|v| v.membership(account)).map(str::to_owned);
-                Some((r, m))
-            })
-            .collect()
+        rooms.into_iter().filter(|r| views.rooms.get(r).is_none_or(|v| !v.bot_joined() && v.membership(account).is_none())).collect()
     };
     let mut added = 0;
     for chunk in missing.chunks(100) {
         let mut found = Vec::new();
-        for (room, knew) in chunk {
+        for room in chunk {
             let url = format!("{base}/_matrix/client/v3/rooms/{}/state/m.room.member/{}?format=event&{as_user}", enc(room.as_str()), enc(account.as_str()));
             let ev = get(url).await?;
             let ev = match ev.get("room_id") {
@@ -606,7 +611,7 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
             };
             match client_event(&ev, &server) {
                 Some(c) if c.room_id == *room && c.state_key.as_deref() == Some(account.as_str()) && c.membership.as_deref() == Some("join") => {
-                    found.push((c, knew.clone()));
+                    found.push(c);
                 }
                 _ => tracing::debug!(%account, %room, "the homeserver's member event is not a join of this account; skipped"),
             }
@@ -614,14 +619,11 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
         let _lock = app.ingest.lock().await;
         let entries: Vec<Entry> = {
             let views = app.views.read().await;
-            // A push logged meanwhile is newer than what was read: it wins.
+            // A membership pushed meanwhile is newer than what was read: it wins.
             found
                 .into_iter()
-                .filter(|(c, knew)| {
-                    let room = views.rooms.get(&c.room_id);
-                    !room.is_some_and(|v| v.bot_joined()) && room.and_then(|v| v.membership(account)).map(str::to_owned) == *knew
-                })
-                .map(|(c, _)| Entry::ClientEvent(c))
+                .filter(|c| views.rooms.get(&c.room_id).is_none_or(|v| !v.bot_joined() && v.membership(account).is_none()))
+                .map(Entry::ClientEvent)
                 .collect()
         };
         added += entries.len();

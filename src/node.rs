@@ -114,7 +114,12 @@ impl Drop for Batch<'_> {
         tracing::warn!(records = self.records.len(), "a batch was not written; folding the views again from the log");
         match fold_views(&self.app.store, self.app.bot.clone(), false) {
             Ok(v) => *self.views = v,
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot fold the views again; they may be ahead of the log until restart"),
+            Err(e) => {
+                // Views ahead of the log would skip the next records and could be
+                // checkpointed so: stop, and let a restart fold them from the log.
+                tracing::error!(error = %format!("{e:#}"), "cannot fold the views again from the log; stopping");
+                std::process::abort();
+            }
         }
     }
 }

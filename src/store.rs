@@ -386,10 +386,18 @@ impl Store {
     /// an outlier (stored for an auth chain or a join's state) is not, and becomes a
     /// timeline event when it arrives as one.
     pub fn has_timeline_event(&self, event_id: &str) -> Result<bool, StoreError> {
-        if !self.has_event(event_id)? {
-            return Ok(false);
+        if let Some(e) = self.staged(event_id) {
+            return Ok(e.status != crate::core::log_entry::PduStatus::Outlier);
         }
-        Ok(self.get_event(event_id)?.is_some_and(|e| e.status != crate::core::log_entry::PduStatus::Outlier))
+        self.has_written_timeline_event(event_id)
+    }
+
+    /// [`Store::has_timeline_event`] among written events only (not those of a batch being
+    /// admitted, which may still be dropped): what a sender may be told is already stored.
+    pub fn has_written_timeline_event(&self, event_id: &str) -> Result<bool, StoreError> {
+        let Some(seq) = self.event_index.get(event_id.as_bytes())? else { return Ok(false) };
+        let seq = u64::from_be_bytes(seq.as_ref().try_into().map_err(|_| corrupt("event_index", "bad seq"))?);
+        Ok(matches!(self.record(seq)?, Some(LogRecord { entry: Entry::Pdu(p), .. }) if p.status != crate::core::log_entry::PduStatus::Outlier))
     }
 
     /// The log entry of a stored event.

@@ -722,7 +722,9 @@ async fn precheck_keys(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre<Un
     if pdu.room_id != room_id {
         return Err((Some(id), Rejection::Format("room_id mismatch".into())));
     }
-    if app.store.has_timeline_event(&id).unwrap_or(false) {
+    // Only a written event is answered as known without more work: one staged by a batch
+    // under way may still be dropped (the check under the ingest lock catches it then).
+    if app.store.has_written_timeline_event(&id).unwrap_or(false) {
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
         return Ok(Pre::Known(id));
     }
@@ -769,15 +771,21 @@ fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
     while jobs.peek().is_some() {
         chunks.push(jobs.by_ref().take(per).collect());
     }
+    // Each chunk waits in a slot its thread takes it from: a chunk whose thread cannot be
+    // started (the machine is out of threads) is still there, and is checked here instead.
+    let slots: Vec<std::sync::Mutex<Option<Vec<Unverified>>>> = chunks.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect();
+    let take = |slot: &std::sync::Mutex<Option<Vec<Unverified>>>| slot.lock().map(|mut s| s.take()).ok().flatten().unwrap_or_default();
     std::thread::scope(|scope| {
-        let mut chunks = chunks.into_iter();
-        let first = chunks.next().unwrap_or_default();
-        let others: Vec<_> = chunks.map(|c| scope.spawn(move || c.into_iter().map(Unverified::verify).collect::<Vec<_>>())).collect();
-        let mut out: Vec<Result<Pdu, Rejection>> = first.into_iter().map(Unverified::verify).collect();
-        for h in others {
-            match h.join() {
-                Ok(mut r) => out.append(&mut r),
-                Err(panic) => std::panic::resume_unwind(panic),
+        let handles: Vec<_> = slots[1..]
+            .iter()
+            .map(|slot| std::thread::Builder::new().spawn_scoped(scope, move || take(slot).into_iter().map(Unverified::verify).collect::<Vec<_>>()).ok())
+            .collect();
+        let mut out: Vec<Result<Pdu, Rejection>> = take(&slots[0]).into_iter().map(Unverified::verify).collect();
+        for (slot, h) in slots[1..].iter().zip(handles) {
+            match h.map(|h| h.join()) {
+                Some(Ok(mut r)) => out.append(&mut r),
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                None => out.extend(take(slot).into_iter().map(Unverified::verify)),
             }
         }
         out
