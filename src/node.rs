@@ -88,12 +88,11 @@ impl Batch<'_> {
     /// Not yet durable: the caller flushes before acknowledging.
     pub fn commit(mut self, txn: Option<(&str, &str, &serde_json::Value)>) -> Result<Vec<LogRecord>, StoreError> {
         let records = std::mem::take(&mut self.records);
-        let written = self.app.store.append_records(&records, txn, now_ms());
-        self.app.store.unstage();
-        if let Err(e) = written {
+        if let Err(e) = self.app.store.append_records(&records, txn, now_ms()) {
             self.records = records;
-            return Err(e); // Drop folds the views again
+            return Err(e); // Drop unstages and folds the views again
         }
+        self.app.store.unstage();
         self.done = true;
         let kinds: Vec<&'static str> = records.iter().map(|r| r.entry.kind()).collect();
         let moves_bot = records.iter().any(|r| r.entry.moves_bot());
@@ -110,7 +109,7 @@ impl Drop for Batch<'_> {
             return;
         }
         // The views hold records the log does not: fold them again from the log.
-        self.app.store.unstage();
+        self.app.store.unstage_dropped();
         tracing::warn!(records = self.records.len(), "a batch was not written; folding the views again from the log");
         match fold_views(&self.app.store, self.app.bot.clone(), false) {
             Ok(v) => *self.views = v,
@@ -395,11 +394,13 @@ mod tests {
             let mut batch = app.batch().await;
             batch.push(link("alice", &["@alice:kiwi", "@alice:litchi"]));
             batch.push(pdu("$staged"));
+            app.store.put_state_root_of("$staged", 7).unwrap(); // as admission records it
             assert!(batch.views().directory.persons.contains_key("alice"), "later entries see earlier ones folded");
             assert!(app.store.has_event("$staged").unwrap(), "and the batch's events staged");
         }
         assert_eq!(*app.views.read().await, before, "a dropped batch leaves the views as they were");
         assert!(!app.store.has_event("$staged").unwrap());
+        assert_eq!(app.store.state_root_of("$staged").unwrap(), None, "state recorded for a dropped event is forgotten");
         assert_eq!(app.store.last_seq(), 1);
 
         // Committed: one write, numbered after the log, equal to folding the log again.

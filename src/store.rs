@@ -340,6 +340,19 @@ impl Store {
         self.staged.lock().expect("staged lock poisoned").clear();
     }
 
+    /// Forget every staged entry of a batch that was not written, with the state roots its
+    /// admission recorded for events the log does not hold (a later event must not find a
+    /// state "after" an event that is not there).
+    pub fn unstage_dropped(&self) {
+        let staged = std::mem::take(&mut *self.staged.lock().expect("staged lock poisoned"));
+        for id in staged.keys() {
+            if !self.event_index.contains_key(id.as_bytes()).unwrap_or(true) {
+                let _ = self.state_root_of.remove(id.as_bytes());
+                let _ = self.state_before_root.remove(id.as_bytes());
+            }
+        }
+    }
+
     fn staged(&self, event_id: &str) -> Option<PduEntry> {
         let staged = self.staged.lock().expect("staged lock poisoned");
         if staged.is_empty() {
