@@ -60,6 +60,10 @@ struct Args {
     /// Keep fedlink's directory (config, database, log) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Also send messages into this many 3-member rooms at once, one transaction in flight
+    /// per room (as many origins would), and report the total rate.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     /// Finally kill fedlink (SIGKILL) and time its restart until it serves again.
     #[arg(long)]
     restart: bool,
@@ -336,6 +340,30 @@ async fn main() -> Result<()> {
     let pdus = messages(&peer, &small, args.messages);
     let small_run = send_all(&peer, &t, pdus, args.batch, "small-msg").await?;
     println!("{}", small_run.line("messages, 3-member room"));
+
+    if args.parallel > 1 {
+        let mut rooms = Vec::new();
+        for _ in 0..args.parallel {
+            let room = room_with_bot(&peer, &t).await?;
+            send_all(&peer, &t, joins(&peer, &room, 0, 1), args.batch, &format!("par-join-{}", rooms.len())).await?;
+            rooms.push(room);
+        }
+        let per = args.messages / args.parallel;
+        let loads: Vec<(usize, Vec<Value>)> = rooms.iter().enumerate().map(|(i, r)| (i, messages(&peer, r, per))).collect();
+        let (start, batch) = (Instant::now(), args.batch);
+        let runs = futures::future::join_all(loads.into_iter().map(|(i, pdus)| {
+            let (peer, t) = (&peer, &t);
+            async move { send_all(peer, t, pdus, batch, &format!("par-msg-{i}")).await }
+        }))
+        .await;
+        let elapsed = start.elapsed();
+        let mut all = Run { pdus: per * args.parallel, elapsed, latencies: Vec::new() };
+        for r in runs {
+            all.latencies.extend(r?.latencies);
+        }
+        println!("{}", all.line(&format!("messages, {} 3-member rooms, {} transactions in flight", args.parallel, args.parallel)));
+        println!("parallel / one in flight: {:.2}x", all.rate() / small_run.rate());
+    }
 
     // The big room, grown by tenths.
     let big = room_with_bot(&peer, &t).await?;
