@@ -226,11 +226,18 @@ pub struct Storage {
     /// The sled directory.
     #[serde(default = "default_storage_path")]
     pub path: PathBuf,
+    /// sled's page cache, in MiB (sled's own default, 1 GiB, lets fedlink's memory grow
+    /// with the log).
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
 }
 impl Default for Storage {
     fn default() -> Self {
-        Self { path: default_storage_path() }
+        Self { path: default_storage_path(), cache_mb: default_cache_mb() }
     }
+}
+fn default_cache_mb() -> u64 {
+    128
 }
 fn default_storage_path() -> PathBuf {
     "data/fedlink.sled".into()
@@ -449,6 +456,9 @@ impl Config {
         if self.federation.max_inflight_per_origin == 0 {
             return Err(invalid("federation.max_inflight_per_origin", "must be positive"));
         }
+        if !(8..=65_536).contains(&self.storage.cache_mb) {
+            return Err(invalid("storage.cache_mb", "must be between 8 and 65536 (MiB)"));
+        }
         if self.bot.max_rooms == 0 {
             return Err(invalid("bot.max_rooms", "must be positive"));
         }
@@ -655,6 +665,9 @@ token = "0123456789abcdef0123"
         assert!(e.contains("bogus"), "{e}");
         let e = load(MIN, &[("FEDLINK_FEDERATION__ALLOWED_SERVERS", "ok, bad server")]).unwrap_err().to_string();
         assert!(e.contains("federation.allowed_servers[1]"), "{e}");
+        let e = load(MIN, &[("FEDLINK_STORAGE__CACHE_MB", "1")]).unwrap_err().to_string();
+        assert!(e.contains("storage.cache_mb"), "{e}");
+        assert_eq!(load(MIN, &[("FEDLINK_STORAGE__CACHE_MB", "64")]).unwrap().storage.cache_mb, 64);
     }
 
     #[test]

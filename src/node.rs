@@ -171,7 +171,7 @@ impl Fedlink {
     pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
         let key = Arc::new(SigningKey::load_or_create(&cfg.keys.signing_key)?);
         let admin_token = cfg.admin_token()?;
-        let store = Arc::new(Store::open(&cfg.storage.path).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
+        let store = Arc::new(Store::open_with_cache(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
         let metrics = Arc::new(Metrics::new());
         let client = Arc::new(FederationClient::new(&cfg, key.clone(), metrics.clone())?);
         let keys = Arc::new(RemoteKeys::new(

@@ -200,6 +200,9 @@ fn root_from(v: &[u8], tree: &'static str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt(tree, "a state root is not 8 bytes"))?))
 }
 
+/// sled's page cache unless configured (`storage.cache_mb`).
+pub const DEFAULT_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+
 fn corrupt(tree: &'static str, reason: impl ToString) -> StoreError {
     StoreError::Corrupt { tree, reason: reason.to_string() }
 }
@@ -207,7 +210,12 @@ fn corrupt(tree: &'static str, reason: impl ToString) -> StoreError {
 impl Store {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).open()?;
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) the database at `path` with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes).open()?;
         let log = db.open_tree("log")?;
         let parked = db.open_tree("parked")?;
         let last = match log.last()? {
