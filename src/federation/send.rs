@@ -286,8 +286,9 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     let mut unverified: Vec<(Unverified, OwnedRoomId)> = Vec::new();
+    let rooms = rooms_of(app, &pdus).await;
     for raw in pdus {
-        match precheck_keys(app, origin, raw).await {
+        match precheck_keys_in(app, origin, raw, &rooms).await {
             Ok(Pre::Fresh(job, room)) => unverified.push((*job, room)),
             Ok(Pre::Known(id)) => {
                 results.insert(id, json!({}));
@@ -700,12 +701,28 @@ async fn precheck(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre, PreErr
 
 /// Parse a PDU against its room's rules and get the keys to verify it with.
 async fn precheck_keys(app: &Fedlink, origin: &str, raw: Value) -> Result<Pre<Unverified>, PreError> {
+    let rooms = rooms_of(app, std::slice::from_ref(&raw)).await;
+    precheck_keys_in(app, origin, raw, &rooms).await
+}
+
+/// What the lock-free checks need of the rooms of `pdus` (version, whether the bot is
+/// joined), read under one views lock: a batch being applied holds that lock, and checking a
+/// transaction must not wait for it once per PDU.
+type RoomsOf = std::collections::HashMap<OwnedRoomId, (ruma::RoomVersionId, bool)>;
+
+async fn rooms_of(app: &Fedlink, pdus: &[Value]) -> RoomsOf {
+    let ids: std::collections::BTreeSet<OwnedRoomId> = pdus.iter().filter_map(|raw| RoomId::parse(raw.get("room_id")?.as_str()?).ok()).collect();
+    let views = app.views.read().await;
+    ids.into_iter().filter_map(|id| views.rooms.get(&id).map(|r| (r.version.clone(), r.bot_joined())).map(|v| (id, v))).collect()
+}
+
+async fn precheck_keys_in(app: &Fedlink, origin: &str, raw: Value, rooms: &RoomsOf) -> Result<Pre<Unverified>, PreError> {
     let room_id = raw
         .get("room_id")
         .and_then(Value::as_str)
         .and_then(|r| RoomId::parse(r).ok())
         .ok_or((None, Rejection::Format("PDU has no valid room_id".into())))?;
-    let room = app.views.read().await.rooms.get(&room_id).map(|r| (r.version.clone(), r.bot_joined()));
+    let room = rooms.get(&room_id).cloned();
     let Some((version, joined)) = room else {
         return Err((None, Rejection::Room(format!("unknown room {room_id}"))));
     };
