@@ -414,10 +414,15 @@ pub async fn transaction(
         // Only linked accounts' sends are logged: a homeserver pushing all its traffic does
         // not grow the log with its messages. Rooms an account joined before fedlink's
         // registration was installed are caught up at link time (`catch_up_worker`).
-        let mut bot_in_room = 0u64;
+        let (mut bot_in_room, mut unchanged) = (0u64, 0u64);
         for c in push.events {
             if views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined()) {
                 bot_in_room += 1;
+            } else if c.membership.is_some()
+                && views.rooms.get(&c.room_id).and_then(|r| r.membership(&UserId::parse(c.state_key.as_deref()?).ok()?)) == c.membership.as_deref()
+            {
+                // A profile change (join to join) or a repeated invite: folding ignores it.
+                unchanged += 1;
             } else if c.membership.is_none() && !linked(&c.sender) {
                 // Sends of unlinked accounts. Memberships are all kept (they are few): an
                 // account linked later must not be invited where it left, declined or was
@@ -427,7 +432,7 @@ pub async fn transaction(
                 entries.push(Entry::ClientEvent(c));
             }
         }
-        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked), ("receipt_not_linked", receipts_not_linked)] {
+        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked), ("receipt_not_linked", receipts_not_linked), ("unchanged_membership", unchanged)] {
             if n > 0 {
                 app.metrics.appservice_events_dropped.with_label_values(&[reason]).inc_by(n);
             }
@@ -496,18 +501,24 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                 busy.insert(
                     server,
                     tokio::spawn(async move {
-                        // Reports the homeserver idle however the task ends (even by a panic).
-                        struct Idle(tokio::sync::mpsc::UnboundedSender<Done>, String);
+                        // Reports the homeserver idle however the task ends; an account whose
+                        // catch-up panicked is reported failed (so it backs off, not loops).
+                        struct Idle(tokio::sync::mpsc::UnboundedSender<Done>, String, Option<ruma::OwnedUserId>);
                         impl Drop for Idle {
                             fn drop(&mut self) {
+                                if let Some(account) = self.2.take() {
+                                    let _ = self.0.send(Done::Account(account, Err("the catch-up panicked".into())));
+                                }
                                 let _ = self.0.send(Done::Server(std::mem::take(&mut self.1)));
                             }
                         }
-                        let _idle = Idle(tx.clone(), name);
+                        let mut idle = Idle(tx.clone(), name, None);
                         let mut failed = false;
                         for account in accounts {
                             // After one failure the homeserver's other accounts wait for the retry.
+                            idle.2 = Some(account.clone());
                             let result = if failed { Err("an earlier account of this homeserver failed".to_owned()) } else { catch_up(&app, &account).await };
+                            idle.2 = None;
                             failed |= result.is_err();
                             let _ = tx.send(Done::Account(account, result));
                         }
@@ -516,9 +527,9 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
             }
         }
         // The next retry of an account whose homeserver is idle (a busy one reports back
-        // when done, which wakes this loop anyway).
-        let now = tokio::time::Instant::now();
-        let next_retry = retry.iter().filter(|(a, (_, at))| *at > now && !busy.contains_key(a.server_name().as_str())).map(|(_, (_, at))| *at).min();
+        // when done, which wakes this loop anyway). One already due fires at once and is
+        // started by the next look.
+        let next_retry = retry.iter().filter(|(a, _)| !busy.contains_key(a.server_name().as_str())).map(|(_, (_, at))| *at).min();
         let (event, grew) = tokio::select! {
             _ = stop.wait_for(|s| *s) => (None, false),
             r = changes.changed() => (r.is_ok().then_some(None), true),

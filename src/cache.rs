@@ -50,6 +50,17 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
         g.new.insert(key, value);
     }
 
+    /// Forget `key`.
+    pub fn remove<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
+        let mut g = self.inner.lock().expect("cache lock poisoned");
+        g.new.remove(key);
+        g.old.remove(key);
+    }
+
     /// Entries held now (at most `2 * cap`).
     pub fn len(&self) -> usize {
         let g = self.inner.lock().expect("cache lock poisoned");

@@ -354,10 +354,17 @@ impl Store {
     pub fn unstage_dropped(&self) {
         let staged = std::mem::take(&mut *self.staged.lock().expect("staged lock poisoned"));
         for id in staged.keys() {
-            if !self.event_index.contains_key(id.as_bytes()).unwrap_or(true) {
-                let _ = self.state_root_of.remove(id.as_bytes());
-                let _ = self.state_before_root.remove(id.as_bytes());
-            }
+            self.forget_unwritten(id);
+        }
+    }
+
+    /// For an event the log does not hold (rejected after its admission recorded a state,
+    /// or staged by a dropped batch): forget that state and its parsed copy.
+    pub fn forget_unwritten(&self, event_id: &str) {
+        if !self.event_index.contains_key(event_id.as_bytes()).unwrap_or(true) {
+            let _ = self.state_root_of.remove(event_id.as_bytes());
+            let _ = self.state_before_root.remove(event_id.as_bytes());
+            self.pdu_cache.remove(event_id);
         }
     }
 

@@ -488,6 +488,11 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
     assert_eq!(f.log_len().await, before + 1, "of unlinked accounts, only the membership is logged");
     assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"not_linked\"}").await, 1.0);
     assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"receipt_not_linked\"}").await, 1.0);
+    // A profile change (join to join) changes no membership: not logged either.
+    let profile = json!({ "events": [member("!c:litchi", "$c3", "@alice:litchi", "@alice:litchi", "join")] });
+    assert_eq!(push(&f, "litchi-hs-token-0123456789", "t2", profile).await.0, 200);
+    assert_eq!(f.log_len().await, before + 1);
+    assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"unchanged_membership\"}").await, 1.0);
 
     let link = |id: &'static str, accounts: Value| {
         let f = &f;

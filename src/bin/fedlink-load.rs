@@ -61,7 +61,8 @@ struct Args {
     #[arg(long)]
     keep: bool,
     /// Also send messages into this many 3-member rooms at once, one transaction in flight
-    /// per room (as many origins would), and report the total rate.
+    /// per room (all from the one peer, within fedlink's per-origin limit of 64), and report
+    /// the total rate.
     #[arg(long, default_value_t = 1)]
     parallel: usize,
     /// Finally kill fedlink (SIGKILL) and time its restart until it serves again.
@@ -288,6 +289,9 @@ fn mib(b: u64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.parallel > 64 {
+        bail!("--parallel is at most 64 (fedlink's federation.max_inflight_per_origin in the generated config)");
+    }
     let bin = match &args.fedlink {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("fedlink"),

@@ -398,7 +398,11 @@ pub async fn apply_prepared<'a>(
                 tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");
                 answers.ok(id);
             }
-            Err(rej) => answers.reject(app, &id, &rej),
+            Err(rej) => {
+                // Admission may have recorded a state after the event before rejecting it.
+                app.store.forget_unwritten(&id);
+                answers.reject(app, &id, &rej);
+            }
         }
     }
     Ok(batch)
