@@ -26,6 +26,20 @@ async fn wait_joined(f: &Fedlink, room: &str) -> Value {
     .unwrap()
 }
 
+/// Open fedlink's database after it stopped, once sled's flusher thread (which may hold the
+/// last reference for a moment after the stop) has released the file lock.
+async fn open_store(path: &std::path::Path) -> Store {
+    wait_until("the database lock released", Duration::from_secs(10), || async {
+        match Store::open(path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.to_string().contains("could not acquire lock") => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        }
+    })
+    .await
+    .unwrap()
+}
+
 /// A fedlink whose bot has joined a room hosted by the peer.
 async fn joined(version: RoomVersionId) -> (tempfile::TempDir, Fedlink, FakePeer, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -249,7 +263,7 @@ async fn tampered_content_is_kept_redacted() {
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "tamper", vec![ev], vec![]).await;
     assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})));
     f.stop().await;
-    let store = Store::open(&_dir.path().join("db")).unwrap();
+    let store = open_store(&_dir.path().join("db")).await;
     let e = store.get_event(&id).unwrap().expect("stored");
     assert_eq!(e.pdu["content"], json!({}), "the content fails its hash, so only the redacted form is kept");
 }
@@ -292,7 +306,7 @@ async fn restart_resumes_a_pending_join_and_keeps_rooms_and_views() {
     f.stop().await;
 
     // Replay from the log alone equals the views the running service kept.
-    let store = Store::open(&dir.path().join("db")).unwrap();
+    let store = open_store(&dir.path().join("db")).await;
     let kept = store.load_views().unwrap().expect("snapshot written at shutdown");
     let rebuilt = fold_views(&store, kept.bot_user_id.clone(), true).unwrap();
     assert_eq!(rebuilt, kept);
@@ -327,7 +341,7 @@ async fn a_gap_before_a_received_event_is_filled_from_the_origin() {
     assert_eq!(r["forward_extremities"], json!([m3]), "the fetched events are not extremities");
     assert!(peer.state.lock().unwrap().requests.iter().any(|(m, p)| m == "POST" && p.contains("/get_missing_events/")));
     f.stop().await;
-    let store = Store::open(&_dir.path().join("db")).unwrap();
+    let store = open_store(&_dir.path().join("db")).await;
     for id in [&m1, &m2, &m3] {
         assert!(store.has_event(id).unwrap(), "{id} is in the log");
     }
@@ -418,7 +432,7 @@ async fn an_outlier_that_arrives_over_send_joins_the_timeline() {
     let after = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1["events"].as_u64().unwrap();
     assert_eq!(after, before + 1, "the late event was applied, not answered as known");
     f.stop().await;
-    let store = Store::open(&_dir.path().join("db")).unwrap();
+    let store = open_store(&_dir.path().join("db")).await;
     assert!(store.has_timeline_event(&inv_id).unwrap());
 }
 
@@ -633,7 +647,7 @@ async fn missing_auth_events_are_fetched_from_the_origin() {
     let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
     assert_eq!(r["forward_extremities"], json!([bot_join]), "the message does not change the view");
     f.stop().await;
-    let store = Store::open(&_dir.path().join("db")).unwrap();
+    let store = open_store(&_dir.path().join("db")).await;
     use fedlink::core::log_entry::PduStatus;
     for id in [&inv, &join] {
         assert_eq!(store.get_event(id).unwrap().expect("fetched").status, PduStatus::Outlier);
@@ -822,4 +836,37 @@ async fn a_join_interrupted_by_failures_and_a_restart_is_sent_again_not_remade()
     assert_eq!(ids.len(), 1, "always the same join event: {ids:?}");
     let make_joins = st.requests.iter().filter(|(m, p)| m == "GET" && p.contains("/make_join/")).count();
     assert_eq!(make_joins, 1, "the template was asked for once");
+}
+
+/// A transaction large enough for its signatures to be checked on several threads: each
+/// result belongs to its own event (a tampered 13th is kept redacted, a forged last one is
+/// refused), and every other event is stored as sent.
+#[tokio::test]
+async fn signatures_checked_in_parallel_answer_for_the_right_events() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let mut pdus: Vec<(String, Value)> =
+        (0..24).map(|i| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }))).collect();
+    pdus[13].1["content"]["body"] = json!("tampered");
+    let forged = pdus[23].0.clone();
+    let sigs = pdus[23].1["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap();
+    for v in sigs.values_mut() {
+        *v = json!("AAAA".repeat(21) + "AA");
+    }
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "parallel", pdus.iter().map(|(_, e)| e.clone()).collect(), vec![]).await;
+    assert_eq!(s, StatusCode::OK);
+    for (i, (id, _)) in pdus.iter().enumerate() {
+        if i == 23 {
+            assert!(v["pdus"][id]["error"].as_str().is_some_and(|e| e.contains("ignature")), "the forged event is refused: {v}");
+        } else {
+            assert_eq!(v["pdus"][id], json!({}), "event {i}: {v}");
+        }
+    }
+    f.stop().await;
+    let store = open_store(&_dir.path().join("db")).await;
+    for (i, (id, _)) in pdus.iter().enumerate().take(23) {
+        let e = store.get_event(id).unwrap().unwrap_or_else(|| panic!("event {i} stored"));
+        let expected = if i == 13 { json!({}) } else { json!({ "body": format!("message {i}") }) };
+        assert_eq!(e.pdu["content"], expected, "event {i}");
+    }
+    assert!(store.get_event(&forged).unwrap().is_none());
 }

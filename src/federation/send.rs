@@ -310,6 +310,8 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
     let checked = verify_all(jobs);
     for ((outcome, room), id) in checked.into_iter().zip(rooms).zip(ids) {
         match outcome {
+            // Each result is its own event's (fail closed if that were ever not so).
+            Ok(pdu) if pdu.event_id.as_str() != id => reject(app, &id, &Rejection::Format("internal: a verification result for another event".into()), &mut results),
             Ok(pdu) => verified.push((pdu, room)),
             Err(rej) => reject(app, &id, &rej, &mut results),
         }
