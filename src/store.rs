@@ -423,16 +423,19 @@ impl Store {
     /// [`Store::has_timeline_event`] among written events only (not those of a batch being
     /// admitted, which may still be dropped): what a sender may be told is already stored.
     pub fn has_written_timeline_event(&self, event_id: &str) -> Result<bool, StoreError> {
-        let Some(seq) = self.event_index.get(event_id.as_bytes())? else { return Ok(false) };
-        let seq = u64::from_be_bytes(seq.as_ref().try_into().map_err(|_| corrupt("event_index", "bad seq"))?);
-        Ok(matches!(self.record(seq)?, Some(LogRecord { entry: Entry::Pdu(p), .. }) if p.status != crate::core::log_entry::PduStatus::Outlier))
+        Ok(self.written_event(event_id)?.is_some_and(|e| e.status != crate::core::log_entry::PduStatus::Outlier))
     }
 
-    /// The log entry of a stored event.
+    /// The log entry of a stored event (or of one staged by a batch under way).
     pub fn get_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
-        if let Some(e) = self.staged(event_id) {
-            return Ok(Some(e));
+        match self.staged(event_id) {
+            Some(e) => Ok(Some(e)),
+            None => self.written_event(event_id),
         }
+    }
+
+    /// The log entry of a written event.
+    fn written_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
         let Some(seq) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
         let seq = u64::from_be_bytes(seq.as_ref().try_into().map_err(|_| corrupt("event_index", "bad seq"))?);
         match self.record(seq)? {
@@ -806,7 +809,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::log_entry::{PresenceEntry, PduStatus};
+    use crate::core::log_entry::PresenceEntry;
 
     fn presence(user: &str) -> Entry {
         Entry::Presence(PresenceEntry {
@@ -892,22 +895,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            let pdu = Entry::Pdu(PduEntry {
-                room_id: "!r:kiwi".try_into().unwrap(),
-                event_id: "$e1".try_into().unwrap(),
-                via: "kiwi".try_into().unwrap(),
-                status: PduStatus::Accepted,
-                event_type: "m.room.message".into(),
-                state_key: None,
-                sender: "@a:kiwi".try_into().unwrap(),
-                membership: None,
-                prev_events: vec![],
-                depth: 3,
-                origin_server_ts: 1,
-                pdu: serde_json::json!({"type": "m.room.message"}),
-                resolved_state: None,
-                superseded: Vec::new(),
-            });
+            let pdu = Entry::Pdu(PduEntry::test_message("$e1"));
             let resp = serde_json::json!({"pdus": {}});
             let recs = s.append(vec![presence("@a:kiwi"), pdu], Some(("kiwi", "t1", &resp)), &[("litchi".into(), "$e1".into())], 42).unwrap();
             assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
