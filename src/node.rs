@@ -345,7 +345,7 @@ pub fn fold_views(store: &Store, bot: OwnedUserId, rebuild: bool) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::log_entry::{PduEntry, PduStatus, PersonSet};
+    use crate::core::log_entry::{PduEntry, PersonSet};
 
     fn open(dir: &std::path::Path) -> Arc<Fedlink> {
         let text = "server_name = \"fedlink.test\"\n[listen]\nfederation = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
@@ -364,22 +364,7 @@ mod tests {
     }
 
     fn pdu(event_id: &str) -> Entry {
-        Entry::Pdu(PduEntry {
-            room_id: "!r:kiwi".try_into().unwrap(),
-            event_id: event_id.try_into().unwrap(),
-            via: "kiwi".try_into().unwrap(),
-            status: PduStatus::Accepted,
-            event_type: "m.room.message".into(),
-            state_key: None,
-            sender: "@a:kiwi".try_into().unwrap(),
-            membership: None,
-            prev_events: vec![],
-            depth: 3,
-            origin_server_ts: 1,
-            pdu: serde_json::json!({"type": "m.room.message"}),
-            resolved_state: None,
-            superseded: Vec::new(),
-        })
+        Entry::Pdu(PduEntry::test_message(event_id))
     }
 
     #[tokio::test]

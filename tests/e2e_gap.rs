@@ -7,18 +7,13 @@ mod support;
 
 use std::time::Duration;
 
-use support::{enc, fedlink_proc::FedlinkBin, linked_alice_config, wait_until, Synapse, SynapseOpts, FAST_RETRY};
+use support::{enc, fedlink_proc::FedlinkBin, kiwi_and_litchi, linked_alice_config, wait_until, KiwiLitchi};
 
 const T: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_during_downtime_followed_by_300_messages_still_brings_the_sibling() {
-    let (kiwi, litchi) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
-    );
-    let (kiwi, litchi) = (kiwi.unwrap(), litchi.unwrap());
-    let (bob, alice_k, alice_l) = (kiwi.register("bob").await.unwrap(), kiwi.register("alice").await.unwrap(), litchi.register("alice").await.unwrap());
+    let KiwiLitchi { kiwi, litchi, bob, alice_k, alice_l } = kiwi_and_litchi().await;
     let dir = tempfile::tempdir().unwrap();
     let extra = linked_alice_config(&[&kiwi.server_name, &litchi.server_name], &[&alice_k.user_id, &alice_l.user_id]);
     let mut f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{enc, fedlink_proc::FedlinkBin, linked_alice_config, wait_until, ClientSession, Synapse, SynapseOpts, FAST_RETRY};
+use support::{enc, fedlink_proc::FedlinkBin, kiwi_and_litchi, linked_alice_config, wait_until, ClientSession, KiwiLitchi};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -49,12 +49,7 @@ async fn room_view(f: &FedlinkBin, room: &str) -> Value {
 async fn scenario(room_version: Option<&str>) {
     let t0 = std::time::Instant::now();
     let mark = |what: &str| eprintln!("[{:>6.2}s] {what}", t0.elapsed().as_secs_f64());
-    let (kiwi, litchi) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
-    );
-    let (kiwi, litchi) = (kiwi.unwrap(), litchi.unwrap());
-    let (bob, alice_k, alice_l) = (kiwi.register("bob").await.unwrap(), kiwi.register("alice").await.unwrap(), litchi.register("alice").await.unwrap());
+    let KiwiLitchi { kiwi, litchi, bob, alice_k, alice_l } = kiwi_and_litchi().await;
     let dir = tempfile::tempdir().unwrap();
     let extra = linked_alice_config(&[&kiwi.server_name, &litchi.server_name], &[&alice_k.user_id, &alice_l.user_id]);
     let f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");

@@ -15,11 +15,10 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    FAST_RETRY,
     appservice::{appservice_toml, install_registration, receipt_of, sync},
     enc,
     fedlink_proc::FedlinkBin,
-    free_port, wait_until, ClientSession, Synapse, SynapseOpts,
+    free_port, kiwi_and_litchi, wait_until, ClientSession, KiwiLitchi, Synapse,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -33,21 +32,14 @@ async fn wait_member(c: &ClientSession, room: &str, user: &str, present: bool) {
 }
 
 async fn setup(register_litchi: bool) -> (Synapse, Synapse, FedlinkBin, tempfile::TempDir, [ClientSession; 3]) {
-    setup_with(register_litchi, true).await
-}
-
-async fn setup_with(register_litchi: bool, link_alice: bool) -> (Synapse, Synapse, FedlinkBin, tempfile::TempDir, [ClientSession; 3]) {
-    let (kiwi, litchi) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
-    );
-    let (mut kiwi, mut litchi) = (kiwi.unwrap(), litchi.unwrap());
-    let bob = kiwi.register("bob").await.unwrap();
-    let alice_k = kiwi.register("alice").await.unwrap();
-    let alice_l = litchi.register("alice").await.unwrap();
+    let KiwiLitchi { mut kiwi, mut litchi, bob, alice_k, alice_l } = kiwi_and_litchi().await;
     let dir = tempfile::tempdir().unwrap();
-    let person = format!("[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n", alice_k.user_id, alice_l.user_id);
-    let mut extra = format!("[federation]\nverify_tls = false\n{}{}", if link_alice { person.as_str() } else { "" }, appservice_toml(&kiwi));
+    let mut extra = format!(
+        "[federation]\nverify_tls = false\n[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n{}",
+        alice_k.user_id,
+        alice_l.user_id,
+        appservice_toml(&kiwi)
+    );
     if register_litchi {
         extra.push_str(&appservice_toml(&litchi));
     }
@@ -193,14 +185,7 @@ async fn without_the_bot_reads_follow_by_the_homeservers_order() {
 /// alice@litchi is invited (by alice@kiwi, through kiwi's registration) and joined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_linked_after_joining_catches_up_and_the_sibling_follows() {
-    let (kiwi, litchi) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
-    );
-    let (mut kiwi, mut litchi) = (kiwi.unwrap(), litchi.unwrap());
-    let bob = kiwi.register("bob").await.unwrap();
-    let alice_k = kiwi.register("alice").await.unwrap();
-    let alice_l = litchi.register("alice").await.unwrap();
+    let KiwiLitchi { mut kiwi, mut litchi, bob, alice_k, alice_l } = kiwi_and_litchi().await;
     let room = bob.create_room(&[&alice_k.user_id], None, "private_chat").await.unwrap();
     alice_k.join(&room, &[]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -241,6 +241,28 @@ pub struct ResolvedState {
 }
 
 impl PduEntry {
+    /// An accepted `m.room.message` in `!r:kiwi` from `@a:kiwi` at depth 3: the plain
+    /// record the storage and node tests append.
+    #[cfg(test)]
+    pub(crate) fn test_message(event_id: &str) -> Self {
+        Self {
+            room_id: "!r:kiwi".try_into().unwrap(),
+            event_id: event_id.try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            status: PduStatus::Accepted,
+            event_type: "m.room.message".into(),
+            state_key: None,
+            sender: "@a:kiwi".try_into().unwrap(),
+            membership: None,
+            prev_events: vec![],
+            depth: 3,
+            origin_server_ts: 1,
+            pdu: serde_json::json!({"type": "m.room.message"}),
+            resolved_state: None,
+            superseded: Vec::new(),
+        }
+    }
+
     /// The log entry for `pdu`.
     pub fn new(pdu: &Pdu, via: OwnedServerName, status: PduStatus) -> Self {
         Self {

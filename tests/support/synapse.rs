@@ -102,6 +102,29 @@ pub fn free_port() -> u16 {
 /// default starts at 10 minutes), so tests that stop a server see it caught up quickly.
 pub const FAST_RETRY: &str = "federation:\n  destination_min_retry_interval: 1s\n  destination_retry_multiplier: 1.5\n  destination_max_retry_interval: 5s\n";
 
+/// Two homeservers retrying fast (`FAST_RETRY`), kiwi and litchi, with bob and alice
+/// registered on kiwi and alice on litchi: the cast of the two-server end-to-end tests.
+pub struct KiwiLitchi {
+    pub kiwi: Synapse,
+    pub litchi: Synapse,
+    pub bob: ClientSession,
+    pub alice_k: ClientSession,
+    pub alice_l: ClientSession,
+}
+
+/// Start [`KiwiLitchi`].
+pub async fn kiwi_and_litchi() -> KiwiLitchi {
+    let (kiwi, litchi) = tokio::join!(
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
+    );
+    let (kiwi, litchi) = (kiwi.expect("kiwi starts"), litchi.expect("litchi starts"));
+    let bob = kiwi.register("bob").await.unwrap();
+    let alice_k = kiwi.register("alice").await.unwrap();
+    let alice_l = litchi.register("alice").await.unwrap();
+    KiwiLitchi { kiwi, litchi, bob, alice_k, alice_l }
+}
+
 /// fedlink config for loopback tests: TLS checks off, only `servers` allowed, and one
 /// person `alice` linking `accounts`.
 pub fn linked_alice_config(servers: &[&str], accounts: &[&str]) -> String {
