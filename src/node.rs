@@ -171,7 +171,7 @@ impl Fedlink {
     pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
         let key = Arc::new(SigningKey::load_or_create(&cfg.keys.signing_key)?);
         let admin_token = cfg.admin_token()?;
-        let store = Arc::new(Store::open_with_cache(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
+        let store = Arc::new(Store::open_with(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024, cfg.storage.compression).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
         let metrics = Arc::new(Metrics::new());
         let client = Arc::new(FederationClient::new(&cfg, key.clone(), metrics.clone())?);
         let keys = Arc::new(RemoteKeys::new(
@@ -333,7 +333,7 @@ pub fn fold_views(store: &Store, bot: OwnedUserId, rebuild: bool) -> anyhow::Res
     };
     let from = views.folded_seq;
     let mut n = 0u64;
-    for rec in store.records_after(from) {
+    for rec in store.records_to_fold(from) {
         views.apply(&rec?);
         n += 1;
     }

@@ -40,6 +40,9 @@ pub enum StoreError {
     /// sled failed.
     #[error("storage: {0}")]
     Sled(#[from] sled::Error),
+    /// The database was created with the other `storage.compression` setting.
+    #[error("storage.compression: this database was created with compression = {created_with}; sled cannot change it for an existing database (set it back, or start a new database and replay)")]
+    CompressionMismatch { created_with: bool },
     /// A stored record did not decode.
     #[error("corrupt record in {tree}: {reason}")]
     Corrupt { tree: &'static str, reason: String },
@@ -213,9 +216,23 @@ impl Store {
         Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
 
-    /// Open (or create) the database at `path` with a page cache of `cache_bytes`.
+    /// Open (or create) the database at `path` with a page cache of `cache_bytes`, without
+    /// compression.
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes).open()?;
+        Self::open_with(path, cache_bytes, false)
+    }
+
+    /// Open (or create) the database at `path` with a page cache of `cache_bytes`; `compress`
+    /// writes sled's pages zstd-compressed (`storage.compression`). A database keeps the
+    /// choice it was created with: opening it with the other one fails with
+    /// [`StoreError::CompressionMismatch`] and changes nothing.
+    pub fn open_with(path: &Path, cache_bytes: u64, compress: bool) -> Result<Self, StoreError> {
+        let config = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes);
+        let config = if compress { config.use_compression(true).compression_factor(1) } else { config };
+        let db = config.open().map_err(|e| match e {
+            sled::Error::Unsupported(m) if m.contains("use_compression") => StoreError::CompressionMismatch { created_with: !compress },
+            e => StoreError::Sled(e),
+        })?;
         let log = db.open_tree("log")?;
         let parked = db.open_tree("parked")?;
         let last = match log.last()? {
@@ -447,7 +464,7 @@ impl Store {
     /// One record.
     pub fn record(&self, seq: u64) -> Result<Option<LogRecord>, StoreError> {
         match self.log.get(seq.to_be_bytes())? {
-            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| corrupt("log", e))?)),
+            Some(b) => Ok(Some(LogRecord::decode(&b).map_err(|e| corrupt("log", e))?)),
             None => Ok(None),
         }
     }
@@ -456,7 +473,16 @@ impl Store {
     pub fn records_after(&self, after: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + '_ {
         self.log.range((after + 1).to_be_bytes()..).map(|r| {
             let (_, v) = r?;
-            serde_json::from_slice(&v).map_err(|e| corrupt("log", e))
+            LogRecord::decode(&v).map_err(|e| corrupt("log", e))
+        })
+    }
+
+    /// The records after sequence number `after`, in order, decoded for folding into views
+    /// ([`LogRecord::decode_for_fold`]: a PDU keeps only its content).
+    pub fn records_to_fold(&self, after: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + '_ {
+        self.log.range((after + 1).to_be_bytes()..).map(|r| {
+            let (_, v) = r?;
+            LogRecord::decode_for_fold(&v).map_err(|e| corrupt("log", e))
         })
     }
 
@@ -890,6 +916,41 @@ mod tests {
         assert_eq!(loaded.presence.len(), 1);
     }
 
+    /// Reopen a database just dropped. sled's flusher thread may hold the last reference (and
+    /// the file lock) for a moment after the drop: wait for it.
+    async fn reopen(path: &Path, compress: bool) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open_with(path, DEFAULT_CACHE_BYTES, compress) {
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                r => return r,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_compressed_database_keeps_its_setting_and_a_mismatch_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open_with(dir.path(), DEFAULT_CACHE_BYTES, true).unwrap();
+            s.append(vec![Entry::Pdu(PduEntry::test_message("$z1"))], None, &[], 42).unwrap();
+            s.flush().await.unwrap();
+        }
+        let e = reopen(dir.path(), false).await.err().expect("opening a compressed database uncompressed must fail");
+        assert!(matches!(e, StoreError::CompressionMismatch { created_with: true }), "{e}");
+        assert!(e.to_string().contains("storage.compression"), "{e}");
+        let s = reopen(dir.path(), true).await.unwrap();
+        assert_eq!(s.last_seq(), 1);
+        assert_eq!(s.get_event("$z1").unwrap().unwrap().event_id, "$z1");
+        drop(s);
+        let plain = tempfile::tempdir().unwrap();
+        drop(Store::open_with(plain.path(), DEFAULT_CACHE_BYTES, false).unwrap());
+        let e = reopen(plain.path(), true).await.err().expect("opening a plain database compressed must fail");
+        assert!(matches!(e, StoreError::CompressionMismatch { created_with: false }), "{e}");
+    }
+
     #[tokio::test]
     async fn append_is_ordered_durable_and_indexed() {
         let dir = tempfile::tempdir().unwrap();
@@ -902,18 +963,8 @@ mod tests {
             s.append(vec![presence("@b:kiwi")], None, &[], 43).unwrap();
             s.flush().await.unwrap();
         }
-        // Reopen: everything is there, sequence continues. sled's flusher thread may hold the
-        // last reference (and the file lock) for a moment after the drop: wait for it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let s = loop {
-            match Store::open(dir.path()) {
-                Ok(s) => break s,
-                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        };
+        // Reopen: everything is there, sequence continues.
+        let s = reopen(dir.path(), false).await.unwrap();
         assert_eq!(s.last_seq(), 3);
         assert!(s.has_event("$e1").unwrap());
         assert_eq!(s.get_event("$e1").unwrap().unwrap().depth, 3);

@@ -65,6 +65,9 @@ struct Args {
     /// the total rate.
     #[arg(long, default_value_t = 1)]
     parallel: usize,
+    /// Start fedlink with `storage.compression = true`.
+    #[arg(long)]
+    compression: bool,
     /// Finally kill fedlink (SIGKILL) and time its restart until it serves again.
     #[arg(long)]
     restart: bool,
@@ -88,15 +91,17 @@ impl Drop for Target {
 }
 
 impl Target {
-    async fn start(bin: &Path) -> Result<Target> {
+    async fn start(bin: &Path, compression: bool) -> Result<Target> {
         let dir = tempfile::tempdir()?;
         let port = |_: ()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
         let (fed_port, metrics_port) = (port(())?, port(())?);
         synapse::self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
         let config = format!(
             "server_name = \"localhost:{fed_port}\"\n[listen]\nfederation = \"127.0.0.1:{fed_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
-             [tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[keys]\nsigning_key = \"signing.key\"\n[storage]\npath = \"db\"\n\
-             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[federation]\nverify_tls = false\nmax_inflight_per_origin = 64\n[bot]\nmax_rooms = 100000\n"
+             [tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[keys]\nsigning_key = \"signing.key\"\n[storage]\npath = \"db\"\n{compression}\
+             [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[federation]\nverify_tls = false\nmax_inflight_per_origin = 64\n[bot]\nmax_rooms = 100000\n",
+            // Only when asked, so that builds without the setting can be driven too.
+            compression = if compression { "compression = true\n" } else { "" },
         );
         std::fs::write(dir.path().join("fedlink.toml"), config)?;
         let child = spawn(bin, dir.path())?;
@@ -297,7 +302,7 @@ async fn main() -> Result<()> {
         None => std::env::current_exe()?.with_file_name("fedlink"),
     };
     let peer = FakePeer::start().await;
-    let t = Target::start(&bin).await?;
+    let t = Target::start(&bin, args.compression).await?;
     println!("fedlink {} (pid {}) <- peer {}", t.name, t.child.id(), peer.name);
 
     if args.rooms > 0 {

@@ -190,9 +190,10 @@ pub enum PduStatus {
     Outlier,
 }
 
-/// A PDU in the log.
+/// A PDU in the log. `P` is how the signed PDU is held: the whole JSON, except when decoded
+/// for folding (see [`LogRecord::decode_for_fold`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PduEntry {
+pub struct PduEntry<P = serde_json::Value> {
     /// The room.
     pub room_id: OwnedRoomId,
     /// The event id.
@@ -218,7 +219,7 @@ pub struct PduEntry {
     /// `origin_server_ts`.
     pub origin_server_ts: u64,
     /// The signed PDU.
-    pub pdu: serde_json::Value,
+    pub pdu: P,
     /// When accepting this event changed the room's current state other than by the event
     /// itself (a fork resolved with state resolution): the whole new current state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,6 +239,130 @@ pub struct ResolvedState {
     /// Content of its power levels event, if any.
     #[serde(default)]
     pub power_levels: Option<serde_json::Value>,
+}
+
+/// What folding into views reads of a signed PDU: its `content`.
+#[derive(Deserialize)]
+struct ContentOnly {
+    #[serde(default)]
+    content: serde_json::Value,
+}
+
+/// An entry's first `kind`: its tag. (A `user_action` entry has a second `kind` of its own,
+/// so the tag cannot be read as an ordinary field.)
+fn first_kind(entry: &str) -> serde_json::Result<Option<String>> {
+    struct FirstKind;
+    impl<'de> serde::de::Visitor<'de> for FirstKind {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a log entry object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut kind = None;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == "kind" && kind.is_none() {
+                    kind = Some(map.next_value::<String>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(kind)
+        }
+    }
+    serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_str(entry), FirstKind)
+}
+
+impl LogRecord {
+    /// Decode a stored record for folding into views. The same as deserializing a
+    /// [`LogRecord`], except that a PDU entry's `pdu` keeps only `{"content": ...}`: views
+    /// read nothing else of it, and parsing the signatures, hashes and references of every
+    /// PDU was most of a replay's time. Records so decoded are for folding only.
+    pub fn decode_for_fold(bytes: &[u8]) -> serde_json::Result<LogRecord> {
+        let raw: RawRecord = serde_json::from_slice(bytes)?;
+        let text = raw.entry.get();
+        // fedlink writes the tag first: read it from the start when it is there.
+        let pdu = if text.starts_with(r#"{"kind":"pdu","#) { true } else { first_kind(text)?.as_deref() == Some("pdu") };
+        let entry = if pdu {
+            // Not through `Entry`: its tag makes serde buffer the whole entry first.
+            let p: PduEntry<ContentOnly> = serde_json::from_str(raw.entry.get())?;
+            Entry::Pdu(PduEntry {
+                room_id: p.room_id,
+                event_id: p.event_id,
+                via: p.via,
+                status: p.status,
+                event_type: p.event_type,
+                state_key: p.state_key,
+                sender: p.sender,
+                membership: p.membership,
+                prev_events: p.prev_events,
+                depth: p.depth,
+                origin_server_ts: p.origin_server_ts,
+                pdu: serde_json::json!({ "content": p.pdu.content }),
+                resolved_state: p.resolved_state,
+                superseded: p.superseded,
+            })
+        } else {
+            entry_from_str(raw.entry.get())?
+        };
+        Ok(LogRecord { v: raw.v, seq: raw.seq, at_ms: raw.at_ms, entry })
+    }
+
+    /// Decode a stored record: every record fedlink ever wrote (see [`entry_from_str`]).
+    pub fn decode(bytes: &[u8]) -> serde_json::Result<LogRecord> {
+        let raw: RawRecord = serde_json::from_slice(bytes)?;
+        Ok(LogRecord { v: raw.v, seq: raw.seq, at_ms: raw.at_ms, entry: entry_from_str(raw.entry.get())? })
+    }
+}
+
+#[derive(Deserialize)]
+struct RawRecord<'a> {
+    v: u16,
+    seq: u64,
+    at_ms: u64,
+    #[serde(borrow)]
+    entry: &'a serde_json::value::RawValue,
+}
+
+/// Decode a stored entry. Action entries (`action_pending`, `action_failed`,
+/// `action_unsupported`) written before their action was stored as `action` carry it as a
+/// second `kind` key after the tag, which serde refuses as a duplicate: those are read by
+/// taking the first `kind` as the tag and the second as the action.
+pub fn entry_from_str(entry: &str) -> serde_json::Result<Entry> {
+    let err = match serde_json::from_str(entry) {
+        Ok(e) => return Ok(e),
+        Err(e) => e,
+    };
+    let Ok(pairs) = ordered_pairs(entry) else { return Err(err) };
+    let kinds = pairs.iter().filter(|(k, _)| k == "kind").count();
+    let is_action = pairs.iter().find(|(k, _)| k == "kind").and_then(|(_, v)| v.as_str()).is_some_and(|t| t.starts_with("action_"));
+    if kinds != 2 || !is_action || pairs.iter().any(|(k, _)| k == "action") {
+        return Err(err);
+    }
+    let mut seen = false;
+    let map: serde_json::Map<String, serde_json::Value> = pairs
+        .into_iter()
+        .map(|(k, v)| if k == "kind" && std::mem::replace(&mut seen, true) { ("action".to_owned(), v) } else { (k, v) })
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(map))
+}
+
+/// An object's keys and values in order, duplicates kept.
+fn ordered_pairs(text: &str) -> serde_json::Result<Vec<(String, serde_json::Value)>> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, serde_json::Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(pair) = map.next_entry()? {
+                out.push(pair);
+            }
+            Ok(out)
+        }
+    }
+    serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_str(text), Pairs)
 }
 
 impl PduEntry {
@@ -322,7 +447,9 @@ pub struct UserAction {
     pub room_id: OwnedRoomId,
     /// The user acted for.
     pub user_id: OwnedUserId,
-    /// `read`, `join` or `leave`.
+    /// `read`, `join`, `leave` or `invite`. Stored as `action`: records written before
+    /// that carry it as a second `kind` after the entry's tag (see [`entry_from_str`]).
+    #[serde(rename = "action", alias = "kind")]
     pub kind: String,
     /// For `read`: the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -525,5 +652,74 @@ mod tests {
         assert_eq!(r.user_id.as_str(), "@a:kiwi");
         let back: LogRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
         assert_eq!(back, rec);
+        assert_eq!(LogRecord::decode_for_fold(text.as_bytes()).unwrap(), rec, "non-PDU records decode whole for folding");
+    }
+
+    /// Action records written before the action was stored as `action` have two `kind` keys
+    /// (the tag, then the action). They must keep loading, through every decoder; new ones
+    /// have no duplicate key and round-trip.
+    #[test]
+    fn action_records_of_both_formats_load() {
+        let old = r#"{"v":1,"seq":7,"at_ms":1,"entry":{"kind":"action_pending","room_id":"!r:kiwi","user_id":"@a:kiwi","kind":"read","event_id":"$e","depth":4}}"#;
+        let action = UserAction {
+            room_id: "!r:kiwi".try_into().unwrap(),
+            user_id: "@a:kiwi".try_into().unwrap(),
+            kind: "read".into(),
+            event_id: Some("$e".try_into().unwrap()),
+            event_ts: None,
+            depth: Some(4),
+            actor: None,
+            reason: None,
+        };
+        let expected = LogRecord { v: 1, seq: 7, at_ms: 1, entry: Entry::ActionPending(action.clone()) };
+        assert_eq!(LogRecord::decode(old.as_bytes()).unwrap(), expected);
+        assert_eq!(LogRecord::decode_for_fold(old.as_bytes()).unwrap(), expected);
+        let new = serde_json::to_string(&expected).unwrap();
+        assert_eq!(new.matches("\"kind\"").count(), 1, "{new}");
+        assert_eq!(LogRecord::decode(new.as_bytes()).unwrap(), expected);
+        assert_eq!(LogRecord::decode_for_fold(new.as_bytes()).unwrap(), expected);
+        for (kind, wrap) in [("action_failed", Entry::ActionFailed as fn(UserAction) -> Entry), ("action_unsupported", Entry::ActionUnsupported)] {
+            let text = old.replace("action_pending", kind);
+            assert_eq!(LogRecord::decode(text.as_bytes()).unwrap().entry, wrap(action.clone()));
+        }
+        // Only that one legacy shape is mended: other duplicate tags stay errors.
+        for bad in [
+            r#"{"v":1,"seq":7,"at_ms":1,"entry":{"kind":"receipt","kind":"receipt"}}"#,
+            r#"{"v":1,"seq":7,"at_ms":1,"entry":{"kind":"action_pending","room_id":"!r:kiwi","user_id":"@a:kiwi","kind":"read","action":"join"}}"#,
+            r#"{"v":1,"seq":7,"at_ms":1,"entry":{"kind":"action_pending","room_id":"!r:kiwi","user_id":"@a:kiwi","kind":"read","kind":"join"}}"#,
+        ] {
+            assert!(LogRecord::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    /// Decoding for folding keeps every field of a PDU entry but the signed PDU, of which
+    /// it keeps the content; a record that does not decode fails the same way.
+    #[test]
+    fn a_record_decoded_for_folding_keeps_all_but_the_signed_pdu() {
+        let mut p = PduEntry::test_message("$pl");
+        p.event_type = "m.room.power_levels".into();
+        p.state_key = Some(String::new());
+        p.superseded = vec!["$old".try_into().unwrap()];
+        p.resolved_state = Some(ResolvedState { state: vec![], power_levels: Some(serde_json::json!({"users_default": 5})) });
+        p.pdu = serde_json::json!({
+            "type": "m.room.power_levels", "state_key": "", "content": {"users": {"@a:kiwi": 100}, "note": "a \"quoted\" \u{00e9}"},
+            "signatures": {"kiwi": {"ed25519:1": "sig"}}, "hashes": {"sha256": "h"}, "auth_events": ["$c"], "prev_events": ["$p"],
+        });
+        let rec = LogRecord { v: LOG_FORMAT, seq: 9, at_ms: 3, entry: Entry::Pdu(p.clone()) };
+        let bytes = serde_json::to_vec(&rec).unwrap();
+        let folded = LogRecord::decode_for_fold(&bytes).unwrap();
+        let mut expected = p;
+        expected.pdu = serde_json::json!({"content": {"users": {"@a:kiwi": 100}, "note": "a \"quoted\" \u{00e9}"}});
+        assert_eq!(folded, LogRecord { v: LOG_FORMAT, seq: 9, at_ms: 3, entry: Entry::Pdu(expected) });
+        // A PDU without content folds as one with null content, as views read it.
+        let mut bare = PduEntry::test_message("$m");
+        bare.pdu = serde_json::json!({"type": "m.room.message"});
+        let bytes = serde_json::to_vec(&LogRecord { v: LOG_FORMAT, seq: 1, at_ms: 1, entry: Entry::Pdu(bare) }).unwrap();
+        let Entry::Pdu(b) = LogRecord::decode_for_fold(&bytes).unwrap().entry else { panic!("wrong kind") };
+        assert_eq!(b.pdu, serde_json::json!({"content": null}));
+        // Broken records are errors, not defaults.
+        for bad in [&b"{}"[..], br#"{"v":1,"seq":1,"at_ms":1,"entry":{"kind":"pdu"}}"#, br#"{"v":1,"seq":1,"at_ms":1,"entry":{"kind":"nope"}}"#, b"{\"v\":1"] {
+            assert!(LogRecord::decode_for_fold(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }
