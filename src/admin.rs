@@ -137,6 +137,9 @@ async fn room(State(app): State<AppState>, Path(room_id): Path<String>) -> Resul
         "pending_actions": r.pending_actions,
         "blocked_actions": r.blocked_actions,
         "unsupported": r.unsupported,
+        "threads": r.threads,
+        "direct_invites": r.direct_invites,
+        "direct_marked": r.direct_marked,
     })))
 }
 
@@ -174,13 +177,16 @@ async fn person(State(app): State<AppState>, Path(id): Path<String>) -> Result<J
                         "invite_pending": r.pending_invites.get(a).map(|i| &i.event_id),
                         "invite_failed": r.failed_invites.get(a),
                         "read_receipt": r.receipts.get(a),
+                        "thread_receipts": r.threads.iter().filter_map(|(root, t)| Some((root.to_string(), t.receipts.get(a)?))).collect::<std::collections::BTreeMap<_, _>>(),
+                        "direct_listed": r.direct_marked.get(a),
                     }))
                 })
                 .collect();
             let memberships: std::collections::BTreeSet<Option<&str>> = p.accounts.iter().map(|a| r.membership(a)).collect();
             let reads: std::collections::BTreeSet<Option<u64>> =
                 p.accounts.iter().filter(|a| r.membership(a) == Some("join")).map(|a| r.receipts.get(a).and_then(|x| x.depth)).collect();
-            json!({ "room_id": room_id, "in_step": memberships.len() == 1 && reads.len() <= 1, "accounts": accounts })
+            let direct_with = r.direct_partner(&p.accounts, &views.bot_user_id);
+            json!({ "room_id": room_id, "in_step": memberships.len() == 1 && reads.len() <= 1, "direct_with": direct_with, "accounts": accounts })
         })
         .collect();
     Ok(Json(json!({

@@ -15,6 +15,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     Json,
 };
+use reqwest::Method;
 use ruma::{OwnedServerName, RoomId, UserId};
 use serde_json::{json, Value};
 
@@ -93,45 +94,128 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
         _ => &action.user_id,
     };
     let reg = registration_for(app, acting).ok_or_else(|| ActionError::Refused("no registration for this homeserver".into()))?;
-    let base = reg.client_url.trim_end_matches('/');
+    let client = Client { reg, user: acting.as_str() };
     let room = enc(action.room_id.as_str());
-    let path = match action.kind.as_str() {
+    let target = enc(action.user_id.as_str());
+    let read_event = || action.event_id.as_ref().ok_or_else(|| ActionError::Refused("a read without an event".into()));
+    let (method, path, body) = match action.kind.as_str() {
         "read" => {
-            let event = action.event_id.as_ref().ok_or_else(|| ActionError::Refused("read without an event".into()))?;
-            format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", enc(event.as_str()))
+            let event = read_event()?;
+            // A read of the main timeline never lands on an event in a thread: that would
+            // mark every earlier message of the room read.
+            if let Some(root) = client.thread_of(&action.room_id, event).await? {
+                return Err(ActionError::Refused(format!("{event} is in thread {root}, not the main timeline")));
+            }
+            // The receipt and the read marker ("new messages" line) in one call; the
+            // homeserver never moves the marker backwards.
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/read_markers"), json!({ "m.read": event, "m.fully_read": event }))
         }
-        "join" => format!("/_matrix/client/v3/join/{room}"),
-        "leave" => format!("/_matrix/client/v3/rooms/{room}/leave"),
-        "invite" => format!("/_matrix/client/v3/rooms/{room}/invite"),
+        "thread_read" => {
+            let event = read_event()?;
+            let root = action.thread_id.as_ref().ok_or_else(|| ActionError::Refused("a thread read without a thread".into()))?;
+            client.thread_of(&action.room_id, event).await?;
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", enc(event.as_str())), json!({ "thread_id": root }))
+        }
+        "join" => (Method::POST, format!("/_matrix/client/v3/join/{room}"), json!({})),
+        "leave" => (Method::POST, format!("/_matrix/client/v3/rooms/{room}/leave"), json!({})),
+        // A direct-chat invite carries `is_direct`, which `/invite` cannot: the member
+        // event is sent as state.
+        "invite" if action.partner.is_some() => {
+            (Method::PUT, format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{target}"), json!({ "membership": "invite", "is_direct": true }))
+        }
+        "invite" => (Method::POST, format!("/_matrix/client/v3/rooms/{room}/invite"), json!({ "user_id": action.user_id })),
+        "direct" => {
+            let partner = action.partner.as_ref().ok_or_else(|| ActionError::Refused("a direct chat without a partner".into()))?;
+            let path = format!("/_matrix/client/v3/user/{target}/account_data/m.direct");
+            let current = client.get_json(&path, true).await?.unwrap_or_else(|| json!({}));
+            match merge_direct(&current, partner, &action.room_id) {
+                Ok(None) => return Ok(()),
+                Ok(Some(merged)) => (Method::PUT, path, merged),
+                Err(e) => return Err(ActionError::Refused(e)),
+            }
+        }
         other => return Err(ActionError::Refused(format!("unknown action {other}"))),
     };
-    let as_user = format!("user_id={}", enc(acting.as_str()));
-    if let (Some(event), "read") = (&action.event_id, action.kind.as_str()) {
-        // A homeserver answers 200 to a receipt for an event it does not have yet, and
-        // drops it: wait until the event has reached it.
-        let url = format!("{base}/_matrix/client/v3/rooms/{room}/event/{}?{as_user}", enc(event.as_str()));
-        let resp = http().get(&url).bearer_auth(&reg.as_token).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
-        let status = resp.status();
+    client.send(method, &path, &body).await
+}
+
+/// `user`'s `m.direct` content with `room` listed under `partner`, or `None` when it is
+/// already there. Everything else the client wrote is kept as it was. Pure.
+pub fn merge_direct(current: &Value, partner: &UserId, room: &RoomId) -> Result<Option<Value>, String> {
+    let mut map = match current {
+        Value::Object(m) => m.clone(),
+        _ => return Err("m.direct is not a JSON object; left as it is".into()),
+    };
+    let rooms = map.entry(partner.as_str()).or_insert_with(|| json!([]));
+    let Value::Array(list) = rooms else { return Err(format!("m.direct lists {partner} with something other than an array; left as it is")) };
+    if list.iter().any(|r| r.as_str() == Some(room.as_str())) {
+        return Ok(None);
+    }
+    list.push(json!(room));
+    Ok(Some(Value::Object(map)))
+}
+
+/// A homeserver's client API, as one of its users, through fedlink's registration.
+struct Client<'a> {
+    reg: &'a AppserviceConfig,
+    user: &'a str,
+}
+
+impl Client<'_> {
+    fn url(&self, path: &str) -> String {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!("{}{path}{sep}user_id={}", self.reg.client_url.trim_end_matches('/'), enc(self.user))
+    }
+
+    fn fail(&self, status: reqwest::StatusCode, body: &[u8]) -> ActionError {
+        let text = format!("{} answered {status}: {}", self.reg.server_name, String::from_utf8_lossy(body));
         if status.as_u16() == 429 || status.is_server_error() {
-            return Err(ActionError::Transient(format!("{} answered {status}", reg.server_name)));
+            ActionError::Transient(text)
+        } else {
+            ActionError::Refused(text)
+        }
+    }
+
+    /// `GET path`: its JSON, or `None` on 404 when `missing_ok`.
+    async fn get_json(&self, path: &str, missing_ok: bool) -> Result<Option<Value>, ActionError> {
+        let resp = http().get(self.url(path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let status = resp.status();
+        let body = crate::federation::client::read_capped(resp, 1024 * 1024).await.map_err(|e| ActionError::Transient(e.to_string()))?;
+        if status.as_u16() == 404 && missing_ok {
+            return Ok(None);
         }
         if !status.is_success() {
-            return Err(ActionError::NotYet(format!("{} does not have {event} yet ({status})", reg.server_name)));
+            return Err(self.fail(status, &body));
         }
+        serde_json::from_slice(&body).map(Some).map_err(|e| ActionError::Transient(format!("{} answered {path} with bad JSON: {e}", self.reg.server_name)))
     }
-    let url = format!("{base}{path}?{as_user}");
-    let body = if action.kind == "invite" { json!({ "user_id": action.user_id }) } else { json!({}) };
-    let resp = http().post(&url).bearer_auth(&reg.as_token).json(&body).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(());
+
+    async fn send(&self, method: Method, path: &str, body: &Value) -> Result<(), ActionError> {
+        let resp = http().request(method, self.url(path)).bearer_auth(&self.reg.as_token).json(body).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = crate::federation::client::read_capped(resp, 4096).await.unwrap_or_default();
+        Err(self.fail(status, &body))
     }
-    let body = crate::federation::client::read_capped(resp, 4096).await.unwrap_or_default();
-    let text = format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body));
-    if status.as_u16() == 429 || status.is_server_error() {
-        Err(ActionError::Transient(text))
-    } else {
-        Err(ActionError::Refused(text))
+
+    /// The thread `event` belongs to, as the homeserver shows it to the user. A homeserver
+    /// answers 200 to a receipt for an event it does not have yet, and drops it: until the
+    /// event has reached it, this is [`ActionError::NotYet`].
+    async fn thread_of(&self, room: &RoomId, event: &ruma::EventId) -> Result<Option<ruma::OwnedEventId>, ActionError> {
+        let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room.as_str()), enc(event.as_str()));
+        let resp = http().get(self.url(&path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let status = resp.status();
+        if status.as_u16() == 429 || status.is_server_error() {
+            return Err(ActionError::Transient(format!("{} answered {status}", self.reg.server_name)));
+        }
+        if !status.is_success() {
+            return Err(ActionError::NotYet(format!("{} does not have {event} yet ({status})", self.reg.server_name)));
+        }
+        let body = crate::federation::client::read_capped(resp, 256 * 1024).await.map_err(|e| ActionError::Transient(e.to_string()))?;
+        let ev: Value = serde_json::from_slice(&body).map_err(|e| ActionError::Transient(format!("bad event JSON: {e}")))?;
+        Ok(ev.get("content").and_then(crate::core::log_entry::thread_root))
     }
 }
 
@@ -281,6 +365,7 @@ fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::lo
         _ if ev.get("state_key").is_none() => (None, None),
         _ => return None,
     };
+    let is_direct = membership.as_deref() == Some("invite") && ev.get("content").and_then(|c| c.get("is_direct")).and_then(Value::as_bool) == Some(true);
     Some(crate::core::log_entry::ClientEventEntry {
         via: server.to_owned(),
         room_id: RoomId::parse(ev.get("room_id").and_then(Value::as_str)?).ok()?,
@@ -290,11 +375,19 @@ fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::lo
         state_key,
         membership,
         origin_server_ts: ev.get("origin_server_ts").and_then(Value::as_u64),
+        is_direct,
     })
 }
 
-/// `origin_server_ts` of `event` as the homeserver shows it to `user`.
-async fn fetch_event_ts(reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<u64> {
+/// What a receipt needs of an event fedlink does not hold: its `origin_server_ts` (the
+/// fallback order) and its thread.
+struct EventMeta {
+    ts: Option<u64>,
+    thread: Option<ruma::OwnedEventId>,
+}
+
+/// [`EventMeta`] of `event` as the homeserver shows it to `user`.
+async fn fetch_event_meta(reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<EventMeta> {
     let url = format!(
         "{}/_matrix/client/v3/rooms/{}/event/{}?user_id={}",
         reg.client_url.trim_end_matches('/'),
@@ -307,7 +400,8 @@ async fn fetch_event_ts(reg: &AppserviceConfig, room: &str, event: &str, user: &
         return None;
     }
     let body = crate::federation::client::read_capped(resp, 256 * 1024).await.ok()?;
-    serde_json::from_slice::<Value>(&body).ok()?.get("origin_server_ts")?.as_u64()
+    let ev = serde_json::from_slice::<Value>(&body).ok()?;
+    Some(EventMeta { ts: ev.get("origin_server_ts").and_then(Value::as_u64), thread: ev.get("content").and_then(crate::core::log_entry::thread_root) })
 }
 
 /// Which registration a request comes from (by its `hs_token`).
@@ -350,14 +444,22 @@ pub async fn transaction(
         tracing::warn!(server = %reg.server_name, %txn_id, dropped = push.foreign, "registration push spoke for other servers' users; dropped those items");
     }
     // Where fedlink does not hold a read event, ask the homeserver for its timestamp (the
-    // fallback order), before taking any lock.
-    let mut event_ts: std::collections::HashMap<ruma::OwnedEventId, u64> = std::collections::HashMap::new();
-    for r in &push.receipts {
-        if event_ts.len() >= 50 || event_ts.contains_key(&r.event_id) || app.store.has_event(r.event_id.as_str()).unwrap_or(true) {
+    // fallback order) and its thread (the push drops a receipt's `thread_id`), before
+    // taking any lock; only for linked accounts' reads, at most 50 events per push.
+    let mut fetched: std::collections::HashMap<ruma::OwnedEventId, EventMeta> = std::collections::HashMap::new();
+    let wanted: Vec<&PushedReceipt> = {
+        let views = app.views.read().await;
+        push.receipts.iter().filter(|r| views.directory.by_account.contains_key(&r.user_id)).collect()
+    };
+    for r in wanted {
+        if fetched.len() >= 50 || fetched.contains_key(&r.event_id) || app.store.has_event(r.event_id.as_str()).unwrap_or(true) {
             continue;
         }
-        if let Some(ts) = fetch_event_ts(reg, r.room_id.as_str(), r.event_id.as_str(), r.user_id.as_str()).await {
-            event_ts.insert(r.event_id.clone(), ts);
+        match fetch_event_meta(reg, r.room_id.as_str(), r.event_id.as_str(), r.user_id.as_str()).await {
+            Some(meta) => {
+                fetched.insert(r.event_id.clone(), meta);
+            }
+            None => tracing::warn!(server = %reg.server_name, room_id = %r.room_id, event_id = %r.event_id, "cannot fetch a read event from its homeserver; its thread and time are unknown"),
         }
     }
     let _lock = app.ingest.lock().await;
@@ -383,9 +485,16 @@ pub async fn transaction(
             }
             let stored = app.store.get_event(r.event_id.as_str()).ok().flatten().filter(|e| e.room_id == r.room_id);
             let depth = stored.as_ref().map(|e| e.depth);
-            let event_ts = match &stored {
-                Some(e) => Some(e.origin_server_ts),
-                None => event_ts.get(&r.event_id).copied(),
+            let (event_ts, thread) = match &stored {
+                Some(e) => (Some(e.origin_server_ts), e.pdu.get("content").and_then(crate::core::log_entry::thread_root)),
+                None => fetched.get(&r.event_id).map(|m| (m.ts, m.thread.clone())).unwrap_or((None, None)),
+            };
+            // Synapse's pushes drop a receipt's thread id: a read of an event in a thread is
+            // a read of that thread.
+            let (thread_id, thread_inferred) = match (r.thread_id, thread) {
+                (Some(t), _) => (Some(t), false),
+                (None, Some(root)) => (Some(root.to_string()), true),
+                (None, None) => (None, false),
             };
             app.metrics.receipts_in.with_label_values(&["appservice"]).inc();
             entries.push(Entry::Receipt(ReceiptEntry {
@@ -395,7 +504,8 @@ pub async fn transaction(
                 user_id: r.user_id,
                 event_id: r.event_id,
                 ts: r.ts,
-                thread_id: r.thread_id,
+                thread_id,
+                thread_inferred,
                 depth,
                 event_ts,
                 via_appservice: Some(true),

@@ -50,7 +50,7 @@ pub struct SyncState {
     /// When fedlink last set a user online (presence following), to avoid repeating itself.
     presence_sent: Mutex<HashMap<OwnedUserId, Instant>>,
     /// When the read that caused a pending read action arrived (for the latency histogram).
-    read_started: Mutex<HashMap<(OwnedRoomId, OwnedUserId), Instant>>,
+    read_started: Mutex<HashMap<ActionKey, Instant>>,
 }
 
 impl SyncState {
@@ -107,7 +107,7 @@ async fn schedule(app: &Arc<Fedlink>) -> Option<u64> {
         let views = app.views.read().await;
         (
             pending_rooms(&views).flat_map(|r| r.pending_invites.keys().map(|t| t.server_name().to_string())).collect(),
-            pending_rooms(&views).flat_map(|r| r.pending_actions.values().cloned()).collect(),
+            pending_rooms(&views).flat_map(room_actions).cloned().collect(),
         )
     };
     for dest in invite_dests {
@@ -141,7 +141,27 @@ fn pending_rooms(views: &crate::core::views::Views) -> impl Iterator<Item = &cra
 }
 
 fn action_key(a: &UserAction) -> ActionKey {
-    (a.room_id.clone(), a.user_id.clone(), a.kind.clone())
+    let kind = match &a.thread_id {
+        Some(root) => format!("{} {root}", a.kind),
+        None => a.kind.clone(),
+    };
+    (a.room_id.clone(), a.user_id.clone(), kind)
+}
+
+/// Every pending action of a room: its users' and its threads' reads.
+fn room_actions(r: &crate::core::views::RoomView) -> impl Iterator<Item = &UserAction> {
+    r.pending_actions.values().chain(r.threads.values().flat_map(|t| t.pending.values()))
+}
+
+/// Whether `a` is still pending, unchanged (opt-out, unlink or the membership or read may
+/// have settled it).
+fn still_pending(views: &crate::core::views::Views, a: &UserAction) -> bool {
+    let Some(room) = views.rooms.get(&a.room_id) else { return false };
+    let current = match (&a.thread_id, a.kind.as_str()) {
+        (Some(root), "thread_read") => room.threads.get(root).and_then(|t| t.pending.get(&a.user_id)),
+        _ => room.pending_actions.get(&a.user_id),
+    };
+    current == Some(a)
 }
 
 /// The account whose homeserver performs `a` (an invite is done by the inviting sibling).
@@ -208,11 +228,12 @@ async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::St
     let _lock = app.ingest.lock().await;
     for action in actions {
         let entry = match action {
-            Action::Invite { room_id, target, person } => {
+            Action::Invite { room_id, target, person, partner } => {
                 app.metrics.reconcile_actions.with_label_values(&["invite"]).inc();
-                match build_invite(app, &room_id, &target).await {
+                match build_invite(app, &room_id, &target, partner.is_some()).await {
                     Ok(pdu) => {
-                        tracing::info!(%room_id, %target, %person, event_id = %pdu.event_id, "inviting a linked account");
+                        let direct_with = partner.as_ref().map(|p| p.as_str()).unwrap_or("");
+                        tracing::info!(%room_id, %target, %person, event_id = %pdu.event_id, direct_with, "inviting a linked account");
                         Entry::InvitePending(InvitePending { room_id, target, event_id: pdu.event_id.clone(), event: pdu.to_value() })
                     }
                     Err((reason, power_levels_event)) => {
@@ -222,31 +243,40 @@ async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::St
                     }
                 }
             }
-            Action::SetRead { room_id, target, event_id, position } => {
-                app.metrics.reconcile_actions.with_label_values(&["read"]).inc();
-                app.sync.read_started.lock().expect("lock").insert((room_id.clone(), target.clone()), Instant::now());
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "read".into(), event_id: Some(event_id), reason: None, actor: None, event_ts: position.1, depth: position.0 })
+            Action::SetRead { room_id, target, event_id, position, thread } => {
+                let kind = if thread.is_some() { "thread_read" } else { "read" };
+                app.metrics.reconcile_actions.with_label_values(&[kind]).inc();
+                let action = UserAction { event_id: Some(event_id), event_ts: position.1, depth: position.0, thread_id: thread, ..UserAction::new(room_id, target, kind) };
+                tracing::debug!(room_id = %action.room_id, target = %action.user_id, kind, "moving a linked account's read");
+                app.sync.read_started.lock().expect("lock").insert(action_key(&action), Instant::now());
+                Entry::ActionPending(action)
+            }
+            Action::MarkDirect { room_id, target, partner } => {
+                app.metrics.reconcile_actions.with_label_values(&["direct"]).inc();
+                tracing::info!(%room_id, %target, %partner, "listing a direct chat in a linked account's m.direct");
+                Entry::ActionPending(UserAction { partner: Some(partner), ..UserAction::new(room_id, target, "direct") })
             }
             Action::Join { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["join"]).inc();
                 tracing::info!(%room_id, %target, "joining an invited linked account");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "join".into(), event_id: None, reason: None, actor: None, event_ts: None, depth: None })
+                Entry::ActionPending(UserAction::new(room_id, target, "join"))
             }
             Action::Leave { room_id, target } => {
                 app.metrics.reconcile_actions.with_label_values(&["leave"]).inc();
                 tracing::info!(%room_id, %target, "a linked account left; its sibling leaves too");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "leave".into(), event_id: None, reason: None, actor: None, event_ts: None, depth: None })
+                Entry::ActionPending(UserAction::new(room_id, target, "leave"))
             }
-            Action::InviteAs { room_id, actor, target } => {
+            Action::InviteAs { room_id, actor, target, partner } => {
                 app.metrics.reconcile_actions.with_label_values(&["invite_as"]).inc();
-                tracing::info!(%room_id, %actor, %target, "inviting a linked account as its joined sibling");
-                Entry::ActionPending(UserAction { room_id, user_id: target, kind: "invite".into(), event_id: None, reason: None, actor: Some(actor), event_ts: None, depth: None })
+                let direct_with = partner.as_ref().map(|p| p.as_str()).unwrap_or("");
+                tracing::info!(%room_id, %actor, %target, direct_with, "inviting a linked account as its joined sibling");
+                Entry::ActionPending(UserAction { actor: Some(actor), partner, ..UserAction::new(room_id, target, "invite") })
             }
             Action::Unsupported { room_id, target, kind } => {
                 app.metrics.unsupported_actions.with_label_values(&[kind]).inc();
                 let reason = format!("{} has no application-service registration for fedlink; over federation fedlink may not {kind} for its users", target.server_name());
                 tracing::warn!(%room_id, %target, kind, "unsupported action recorded");
-                Entry::ActionUnsupported(UserAction { room_id, user_id: target, kind: kind.into(), event_id: None, reason: Some(reason), actor: None, event_ts: None, depth: None })
+                Entry::ActionUnsupported(UserAction { reason: Some(reason), ..UserAction::new(room_id, target, kind) })
             }
             Action::MissingPower { room_id, target, power_levels_event, needed, have } => {
                 app.metrics.reconcile_actions.with_label_values(&["missing_power"]).inc();
@@ -264,12 +294,12 @@ async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::St
 
 /// Build and sign the bot's invite for `target`, checked against the room's auth rules.
 /// On failure, the reason and the power levels event it depends on.
-async fn build_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId) -> Result<Pdu, (String, Option<ruma::OwnedEventId>)> {
+async fn build_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId, direct: bool) -> Result<Pdu, (String, Option<ruma::OwnedEventId>)> {
     let views = app.views.read().await;
     let room = views.rooms.get(room_id).ok_or(("room unknown".to_owned(), None))?;
     let power_event = room.power.as_ref().and_then(|p| p.event_id.clone());
     let rules = rules_for(&room.version).ok_or(("unsupported room version".to_owned(), None))?;
-    let content = json!({ "membership": "invite" });
+    let content = if direct { json!({ "membership": "invite", "is_direct": true }) } else { json!({ "membership": "invite" }) };
     let obj = build::template(&app.store, room_id.as_str(), room, &rules, &app.bot, "m.room.member", Some(target.as_str()), content, now_ms())
         .map_err(|e| (e.to_string(), None))?;
     let pdu = build::sign(app.server_name.as_str(), &app.key, obj, &rules).map_err(|e| (e.to_string(), None))?;
@@ -431,7 +461,7 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
 async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
     let pending: Vec<UserAction> = {
         let views = app.views.read().await;
-        pending_rooms(&views).flat_map(|r| r.pending_actions.values()).filter(|a| acting(a).server_name().as_str() == dest).cloned().collect()
+        pending_rooms(&views).flat_map(room_actions).filter(|a| acting(a).server_name().as_str() == dest).cloned().collect()
     };
     let mut delivered = 0;
     for action in pending {
@@ -440,7 +470,7 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
             continue;
         }
         // Opt-out, unlink or the membership may have settled it since.
-        if app.views.read().await.rooms.get(&action.room_id).and_then(|r| r.pending_actions.get(&action.user_id)) != Some(&action) {
+        if !still_pending(&*app.views.read().await, &action) {
             continue;
         }
         match crate::appservice::perform(app, &action).await {
@@ -449,7 +479,16 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
                 app.metrics.actions.with_label_values(&[action.kind.as_str(), "ok"]).inc();
                 app.sync.not_yet.lock().expect("lock").remove(&key);
                 if action.kind == "read" {
-                    if let Some(t) = app.sync.read_started.lock().expect("lock").remove(&(key.0.clone(), key.1.clone())) {
+                    // The read marker moved in the same call.
+                    app.metrics.actions.with_label_values(&["fully_read", "ok"]).inc();
+                }
+                if action.kind == "direct" {
+                    let _lock = app.ingest.lock().await;
+                    if app.append(vec![Entry::ActionDone(action.clone())], None).await.is_ok() {
+                        let _ = app.store.flush().await;
+                    }
+                } else if action.kind == "read" || action.kind == "thread_read" {
+                    if let Some(t) = app.sync.read_started.lock().expect("lock").remove(&key) {
                         app.metrics.read_propagation_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     let event_id = action.event_id.clone().expect("read actions carry an event");
@@ -461,7 +500,8 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
                         user_id: action.user_id.clone(),
                         event_id,
                         ts: Some(now_ms()),
-                        thread_id: None,
+                        thread_id: action.thread_id.as_ref().map(|t| t.to_string()),
+                        thread_inferred: false,
                         depth,
                         event_ts: action.event_ts,
                         via_appservice: Some(true),
@@ -474,7 +514,7 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
                     // The membership event arrives over federation or a push and settles it.
                     app.sync.sent.lock().expect("lock").insert(key);
                 }
-                tracing::info!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, "action done through the appservice route");
+                tracing::info!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, thread = ?action.thread_id, "action done through the appservice route");
             }
             Err(crate::appservice::ActionError::NotYet(reason)) => {
                 let mut retries = app.sync.not_yet.lock().expect("lock");

@@ -85,6 +85,11 @@ fn pdu(r: u8, n: u64, sender: u8, state: Option<(String, Option<&str>)>, prev: V
     }
 }
 
+fn return_done(out: &mut Vec<Entry>, a: UserAction) {
+    out.push(Entry::ActionPending(a.clone()));
+    out.push(Entry::ActionDone(a));
+}
+
 fn entries(ops: &[Op]) -> Vec<Entry> {
     let mut out = Vec::new();
     for (i, o) in ops.iter().enumerate() {
@@ -102,7 +107,14 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                 ],
                 power_levels: Some(json!({ "users": { BOT: 100 } })),
             }),
-            Op::Member(r, u, m) => Entry::Pdu(pdu(r, n, u, Some((user(u).to_string(), Some(MEMBERSHIPS[m as usize]))), prev)),
+            Op::Member(r, u, m) => {
+                let mut p = pdu(r, n, u, Some((user(u).to_string(), Some(MEMBERSHIPS[m as usize]))), prev);
+                // Some invites are direct-chat invites.
+                if m == 2 && u % 2 == 0 {
+                    p.pdu = json!({ "content": { "membership": "invite", "is_direct": true } });
+                }
+                Entry::Pdu(p)
+            }
             Op::Message(r, u, fork) => {
                 let mut p = pdu(r, n, u, None, if fork { vec![event(n.saturating_sub(3))] } else { prev });
                 if fork {
@@ -128,7 +140,9 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                 user_id: user(u),
                 event_id: event(e),
                 ts: Some(n),
-                thread_id: None,
+                // A third of the reads are in one of two threads.
+                thread_id: (e % 3 == 0).then(|| format!("$t{}", r % 2)),
+                thread_inferred: e % 2 == 0,
                 depth: Some(e),
                 event_ts: Some(e * 1000),
                 via_appservice: None,
@@ -142,6 +156,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                 state_key: (k != 0).then(|| user(u).to_string()),
                 membership: (k != 0).then(|| if k == 1 { "join".into() } else { "leave".into() }),
                 origin_server_ts: Some(n * 1000),
+                is_direct: k == 1,
             }),
             Op::Link(k) => Entry::PersonSet(PersonSet {
                 person: "alice".into(),
@@ -151,7 +166,22 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
             Op::Unlink => Entry::PersonRemoved(fedlink::core::log_entry::PersonRemoved { person: "alice".into(), source: LinkSource::Admin }),
             Op::OptOut(r, o) => Entry::OptOut(OptOut { person: "alice".into(), room_id: r.map(room), opted_out: o }),
             Op::Action(r, u, failed) => {
-                let a = UserAction { room_id: room(r), user_id: user(u), kind: "read".into(), event_id: Some(event(n)), reason: None, actor: None, event_ts: Some(n), depth: Some(n) };
+                let mut a = UserAction { room_id: room(r), user_id: user(u), kind: "read".into(), event_id: Some(event(n)), reason: None, thread_id: None, partner: None, actor: None, event_ts: Some(n), depth: Some(n) };
+                match n % 3 {
+                    // Thread reads, pending or failed.
+                    0 => {
+                        a.kind = "thread_read".into();
+                        a.thread_id = Some(format!("$t{}", r % 2).try_into().unwrap());
+                    }
+                    // A direct chat listed.
+                    2 if !failed => {
+                        a.kind = "direct".into();
+                        a.partner = Some(user(u.wrapping_add(1)));
+                        return_done(&mut out, a);
+                        continue;
+                    }
+                    _ => {}
+                }
                 if failed { Entry::ActionFailed(a) } else { Entry::ActionPending(a) }
             }
             Op::Presence(u, p) => Entry::Presence(PresenceEntry {

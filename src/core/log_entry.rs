@@ -72,6 +72,9 @@ pub enum Entry {
     ActionFailed(UserAction),
     /// An action no route can perform for that user's homeserver (no registration).
     ActionUnsupported(UserAction),
+    /// An action the homeserver did that no later event confirms (an `m.direct` entry
+    /// written): it is settled by this record.
+    ActionDone(UserAction),
 }
 
 /// Where a directory change came from.
@@ -128,6 +131,9 @@ pub struct ClientEventEntry {
     /// `origin_server_ts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_server_ts: Option<u64>,
+    /// `content.is_direct` of an invite: a direct-chat invite.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_direct: bool,
 }
 
 /// A person's sync settings.
@@ -239,6 +245,23 @@ pub struct ResolvedState {
     /// Content of its power levels event, if any.
     #[serde(default)]
     pub power_levels: Option<serde_json::Value>,
+}
+
+/// The thread an event belongs to: the root of its `m.thread` relation, if any.
+pub fn thread_root(content: &serde_json::Value) -> Option<OwnedEventId> {
+    let rel = content.get("m.relates_to")?;
+    if rel.get("rel_type")?.as_str()? != "m.thread" {
+        return None;
+    }
+    rel.get("event_id")?.as_str()?.try_into().ok()
+}
+
+impl ReceiptEntry {
+    /// The thread this read belongs to: `None` for the main timeline (or an unthreaded
+    /// read), else the thread's root.
+    pub fn thread(&self) -> Option<OwnedEventId> {
+        self.thread_id.as_deref().filter(|t| *t != "main").and_then(|t| t.try_into().ok())
+    }
 }
 
 /// What folding into views reads of a signed PDU: its `content`.
@@ -425,9 +448,14 @@ pub struct ReceiptEntry {
     /// The receipt's timestamp, if given.
     #[serde(default)]
     pub ts: Option<u64>,
-    /// Thread id, if a threaded receipt.
+    /// Thread id, if a threaded receipt: `main`, or the thread's root event. Where the
+    /// sender left it out (Synapse's registration pushes drop it) but the event read is in a
+    /// thread, fedlink fills in that thread's root and sets `thread_inferred`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<String>,
+    /// `thread_id` was not sent but taken from the event's `m.thread` relation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub thread_inferred: bool,
     /// Depth of the event read up to, when fedlink holds it (orders read positions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth: Option<u64>,
@@ -447,7 +475,7 @@ pub struct UserAction {
     pub room_id: OwnedRoomId,
     /// The user acted for.
     pub user_id: OwnedUserId,
-    /// `read`, `join`, `leave` or `invite`. Stored as `action`: records written before
+    /// `read`, `thread_read`, `join`, `leave`, `invite` or `direct`. Stored as `action`: records written before
     /// that carry it as a second `kind` after the entry's tag (see [`entry_from_str`]).
     #[serde(rename = "action", alias = "kind")]
     pub kind: String,
@@ -466,6 +494,20 @@ pub struct UserAction {
     /// For failures and unsupported actions: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For `thread_read`: the thread's root event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<OwnedEventId>,
+    /// For `direct`: the partner the room is listed under in `m.direct`; for `invite`: that
+    /// the invite is a direct-chat invite from this partner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<OwnedUserId>,
+}
+
+impl UserAction {
+    /// An action of `kind` for `user_id` in `room_id`, with no details yet.
+    pub fn new(room_id: OwnedRoomId, user_id: OwnedUserId, kind: &str) -> Self {
+        Self { room_id, user_id, kind: kind.into(), event_id: None, event_ts: None, depth: None, actor: None, reason: None, thread_id: None, partner: None }
+    }
 }
 
 /// A typing notification.
@@ -598,7 +640,7 @@ impl Entry {
             Entry::ClientEvent(e) => Scope::Room(&e.room_id),
             Entry::InvitePending(e) => Scope::Room(&e.room_id),
             Entry::InviteFailed(e) => Scope::Room(&e.room_id),
-            Entry::ActionPending(e) | Entry::ActionFailed(e) | Entry::ActionUnsupported(e) => Scope::Room(&e.room_id),
+            Entry::ActionPending(e) | Entry::ActionFailed(e) | Entry::ActionUnsupported(e) | Entry::ActionDone(e) => Scope::Room(&e.room_id),
         }
     }
 
@@ -634,6 +676,7 @@ impl Entry {
             Entry::ActionPending(_) => "action_pending",
             Entry::ActionFailed(_) => "action_failed",
             Entry::ActionUnsupported(_) => "action_unsupported",
+            Entry::ActionDone(_) => "action_done",
         }
     }
 }
@@ -669,7 +712,7 @@ mod tests {
             event_ts: None,
             depth: Some(4),
             actor: None,
-            reason: None,
+            reason: None, thread_id: None, partner: None,
         };
         let expected = LogRecord { v: 1, seq: 7, at_ms: 1, entry: Entry::ActionPending(action.clone()) };
         assert_eq!(LogRecord::decode(old.as_bytes()).unwrap(), expected);

@@ -21,6 +21,15 @@
 //! - these act through a homeserver's application-service registration ([`Routes`]); where
 //!   none exists the decision is `Unsupported`, recorded once per user, room and kind.
 //!   Echoes of what fedlink set are no-ops: a read at the furthest position changes nothing.
+//!
+//! Rules for conversations (issue #9):
+//! - each thread's reads follow the person within that thread, forward only, apart from the
+//!   main timeline (a thread read never moves the main timeline, nor the reverse); a main
+//!   read also moves the read marker (`m.fully_read`) in the same call;
+//! - when an account of the person was invited to a direct chat (`is_direct`), invites to
+//!   its siblings carry `is_direct`, and each joined sibling gets the room listed under the
+//!   original inviter in its `m.direct` (once; the account the partner invited does that
+//!   itself through its client).
 
 use std::collections::BTreeMap;
 
@@ -38,7 +47,7 @@ pub struct Route {
 /// Homeservers with a registration for fedlink.
 pub type Routes = BTreeMap<OwnedServerName, Route>;
 
-use super::views::{directory::Person, position_after, BotMembership, RoomView, Views};
+use super::views::{directory::Person, position_after, BotMembership, Receipt, RoomView, Views};
 
 /// What should happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +60,11 @@ pub enum Action {
         target: OwnedUserId,
         /// The person it belongs to.
         person: String,
+        /// A direct chat with this partner: the invite carries `is_direct`.
+        partner: Option<OwnedUserId>,
     },
-    /// Move `target`'s read marker to `event_id`.
+    /// Move `target`'s read receipt to `event_id`: in the main timeline (with the read
+    /// marker, `m.fully_read`), or in `thread`.
     SetRead {
         /// The room.
         room_id: OwnedRoomId,
@@ -62,6 +74,17 @@ pub enum Action {
         event_id: OwnedEventId,
         /// Where it sits: (depth, origin_server_ts).
         position: (Option<u64>, Option<u64>),
+        /// The thread's root, for a read within a thread.
+        thread: Option<OwnedEventId>,
+    },
+    /// List the room under `partner` in `target`'s `m.direct` account data.
+    MarkDirect {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The account (joined).
+        target: OwnedUserId,
+        /// Who the direct chat is with: the original inviter.
+        partner: OwnedUserId,
     },
     /// Join `target` (invited) to the room.
     Join {
@@ -85,6 +108,8 @@ pub enum Action {
         actor: OwnedUserId,
         /// The account to invite.
         target: OwnedUserId,
+        /// A direct chat with this partner: the invite carries `is_direct`.
+        partner: Option<OwnedUserId>,
     },
     /// No route can do `kind` for `target`'s homeserver.
     Unsupported {
@@ -92,7 +117,7 @@ pub enum Action {
         room_id: OwnedRoomId,
         /// The account.
         target: OwnedUserId,
-        /// `read`, `join` or `leave`.
+        /// `read`, `thread_read`, `join`, `leave`, `invite` or `direct`.
         kind: &'static str,
     },
     /// The bot lacks the power to invite `target`.
@@ -150,13 +175,14 @@ fn decide_in(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomV
 fn decide_invites_as(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
     for (_, person) in persons_in(views, room_id, room, |m| m == "join") {
         let actor = person.accounts.iter().find(|a| room.membership(a) == Some("join") && routes.contains_key(a.server_name()));
+        let partner = room.direct_partner(&person.accounts, &views.bot_user_id);
         for target in &person.accounts {
             let taken = room.membership(target).is_some_and(|m| m != "knock");
             if taken || room.pending_actions.contains_key(target) || room.blocked_actions.contains_key(target) || target.server_name() == views.bot_user_id.server_name() {
                 continue;
             }
             match actor {
-                Some(a) => out.push(Action::InviteAs { room_id: room_id.clone(), actor: a.clone(), target: target.clone() }),
+                Some(a) => out.push(Action::InviteAs { room_id: room_id.clone(), actor: a.clone(), target: target.clone(), partner: partner.cloned() }),
                 None if !room.unsupported.get(target).is_some_and(|k| k.contains("invite")) => {
                     out.push(Action::Unsupported { room_id: room_id.clone(), target: target.clone(), kind: "invite" })
                 }
@@ -183,33 +209,49 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
         let joined: Vec<&OwnedUserId> = person.accounts.iter().filter(|a| room.membership(a) == Some("join")).collect();
         let unsupported = |u: &OwnedUserId, kind: &str| room.unsupported.get(u).is_some_and(|k| k.contains(kind));
         let busy = |u: &OwnedUserId| room.pending_actions.contains_key(u);
-        // Read markers: forward to the furthest position among joined accounts.
-        let best = joined
-            .iter()
-            .filter_map(|a| room.receipts.get(*a))
-            .filter(|r| r.depth.is_some() || r.event_ts.is_some())
-            .fold(None::<&crate::core::views::Receipt>, |best, r| match best {
-                Some(b) if !position_after(r.position(), b.position()) => Some(b),
-                _ => Some(r),
+        // Main-timeline reads: forward to the furthest position among joined accounts.
+        for (b, event_id, position) in reads_behind(&joined, &room.receipts) {
+            let failed = room.blocked_actions.get(b).is_some_and(|a| a.kind == "read" && a.event_id.as_ref() == Some(event_id));
+            if busy(b) || failed || unsupported(b, "read") {
+                continue;
+            }
+            out.push(match routes.get(b.server_name()) {
+                Some(_) => Action::SetRead { room_id: room_id.clone(), target: b.clone(), event_id: event_id.clone(), position, thread: None },
+                None => Action::Unsupported { room_id: room_id.clone(), target: b.clone(), kind: "read" },
             });
-        if let Some(best) = best {
-            let (position, event_id) = (best.position(), &best.event_id);
-            for b in &joined {
-                let behind = room.receipts.get(*b).is_none_or(|r| r.is_before(position));
-                let failed = room.blocked_actions.get(*b).is_some_and(|a| a.kind == "read" && a.event_id.as_ref() == Some(event_id));
-                if !behind || busy(b) || failed || unsupported(b, "read") {
+        }
+        // Each thread's reads, the same way, apart from the main timeline's.
+        for (root, thread) in &room.threads {
+            for (b, event_id, position) in reads_behind(&joined, &thread.receipts) {
+                let failed = thread.blocked.get(b).is_some_and(|a| a.event_id.as_ref() == Some(event_id));
+                if thread.pending.contains_key(b) || failed || unsupported(b, "thread_read") {
                     continue;
                 }
                 out.push(match routes.get(b.server_name()) {
-                    Some(_) => Action::SetRead { room_id: room_id.clone(), target: (*b).clone(), event_id: event_id.clone(), position },
-                    None => Action::Unsupported { room_id: room_id.clone(), target: (*b).clone(), kind: "read" },
+                    Some(_) => Action::SetRead { room_id: room_id.clone(), target: b.clone(), event_id: event_id.clone(), position, thread: Some(root.clone()) },
+                    None => Action::Unsupported { room_id: room_id.clone(), target: b.clone(), kind: "thread_read" },
+                });
+            }
+        }
+        // A direct chat stays direct: joined siblings list it under the partner in their
+        // `m.direct` (the account the partner invited has its own client do that).
+        if let Some(partner) = room.direct_partner(&person.accounts, &views.bot_user_id) {
+            for b in &joined {
+                let own_invite = room.direct_invites.get(*b) == Some(partner);
+                let failed = room.blocked_actions.get(*b).is_some_and(|a| a.kind == "direct");
+                if own_invite || room.direct_marked.contains_key(*b) || busy(b) || failed || unsupported(b, "direct") {
+                    continue;
+                }
+                out.push(match routes.get(b.server_name()) {
+                    Some(_) => Action::MarkDirect { room_id: room_id.clone(), target: (*b).clone(), partner: partner.clone() },
+                    None => Action::Unsupported { room_id: room_id.clone(), target: (*b).clone(), kind: "direct" },
                 });
             }
         }
         let sibling_joined = !joined.is_empty();
         for b in &person.accounts {
             let sibling_left = room.sibling_left_after(b, &person.accounts);
-            let blocked = room.blocked_actions.get(b).is_some_and(|a| a.kind != "read");
+            let blocked = room.blocked_actions.get(b).is_some_and(|a| a.kind != "read" && a.kind != "direct");
             if busy(b) || blocked {
                 continue;
             }
@@ -231,6 +273,26 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
             }
         }
     }
+}
+
+/// The joined accounts behind the furthest read among them in `receipts`, with that read:
+/// (account, event, position).
+fn reads_behind<'a>(joined: &[&'a OwnedUserId], receipts: &'a BTreeMap<OwnedUserId, Receipt>) -> Vec<(&'a OwnedUserId, &'a OwnedEventId, (Option<u64>, Option<u64>))> {
+    let best = joined
+        .iter()
+        .filter_map(|a| receipts.get(*a))
+        .filter(|r| r.depth.is_some() || r.event_ts.is_some())
+        .fold(None::<&Receipt>, |best, r| match best {
+            Some(b) if !position_after(r.position(), b.position()) => Some(b),
+            _ => Some(r),
+        });
+    let Some(best) = best else { return Vec::new() };
+    let position = best.position();
+    joined
+        .iter()
+        .filter(|b| receipts.get(**b).is_none_or(|r| r.is_before(position)))
+        .map(|b| (*b, &best.event_id, position))
+        .collect()
 }
 
 fn decide_room(views: &Views, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
@@ -264,7 +326,8 @@ fn decide_target(views: &Views, room_id: &OwnedRoomId, room: &RoomView, person: 
     if have < needed {
         return Some(Action::MissingPower { room_id: room_id.clone(), target: target.clone(), power_levels_event: power_event, needed, have });
     }
-    Some(Action::Invite { room_id: room_id.clone(), target: target.clone(), person: person.to_owned() })
+    let partner = views.directory.persons.get(person).and_then(|p| room.direct_partner(&p.accounts, &views.bot_user_id)).cloned();
+    Some(Action::Invite { room_id: room_id.clone(), target: target.clone(), person: person.to_owned(), partner })
 }
 
 #[cfg(test)]

@@ -864,6 +864,12 @@ fn parse_edu(app: &Fedlink, views: &crate::core::views::Views, origin: &OwnedSer
                         app.metrics.receipts_in.with_label_values(&["federation"]).inc();
                         let stored = app.store.get_event(event_id.as_str()).ok().flatten().filter(|e| e.room_id == room_id);
                         let (depth, event_ts) = (stored.as_ref().map(|e| e.depth), stored.as_ref().map(|e| e.origin_server_ts));
+                        // A receipt without a thread id on an event in a thread reads that thread.
+                        let sent_thread = data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from);
+                        let inferred = match &sent_thread {
+                            None => stored.as_ref().and_then(|e| e.pdu.get("content")).and_then(crate::core::log_entry::thread_root),
+                            Some(_) => None,
+                        };
                         out.push(Entry::Receipt(ReceiptEntry {
                             origin: origin.clone(),
                             room_id: room_id.clone(),
@@ -871,7 +877,8 @@ fn parse_edu(app: &Fedlink, views: &crate::core::views::Views, origin: &OwnedSer
                             user_id,
                             event_id,
                             ts: data.and_then(|d| d.get("ts")).and_then(Value::as_u64),
-                            thread_id: data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from),
+                            thread_inferred: inferred.is_some(),
+                            thread_id: sent_thread.or(inferred.map(|r| r.to_string())),
                             depth,
                             event_ts,
                             via_appservice: None,

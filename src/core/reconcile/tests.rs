@@ -110,7 +110,7 @@ impl Given {
                         event: json!({}),
                     }));
                 }
-                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } | Action::InviteAs { .. } => {}
+                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } | Action::InviteAs { .. } | Action::MarkDirect { .. } => {}
                 Action::MissingPower { room_id, target, power_levels_event, .. } => {
                     self.record(Entry::InviteFailed(InviteFailed { room_id, target, reason: "missing power".into(), power_levels_event }));
                 }
@@ -128,7 +128,7 @@ impl Given {
             .into_iter()
             .filter(|a| !matches!(a, Action::Invite { .. } | Action::MissingPower { .. }))
             .map(|a| match a {
-                Action::SetRead { room_id, target, event_id, .. } => Action::SetRead { room_id, target, event_id, position: (None, None) },
+                Action::SetRead { room_id, target, event_id, thread, .. } => Action::SetRead { room_id, target, event_id, position: (None, None), thread },
                 other => other,
             })
             .collect()
@@ -142,6 +142,7 @@ impl Given {
             event_id: event.try_into().unwrap(),
             ts: None,
             thread_id: None,
+            thread_inferred: false,
             depth: Some(depth),
             event_ts: None,
             via_appservice: None,
@@ -171,7 +172,7 @@ impl Given {
 }
 
 fn invite(target: &str) -> Action {
-    Action::Invite { room_id: room(), target: user(target), person: "alice".into() }
+    Action::Invite { room_id: room(), target: user(target), person: "alice".into(), partner: None }
 }
 
 #[test]
@@ -290,7 +291,7 @@ fn routes(servers: &[&str]) -> Routes {
 }
 
 fn set_read(target: &str, event: &str) -> Action {
-    Action::SetRead { room_id: room(), target: user(target), event_id: event.try_into().unwrap(), position: (None, None) }
+    Action::SetRead { room_id: room(), target: user(target), event_id: event.try_into().unwrap(), position: (None, None), thread: None }
 }
 
 #[test]
@@ -323,7 +324,7 @@ fn no_echo_loop_and_no_repeat_while_pending() {
         user_id: user("@alice:kiwi"),
         kind: "read".into(),
         event_id: Some("$e10".try_into().unwrap()),
-        reason: None,
+        reason: None, thread_id: None, partner: None,
         actor: None,
         event_ts: None,
         depth: Some(10),
@@ -347,6 +348,7 @@ fn private_and_threaded_receipts_do_not_spread() {
         event_id: "$e9".try_into().unwrap(),
         ts: None,
         thread_id: None,
+        thread_inferred: false,
         depth: Some(9),
         event_ts: None,
         via_appservice: Some(true),
@@ -370,6 +372,8 @@ fn without_a_registration_the_read_is_unsupported_once() {
         actor: None,
         event_ts: None,
         depth: None,
+        thread_id: None,
+        partner: None,
     }));
     g.receipt("@alice:litchi", "$e11", 11);
     assert_eq!(g.decide_sync(&r), vec![], "recorded once, not per message");
@@ -440,6 +444,7 @@ fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
             state_key: Some(u.into()),
             membership: Some(m.into()),
             origin_server_ts: None,
+            is_direct: false,
         }));
     };
     seen(&mut g, "@alice:kiwi", "invite");
@@ -447,7 +452,7 @@ fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
     seen(&mut g, "@alice:kiwi", "join");
     assert_eq!(
         decide(&g.views, &routes(&["kiwi"])),
-        vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi") }]
+        vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi"), partner: None }]
     );
     // No registration on the joined sibling's server: unsupported.
     assert_eq!(
@@ -489,6 +494,7 @@ fn a_receipt_that_arrives_before_its_event_is_ordered_once_the_event_arrives() {
         event_id: next.clone().try_into().unwrap(),
         ts: None,
         thread_id: None,
+        thread_inferred: false,
         depth: None,
         event_ts: None,
         via_appservice: None,
@@ -515,6 +521,7 @@ fn where_fedlink_lacks_the_events_the_homeservers_timestamps_order_reads() {
             state_key: Some(u.into()),
             membership: Some("join".into()),
             origin_server_ts: None,
+            is_direct: false,
         }));
         g.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
             origin: user(u).server_name().to_owned(),
@@ -524,6 +531,7 @@ fn where_fedlink_lacks_the_events_the_homeservers_timestamps_order_reads() {
             event_id: ev.try_into().unwrap(),
             ts: None,
             thread_id: None,
+            thread_inferred: false,
             depth: None,
             event_ts: Some(ts),
             via_appservice: Some(true),
@@ -538,7 +546,7 @@ fn pending(u: &str, kind: &str, read: Option<(&str, u64)>) -> Entry {
         user_id: user(u),
         kind: kind.into(),
         event_id: read.map(|(e, _)| e.try_into().unwrap()),
-        reason: None,
+        reason: None, thread_id: None, partner: None,
         actor: None,
         event_ts: None,
         depth: read.map(|(_, d)| d),

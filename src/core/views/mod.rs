@@ -196,6 +196,63 @@ pub struct RoomView {
     /// Kinds of action no route supports for a user (recorded once, visible to operators).
     #[serde(default)]
     pub unsupported: BTreeMap<OwnedUserId, BTreeSet<String>>,
+    /// Reads within threads, by the thread's root event (a thread read never moves the
+    /// main timeline's receipts above).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub threads: BTreeMap<OwnedEventId, ThreadReads>,
+    /// Direct-chat invites (`is_direct` in the invite): invited account -> inviter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub direct_invites: BTreeMap<OwnedUserId, OwnedUserId>,
+    /// Accounts whose `m.direct` fedlink wrote for this room: account -> partner.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub direct_marked: BTreeMap<OwnedUserId, OwnedUserId>,
+}
+
+/// The reads of one thread: per user, forward only within the thread.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadReads {
+    /// Latest read receipt per user in this thread.
+    #[serde(default)]
+    pub receipts: BTreeMap<OwnedUserId, Receipt>,
+    /// Thread reads fedlink asked homeservers to set, not confirmed yet.
+    #[serde(default)]
+    pub pending: BTreeMap<OwnedUserId, super::log_entry::UserAction>,
+    /// Thread reads a homeserver refused (not retried for that event).
+    #[serde(default)]
+    pub blocked: BTreeMap<OwnedUserId, super::log_entry::UserAction>,
+}
+
+impl ThreadReads {
+    /// Move `user`'s read position in this thread forward (never back), and settle a
+    /// pending thread read it reaches.
+    fn read_up_to(&mut self, user: &OwnedUserId, event_id: &OwnedEventId, pos: (Option<u64>, Option<u64>), ts: Option<u64>, seq: u64) {
+        if advance(&mut self.receipts, user, event_id, pos, ts, seq) {
+            self.blocked.remove(user);
+        }
+        self.settle(user);
+    }
+
+    fn settle(&mut self, user: &OwnedUserId) {
+        if self.pending.get(user).is_some_and(|p| reached(&self.receipts, user, p)) {
+            self.pending.remove(user);
+        }
+    }
+}
+
+/// Move `user`'s receipt in `receipts` forward to `event_id` at `pos`; whether it moved.
+fn advance(receipts: &mut BTreeMap<OwnedUserId, Receipt>, user: &OwnedUserId, event_id: &OwnedEventId, pos: (Option<u64>, Option<u64>), ts: Option<u64>, seq: u64) -> bool {
+    let newer = receipts.get(user).is_none_or(|r| r.is_before(pos));
+    if newer {
+        let (depth, event_ts) = pos;
+        receipts.insert(user.clone(), Receipt { event_id: event_id.clone(), receipt_type: "m.read".into(), ts, seq, depth, event_ts });
+    }
+    newer
+}
+
+/// Whether `user`'s receipt in `receipts` is at or past what read action `p` asked for.
+fn reached(receipts: &BTreeMap<OwnedUserId, Receipt>, user: &OwnedUserId, p: &super::log_entry::UserAction) -> bool {
+    let asked = (p.depth, p.event_ts);
+    receipts.get(user).is_some_and(|r| Some(&r.event_id) == p.event_id.as_ref() || (asked != (None, None) && !r.is_before(asked)))
 }
 
 impl RoomView {
@@ -219,15 +276,15 @@ impl RoomView {
             member_seq: BTreeMap::new(),
             unsupported: BTreeMap::new(),
             signed_join: None,
+            threads: BTreeMap::new(),
+            direct_invites: BTreeMap::new(),
+            direct_marked: BTreeMap::new(),
         }
     }
 
     /// Move `user`'s read position forward to `event_id` at `depth` (never back).
     pub fn read_up_to(&mut self, user: &OwnedUserId, event_id: &OwnedEventId, pos: (Option<u64>, Option<u64>), ts: Option<u64>, seq: u64) {
-        let newer = self.receipts.get(user).is_none_or(|r| r.is_before(pos));
-        if newer {
-            let (depth, event_ts) = pos;
-            self.receipts.insert(user.clone(), Receipt { event_id: event_id.clone(), receipt_type: "m.read".into(), ts, seq, depth, event_ts });
+        if advance(&mut self.receipts, user, event_id, pos, ts, seq) {
             self.blocked_actions.retain(|u, a| u != user || a.kind != "read");
         }
         // A read at or past what fedlink asked for settles the request, whether or not it
@@ -238,13 +295,23 @@ impl RoomView {
     /// Drop `user`'s pending read action if their read position is at or past it.
     fn settle_read(&mut self, user: &OwnedUserId) {
         let Some(p) = self.pending_actions.get(user).filter(|p| p.kind == "read") else { return };
-        let asked = (p.depth, p.event_ts);
-        let reached = self.receipts.get(user).is_some_and(|r| {
-            Some(&r.event_id) == p.event_id.as_ref() || (asked != (None, None) && !r.is_before(asked))
-        });
-        if reached {
+        if reached(&self.receipts, user, p) {
             self.pending_actions.remove(user);
         }
+    }
+
+    /// The partner of a direct chat for a person with `accounts`: the one who invited one
+    /// of them with `is_direct` (not a sibling, not `bot`). The first such invite wins.
+    pub fn direct_partner(&self, accounts: &BTreeSet<OwnedUserId>, bot: &OwnedUserId) -> Option<&OwnedUserId> {
+        accounts
+            .iter()
+            .filter_map(|a| self.direct_invites.get(a))
+            .find(|inviter| !accounts.contains(*inviter) && *inviter != bot)
+    }
+
+    /// Whether any thread has a pending read.
+    fn thread_reads_pending(&self) -> bool {
+        self.threads.values().any(|t| !t.pending.is_empty())
     }
 
     /// Replace the current state (and members and power levels) with `state`.
@@ -344,7 +411,7 @@ impl RoomIndex {
                 self.joining.remove(id);
             }
         }
-        set_in(&mut self.pending, id, room.is_some_and(|r| !r.pending_invites.is_empty() || !r.pending_actions.is_empty()));
+        set_in(&mut self.pending, id, room.is_some_and(|r| !r.pending_invites.is_empty() || !r.pending_actions.is_empty() || r.thread_reads_pending()));
     }
 }
 
@@ -503,10 +570,14 @@ impl Views {
         match &rec.entry {
             Entry::Pdu(p) => self.apply_pdu(p, rec.seq),
             Entry::Receipt(r) => {
-                // Only the main timeline's receipt is tracked; threaded ones stay in the log.
-                let main = r.thread_id.as_deref().is_none_or(|t| t == "main") && r.receipt_type == "m.read";
-                if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| main) {
-                    room.read_up_to(&r.user_id, &r.event_id, (r.depth, r.event_ts), r.ts, rec.seq);
+                // The main timeline's reads and each thread's are kept apart: a thread read
+                // never moves the main timeline, nor a main read a thread.
+                if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| r.receipt_type == "m.read") {
+                    let pos = (r.depth, r.event_ts);
+                    match r.thread() {
+                        None => room.read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq),
+                        Some(root) => room.threads.entry(root).or_default().read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq),
+                    }
                 }
             }
             Entry::Typing(_) => {}
@@ -531,15 +602,43 @@ impl Views {
             }
             Entry::ActionPending(a) => {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
-                    room.pending_actions.insert(a.user_id.clone(), a.clone());
-                    // The user may have read past it between the decision and this record.
-                    room.settle_read(&a.user_id);
+                    match (&a.thread_id, a.kind.as_str()) {
+                        (Some(root), "thread_read") => {
+                            let thread = room.threads.entry(root.clone()).or_default();
+                            thread.pending.insert(a.user_id.clone(), a.clone());
+                            thread.settle(&a.user_id);
+                        }
+                        _ => {
+                            room.pending_actions.insert(a.user_id.clone(), a.clone());
+                            // The user may have read past it between the decision and this record.
+                            room.settle_read(&a.user_id);
+                        }
+                    }
                 }
             }
             Entry::ActionFailed(a) => {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
-                    room.pending_actions.remove(&a.user_id);
-                    room.blocked_actions.insert(a.user_id.clone(), a.clone());
+                    match (&a.thread_id, a.kind.as_str()) {
+                        (Some(root), "thread_read") => {
+                            let thread = room.threads.entry(root.clone()).or_default();
+                            thread.pending.remove(&a.user_id);
+                            thread.blocked.insert(a.user_id.clone(), a.clone());
+                        }
+                        _ => {
+                            room.pending_actions.remove(&a.user_id);
+                            room.blocked_actions.insert(a.user_id.clone(), a.clone());
+                        }
+                    }
+                }
+            }
+            Entry::ActionDone(a) => {
+                if let Some(room) = self.rooms.get_mut(&a.room_id) {
+                    if room.pending_actions.get(&a.user_id).is_some_and(|p| p.kind == a.kind) {
+                        room.pending_actions.remove(&a.user_id);
+                    }
+                    if let (Some(partner), "direct") = (&a.partner, a.kind.as_str()) {
+                        room.direct_marked.insert(a.user_id.clone(), partner.clone());
+                    }
                 }
             }
             Entry::ActionUnsupported(a) => {
@@ -637,13 +736,17 @@ impl Views {
                 continue;
             }
             let before = (r.pending_invites.len(), r.pending_actions.len());
+            let threads_before = r.thread_reads_pending();
             for a in accounts {
                 r.pending_invites.remove(a);
                 r.pending_actions.remove(a);
+                for t in r.threads.values_mut() {
+                    t.pending.remove(a);
+                }
             }
             // An invite as a sibling is pending under its target's id.
             r.pending_actions.retain(|_, act| !act.actor.as_ref().is_some_and(|x| accounts.contains(x)));
-            if (r.pending_invites.len(), r.pending_actions.len()) != before {
+            if (r.pending_invites.len(), r.pending_actions.len()) != before || threads_before != r.thread_reads_pending() {
                 if !self.unsaved.all {
                     self.unsaved.rooms.insert(id.clone());
                 }
@@ -713,6 +816,9 @@ impl Views {
                     _ => {}
                 }
             }
+            if m == "invite" && p.pdu.get("content").and_then(|c| c.get("is_direct")).and_then(serde_json::Value::as_bool) == Some(true) {
+                room.direct_invites.insert(user.clone(), p.sender.clone());
+            }
             room.apply_membership(user, m, Some(&p.sender), seq);
         }
     }
@@ -727,6 +833,9 @@ impl Views {
             return;
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
+            if m == "invite" && c.is_direct {
+                room.direct_invites.insert(user.clone(), c.sender.clone());
+            }
             room.apply_membership(user, m, Some(&c.sender), seq);
         } else if c.state_key.is_none() && c.origin_server_ts.is_some() {
             // Sending counts as reading, ordered by the homeserver's timestamp.
@@ -833,6 +942,7 @@ mod tests {
                 event_id: id("$m1"),
                 ts: Some(9),
                 thread_id: None,
+                thread_inferred: false,
                 depth: Some(1),
                 event_ts: None,
                 via_appservice: None,
