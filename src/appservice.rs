@@ -760,6 +760,31 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Given an `m.direct` a client wrote, fedlink adds the room under the partner once and
+    /// keeps every other entry as it was; content it cannot merge is left alone.
+    #[test]
+    fn m_direct_merge_keeps_what_the_client_wrote_and_adds_the_partner_once() {
+        let bob: &UserId = "@bob:kiwi".try_into().unwrap();
+        let room: &RoomId = "!dm:kiwi".try_into().unwrap();
+        let current = json!({ "@carol:kiwi": ["!c:kiwi"], "@bob:kiwi": ["!old:kiwi"], "@x:y": "odd but not ours" });
+        let merged = merge_direct(&current, bob, room).unwrap().expect("the room is added");
+        assert_eq!(merged, json!({ "@carol:kiwi": ["!c:kiwi"], "@bob:kiwi": ["!old:kiwi", "!dm:kiwi"], "@x:y": "odd but not ours" }));
+        assert_eq!(merge_direct(&merged, bob, room).unwrap(), None, "listed already: nothing to write");
+        assert_eq!(merge_direct(&json!({}), bob, room).unwrap(), Some(json!({ "@bob:kiwi": ["!dm:kiwi"] })));
+        assert!(merge_direct(&json!([]), bob, room).is_err());
+        assert!(merge_direct(&json!({ "@bob:kiwi": "!dm:kiwi" }), bob, room).is_err());
+    }
+
+    /// A pushed direct-chat invite is recorded as one; other memberships never are.
+    #[test]
+    fn a_pushed_direct_invite_is_marked_direct() {
+        let server: &ruma::ServerName = "kiwi".try_into().unwrap();
+        let ev = |m: &str, direct: bool| json!({ "type": "m.room.member", "room_id": "!dm:kiwi", "event_id": format!("$e{m}"), "sender": "@bob:kiwi", "state_key": "@alice:kiwi", "content": { "membership": m, "is_direct": direct } });
+        let body = json!({ "events": [ev("invite", true), ev("invite", false), ev("join", true)] });
+        let push = parse_push(server, &serde_json::to_vec(&body).unwrap()).unwrap();
+        assert_eq!(push.events.iter().map(|e| e.is_direct).collect::<Vec<_>>(), vec![true, false, false]);
+    }
     use serde_json::json;
 
     /// A homeserver speaks for its own users only: another server's receipts, presence,

@@ -337,7 +337,7 @@ fn no_echo_loop_and_no_repeat_while_pending() {
 }
 
 #[test]
-fn private_and_threaded_receipts_do_not_spread() {
+fn private_receipts_do_not_spread() {
     let mut g = given();
     g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
     g.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
@@ -713,4 +713,171 @@ fn an_incremental_pass_decides_only_touched_rooms_and_a_directory_change_touches
         last_active_ago: None,
     }));
     assert_eq!(g.views.touched, before);
+}
+
+impl Given {
+    /// A read by `u` of `event` (at `depth`) within the thread rooted at `root`.
+    fn thread_receipt(&mut self, u: &str, root: &str, event: &str, depth: u64) -> &mut Self {
+        self.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
+            origin: user(u).server_name().to_owned(),
+            room_id: room(),
+            receipt_type: "m.read".into(),
+            user_id: user(u),
+            event_id: event.try_into().unwrap(),
+            ts: None,
+            thread_id: Some(root.into()),
+            thread_inferred: true,
+            depth: Some(depth),
+            event_ts: None,
+            via_appservice: Some(true),
+        }))
+    }
+    /// What the shell logs for a thread read it asked for (or that failed).
+    fn thread_read_logged(&mut self, u: &str, root: &str, event: &str, depth: u64, failed: bool) -> &mut Self {
+        let a = crate::core::log_entry::UserAction {
+            event_id: Some(event.try_into().unwrap()),
+            depth: Some(depth),
+            thread_id: Some(root.try_into().unwrap()),
+            reason: failed.then(|| "refused".into()),
+            ..crate::core::log_entry::UserAction::new(room(), user(u), "thread_read")
+        };
+        self.record(if failed { Entry::ActionFailed(a) } else { Entry::ActionPending(a) })
+    }
+}
+
+fn thread_read(target: &str, root: &str, event: &str) -> Action {
+    Action::SetRead { room_id: room(), target: user(target), event_id: event.try_into().unwrap(), position: (None, None), thread: Some(root.try_into().unwrap()) }
+}
+
+#[test]
+fn thread_reads_follow_the_person_per_thread_forward_only_apart_from_the_main_timeline() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.receipt("@alice:kiwi", "$e5", 5).receipt("@alice:litchi", "$e5", 5);
+    assert_eq!(g.decide_sync(&r), vec![], "in step");
+    // Given alice reads a reply in thread $root on litchi,
+    g.thread_receipt("@alice:litchi", "$root", "$t10", 10);
+    // then kiwi reads it in that thread, and the main timeline does not move.
+    assert_eq!(g.decide_sync(&r), vec![thread_read("@alice:kiwi", "$root", "$t10")]);
+    assert_eq!(g.views.rooms[&room()].receipts[&user("@alice:litchi")].event_id.as_str(), "$e5", "a thread read never moves the main timeline");
+    // An older read in the same thread moves nothing back.
+    g.thread_receipt("@alice:litchi", "$root", "$t8", 8);
+    assert_eq!(g.decide_sync(&r), vec![thread_read("@alice:kiwi", "$root", "$t10")]);
+    // Each thread on its own: kiwi further in another thread moves litchi there only.
+    g.thread_receipt("@alice:kiwi", "$root2", "$u12", 12);
+    assert_eq!(g.decide_sync(&r), vec![thread_read("@alice:kiwi", "$root", "$t10"), thread_read("@alice:litchi", "$root2", "$u12")]);
+    // When the shell logged the reads, they are not asked twice; their echoes settle them
+    // and cause nothing.
+    g.thread_read_logged("@alice:kiwi", "$root", "$t10", 10, false).thread_read_logged("@alice:litchi", "$root2", "$u12", 12, false);
+    assert_eq!(g.decide_sync(&r), vec![], "pending: not asked twice");
+    g.thread_receipt("@alice:kiwi", "$root", "$t10", 10).thread_receipt("@alice:litchi", "$root2", "$u12", 12);
+    assert_eq!(g.decide_sync(&r), vec![], "echoes cause nothing");
+    assert!(g.views.rooms[&room()].threads.values().all(|t| t.pending.is_empty()), "echoes settle the pending reads");
+    assert!(!g.views.index.pending.contains(&room()));
+    // A main-timeline read still moves the main timeline only, even past the threads' depth.
+    g.receipt("@alice:kiwi", "$e20", 20);
+    assert_eq!(g.decide_sync(&r), vec![set_read("@alice:litchi", "$e20")]);
+    // The main timeline further on does not move the threads either.
+    let room_view = &g.views.rooms[&room()];
+    assert_eq!(room_view.threads[&ruma::OwnedEventId::try_from("$root").unwrap()].receipts[&user("@alice:kiwi")].event_id.as_str(), "$t10");
+}
+
+#[test]
+fn a_refused_thread_read_waits_for_the_thread_to_move_and_no_route_is_unsupported_once() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@alice:kiwi", "join"), ("@alice:litchi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    g.thread_receipt("@alice:litchi", "$root", "$t10", 10);
+    g.thread_read_logged("@alice:kiwi", "$root", "$t10", 10, false).thread_read_logged("@alice:kiwi", "$root", "$t10", 10, true);
+    assert_eq!(g.decide_sync(&r), vec![], "refused: not retried for the same event");
+    assert!(g.views.index.pending.is_empty() || !g.views.index.pending.contains(&room()));
+    g.thread_receipt("@alice:litchi", "$root", "$t11", 11);
+    assert_eq!(g.decide_sync(&r), vec![thread_read("@alice:kiwi", "$root", "$t11")], "the thread moved on: asked again");
+    // No registration on kiwi: unsupported, recorded once.
+    let only_litchi = routes(&["litchi"]);
+    assert_eq!(g.decide_sync(&only_litchi), vec![Action::Unsupported { room_id: room(), target: user("@alice:kiwi"), kind: "thread_read" }]);
+    g.record(Entry::ActionUnsupported(crate::core::log_entry::UserAction::new(room(), user("@alice:kiwi"), "thread_read")));
+    assert_eq!(g.decide_sync(&only_litchi), vec![]);
+}
+
+#[test]
+fn a_direct_chat_invite_makes_direct_invites_and_joined_siblings_list_it_once() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@bob:kiwi", "join")], 0, 0);
+    let r = routes(&["kiwi", "litchi"]);
+    // Given bob invites alice@kiwi to a direct chat,
+    g.state_by("@bob:kiwi", "m.room.member", "@alice:kiwi", Some("invite"), json!({ "membership": "invite", "is_direct": true }));
+    // then the bot's invite to alice@litchi is a direct-chat invite with bob.
+    assert_eq!(
+        g.decide(),
+        vec![Action::Invite { room_id: room(), target: user("@alice:litchi"), person: "alice".into(), partner: Some(user("@bob:kiwi")) }]
+    );
+    g.acted();
+    g.member("@alice:litchi", "invite");
+    assert_eq!(g.decide_sync(&r), vec![], "nothing to list before a sibling joined");
+    // When both accounts join, only alice@litchi gets the room in m.direct under bob: the
+    // account bob invited has its client do that.
+    g.member("@alice:kiwi", "join").member("@alice:litchi", "join");
+    let mark = Action::MarkDirect { room_id: room(), target: user("@alice:litchi"), partner: user("@bob:kiwi") };
+    assert_eq!(g.decide_sync(&r), vec![mark.clone()]);
+    let done = crate::core::log_entry::UserAction { partner: Some(user("@bob:kiwi")), ..crate::core::log_entry::UserAction::new(room(), user("@alice:litchi"), "direct") };
+    g.record(Entry::ActionPending(done.clone()));
+    assert_eq!(g.decide_sync(&r), vec![], "pending: not asked twice");
+    g.record(Entry::ActionDone(done));
+    assert_eq!(g.decide_sync(&r), vec![], "done once, never again");
+    assert!(g.views.rooms[&room()].pending_actions.is_empty());
+    assert_eq!(g.views.rooms[&room()].direct_marked[&user("@alice:litchi")], user("@bob:kiwi"));
+    // A sibling's own direct invite or the bot's does not make a partner of them.
+    let mut h = given();
+    h.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@bob:kiwi", "join")], 0, 0);
+    h.state_by("@alice:kiwi", "m.room.member", "@alice:litchi", Some("invite"), json!({ "membership": "invite", "is_direct": true }));
+    h.state_by(BOT, "m.room.member", "@alice:mango", Some("invite"), json!({ "membership": "invite", "is_direct": true }));
+    h.member("@alice:litchi", "join");
+    assert_eq!(h.decide_sync(&r), vec![]);
+}
+
+#[test]
+fn without_a_registration_the_direct_listing_is_unsupported_once() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).bot_joined(&[("@bob:kiwi", "join")], 0, 0);
+    g.state_by("@bob:kiwi", "m.room.member", "@alice:kiwi", Some("invite"), json!({ "membership": "invite", "is_direct": true }));
+    g.member("@alice:litchi", "join");
+    let r = routes(&["kiwi"]);
+    let direct = |g: &Given| g.decide_sync(&r).into_iter().filter(|a| matches!(a, Action::MarkDirect { .. } | Action::Unsupported { kind: "direct", .. })).collect::<Vec<_>>();
+    assert_eq!(direct(&g), vec![Action::Unsupported { room_id: room(), target: user("@alice:litchi"), kind: "direct" }]);
+    g.record(Entry::ActionUnsupported(crate::core::log_entry::UserAction::new(room(), user("@alice:litchi"), "direct")));
+    assert_eq!(direct(&g), vec![]);
+}
+
+#[test]
+fn without_the_bot_a_pushed_direct_invite_makes_the_siblings_invite_direct() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    let pushed = |g: &mut Given, sender: &str, u: &str, m: &str, is_direct: bool| {
+        g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+            via: "kiwi".try_into().unwrap(),
+            room_id: room(),
+            event_id: format!("$p{}{m}", u.len()).try_into().unwrap(),
+            sender: user(sender),
+            event_type: "m.room.member".into(),
+            state_key: Some(u.into()),
+            membership: Some(m.into()),
+            origin_server_ts: None,
+            is_direct,
+        }));
+    };
+    pushed(&mut g, "@bob:kiwi", "@alice:kiwi", "invite", true);
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", false);
+    assert_eq!(
+        decide(&g.views, &routes(&["kiwi", "litchi"])),
+        vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi"), partner: Some(user("@bob:kiwi")) }]
+    );
+    // Once alice@litchi joined (her invite was the sibling's, not bob's), she lists it.
+    pushed(&mut g, "@alice:kiwi", "@alice:litchi", "invite", true);
+    pushed(&mut g, "@alice:litchi", "@alice:litchi", "join", false);
+    assert_eq!(
+        decide(&g.views, &routes(&["kiwi", "litchi"])),
+        vec![Action::MarkDirect { room_id: room(), target: user("@alice:litchi"), partner: user("@bob:kiwi") }]
+    );
 }
