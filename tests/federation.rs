@@ -870,3 +870,49 @@ async fn signatures_checked_in_parallel_answer_for_the_right_events() {
     }
     assert!(store.get_event(&forged).unwrap().is_none());
 }
+
+/// Issue #9 over federation, with the bot in the room: a direct-chat invite makes the bot's
+/// invite to the sibling a direct-chat invite, and a receipt EDU without a thread id on a
+/// reply in a thread is a read of that thread, not of the main timeline.
+#[tokio::test]
+async fn direct_invites_stay_direct_and_receipts_on_thread_replies_read_the_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let kiwi = FakePeer::start().await;
+    let litchi = FakePeer::start().await;
+    let extra = format!("{LOOPBACK}[[directory.person]]\nid = \"alice\"\naccounts = [\"{}\", \"{}\"]\n", kiwi.user("alice"), litchi.user("alice"));
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let room = kiwi.create_room("bob", RoomVersionId::V12);
+    kiwi.invite(&room, "bob", &f.bot(), &f.name, &f.fed_url).await;
+    wait_joined(&f, &room).await;
+    // bob invites alice@kiwi to a direct chat.
+    let (_, invite) = kiwi.push(&room, "bob", "m.room.member", Some(&kiwi.user("alice")), json!({ "membership": "invite", "is_direct": true }));
+    let (s, _) = kiwi.send_txn(&f.name, &f.fed_url, "dm-1", vec![invite], vec![]).await;
+    assert_eq!(s, 200);
+    wait_until("the bot's invite reaches litchi", Duration::from_secs(20), || async {
+        Ok(litchi.state.lock().unwrap().invites.first().cloned())
+    })
+    .await
+    .map(|inv| {
+        assert_eq!(inv["content"], json!({ "membership": "invite", "is_direct": true }), "{inv}");
+        assert_eq!(inv["state_key"], litchi.user("alice").as_str());
+    })
+    .unwrap();
+
+    // alice@kiwi joins; bob writes a root and a reply in its thread; alice@kiwi's server
+    // sends a receipt on the reply without a thread id.
+    let (_, join) = kiwi.push(&room, "alice", "m.room.member", Some(&kiwi.user("alice")), json!({ "membership": "join" }));
+    let (root, root_ev) = kiwi.push(&room, "bob", "m.room.message", None, json!({ "msgtype": "m.text", "body": "root" }));
+    let (reply, reply_ev) = kiwi.push(&room, "bob", "m.room.message", None, json!({ "msgtype": "m.text", "body": "reply", "m.relates_to": { "rel_type": "m.thread", "event_id": root } }));
+    let receipt = |event: &str| json!({ "edu_type": "m.receipt", "content": { room.clone(): { "m.read": { kiwi.user("alice"): { "event_ids": [event], "data": { "ts": 1 } } } } } });
+    let (s, _) = kiwi.send_txn(&f.name, &f.fed_url, "dm-2", vec![join, root_ev, reply_ev], vec![receipt(&reply)]).await;
+    assert_eq!(s, 200);
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["threads"][&root]["receipts"][kiwi.user("alice")]["event_id"], reply.as_str(), "{r}");
+    assert!(r["receipts"].get(kiwi.user("alice")).is_none(), "a thread read is not a main-timeline read: {r}");
+    assert_eq!(r["direct_invites"][kiwi.user("alice")], kiwi.user("bob").as_str(), "{r}");
+    // A receipt on the root is a main-timeline read.
+    let (s, _) = kiwi.send_txn(&f.name, &f.fed_url, "dm-3", vec![], vec![receipt(&root)]).await;
+    assert_eq!(s, 200);
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["receipts"][kiwi.user("alice")]["event_id"], root.as_str(), "{r}");
+}

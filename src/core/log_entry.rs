@@ -256,14 +256,6 @@ pub fn thread_root(content: &serde_json::Value) -> Option<OwnedEventId> {
     rel.get("event_id")?.as_str()?.try_into().ok()
 }
 
-impl ReceiptEntry {
-    /// The thread this read belongs to: `None` for the main timeline (or an unthreaded
-    /// read), else the thread's root.
-    pub fn thread(&self) -> Option<OwnedEventId> {
-        self.thread_id.as_deref().filter(|t| *t != "main").and_then(|t| t.try_into().ok())
-    }
-}
-
 /// What folding into views reads of a signed PDU: its `content`.
 #[derive(Deserialize)]
 struct ContentOnly {

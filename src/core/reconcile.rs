@@ -275,9 +275,12 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
     }
 }
 
+/// A read position: (depth, origin_server_ts).
+type Position = (Option<u64>, Option<u64>);
+
 /// The joined accounts behind the furthest read among them in `receipts`, with that read:
 /// (account, event, position).
-fn reads_behind<'a>(joined: &[&'a OwnedUserId], receipts: &'a BTreeMap<OwnedUserId, Receipt>) -> Vec<(&'a OwnedUserId, &'a OwnedEventId, (Option<u64>, Option<u64>))> {
+fn reads_behind<'a>(joined: &[&'a OwnedUserId], receipts: &'a BTreeMap<OwnedUserId, Receipt>) -> Vec<(&'a OwnedUserId, &'a OwnedEventId, Position)> {
     let best = joined
         .iter()
         .filter_map(|a| receipts.get(*a))

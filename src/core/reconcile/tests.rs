@@ -756,6 +756,10 @@ fn thread_reads_follow_the_person_per_thread_forward_only_apart_from_the_main_ti
     let r = routes(&["kiwi", "litchi"]);
     g.receipt("@alice:kiwi", "$e5", 5).receipt("@alice:litchi", "$e5", 5);
     assert_eq!(g.decide_sync(&r), vec![], "in step");
+    // A thread id that is not an event id reads nothing, in no timeline.
+    g.thread_receipt("@alice:litchi", "not an event id", "$x30", 30);
+    assert_eq!(g.decide_sync(&r), vec![]);
+    assert_eq!(g.views.rooms[&room()].receipts[&user("@alice:litchi")].event_id.as_str(), "$e5");
     // Given alice reads a reply in thread $root on litchi,
     g.thread_receipt("@alice:litchi", "$root", "$t10", 10);
     // then kiwi reads it in that thread, and the main timeline does not move.

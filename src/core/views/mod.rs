@@ -574,9 +574,14 @@ impl Views {
                 // never moves the main timeline, nor a main read a thread.
                 if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| r.receipt_type == "m.read") {
                     let pos = (r.depth, r.event_ts);
-                    match r.thread() {
-                        None => room.read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq),
-                        Some(root) => room.threads.entry(root).or_default().read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq),
+                    match r.thread_id.as_deref() {
+                        None | Some("main") => room.read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq),
+                        // A thread id that is not an event id reads nothing.
+                        Some(t) => {
+                            if let Ok(root) = OwnedEventId::try_from(t) {
+                                room.threads.entry(root).or_default().read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq);
+                            }
+                        }
                     }
                 }
             }
