@@ -34,6 +34,8 @@ pub fn router(app: Arc<Fedlink>) -> Router {
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(crate::appservice::transaction))
         .route("/_matrix/app/v1/users/{user_id}", get(crate::appservice::not_mine))
         .route("/_matrix/app/v1/rooms/{alias}", get(crate::appservice::not_mine))
@@ -61,6 +63,24 @@ async fn require_token(State(app): State<AppState>, req: Request, next: Next) ->
         }
         Some(_) => next.run(req).await,
     }
+}
+
+/// `GET /health`: the process serves. No token; reveals nothing else.
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /ready`: storage open, views folded and keys loaded (done before any listener
+/// serves), the federation listener up, and not shutting down. No token; 503 with what is
+/// missing otherwise.
+async fn ready(State(app): State<AppState>) -> Response {
+    let stopping = *app.stop.borrow();
+    let listening = app.federation_listening.load(std::sync::atomic::Ordering::SeqCst);
+    if listening && !stopping {
+        return Json(json!({ "ready": true })).into_response();
+    }
+    let waiting: Vec<&str> = [(!listening, "federation_listener"), (stopping, "shutting_down")].into_iter().filter(|(c, _)| *c).map(|(_, w)| w).collect();
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "waiting_for": waiting }))).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {

@@ -73,9 +73,21 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let catch_up = tokio::spawn(crate::appservice::catch_up_worker(app.clone(), stop_rx.clone()));
 
     let fed_task = tokio::spawn(fed);
+    {
+        // Ready once the federation listener serves (storage, views and keys are loaded by
+        // `Fedlink::open` already).
+        let (app, handle) = (app.clone(), handle.clone());
+        tokio::spawn(async move {
+            if handle.listening().await.is_some() {
+                app.federation_listening.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!("ready");
+            }
+        });
+    }
     let admin_task = tokio::spawn(async move { admin.await });
     shutdown.await;
     tracing::info!("shutting down");
+    app.federation_listening.store(false, std::sync::atomic::Ordering::SeqCst);
     let _ = stop_tx.send(true);
     handle.graceful_shutdown(Some(Duration::from_secs(10)));
     let _ = fed_task.await;

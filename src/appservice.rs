@@ -8,7 +8,7 @@
 //!   into the log, durably, before the 200; retransmits are answered without re-applying.
 //! - `GET /_matrix/app/v1/users/{userId}`, `GET /_matrix/app/v1/rooms/{alias}`: "not mine".
 
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 
 use axum::{
     extract::{Path, Query, State},
@@ -72,14 +72,39 @@ pub enum ActionError {
     Refused(String),
 }
 
-fn http() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
+/// The HTTP clients of the registration route, one per homeserver: TLS to its `client_url`
+/// is verified against the built-in roots plus the registration's `ca_file` (else
+/// `federation.ca_file`), unless `federation.verify_tls = false`.
+pub fn clients(cfg: &Config) -> anyhow::Result<std::collections::HashMap<String, reqwest::Client>> {
+    let mut out = std::collections::HashMap::new();
+    for (i, a) in cfg.appservice.iter().enumerate() {
+        let (key, ca) = match (&a.ca_file, &cfg.federation.ca_file) {
+            (Some(ca), _) => (format!("appservice[{i}].ca_file"), Some(ca)),
+            (None, Some(ca)) => ("federation.ca_file".to_owned(), Some(ca)),
+            (None, None) => (String::new(), None),
+        };
+        let mut b = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
-            .build()
-            .expect("a plain HTTP client builds")
-    })
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("fedlink/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(!cfg.federation.verify_tls);
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("{key} {}: {e}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| anyhow::anyhow!("{key} {}: {e}", ca.display()))? {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        if !cfg.federation.verify_tls && a.client_url.starts_with("https:") {
+            tracing::warn!(server = %a.server_name, client_url = %a.client_url, "TLS certificates of this registration's client API are not checked (federation.verify_tls = false)");
+        }
+        out.insert(a.server_name.clone(), b.build().map_err(|e| anyhow::anyhow!("appservice[{i}]: {}", crate::federation::client::error_chain(&e)))?);
+    }
+    Ok(out)
+}
+
+/// The registration route's client for `reg`'s homeserver.
+fn http<'a>(app: &'a Fedlink, reg: &AppserviceConfig) -> &'a reqwest::Client {
+    app.appservice_http.get(&reg.server_name).expect("a client for every registration is built at start")
 }
 
 fn registration_for<'a>(app: &'a Fedlink, user: &UserId) -> Option<&'a AppserviceConfig> {
@@ -94,7 +119,7 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
         _ => &action.user_id,
     };
     let reg = registration_for(app, acting).ok_or_else(|| ActionError::Refused("no registration for this homeserver".into()))?;
-    let client = Client { reg, user: acting.as_str() };
+    let client = Client { reg, http: http(app, reg), user: acting.as_str() };
     let room = enc(action.room_id.as_str());
     let target = enc(action.user_id.as_str());
     let read_event = || action.event_id.as_ref().ok_or_else(|| ActionError::Refused("a read without an event".into()));
@@ -106,9 +131,12 @@ pub async fn perform(app: &Fedlink, action: &UserAction) -> Result<(), ActionErr
             if let Some(root) = client.thread_of(&action.room_id, event).await? {
                 return Err(ActionError::Refused(format!("{event} is in thread {root}, not the main timeline")));
             }
-            // The receipt and the read marker ("new messages" line) in one call; the
-            // homeserver never moves the marker backwards.
-            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/read_markers"), json!({ "m.read": event, "m.fully_read": event }))
+            // The receipt of the main timeline only (`/read_markers` would set an
+            // unthreaded one, which also reads every thread up to here), then the read
+            // marker ("new messages" line), which the homeserver never moves backwards.
+            // Both are idempotent: a retry after a failure in between repeats both.
+            client.send(Method::POST, &format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{}", enc(event.as_str())), &json!({ "thread_id": "main" })).await?;
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/read_markers"), json!({ "m.fully_read": event }))
         }
         "thread_read" => {
             let event = read_event()?;
@@ -158,6 +186,7 @@ pub fn merge_direct(current: &Value, partner: &UserId, room: &RoomId) -> Result<
 /// A homeserver's client API, as one of its users, through fedlink's registration.
 struct Client<'a> {
     reg: &'a AppserviceConfig,
+    http: &'a reqwest::Client,
     user: &'a str,
 }
 
@@ -178,20 +207,25 @@ impl Client<'_> {
 
     /// `GET path`: its JSON, or `None` on 404 when `missing_ok`.
     async fn get_json(&self, path: &str, missing_ok: bool) -> Result<Option<Value>, ActionError> {
-        let resp = http().get(self.url(path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let resp = self.http.get(self.url(path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
         let status = resp.status();
-        let body = crate::federation::client::read_capped(resp, 1024 * 1024).await.map_err(|e| ActionError::Transient(e.to_string()))?;
+        // What one user's data holds is that item's problem, not the homeserver's: an
+        // oversized or unreadable answer refuses this action only.
+        let body = crate::federation::client::read_capped(resp, 1024 * 1024).await.map_err(|e| {
+            let text = format!("{} answered {path}: {e}", self.reg.server_name);
+            if e.starts_with(crate::federation::client::TOO_LARGE) { ActionError::Refused(text) } else { ActionError::Transient(text) }
+        })?;
         if status.as_u16() == 404 && missing_ok {
             return Ok(None);
         }
         if !status.is_success() {
             return Err(self.fail(status, &body));
         }
-        serde_json::from_slice(&body).map(Some).map_err(|e| ActionError::Transient(format!("{} answered {path} with bad JSON: {e}", self.reg.server_name)))
+        serde_json::from_slice(&body).map(Some).map_err(|e| ActionError::Refused(format!("{} answered {path} with bad JSON: {e}", self.reg.server_name)))
     }
 
     async fn send(&self, method: Method, path: &str, body: &Value) -> Result<(), ActionError> {
-        let resp = http().request(method, self.url(path)).bearer_auth(&self.reg.as_token).json(body).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let resp = self.http.request(method, self.url(path)).bearer_auth(&self.reg.as_token).json(body).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -205,7 +239,7 @@ impl Client<'_> {
     /// event has reached it, this is [`ActionError::NotYet`].
     async fn thread_of(&self, room: &RoomId, event: &ruma::EventId) -> Result<Option<ruma::OwnedEventId>, ActionError> {
         let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room.as_str()), enc(event.as_str()));
-        let resp = http().get(self.url(&path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let resp = self.http.get(self.url(&path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
         let status = resp.status();
         if status.as_u16() == 429 || status.is_server_error() {
             return Err(ActionError::Transient(format!("{} answered {status}", self.reg.server_name)));
@@ -228,7 +262,7 @@ pub async fn set_presence(app: &Fedlink, user: &UserId, presence: &str) -> Resul
         enc(user.as_str()),
         enc(user.as_str())
     );
-    let resp = http().put(&url).bearer_auth(&reg.as_token).json(&json!({ "presence": presence })).send().await.map_err(|e| ActionError::Transient(e.to_string()))?;
+    let resp = http(app, reg).put(&url).bearer_auth(&reg.as_token).json(&json!({ "presence": presence })).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
     if resp.status().is_success() {
         Ok(())
     } else {
@@ -365,6 +399,7 @@ fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::lo
         _ if ev.get("state_key").is_none() => (None, None),
         _ => return None,
     };
+    let thread_root = if state_key.is_none() { ev.get("content").and_then(crate::core::log_entry::thread_root) } else { None };
     let is_direct = membership.as_deref() == Some("invite") && ev.get("content").and_then(|c| c.get("is_direct")).and_then(Value::as_bool) == Some(true);
     Some(crate::core::log_entry::ClientEventEntry {
         via: server.to_owned(),
@@ -376,6 +411,7 @@ fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::lo
         membership,
         origin_server_ts: ev.get("origin_server_ts").and_then(Value::as_u64),
         is_direct,
+        thread_root,
     })
 }
 
@@ -387,7 +423,7 @@ struct EventMeta {
 }
 
 /// [`EventMeta`] of `event` as the homeserver shows it to `user`.
-async fn fetch_event_meta(reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<EventMeta> {
+async fn fetch_event_meta(http: &reqwest::Client, reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<EventMeta> {
     let url = format!(
         "{}/_matrix/client/v3/rooms/{}/event/{}?user_id={}",
         reg.client_url.trim_end_matches('/'),
@@ -395,7 +431,13 @@ async fn fetch_event_meta(reg: &AppserviceConfig, room: &str, event: &str, user:
         enc(event),
         enc(user)
     );
-    let resp = http().get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let resp = match http.get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(5)).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(server = %reg.server_name, error = %crate::federation::client::error_chain(&e), "cannot reach the homeserver's client API");
+            return None;
+        }
+    };
     if !resp.status().is_success() {
         return None;
     }
@@ -455,7 +497,7 @@ pub async fn transaction(
         if fetched.len() >= 50 || fetched.contains_key(&r.event_id) || app.store.has_event(r.event_id.as_str()).unwrap_or(true) {
             continue;
         }
-        match fetch_event_meta(reg, r.room_id.as_str(), r.event_id.as_str(), r.user_id.as_str()).await {
+        match fetch_event_meta(http(&app, reg), reg, r.room_id.as_str(), r.event_id.as_str(), r.user_id.as_str()).await {
             Some(meta) => {
                 fetched.insert(r.event_id.clone(), meta);
             }
@@ -688,7 +730,7 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
     let base = reg.client_url.trim_end_matches('/');
     let as_user = format!("user_id={}", enc(account.as_str()));
     let get = |url: String| async move {
-        let resp = http().get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(10)).send().await.map_err(|e| format!("{e:#}"))?;
+        let resp = http(app, reg).get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(10)).send().await.map_err(|e| crate::federation::client::error_chain(&e))?;
         let status = resp.status();
         let body = crate::federation::client::read_capped(resp, 4 * 1024 * 1024).await.map_err(|e| e.to_string())?;
         if !status.is_success() {

@@ -110,6 +110,10 @@ pub struct AppserviceConfig {
     /// Show siblings online when one account goes online.
     #[serde(default)]
     pub presence: bool,
+    /// CA certificates (PEM) that sign `client_url`'s TLS certificate, trusted next to
+    /// the built-in roots (default: `federation.ca_file`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AppserviceConfig {
@@ -431,6 +435,11 @@ impl Config {
         fix(&mut self.storage.path);
         if let Some(p) = self.federation.ca_file.as_mut() {
             fix(p);
+        }
+        for a in &mut self.appservice {
+            if let Some(p) = a.ca_file.as_mut() {
+                fix(p);
+            }
         }
         if let Some(p) = self.admin.token_file.as_mut() {
             fix(p);

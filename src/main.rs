@@ -54,14 +54,21 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path, std::env::vars())?)
 }
 
+/// The log filter unless `FEDLINK_LOG` sets one.
+const DEFAULT_LOG: &str = "warn,fedlink=info";
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FEDLINK_LOG").unwrap_or_else(|_| "info,sled=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Third-party crates at `warn` by default: fedlink's own lines are the decisions.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDLINK_LOG").unwrap_or_else(|_| DEFAULT_LOG.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match std::env::var("FEDLINK_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().flatten_event(true).with_current_span(false).init(),
+        Ok("text") | Err(_) => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        Ok(other) => {
+            builder.with_ansi(false).init();
+            tracing::warn!(value = other, "FEDLINK_LOG_FORMAT must be `text` or `json`; logging as text");
+        }
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::GenerateKey { output } => {

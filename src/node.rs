@@ -164,6 +164,10 @@ pub struct Fedlink {
     pub admin_token: String,
     /// Homeservers with an application-service registration (the reconciler's routes).
     pub routes: crate::core::reconcile::Routes,
+    /// The registration route's HTTP clients, by homeserver.
+    pub appservice_http: std::collections::HashMap<String, reqwest::Client>,
+    /// The federation listener accepts connections (set by `app::run`; `GET /ready`).
+    pub federation_listening: std::sync::atomic::AtomicBool,
 }
 
 impl Fedlink {
@@ -203,6 +207,8 @@ impl Fedlink {
             views: RwLock::new(views),
             ingest: tokio::sync::Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
+            federation_listening: std::sync::atomic::AtomicBool::new(false),
+            appservice_http: crate::appservice::clients(&cfg)?,
             admin_token,
             routes: cfg
                 .appservice

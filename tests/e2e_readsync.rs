@@ -93,7 +93,7 @@ async fn read_state_and_membership_follow_the_person_through_appservice_registra
 
     // alice@kiwi sends: alice@litchi's receipt moves there.
     let m2 = alice_k.send_text(&room, "I read it on my other account").await.unwrap();
-    let r = wait_until("alice@litchi's receipt at m2", Duration::from_secs(30), || async {
+    let r = wait_until("alice@litchi's receipt at m2", T, || async {
         Ok((receipt_of(&alice_l, &room, &alice_l.user_id).await.as_deref() == Some(m2.as_str())).then_some(()))
     })
     .await;

@@ -325,6 +325,17 @@ async fn admin_api_needs_the_token() {
     let (s, _) = f.admin("/_fedlink/admin/v1/rooms/!nope:x").await;
     assert_eq!(s, 404);
     assert!(f.metrics().await.contains("fedlink_log_entries"));
+    // Health and readiness need no token and say nothing else.
+    let r = http.get(format!("{}/health", f.admin_url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({ "status": "ok" }));
+    let ready = wait_until("ready", Duration::from_secs(10), || async {
+        let r = http.get(format!("{}/ready", f.admin_url)).send().await?;
+        Ok((r.status() == 200).then_some(r))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready.json::<Value>().await.unwrap(), json!({ "ready": true }));
 }
 
 #[tokio::test]

@@ -134,6 +134,9 @@ pub struct ClientEventEntry {
     /// `content.is_direct` of an invite: a direct-chat invite.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub is_direct: bool,
+    /// For a send that is a reply in a thread: the thread's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_root: Option<OwnedEventId>,
 }
 
 /// A person's sync settings.

@@ -208,11 +208,14 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
     for (_, person) in persons_in(views, room_id, room, |_| true) {
         let joined: Vec<&OwnedUserId> = person.accounts.iter().filter(|a| room.membership(a) == Some("join")).collect();
         let unsupported = |u: &OwnedUserId, kind: &str| room.unsupported.get(u).is_some_and(|k| k.contains(kind));
-        let busy = |u: &OwnedUserId| room.pending_actions.contains_key(u);
+        // One pending action per account (reads, joins, leaves, direct listings share the
+        // slot): one decided in this pass also makes the account busy until it is logged.
+        let decided: std::cell::RefCell<std::collections::BTreeSet<OwnedUserId>> = Default::default();
+        let busy = |u: &OwnedUserId| room.pending_actions.contains_key(u) || !decided.borrow_mut().insert(u.clone());
         // Main-timeline reads: forward to the furthest position among joined accounts.
         for (b, event_id, position) in reads_behind(&joined, &room.receipts) {
             let failed = room.blocked_actions.get(b).is_some_and(|a| a.kind == "read" && a.event_id.as_ref() == Some(event_id));
-            if busy(b) || failed || unsupported(b, "read") {
+            if failed || unsupported(b, "read") || busy(b) {
                 continue;
             }
             out.push(match routes.get(b.server_name()) {
@@ -237,9 +240,8 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
         // `m.direct` (the account the partner invited has its own client do that).
         if let Some(partner) = room.direct_partner(&person.accounts, &views.bot_user_id) {
             for b in &joined {
-                let own_invite = room.direct_invites.get(*b) == Some(partner);
-                let failed = room.blocked_actions.get(*b).is_some_and(|a| a.kind == "direct");
-                if own_invite || room.direct_marked.contains_key(*b) || busy(b) || failed || unsupported(b, "direct") {
+                let own_invite = room.direct_invites.get(*b).is_some_and(|(inviter, _)| inviter == partner);
+                if own_invite || room.direct_marked.contains_key(*b) || room.direct_failed.contains_key(*b) || unsupported(b, "direct") || busy(b) {
                     continue;
                 }
                 out.push(match routes.get(b.server_name()) {
@@ -251,8 +253,8 @@ fn decide_sync(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &Roo
         let sibling_joined = !joined.is_empty();
         for b in &person.accounts {
             let sibling_left = room.sibling_left_after(b, &person.accounts);
-            let blocked = room.blocked_actions.get(b).is_some_and(|a| a.kind != "read" && a.kind != "direct");
-            if busy(b) || blocked {
+            let blocked = room.blocked_actions.get(b).is_some_and(|a| a.kind != "read");
+            if blocked || room.pending_actions.contains_key(b) || decided.borrow().contains(b) {
                 continue;
             }
             let route = routes.get(b.server_name());

@@ -183,7 +183,8 @@ impl FederationClient {
     }
 }
 
-const TOO_LARGE: &str = "response larger than";
+/// How [`read_capped`] starts its error for an answer over the cap.
+pub const TOO_LARGE: &str = "response larger than";
 
 /// Read a response body, refusing more than `cap` bytes.
 pub async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, String> {

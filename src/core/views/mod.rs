@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 5;
+pub const VIEWS_FORMAT: u16 = 6;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,13 +200,20 @@ pub struct RoomView {
     /// main timeline's receipts above).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub threads: BTreeMap<OwnedEventId, ThreadReads>,
-    /// Direct-chat invites (`is_direct` in the invite): invited account -> inviter.
+    /// Direct-chat invites (`is_direct` in the invite) of accounts invited or joined:
+    /// invited account -> (inviter, log position of the first such invite).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub direct_invites: BTreeMap<OwnedUserId, OwnedUserId>,
+    pub direct_invites: BTreeMap<OwnedUserId, (OwnedUserId, u64)>,
     /// Accounts whose `m.direct` fedlink wrote for this room: account -> partner.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub direct_marked: BTreeMap<OwnedUserId, OwnedUserId>,
+    /// Accounts whose `m.direct` could not be written: account -> why (not retried).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub direct_failed: BTreeMap<OwnedUserId, String>,
 }
+
+/// Threads with reads kept per room; beyond, the thread read longest ago is forgotten.
+pub const MAX_THREADS_PER_ROOM: usize = 256;
 
 /// The reads of one thread: per user, forward only within the thread.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +227,9 @@ pub struct ThreadReads {
     /// Thread reads a homeserver refused (not retried for that event).
     #[serde(default)]
     pub blocked: BTreeMap<OwnedUserId, super::log_entry::UserAction>,
+    /// Log position of the last record about this thread (the oldest is forgotten first).
+    #[serde(default)]
+    pub last_seq: u64,
 }
 
 impl ThreadReads {
@@ -279,6 +289,29 @@ impl RoomView {
             threads: BTreeMap::new(),
             direct_invites: BTreeMap::new(),
             direct_marked: BTreeMap::new(),
+            direct_failed: BTreeMap::new(),
+        }
+    }
+
+    /// The reads of thread `root`, created when absent (forgetting the thread read longest
+    /// ago beyond [`MAX_THREADS_PER_ROOM`]), as of log position `seq`.
+    fn thread(&mut self, root: &OwnedEventId, seq: u64) -> &mut ThreadReads {
+        if !self.threads.contains_key(root) && self.threads.len() >= MAX_THREADS_PER_ROOM {
+            let oldest = self.threads.iter().min_by_key(|(id, t)| (t.last_seq, (*id).clone())).map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                self.threads.remove(&id);
+            }
+        }
+        let t = self.threads.entry(root.clone()).or_default();
+        t.last_seq = t.last_seq.max(seq);
+        t
+    }
+
+    /// A read of `event_id` by `user`: in thread `thread`, or the main timeline.
+    fn read_in(&mut self, thread: Option<&OwnedEventId>, user: &OwnedUserId, event_id: &OwnedEventId, pos: (Option<u64>, Option<u64>), ts: Option<u64>, seq: u64, rec_seq: u64) {
+        match thread {
+            None => self.read_up_to(user, event_id, pos, ts, seq),
+            Some(root) => self.thread(root, rec_seq).read_up_to(user, event_id, pos, ts, seq),
         }
     }
 
@@ -306,7 +339,9 @@ impl RoomView {
         accounts
             .iter()
             .filter_map(|a| self.direct_invites.get(a))
-            .find(|inviter| !accounts.contains(*inviter) && *inviter != bot)
+            .filter(|(inviter, _)| !accounts.contains(inviter) && inviter != bot)
+            .min_by_key(|(_, seq)| *seq)
+            .map(|(inviter, _)| inviter)
     }
 
     /// Whether any thread has a pending read.
@@ -572,14 +607,17 @@ impl Views {
             Entry::Receipt(r) => {
                 // The main timeline's reads and each thread's are kept apart: a thread read
                 // never moves the main timeline, nor a main read a thread.
+                // Threads are kept for linked accounts only (what a peer can make fedlink
+                // keep stays bounded), at most MAX_THREADS_PER_ROOM per room.
+                let linked = self.directory.by_account.contains_key(&r.user_id);
                 if let Some(room) = self.rooms.get_mut(&r.room_id).filter(|_| r.receipt_type == "m.read") {
                     let pos = (r.depth, r.event_ts);
                     match r.thread_id.as_deref() {
                         None | Some("main") => room.read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq),
                         // A thread id that is not an event id reads nothing.
                         Some(t) => {
-                            if let Ok(root) = OwnedEventId::try_from(t) {
-                                room.threads.entry(root).or_default().read_up_to(&r.user_id, &r.event_id, pos, r.ts, rec.seq);
+                            if let (Ok(root), true) = (OwnedEventId::try_from(t), linked) {
+                                room.read_in(Some(&root), &r.user_id, &r.event_id, pos, r.ts, rec.seq, rec.seq);
                             }
                         }
                     }
@@ -609,7 +647,7 @@ impl Views {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
                     match (&a.thread_id, a.kind.as_str()) {
                         (Some(root), "thread_read") => {
-                            let thread = room.threads.entry(root.clone()).or_default();
+                            let thread = room.thread(root, rec.seq);
                             thread.pending.insert(a.user_id.clone(), a.clone());
                             thread.settle(&a.user_id);
                         }
@@ -625,9 +663,15 @@ impl Views {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
                     match (&a.thread_id, a.kind.as_str()) {
                         (Some(root), "thread_read") => {
-                            let thread = room.threads.entry(root.clone()).or_default();
+                            let thread = room.thread(root, rec.seq);
                             thread.pending.remove(&a.user_id);
                             thread.blocked.insert(a.user_id.clone(), a.clone());
+                        }
+                        (_, "direct") => {
+                            if room.pending_actions.get(&a.user_id).is_some_and(|p| p.kind == "direct") {
+                                room.pending_actions.remove(&a.user_id);
+                            }
+                            room.direct_failed.insert(a.user_id.clone(), a.reason.clone().unwrap_or_default());
                         }
                         _ => {
                             room.pending_actions.remove(&a.user_id);
@@ -741,7 +785,7 @@ impl Views {
                 continue;
             }
             let before = (r.pending_invites.len(), r.pending_actions.len());
-            let threads_before = r.thread_reads_pending();
+            let threads_before: usize = r.threads.values().map(|t| t.pending.len()).sum();
             for a in accounts {
                 r.pending_invites.remove(a);
                 r.pending_actions.remove(a);
@@ -751,7 +795,7 @@ impl Views {
             }
             // An invite as a sibling is pending under its target's id.
             r.pending_actions.retain(|_, act| !act.actor.as_ref().is_some_and(|x| accounts.contains(x)));
-            if (r.pending_invites.len(), r.pending_actions.len()) != before || threads_before != r.thread_reads_pending() {
+            if (r.pending_invites.len(), r.pending_actions.len()) != before || threads_before != r.threads.values().map(|t| t.pending.len()).sum::<usize>() {
                 if !self.unsaved.all {
                     self.unsaved.rooms.insert(id.clone());
                 }
@@ -768,13 +812,34 @@ impl Views {
             return;
         }
         room.max_depth = room.max_depth.max(p.depth);
-        // Receipts that arrived before their event get its place in the room now.
-        for r in room.receipts.values_mut().filter(|r| r.depth.is_none() && r.event_id == p.event_id) {
-            r.depth = Some(p.depth);
+        let thread = p.pdu.get("content").and_then(crate::core::log_entry::thread_root);
+        // Receipts that arrived before their event get its place in the room now; one on a
+        // reply in a thread was a read of that thread (of a linked account), not of the
+        // main timeline.
+        let early: Vec<OwnedUserId> = room.receipts.iter().filter(|(_, r)| r.depth.is_none() && r.event_id == p.event_id).map(|(u, _)| u.clone()).collect();
+        for user in early {
+            match &thread {
+                None => {
+                    if let Some(r) = room.receipts.get_mut(&user) {
+                        r.depth = Some(p.depth);
+                    }
+                }
+                Some(root) => {
+                    let Some(r) = room.receipts.remove(&user) else { continue };
+                    if self.directory.by_account.contains_key(&user) {
+                        room.read_in(Some(root), &user, &r.event_id, (Some(p.depth), r.event_ts), r.ts, r.seq, seq);
+                    }
+                }
+            }
         }
-        // Sending counts as reading up to the event sent.
-        if p.state_key.is_none() {
-            room.read_up_to(&p.sender, &p.event_id, (Some(p.depth), Some(p.origin_server_ts)), Some(p.origin_server_ts), 0);
+        for t in room.threads.values_mut() {
+            for r in t.receipts.values_mut().filter(|r| r.depth.is_none() && r.event_id == p.event_id) {
+                r.depth = Some(p.depth);
+            }
+        }
+        // Sending counts as reading up to the event sent: in its thread, for a reply in one.
+        if p.state_key.is_none() && (thread.is_none() || self.directory.by_account.contains_key(&p.sender)) {
+            room.read_in(thread.as_ref(), &p.sender, &p.event_id, (Some(p.depth), Some(p.origin_server_ts)), Some(p.origin_server_ts), 0, seq);
         }
         for prev in p.prev_events.iter().chain(&p.superseded) {
             room.extremities.remove(prev);
@@ -822,7 +887,7 @@ impl Views {
                 }
             }
             if m == "invite" && p.pdu.get("content").and_then(|c| c.get("is_direct")).and_then(serde_json::Value::as_bool) == Some(true) {
-                room.direct_invites.insert(user.clone(), p.sender.clone());
+                room.direct_invites.entry(user.clone()).or_insert((p.sender.clone(), seq));
             }
             room.apply_membership(user, m, Some(&p.sender), seq);
         }
@@ -839,12 +904,13 @@ impl Views {
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
             if m == "invite" && c.is_direct {
-                room.direct_invites.insert(user.clone(), c.sender.clone());
+                room.direct_invites.entry(user.clone()).or_insert((c.sender.clone(), seq));
             }
             room.apply_membership(user, m, Some(&c.sender), seq);
         } else if c.state_key.is_none() && c.origin_server_ts.is_some() {
-            // Sending counts as reading, ordered by the homeserver's timestamp.
-            room.read_up_to(&c.sender, &c.event_id, (None, c.origin_server_ts), c.origin_server_ts, 0);
+            // Sending counts as reading, ordered by the homeserver's timestamp: in its
+            // thread, for a reply in one.
+            room.read_in(c.thread_root.as_ref(), &c.sender, &c.event_id, (None, c.origin_server_ts), c.origin_server_ts, 0, seq);
         }
     }
 }
@@ -872,6 +938,10 @@ impl RoomView {
         }
         if m != "leave" {
             self.failed_invites.remove(&user);
+        }
+        if matches!(m, "leave" | "ban") {
+            // A rejected or ended direct chat names no partner any more.
+            self.direct_invites.remove(&user);
         }
         self.member_seq.insert(user.clone(), seq);
         self.members.insert(user, m.to_owned());
