@@ -158,7 +158,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                 origin_server_ts: Some(n * 1000),
                 is_direct: k == 1,
                 // Some sends are replies in a thread.
-                thread_root: (k == 0 && n % 2 == 0).then(|| format!("$t{}", r % 2).try_into().unwrap()),
+                thread_root: (k == 0 && n.is_multiple_of(2)).then(|| format!("$t{}", r % 2).try_into().unwrap()),
             }),
             Op::Link(k) => Entry::PersonSet(PersonSet {
                 person: "alice".into(),

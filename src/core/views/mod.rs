@@ -212,6 +212,14 @@ pub struct RoomView {
     pub direct_failed: BTreeMap<OwnedUserId, String>,
 }
 
+/// Where a read is: the event, its position, the receipt's time and log position.
+struct ReadAt<'a> {
+    event_id: &'a OwnedEventId,
+    pos: (Option<u64>, Option<u64>),
+    ts: Option<u64>,
+    seq: u64,
+}
+
 /// Threads with reads kept per room; beyond, the thread read longest ago is forgotten.
 pub const MAX_THREADS_PER_ROOM: usize = 256;
 
@@ -307,8 +315,10 @@ impl RoomView {
         t
     }
 
-    /// A read of `event_id` by `user`: in thread `thread`, or the main timeline.
-    fn read_in(&mut self, thread: Option<&OwnedEventId>, user: &OwnedUserId, event_id: &OwnedEventId, pos: (Option<u64>, Option<u64>), ts: Option<u64>, seq: u64, rec_seq: u64) {
+    /// A read by `user` (see [`ReadAt`]): in thread `thread`, or the main timeline; folded
+    /// at log position `rec_seq`.
+    fn read_in(&mut self, thread: Option<&OwnedEventId>, user: &OwnedUserId, at: ReadAt<'_>, rec_seq: u64) {
+        let ReadAt { event_id, pos, ts, seq } = at;
         match thread {
             None => self.read_up_to(user, event_id, pos, ts, seq),
             Some(root) => self.thread(root, rec_seq).read_up_to(user, event_id, pos, ts, seq),
@@ -617,7 +627,7 @@ impl Views {
                         // A thread id that is not an event id reads nothing.
                         Some(t) => {
                             if let (Ok(root), true) = (OwnedEventId::try_from(t), linked) {
-                                room.read_in(Some(&root), &r.user_id, &r.event_id, pos, r.ts, rec.seq, rec.seq);
+                                room.read_in(Some(&root), &r.user_id, ReadAt { event_id: &r.event_id, pos, ts: r.ts, seq: rec.seq }, rec.seq);
                             }
                         }
                     }
@@ -827,7 +837,7 @@ impl Views {
                 Some(root) => {
                     let Some(r) = room.receipts.remove(&user) else { continue };
                     if self.directory.by_account.contains_key(&user) {
-                        room.read_in(Some(root), &user, &r.event_id, (Some(p.depth), r.event_ts), r.ts, r.seq, seq);
+                        room.read_in(Some(root), &user, ReadAt { event_id: &r.event_id, pos: (Some(p.depth), r.event_ts), ts: r.ts, seq: r.seq }, seq);
                     }
                 }
             }
@@ -839,7 +849,7 @@ impl Views {
         }
         // Sending counts as reading up to the event sent: in its thread, for a reply in one.
         if p.state_key.is_none() && (thread.is_none() || self.directory.by_account.contains_key(&p.sender)) {
-            room.read_in(thread.as_ref(), &p.sender, &p.event_id, (Some(p.depth), Some(p.origin_server_ts)), Some(p.origin_server_ts), 0, seq);
+            room.read_in(thread.as_ref(), &p.sender, ReadAt { event_id: &p.event_id, pos: (Some(p.depth), Some(p.origin_server_ts)), ts: Some(p.origin_server_ts), seq: 0 }, seq);
         }
         for prev in p.prev_events.iter().chain(&p.superseded) {
             room.extremities.remove(prev);
@@ -910,7 +920,7 @@ impl Views {
         } else if c.state_key.is_none() && c.origin_server_ts.is_some() {
             // Sending counts as reading, ordered by the homeserver's timestamp: in its
             // thread, for a reply in one.
-            room.read_in(c.thread_root.as_ref(), &c.sender, &c.event_id, (None, c.origin_server_ts), c.origin_server_ts, 0, seq);
+            room.read_in(c.thread_root.as_ref(), &c.sender, ReadAt { event_id: &c.event_id, pos: (None, c.origin_server_ts), ts: c.origin_server_ts, seq: 0 }, seq);
         }
     }
 }
