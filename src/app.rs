@@ -71,6 +71,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let sync = tokio::spawn(crate::sync::worker(app.clone(), stop_rx.clone()));
     let directory = tokio::spawn(crate::directory::http_worker(app.clone(), stop_rx.clone()));
     let catch_up = tokio::spawn(crate::appservice::catch_up_worker(app.clone(), stop_rx.clone()));
+    let step = tokio::spawn(crate::sync::step_worker(app.clone(), stop_rx.clone()));
 
     let fed_task = tokio::spawn(fed);
     {
@@ -98,6 +99,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let _ = sync.await;
     let _ = directory.await;
     let _ = catch_up.await;
+    let _ = step.await;
     app.snapshot().await?;
     app.store.flush().await?;
     tracing::info!("stopped");

@@ -56,6 +56,12 @@ pub struct Metrics {
     pub appservice_transactions: IntCounterVec,
     /// HTTP directory lookups by result.
     pub directory_lookups: IntCounterVec,
+    /// Persons by how far they are in step (`core::step`).
+    pub persons: prometheus::IntGaugeVec,
+    /// (room, account) pairs of linked persons by state.
+    pub account_rooms: prometheus::IntGaugeVec,
+    /// How long the account longest out of step has been so, in seconds.
+    pub out_of_step_oldest_seconds: prometheus::Gauge,
     /// Records in the event log.
     pub log_entries: IntGauge,
     /// Records appended, by kind.
@@ -122,10 +128,19 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
+    let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
 impl Metrics {
     /// Create and register all metrics.
     pub fn new() -> Self {
         let r = Registry::new();
+        gauge_vec(&r, "fedlink_build_info", "fedlink's version (always 1)", &["version"]).with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("process metrics registered once");
         let transaction_seconds = Histogram::with_opts(
             HistogramOpts::new("fedlink_transaction_duration_seconds", "Time to process an inbound /send transaction")
                 .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -211,6 +226,13 @@ impl Metrics {
                 .expect("static metric definition");
                 r.register(Box::new(h.clone())).expect("metric registered once");
                 h
+            },
+            persons: gauge_vec(&r, "fedlink_persons", "Linked persons by state: in_step, catching_up, unsupported, blocked, opted_out", &["state"]),
+            account_rooms: gauge_vec(&r, "fedlink_account_rooms", "Rooms x accounts of linked persons by state", &["state"]),
+            out_of_step_oldest_seconds: {
+                let g = prometheus::Gauge::new("fedlink_out_of_step_oldest_seconds", "How long the account longest out of step in a room has been so").expect("static");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
             },
             catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their joined rooms through a registration, by result", &["result"]),
             catch_up_memberships: counter(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up"),

@@ -578,3 +578,34 @@ async fn follow_presence(app: &Fedlink, dest: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// How often the in-step gauges are computed (a full `decide` pass each time).
+const STEP_EVERY: Duration = Duration::from_secs(15);
+
+/// Keeps `fedlink_persons`, `fedlink_account_rooms` and `fedlink_out_of_step_oldest_seconds`
+/// up to date until `stop`.
+pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut since: HashMap<(OwnedRoomId, OwnedUserId), Instant> = HashMap::new();
+    loop {
+        let report = {
+            let views = app.views.read().await;
+            crate::core::step::report(&views, &app.routes)
+        };
+        let now = Instant::now();
+        since.retain(|k, _| report.out_of_step.contains_key(k));
+        for k in report.out_of_step.keys() {
+            since.entry(k.clone()).or_insert(now);
+        }
+        let oldest = since.values().map(|t| now.duration_since(*t).as_secs_f64()).fold(0.0, f64::max);
+        for s in crate::core::step::Step::ALL {
+            app.metrics.persons.with_label_values(&[s.label()]).set(report.persons.get(&s).copied().unwrap_or(0) as i64);
+            app.metrics.account_rooms.with_label_values(&[s.label()]).set(report.account_rooms.get(&s).copied().unwrap_or(0) as i64);
+        }
+        app.metrics.out_of_step_oldest_seconds.set(oldest);
+        tracing::debug!(out_of_step = report.out_of_step.len(), oldest_secs = oldest, "in-step gauges updated");
+        tokio::select! {
+            _ = tokio::time::sleep(STEP_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -102,3 +102,20 @@ fn the_load_generator_runs_against_the_fedlink_binary() {
         assert!(stdout.contains(figure), "no `{figure}` in:\n{stdout}");
     }
 }
+
+/// The shipped production template passes `check-config` once its secret file exists, and
+/// keeps the production settings (TLS checked, an allow-list, no private networks).
+#[test]
+fn the_production_template_checks_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/config/production.toml");
+    let (code, out, err) = fedlink(&["check-config", "-c", template], &[("FEDLINK_ADMIN__TOKEN_FILE", token.to_str().unwrap())]);
+    assert_eq!(code, 0, "{err}");
+    for setting in ["verify_tls = true", "allow_private_networks = false", "self_signed = false", "\"kiwi.example.org\""] {
+        assert!(out.contains(setting), "{setting} missing in {out}");
+    }
+    assert!(!out.contains("0123456789abcdef0123456789abcdef"), "the token is printed: {out}");
+    assert!(!out.contains("hs_token: openssl"), "registration tokens are printed: {out}");
+}

@@ -160,6 +160,12 @@ async fn direct_chats_threads_and_the_read_marker_follow_the_person() {
     assert!(f.metric("fedlink_appservice_actions_total{kind=\"fully_read\",result=\"ok\"}").await >= 1.0);
     assert!(f.metric("fedlink_appservice_actions_total{kind=\"direct\",result=\"ok\"}").await >= 1.0);
 
+    // The operator sees alice in step.
+    wait_until("alice counted in step", T, || async {
+        Ok((f.metric("fedlink_persons{state=\"in_step\"}").await == 1.0 && f.metric("fedlink_persons{state=\"catching_up\"}").await == 0.0).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| fail("in-step gauges", e));
     // The admin view shows the person's thread reads and the direct chat.
     let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
     let r = p["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == room.as_str()).cloned().unwrap_or_else(|| panic!("{p}"));

@@ -6,4 +6,5 @@ pub mod backoff;
 pub mod log_entry;
 pub mod pdu;
 pub mod reconcile;
+pub mod step;
 pub mod views;

@@ -43,7 +43,9 @@ pub async fn sync(c: &ClientSession) -> Value {
     c.get("/_matrix/client/v3/sync?timeout=0").await.unwrap()
 }
 
-/// The event `user`'s m.read receipt in `room` points at, as `viewer`'s server shows it.
+/// The event `user`'s latest m.read receipt in `room` points at, as `viewer`'s server shows
+/// it. A user can hold several (an unthreaded one and one per thread, `main` included): the
+/// one set last counts.
 pub async fn receipt_of(viewer: &ClientSession, room: &str, user: &str) -> Option<String> {
     let s = sync(viewer).await;
     let events = s["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
@@ -51,8 +53,8 @@ pub async fn receipt_of(viewer: &ClientSession, room: &str, user: &str) -> Optio
         .iter()
         .filter(|e| e["type"] == "m.receipt")
         .flat_map(|e| e["content"].as_object().cloned().unwrap_or_default())
-        .filter(|(_, v)| v["m.read"].get(user).is_some())
-        .map(|(event, _)| event)
-        .next_back()
+        .filter_map(|(event, v)| v["m.read"].get(user).map(|d| (d["ts"].as_u64().unwrap_or(0), event)))
+        .max()
+        .map(|(_, event)| event)
 }
 
