@@ -5,6 +5,7 @@
 # 1. Makes sure a repo-local virtualenv `.venv` has matrix-synapse $SYNAPSE_VERSION
 #    (installs python3-venv from Debian only if `python3 -m venv` does not work).
 # 2. Exports FEDLINK_SYNAPSE_PYTHON for the end-to-end tests (tests/support/synapse.rs).
+# 3. Installs Debian's `prometheus` (prometheus and promtool) when missing.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +30,11 @@ from importlib.metadata import version
 sys.exit(0 if version("matrix-synapse") == sys.argv[1] else 1)
 PYEOF
 }
+
+# Prometheus and promtool for the operator tests (alert rules, dashboard, a real scrape).
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    apt_install --no-install-recommends prometheus
+fi
 
 if ! have_synapse; then
     command -v python3 >/dev/null || apt_install python3

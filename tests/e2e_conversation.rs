@@ -172,4 +172,50 @@ async fn direct_chats_threads_and_the_read_marker_follow_the_person() {
     assert_eq!(r["direct_with"], bob.user_id.as_str(), "{r}");
     assert_eq!(r["accounts"][&alice_k.user_id]["thread_receipts"][&root]["event_id"], reply.as_str(), "{r}");
     assert_eq!(r["accounts"][&alice_l.user_id]["direct_listed"], bob.user_id.as_str(), "{r}");
+
+    // A real Prometheus scraping this fedlink: the exposition lints clean, every dashboard
+    // and rule expression evaluates, and the "are people in step?" panels have data.
+    let text = f.metrics().await;
+    let mut lint = std::process::Command::new(support::prometheus::bin("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut lint.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let prom = support::prometheus::Prometheus::start(f.admin_url.trim_start_matches("http://")).await.unwrap();
+    wait_until("Prometheus has scraped alice in step", T, || async {
+        let v = prom.query("sum(fedlink_persons{state=\"in_step\"})").await?;
+        Ok(v.first().filter(|x| x["value"][1] == "1").map(|_| ()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", prom.log()));
+    // Rates need two scrapes in their window.
+    wait_until("two scrapes", T, || async { Ok((!prom.query("rate(fedlink_log_entries[1m])").await?.is_empty()).then_some(())) }).await.unwrap();
+    let mut empty = Vec::new();
+    for (title, expr) in support::prometheus::dashboard_exprs() {
+        let v = prom.query(&expr).await.unwrap_or_else(|e| panic!("panel {title:?}: {e:?}"));
+        if v.is_empty() {
+            empty.push(title);
+        }
+    }
+    for mission in ["Persons in step", "Catching up", "Blocked", "Unsupported", "Opted out", "Oldest out of step", "Accounts x rooms by state", "Read propagation p50 / p99", "Actions through registrations / s by kind and result", "Uptime and version"] {
+        assert!(!empty.iter().any(|t| t == mission), "mission panel {mission:?} has no data; empty panels: {empty:?}");
+    }
+    wait_until("every alert rule evaluated without error", T, || async {
+        let groups = prom.rules().await?;
+        let rules: Vec<Value> = groups.iter().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect();
+        if let Some(bad) = rules.iter().find(|r| r["health"] == "err") {
+            anyhow::bail!("rule failed: {bad}");
+        }
+        Ok((rules.len() == 9 && rules.iter().all(|r| r["health"] == "ok")).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Nothing is firing for an in-step federation (FedlinkDown needs `up` 0 for 5 minutes).
+    let firing = prom.query("ALERTS{alertstate=\"firing\"}").await.unwrap();
+    assert!(firing.is_empty(), "{firing:?}");
 }

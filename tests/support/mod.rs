@@ -15,3 +15,4 @@ pub use synapse::*;
 pub mod appservice;
 pub mod fake_peer;
 pub mod fedlink_proc;
+pub mod prometheus;
