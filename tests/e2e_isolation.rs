@@ -86,8 +86,8 @@ async fn a_room_with_a_member_of_a_server_fedlink_does_not_allow_never_holds_up_
     let t0 = Instant::now();
     let mark = |what: &str| eprintln!("[(a) {:>6.2}s] {what}", t0.elapsed().as_secs_f64());
     let (kiwi, litchi) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() }),
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() })
     );
     let (kiwi, litchi) = (kiwi.expect("kiwi starts"), litchi.expect("litchi starts"));
     let bob = kiwi.register("bob").await.unwrap();
@@ -302,9 +302,9 @@ async fn a_hanging_homeserver_delays_only_its_own_invites() {
     let t0 = Instant::now();
     let mark = |what: &str| eprintln!("[(b) {:>6.2}s] {what}", t0.elapsed().as_secs_f64());
     let (kiwi, litchi, mango) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() }),
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() }),
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() })
     );
     let (kiwi, litchi, mango) = (kiwi.expect("kiwi starts"), litchi.expect("litchi starts"), mango.expect("mango starts"));
     let bob = kiwi.register("bob").await.unwrap();

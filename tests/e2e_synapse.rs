@@ -34,7 +34,7 @@ async fn wait_for_event(f: &FedlinkBin, room: &str, event_id: &str) {
 }
 
 async fn scenario(room_version: Option<&str>) {
-    let kiwi = Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }).await.expect("synapse starts");
+    let kiwi = Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() }).await.expect("synapse starts");
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("[federation]\nverify_tls = false\nallowed_servers = [\"{}\"]\n", kiwi.server_name);
     let mut f = FedlinkBin::start(dir.path(), &extra).await.expect("fedlink starts");

@@ -115,8 +115,8 @@ pub struct KiwiLitchi {
 /// Start [`KiwiLitchi`].
 pub async fn kiwi_and_litchi() -> KiwiLitchi {
     let (kiwi, litchi) = tokio::join!(
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() }),
-        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into() })
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() }),
+        Synapse::start(SynapseOpts { extra_yaml: FAST_RETRY.into(), ..Default::default() })
     );
     let (kiwi, litchi) = (kiwi.expect("kiwi starts"), litchi.expect("litchi starts"));
     let bob = kiwi.register("bob").await.unwrap();
@@ -143,6 +143,9 @@ pub struct SynapseOpts {
     /// given here overrides the harness's own (the last occurrence wins), e.g.
     /// `default_room_version: "10"` or `app_service_config_files: [...]`.
     pub extra_yaml: String,
+    /// Serve a certificate from this CA, and the client API on the TLS listener too (at
+    /// `https_client_url`).
+    pub private_ca: Option<std::sync::Arc<super::util::TestCa>>,
 }
 
 /// A running Synapse homeserver, killed on drop.
@@ -181,7 +184,10 @@ impl Synapse {
             while client_port == fed_port {
                 client_port = free_port();
             }
-            let tls = self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
+            let tls = match &opts.private_ca {
+                Some(ca) => ca.issue(dir.path(), &["localhost", "127.0.0.1"]),
+                None => self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]),
+            };
             let mut hs = Synapse {
                 server_name: format!("localhost:{fed_port}"),
                 client_url: format!("http://127.0.0.1:{client_port}"),
@@ -225,6 +231,11 @@ impl Synapse {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The client API on the TLS listener (served there with `SynapseOpts::private_ca`).
+    pub fn https_client_url(&self) -> String {
+        format!("https://localhost:{}", self.fed_port)
     }
 
     /// Path of `homeserver.yaml`.
@@ -346,7 +357,7 @@ listeners:
     tls: true
     x_forwarded: false
     resources:
-      - names: [federation, keys]
+      - names: [{tls_resources}]
         compress: false
   # Client-server API over plain HTTP, for the tests.
   - port: {client_port}
@@ -424,6 +435,7 @@ federation_rr_transactions_per_room_per_second: 10000
             public_baseurl = yaml_str(&format!("{}/", self.client_url)),
             pid = q(&d.join("homeserver.pid")),
             fed_port = self.fed_port,
+            tls_resources = if opts.private_ca.is_some() { "federation, keys, client" } else { "federation, keys" },
             client_port = self.client_port,
             cert = q(&self.tls.cert),
             key = q(&self.tls.key),

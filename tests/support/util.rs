@@ -11,6 +11,45 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// A private certificate authority made for one test.
+pub struct TestCa {
+    /// The CA certificate (PEM), what a client must trust.
+    pub pem: String,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestCa")
+    }
+}
+
+impl TestCa {
+    /// A new CA.
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "fedlink test private CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        TestCa { pem: cert.pem(), cert, key }
+    }
+
+    /// Writes a certificate for `names` signed by this CA into `dir` as `tls.crt` /
+    /// `tls.key`.
+    pub fn issue(&self, dir: &Path, names: &[&str]) -> TlsFiles {
+        let params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.cert, &self.key).expect("leaf certificate");
+        let files = TlsFiles { cert: dir.join("tls.crt"), key: dir.join("tls.key") };
+        std::fs::write(&files.cert, cert.pem()).expect("writing tls.crt");
+        std::fs::write(&files.key, key.serialize_pem()).expect("writing tls.key");
+        files
+    }
+}
+
 /// Writes a self-signed certificate for `names` (DNS names or IP literals) into
 /// `dir` as `tls.crt` / `tls.key` (PEM).
 pub fn self_signed_cert(dir: &Path, names: &[&str]) -> TlsFiles {
