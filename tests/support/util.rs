@@ -11,7 +11,9 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// A private certificate authority made for one test.
+/// A private certificate authority made for one test. (This file is also compiled into the
+/// load generator, which does not use it.)
+#[allow(dead_code)]
 pub struct TestCa {
     /// The CA certificate (PEM), what a client must trust.
     pub pem: String,
@@ -25,6 +27,7 @@ impl std::fmt::Debug for TestCa {
     }
 }
 
+#[allow(dead_code)]
 impl TestCa {
     /// A new CA.
     pub fn new() -> TestCa {
