@@ -6,6 +6,7 @@
 #    (installs python3-venv from Debian only if `python3 -m venv` does not work).
 # 2. Exports FEDLINK_SYNAPSE_PYTHON for the end-to-end tests (tests/support/synapse.rs).
 # 3. Installs Debian's `prometheus` (prometheus and promtool) when missing.
+# 4. Installs schemathesis (pinned) into `.venv-st`; exports FEDLINK_SCHEMATHESIS.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,6 +36,18 @@ PYEOF
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     apt_install --no-install-recommends prometheus
 fi
+
+# Schemathesis (PyPI, pinned) in its own virtualenv, for the admin API's OpenAPI test.
+SCHEMATHESIS_VERSION=4.32.5
+ST_VENV="$ROOT/.venv-st"
+if ! "$ST_VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    command -v python3 >/dev/null || apt_install python3
+    rm -rf "$ST_VENV"
+    python3 -m venv "$ST_VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$ST_VENV"; }
+    log "installing schemathesis $SCHEMATHESIS_VERSION into $ST_VENV"
+    "$ST_VENV/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+export FEDLINK_SCHEMATHESIS="$ST_VENV/bin/schemathesis"
 
 if ! have_synapse; then
     command -v python3 >/dev/null || apt_install python3

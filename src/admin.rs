@@ -35,6 +35,7 @@ pub fn router(app: Arc<Fedlink>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/_fedlink/admin/v1/openapi.json", get(openapi))
         .route("/ready", get(ready))
         .route("/_matrix/app/v1/transactions/{txn_id}", axum::routing::put(crate::appservice::transaction))
         .route("/_matrix/app/v1/users/{user_id}", get(crate::appservice::not_mine))
@@ -63,6 +64,14 @@ async fn require_token(State(app): State<AppState>, req: Request, next: Next) ->
         }
         Some(_) => next.run(req).await,
     }
+}
+
+/// The admin API described as OpenAPI 3 (`src/openapi.json`).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// `GET /_fedlink/admin/v1/openapi.json`: no token (it describes, it reveals nothing).
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// `GET /health`: the process serves. No token; reveals nothing else.
