@@ -408,8 +408,8 @@ impl Config {
         let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         for (name, raw) in env {
             let Some(rest) = name.strip_prefix("FEDLINK_") else { continue };
-            // Variables that are not config keys (log filter, test plumbing) are ignored.
-            if matches!(rest, "LOG" | "CONFIG") || rest.starts_with("SYNAPSE") {
+            // Variables that are not config keys (logging, test plumbing) are ignored.
+            if matches!(rest, "LOG" | "LOG_FORMAT" | "CONFIG" | "SCHEMATHESIS") || ["SYNAPSE", "PROMETHEUS", "KEEP_"].iter().any(|p| rest.starts_with(p)) {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -657,6 +657,8 @@ token = "0123456789abcdef0123"
                 ("FEDLINK_FEDERATION__VERIFY_TLS", "false"),
                 ("FEDLINK_FEDERATION__ALLOWED_SERVERS", "kiwi, litchi"),
                 ("FEDLINK_LOG", "debug"),
+                ("FEDLINK_LOG_FORMAT", "json"),
+                ("FEDLINK_KEEP_SYNAPSE_DIRS", "1"),
             ],
         )
         .unwrap();

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub persons: prometheus::IntGaugeVec,
     /// (room, account) pairs of linked persons by state.
     pub account_rooms: prometheus::IntGaugeVec,
+    /// PDUs in dead letters (refused by their destination), all destinations.
+    pub dead_letters: IntGauge,
     /// How long the account longest out of step has been so, in seconds.
     pub out_of_step_oldest_seconds: prometheus::Gauge,
     /// Records in the event log.
@@ -227,6 +229,7 @@ impl Metrics {
                 r.register(Box::new(h.clone())).expect("metric registered once");
                 h
             },
+            dead_letters: gauge(&r, "fedlink_dead_letters", "PDUs in dead letters (refused by their destination; POST .../destinations/{server}/retry requeues)"),
             persons: gauge_vec(&r, "fedlink_persons", "Linked persons by state: in_step, catching_up, unsupported, blocked, opted_out", &["state"]),
             account_rooms: gauge_vec(&r, "fedlink_account_rooms", "Rooms x accounts of linked persons by state", &["state"]),
             out_of_step_oldest_seconds: {

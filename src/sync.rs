@@ -602,6 +602,9 @@ pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
             app.metrics.account_rooms.with_label_values(&[s.label()]).set(report.account_rooms.get(&s).copied().unwrap_or(0) as i64);
         }
         app.metrics.out_of_step_oldest_seconds.set(oldest);
+        if let Ok(dead) = app.store.dead_letter_counts() {
+            app.metrics.dead_letters.set(dead.values().sum::<usize>() as i64);
+        }
         tracing::debug!(out_of_step = report.out_of_step.len(), oldest_secs = oldest, "in-step gauges updated");
         tokio::select! {
             _ = tokio::time::sleep(STEP_EVERY) => {}

@@ -88,6 +88,24 @@ fn replay_rebuilds_views_from_an_empty_log() {
     assert!(out.contains("replayed 0 log entries into 0 rooms"), "{out}");
 }
 
+/// `FEDLINK_LOG_FORMAT=json` writes one JSON object per line, and by default only
+/// fedlink's own lines are at `info` (other crates at `warn`).
+#[test]
+fn logs_are_json_lines_on_request_and_only_fedlinks_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, GOOD).unwrap();
+    let (code, _, err) = fedlink(&["replay", "-c", cfg.to_str().unwrap()], &[("FEDLINK_LOG_FORMAT", "json")]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let ready = lines.iter().find(|l| l["message"] == "views ready").unwrap_or_else(|| panic!("no `views ready` line in {err}"));
+    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["folded"], 0);
+    assert!(lines.iter().all(|l| l["target"].as_str().is_some_and(|t| t.starts_with("fedlink")) || l["level"] == "WARN" || l["level"] == "ERROR"), "{err}");
+    let (_, _, text) = fedlink(&["replay", "-c", cfg.to_str().unwrap()], &[]);
+    assert!(text.contains("views ready") && !text.trim_start().starts_with('{'), "{text}");
+}
+
 /// The load generator drives a real fedlink binary over HTTPS end to end: every PDU of a
 /// small run is accepted and it reports the figures the README quotes.
 #[test]
