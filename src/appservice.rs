@@ -73,7 +73,7 @@ pub enum ActionError {
 }
 
 /// The HTTP clients of the registration route, one per homeserver: TLS to its `client_url`
-/// is verified against the built-in roots plus the registration's `ca_file` (else
+/// is verified against the system's and the built-in (Mozilla) roots plus the registration's `ca_file` (else
 /// `federation.ca_file`), unless `federation.verify_tls = false`.
 pub fn clients(cfg: &Config) -> anyhow::Result<std::collections::HashMap<String, reqwest::Client>> {
     let mut out = std::collections::HashMap::new();

@@ -111,7 +111,7 @@ pub struct AppserviceConfig {
     #[serde(default)]
     pub presence: bool,
     /// CA certificates (PEM) that sign `client_url`'s TLS certificate, trusted next to
-    /// the built-in roots (default: `federation.ca_file`).
+    /// the system's and the built-in (Mozilla) roots (default: `federation.ca_file`).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
 }
