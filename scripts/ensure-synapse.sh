@@ -5,8 +5,9 @@
 # 1. Makes sure a repo-local virtualenv `.venv` has matrix-synapse $SYNAPSE_VERSION
 #    (installs python3-venv from Debian only if `python3 -m venv` does not work).
 # 2. Exports FEDLINK_SYNAPSE_PYTHON for the end-to-end tests (tests/support/synapse.rs).
-# 3. Installs Debian's `prometheus` (prometheus and promtool) when missing.
-# 4. Installs schemathesis (pinned) into `.venv-st`; exports FEDLINK_SCHEMATHESIS.
+# 3. With FEDLINK_TEST_TOOLS=1 (the test command): installs Debian's `prometheus`
+#    (prometheus and promtool) when missing, and schemathesis (pinned) into `.venv-st`
+#    (exports FEDLINK_SCHEMATHESIS).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,15 +33,21 @@ sys.exit(0 if version("matrix-synapse") == sys.argv[1] else 1)
 PYEOF
 }
 
+# The test tools, when the test command asks for them (FEDLINK_TEST_TOOLS=1; not the demo).
+if [ "${FEDLINK_TEST_TOOLS:-0}" = 1 ]; then
 # Prometheus and promtool for the operator tests (alert rules, dashboard, a real scrape).
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     apt_install --no-install-recommends prometheus
+    # The package enables a system Prometheus on :9090; the tests start their own.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+        systemctl disable --now prometheus || true
+    fi
 fi
 
 # Schemathesis (PyPI, pinned) in its own virtualenv, for the admin API's OpenAPI test.
 SCHEMATHESIS_VERSION=4.32.5
 ST_VENV="$ROOT/.venv-st"
-if ! "$ST_VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+if ! "$ST_VENV/bin/schemathesis" --version 2>/dev/null | grep -qxF "schemathesis, version $SCHEMATHESIS_VERSION"; then
     command -v python3 >/dev/null || apt_install python3
     rm -rf "$ST_VENV"
     python3 -m venv "$ST_VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$ST_VENV"; }
@@ -48,6 +55,7 @@ if ! "$ST_VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_
     "$ST_VENV/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 export FEDLINK_SCHEMATHESIS="$ST_VENV/bin/schemathesis"
+fi
 
 if ! have_synapse; then
     command -v python3 >/dev/null || apt_install python3

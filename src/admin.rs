@@ -173,6 +173,7 @@ async fn room(State(app): State<AppState>, Path(room_id): Path<String>) -> Resul
         "threads": r.threads,
         "direct_invites": r.direct_invites,
         "direct_marked": r.direct_marked,
+        "direct_failed": r.direct_failed,
     })))
 }
 
@@ -201,11 +202,14 @@ async fn person(State(app): State<AppState>, Path(id): Path<String>) -> Result<J
         .iter()
         .filter(|(_, r)| p.accounts.iter().any(|a| r.members.contains_key(a) || r.pending_invites.contains_key(a) || r.failed_invites.contains_key(a)))
         .map(|(room_id, r)| {
+            // The same classification as `fedlink_persons` (core::step), for this room.
+            let steps = crate::core::step::room_steps(&views, &app.routes, room_id, &p.accounts);
             let accounts: serde_json::Map<String, Value> = p
                 .accounts
                 .iter()
                 .map(|a| {
                     (a.to_string(), json!({
+                        "state": steps.get(a).map(|s| s.label()),
                         "membership": r.membership(a),
                         "invite_pending": r.pending_invites.get(a).map(|i| &i.event_id),
                         "invite_failed": r.failed_invites.get(a),
@@ -215,11 +219,9 @@ async fn person(State(app): State<AppState>, Path(id): Path<String>) -> Result<J
                     }))
                 })
                 .collect();
-            let memberships: std::collections::BTreeSet<Option<&str>> = p.accounts.iter().map(|a| r.membership(a)).collect();
-            let reads: std::collections::BTreeSet<Option<u64>> =
-                p.accounts.iter().filter(|a| r.membership(a) == Some("join")).map(|a| r.receipts.get(a).and_then(|x| x.depth)).collect();
             let direct_with = r.direct_partner(&p.accounts, &views.bot_user_id);
-            json!({ "room_id": room_id, "in_step": memberships.len() == 1 && reads.len() <= 1, "direct_with": direct_with, "accounts": accounts })
+            let in_step = steps.values().all(|s| *s == crate::core::step::Step::InStep);
+            json!({ "room_id": room_id, "in_step": in_step, "direct_with": direct_with, "accounts": accounts })
         })
         .collect();
     Ok(Json(json!({

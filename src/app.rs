@@ -73,7 +73,18 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let catch_up = tokio::spawn(crate::appservice::catch_up_worker(app.clone(), stop_rx.clone()));
     let step = tokio::spawn(crate::sync::step_worker(app.clone(), stop_rx.clone()));
 
-    let fed_task = tokio::spawn(fed);
+    let fed_task = {
+        // Not ready once the federation listener stops serving, whatever the cause.
+        let app = app.clone();
+        tokio::spawn(async move {
+            let r = fed.await;
+            app.federation_listening.store(false, std::sync::atomic::Ordering::SeqCst);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "the federation listener stopped");
+            }
+            r
+        })
+    };
     {
         // Ready once the federation listener serves (storage, views and keys are loaded by
         // `Fedlink::open` already).

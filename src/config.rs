@@ -524,6 +524,12 @@ impl Config {
             if !(a.client_url.starts_with("https://") || a.client_url.starts_with("http://")) {
                 return Err(invalid(&format!("{key}.client_url"), "must be an http(s) URL"));
             }
+            // A template's placeholder ("<...>") or a pasted line with spaces is not a token.
+            for (name, t) in [("as_token", &a.as_token), ("hs_token", &a.hs_token)] {
+                if t.contains(['<', '>']) || t.chars().any(char::is_whitespace) {
+                    return Err(invalid(&format!("{key}.{name}"), "is a placeholder or contains whitespace; generate one, e.g. `openssl rand -hex 32`"));
+                }
+            }
             if a.as_token.len() < 16 {
                 return Err(invalid(&format!("{key}.as_token"), "must be at least 16 characters"));
             }

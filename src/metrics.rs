@@ -233,7 +233,7 @@ impl Metrics {
             persons: gauge_vec(&r, "fedlink_persons", "Linked persons by state: in_step, catching_up, unsupported, blocked, opted_out", &["state"]),
             account_rooms: gauge_vec(&r, "fedlink_account_rooms", "Rooms x accounts of linked persons by state", &["state"]),
             out_of_step_oldest_seconds: {
-                let g = prometheus::Gauge::new("fedlink_out_of_step_oldest_seconds", "How long the account longest out of step in a room has been so").expect("static");
+                let g = prometheus::Gauge::new("fedlink_out_of_step_oldest_seconds", "How long the account catching up longest in a room has been so (since fedlink started)").expect("static");
                 r.register(Box::new(g.clone())).expect("metric registered once");
                 g
             },

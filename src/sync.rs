@@ -585,27 +585,41 @@ const STEP_EVERY: Duration = Duration::from_secs(15);
 /// Keeps `fedlink_persons`, `fedlink_account_rooms` and `fedlink_out_of_step_oldest_seconds`
 /// up to date until `stop`.
 pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    // Since when each (room, account) has been catching up (in memory: a restart starts the
+    // clock again). Blocked and unsupported accounts wait for someone else; they have their
+    // own gauges and alerts.
     let mut since: HashMap<(OwnedRoomId, OwnedUserId), Instant> = HashMap::new();
+    let mut catching_up: Vec<(OwnedRoomId, OwnedUserId)> = Vec::new();
+    let mut last_change: Option<u64> = None;
+    let mut last_pass = Instant::now();
     loop {
-        let report = {
-            let views = app.views.read().await;
-            crate::core::step::report(&views, &app.routes)
-        };
+        // A full decide only when the log changed (or every 5 minutes): an idle fedlink
+        // costs nothing, a busy one one pass per STEP_EVERY.
+        let change = *app.changes.borrow();
+        if last_change != Some(change) || last_pass.elapsed() >= Duration::from_secs(300) {
+            last_change = Some(change);
+            last_pass = Instant::now();
+            let report = {
+                let views = app.views.read().await;
+                crate::core::step::report(&views, &app.routes)
+            };
+            catching_up = report.out_of_step.iter().filter(|(_, s)| **s == crate::core::step::Step::CatchingUp).map(|(k, _)| k.clone()).collect();
+            for s in crate::core::step::Step::ALL {
+                app.metrics.persons.with_label_values(&[s.label()]).set(report.persons.get(&s).copied().unwrap_or(0) as i64);
+                app.metrics.account_rooms.with_label_values(&[s.label()]).set(report.account_rooms.get(&s).copied().unwrap_or(0) as i64);
+            }
+            tracing::debug!(out_of_step = report.out_of_step.len(), "in-step gauges updated");
+        }
         let now = Instant::now();
-        since.retain(|k, _| report.out_of_step.contains_key(k));
-        for k in report.out_of_step.keys() {
+        since.retain(|k, _| catching_up.contains(k));
+        for k in &catching_up {
             since.entry(k.clone()).or_insert(now);
         }
         let oldest = since.values().map(|t| now.duration_since(*t).as_secs_f64()).fold(0.0, f64::max);
-        for s in crate::core::step::Step::ALL {
-            app.metrics.persons.with_label_values(&[s.label()]).set(report.persons.get(&s).copied().unwrap_or(0) as i64);
-            app.metrics.account_rooms.with_label_values(&[s.label()]).set(report.account_rooms.get(&s).copied().unwrap_or(0) as i64);
-        }
         app.metrics.out_of_step_oldest_seconds.set(oldest);
         if let Ok(dead) = app.store.dead_letter_counts() {
             app.metrics.dead_letters.set(dead.values().sum::<usize>() as i64);
         }
-        tracing::debug!(out_of_step = report.out_of_step.len(), oldest_secs = oldest, "in-step gauges updated");
         tokio::select! {
             _ = tokio::time::sleep(STEP_EVERY) => {}
             _ = stop.wait_for(|s| *s) => return,

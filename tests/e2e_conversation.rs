@@ -211,7 +211,7 @@ async fn direct_chats_threads_and_the_read_marker_follow_the_person() {
         if let Some(bad) = rules.iter().find(|r| r["health"] == "err") {
             anyhow::bail!("rule failed: {bad}");
         }
-        Ok((rules.len() == 9 && rules.iter().all(|r| r["health"] == "ok")).then_some(()))
+        Ok((rules.len() == 10 && rules.iter().all(|r| r["health"] == "ok")).then_some(()))
     })
     .await
     .unwrap();

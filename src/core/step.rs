@@ -9,9 +9,11 @@
 //! - `catching_up`: fedlink has work pending or decided for it;
 //! - `in_step` otherwise.
 //!
-//! A person takes the worst state of their accounts (blocked, then unsupported, then
-//! catching up), or `opted_out`. The pass costs a full `decide`: it runs on a timer, not
-//! per record.
+//! An account counts in a room while it is there (joined or invited) or fedlink has work
+//! under way or refused for it; rooms the bot left, is joining or gave up do not count. A
+//! person takes the worst state of their accounts (blocked, then unsupported, then catching
+//! up), or `opted_out`. The pass costs a full `decide`: it runs on a timer, and only when
+//! the log changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,7 +21,7 @@ use ruma::{OwnedRoomId, OwnedUserId};
 
 use super::{
     reconcile::{decide, Action, Routes},
-    views::{RoomView, Views},
+    views::{BotMembership, RoomView, Views},
 };
 
 /// The state of one account in one room, or of a person.
@@ -64,61 +66,94 @@ pub struct StepReport {
     pub out_of_step: BTreeMap<(OwnedRoomId, OwnedUserId), Step>,
 }
 
-fn account_step(room: &RoomView, account: &OwnedUserId, decided: &BTreeSet<&OwnedUserId>, unsupported_decided: &BTreeSet<&OwnedUserId>) -> Step {
-    let refused = room.failed_invites.contains_key(account)
-        || room.blocked_actions.contains_key(account)
-        || room.direct_failed.contains_key(account)
-        || room.threads.values().any(|t| t.blocked.contains_key(account));
-    if refused {
-        return Step::Blocked;
-    }
-    if room.unsupported.contains_key(account) || unsupported_decided.contains(account) {
-        return Step::Unsupported;
-    }
-    let pending = room.pending_invites.contains_key(account)
-        || room.pending_actions.contains_key(account)
-        || room.pending_actions.values().any(|a| a.actor.as_ref() == Some(account))
-        || room.threads.values().any(|t| t.pending.contains_key(account));
-    if pending || decided.contains(account) {
-        return Step::CatchingUp;
-    }
-    Step::InStep
+/// What the reconciler would still do in one room: targets of actions, targets of
+/// `Unsupported` decisions, and targets lacking the bot's power.
+#[derive(Default)]
+struct Decided<'a> {
+    acting: BTreeSet<&'a OwnedUserId>,
+    unsupported: BTreeSet<&'a OwnedUserId>,
+    missing_power: BTreeSet<&'a OwnedUserId>,
 }
 
-/// Whether people are in step, from `views` and what the reconciler would do now.
-pub fn report(views: &Views, routes: &Routes) -> StepReport {
-    // What the reconciler would still do, by room and target.
-    let mut decided: BTreeMap<&OwnedRoomId, (BTreeSet<&OwnedUserId>, BTreeSet<&OwnedUserId>)> = BTreeMap::new();
-    let actions = decide(views, routes);
-    for a in &actions {
-        let (room, target, unsupported) = match a {
+fn decided_by_room(actions: &[Action]) -> BTreeMap<&OwnedRoomId, Decided<'_>> {
+    let mut out: BTreeMap<&OwnedRoomId, Decided> = BTreeMap::new();
+    for a in actions {
+        match a {
             Action::Invite { room_id, target, .. }
             | Action::SetRead { room_id, target, .. }
             | Action::MarkDirect { room_id, target, .. }
             | Action::Join { room_id, target }
             | Action::Leave { room_id, target }
-            | Action::InviteAs { room_id, target, .. } => (room_id, target, false),
-            Action::Unsupported { room_id, target, .. } => (room_id, target, true),
-            // Lacking power is blocked, as once it is recorded.
-            Action::MissingPower { room_id, target, .. } => (room_id, target, false),
-        };
-        let entry = decided.entry(room).or_default();
-        if unsupported {
-            entry.1.insert(target);
-        } else {
-            entry.0.insert(target);
+            | Action::InviteAs { room_id, target, .. } => {
+                out.entry(room_id).or_default().acting.insert(target);
+            }
+            Action::Unsupported { room_id, target, .. } => {
+                out.entry(room_id).or_default().unsupported.insert(target);
+            }
+            Action::MissingPower { room_id, target, .. } => {
+                out.entry(room_id).or_default().missing_power.insert(target);
+            }
         }
     }
-    let missing_power: BTreeSet<(&OwnedRoomId, &OwnedUserId)> =
-        actions.iter().filter_map(|a| if let Action::MissingPower { room_id, target, .. } = a { Some((room_id, target)) } else { None }).collect();
-    let empty = (BTreeSet::new(), BTreeSet::new());
+    out
+}
+
+/// The state of `account` in `room`, or `None` when it does not count there: it is not in
+/// the room (no membership, or left, declined, kicked, banned) and fedlink has nothing under
+/// way or refused for it. A refusal or an unsupported kind counts only while the account is
+/// in the room, or, for an invite, while it is still to be invited.
+fn account_step(room: &RoomView, account: &OwnedUserId, d: &Decided) -> Option<Step> {
+    let present = matches!(room.membership(account), Some("join") | Some("invite"));
+    let pending = room.pending_invites.contains_key(account)
+        || room.pending_actions.contains_key(account)
+        || room.pending_actions.values().any(|a| a.actor.as_ref() == Some(account))
+        || room.threads.values().any(|t| t.pending.contains_key(account));
+    let to_invite = d.missing_power.contains(account) || (room.failed_invites.contains_key(account) && room.membership(account).is_none());
+    let refused = to_invite
+        || (present
+            && (room.blocked_actions.contains_key(account) || room.direct_failed.contains_key(account) || room.threads.values().any(|t| t.blocked.contains_key(account))));
+    if refused {
+        return Some(Step::Blocked);
+    }
+    if d.unsupported.contains(account) || (present && room.unsupported.contains_key(account)) {
+        return Some(Step::Unsupported);
+    }
+    if pending || d.acting.contains(account) {
+        return Some(Step::CatchingUp);
+    }
+    present.then_some(Step::InStep)
+}
+
+/// Whether rooms of this kind are kept in step: the bot is in them, or they are known from
+/// registrations only. (Rooms the bot left, is joining or gave up are not acted on.)
+fn kept(room: &RoomView) -> bool {
+    matches!(room.bot, BotMembership::Joined | BotMembership::Absent)
+}
+
+/// The states of a person's accounts in one room (those that count there; see
+/// [`report`]). For the admin API: one room's `decide`, not every room's.
+pub fn room_steps(views: &Views, routes: &Routes, room_id: &OwnedRoomId, accounts: &BTreeSet<OwnedUserId>) -> BTreeMap<OwnedUserId, Step> {
+    let Some(room) = views.rooms.get(room_id).filter(|r| kept(r)) else { return BTreeMap::new() };
+    let touched = crate::core::views::Touched { all: false, rooms: [room_id.clone()].into() };
+    let actions = crate::core::reconcile::decide_touched(views, routes, &touched);
+    let decided = decided_by_room(&actions);
+    let empty = Decided::default();
+    let d = decided.get(room_id).unwrap_or(&empty);
+    accounts.iter().filter_map(|a| Some((a.clone(), account_step(room, a, d)?))).collect()
+}
+
+/// Whether people are in step, from `views` and what the reconciler would do now.
+pub fn report(views: &Views, routes: &Routes) -> StepReport {
+    let actions = decide(views, routes);
+    let decided = decided_by_room(&actions);
+    let empty = Decided::default();
     let dir = &views.directory;
     let mut worst: BTreeMap<&String, Step> = BTreeMap::new();
     let mut out = StepReport::default();
     for (id, person) in dir.persons.iter() {
         worst.insert(id, if person.opted_out { Step::OptedOut } else { Step::InStep });
     }
-    for (room_id, room) in views.rooms.iter() {
+    for (room_id, room) in views.rooms.iter().filter(|(_, r)| kept(r)) {
         // The persons with an account that has a membership or fedlink's work here.
         let here: BTreeSet<&String> = room
             .members
@@ -128,14 +163,14 @@ pub fn report(views: &Views, routes: &Routes) -> StepReport {
             .chain(room.pending_actions.keys())
             .filter_map(|u| dir.by_account.get(u))
             .collect();
-        let (d, u) = decided.get(room_id).unwrap_or(&empty);
+        let d = decided.get(room_id).unwrap_or(&empty);
         for id in here {
             let Some(person) = dir.persons.get(id) else { continue };
             if person.opted_out || person.opted_out_rooms.contains(room_id) {
                 continue;
             }
             for account in &person.accounts {
-                let s = if missing_power.contains(&(room_id, account)) { Step::Blocked } else { account_step(room, account, d, u) };
+                let Some(s) = account_step(room, account, d) else { continue };
                 *out.account_rooms.entry(s).or_default() += 1;
                 if s != Step::InStep {
                     out.out_of_step.insert((room_id.clone(), account.clone()), s);
