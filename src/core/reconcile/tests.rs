@@ -134,6 +134,10 @@ impl Given {
             .collect()
     }
     fn receipt(&mut self, u: &str, event: &str, depth: u64) -> &mut Self {
+        self.read(u, None, event, depth)
+    }
+    /// A read receipt by `u` of `event` at `depth`, in thread `thread` or the main timeline.
+    fn read(&mut self, u: &str, thread: Option<&str>, event: &str, depth: u64) -> &mut Self {
         self.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
             origin: user(u).server_name().to_owned(),
             room_id: room(),
@@ -141,16 +145,20 @@ impl Given {
             user_id: user(u),
             event_id: event.try_into().unwrap(),
             ts: None,
-            thread_id: None,
-            thread_inferred: false,
+            thread_id: thread.map(String::from),
+            thread_inferred: thread.is_some(),
             depth: Some(depth),
             event_ts: None,
-            via_appservice: None,
+            via_appservice: thread.map(|_| true),
         }))
     }
     fn message(&mut self, sender: &str, depth: u64) -> String {
+        self.sent("$msg", sender, depth, json!({}))
+    }
+    /// A message `pdu` by `sender` at `depth`, with an id of `prefix` and a counter.
+    fn sent(&mut self, prefix: &str, sender: &str, depth: u64, pdu: serde_json::Value) -> String {
         self.n += 1;
-        let id = format!("$msg{}", self.n);
+        let id = format!("{prefix}{}", self.n);
         self.record(Entry::Pdu(PduEntry {
             room_id: room(),
             event_id: id.clone().try_into().unwrap(),
@@ -163,7 +171,7 @@ impl Given {
             prev_events: vec![],
             depth,
             origin_server_ts: 0,
-            pdu: json!({}),
+            pdu,
             resolved_state: None,
             superseded: Vec::new(),
         }));
@@ -720,19 +728,7 @@ fn an_incremental_pass_decides_only_touched_rooms_and_a_directory_change_touches
 impl Given {
     /// A read by `u` of `event` (at `depth`) within the thread rooted at `root`.
     fn thread_receipt(&mut self, u: &str, root: &str, event: &str, depth: u64) -> &mut Self {
-        self.record(Entry::Receipt(crate::core::log_entry::ReceiptEntry {
-            origin: user(u).server_name().to_owned(),
-            room_id: room(),
-            receipt_type: "m.read".into(),
-            user_id: user(u),
-            event_id: event.try_into().unwrap(),
-            ts: None,
-            thread_id: Some(root.into()),
-            thread_inferred: true,
-            depth: Some(depth),
-            event_ts: None,
-            via_appservice: Some(true),
-        }))
+        self.read(u, Some(root), event, depth)
     }
     /// What the shell logs for a thread read it asked for (or that failed).
     fn thread_read_logged(&mut self, u: &str, root: &str, event: &str, depth: u64, failed: bool) -> &mut Self {
@@ -893,25 +889,7 @@ fn one_action_per_account_per_pass() {
 impl Given {
     /// A reply by `sender` in the thread rooted at `root`, at `depth`.
     fn thread_reply(&mut self, sender: &str, root: &str, depth: u64) -> String {
-        self.n += 1;
-        let id = format!("$reply{}", self.n);
-        self.record(Entry::Pdu(PduEntry {
-            room_id: room(),
-            event_id: id.clone().try_into().unwrap(),
-            via: "kiwi".try_into().unwrap(),
-            status: PduStatus::Accepted,
-            event_type: "m.room.message".into(),
-            state_key: None,
-            sender: user(sender),
-            membership: None,
-            prev_events: vec![],
-            depth,
-            origin_server_ts: 0,
-            pdu: json!({ "content": { "body": "reply", "m.relates_to": { "rel_type": "m.thread", "event_id": root } } }),
-            resolved_state: None,
-            superseded: Vec::new(),
-        }));
-        id
+        self.sent("$reply", sender, depth, json!({ "content": { "body": "reply", "m.relates_to": { "rel_type": "m.thread", "event_id": root } } }))
     }
 }
 
