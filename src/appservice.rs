@@ -234,12 +234,15 @@ impl Client<'_> {
         Err(self.fail(status, &body))
     }
 
-    /// The thread `event` belongs to, as the homeserver shows it to the user. A homeserver
-    /// answers 200 to a receipt for an event it does not have yet, and drops it: until the
-    /// event has reached it, this is [`ActionError::NotYet`].
-    async fn thread_of(&self, room: &RoomId, event: &ruma::EventId) -> Result<Option<ruma::OwnedEventId>, ActionError> {
+    /// `event` as the homeserver shows it to the user, waiting at most `timeout` (else the
+    /// client's). Until the event has reached the homeserver, [`ActionError::NotYet`].
+    async fn event(&self, room: &RoomId, event: &ruma::EventId, timeout: Option<Duration>) -> Result<Value, ActionError> {
         let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room.as_str()), enc(event.as_str()));
-        let resp = self.http.get(self.url(&path)).bearer_auth(&self.reg.as_token).send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
+        let mut req = self.http.get(self.url(&path)).bearer_auth(&self.reg.as_token);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let resp = req.send().await.map_err(|e| ActionError::Transient(crate::federation::client::error_chain(&e)))?;
         let status = resp.status();
         if status.as_u16() == 429 || status.is_server_error() {
             return Err(ActionError::Transient(format!("{} answered {status}", self.reg.server_name)));
@@ -248,8 +251,14 @@ impl Client<'_> {
             return Err(ActionError::NotYet(format!("{} does not have {event} yet ({status})", self.reg.server_name)));
         }
         let body = crate::federation::client::read_capped(resp, 256 * 1024).await.map_err(|e| ActionError::Transient(e.to_string()))?;
-        let ev: Value = serde_json::from_slice(&body).map_err(|e| ActionError::Transient(format!("bad event JSON: {e}")))?;
-        Ok(ev.get("content").and_then(crate::core::log_entry::thread_root))
+        serde_json::from_slice(&body).map_err(|e| ActionError::Transient(format!("bad event JSON: {e}")))
+    }
+
+    /// The thread `event` belongs to, as the homeserver shows it to the user. A homeserver
+    /// answers 200 to a receipt for an event it does not have yet, and drops it: until the
+    /// event has reached it, this is [`ActionError::NotYet`].
+    async fn thread_of(&self, room: &RoomId, event: &ruma::EventId) -> Result<Option<ruma::OwnedEventId>, ActionError> {
+        Ok(crate::core::log_entry::thread_root(&self.event(room, event, None).await?))
     }
 }
 
@@ -399,7 +408,7 @@ fn client_event(ev: &Value, server: &ruma::ServerName) -> Option<crate::core::lo
         _ if ev.get("state_key").is_none() => (None, None),
         _ => return None,
     };
-    let thread_root = if state_key.is_none() { ev.get("content").and_then(crate::core::log_entry::thread_root) } else { None };
+    let thread_root = if state_key.is_none() { crate::core::log_entry::thread_root(ev) } else { None };
     let is_direct = membership.as_deref() == Some("invite") && ev.get("content").and_then(|c| c.get("is_direct")).and_then(Value::as_bool) == Some(true);
     Some(crate::core::log_entry::ClientEventEntry {
         via: server.to_owned(),
@@ -422,28 +431,11 @@ struct EventMeta {
     thread: Option<ruma::OwnedEventId>,
 }
 
-/// [`EventMeta`] of `event` as the homeserver shows it to `user`.
-async fn fetch_event_meta(http: &reqwest::Client, reg: &AppserviceConfig, room: &str, event: &str, user: &str) -> Option<EventMeta> {
-    let url = format!(
-        "{}/_matrix/client/v3/rooms/{}/event/{}?user_id={}",
-        reg.client_url.trim_end_matches('/'),
-        enc(room),
-        enc(event),
-        enc(user)
-    );
-    let resp = match http.get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(5)).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(server = %reg.server_name, error = %crate::federation::client::error_chain(&e), "cannot reach the homeserver's client API");
-            return None;
-        }
-    };
-    if !resp.status().is_success() {
-        return None;
-    }
-    let body = crate::federation::client::read_capped(resp, 256 * 1024).await.ok()?;
-    let ev = serde_json::from_slice::<Value>(&body).ok()?;
-    Some(EventMeta { ts: ev.get("origin_server_ts").and_then(Value::as_u64), thread: ev.get("content").and_then(crate::core::log_entry::thread_root) })
+/// [`EventMeta`] of `event` as the homeserver shows it to `user`, waiting at most 5 s (a
+/// push is answered only after this).
+async fn fetch_event_meta(client: &Client<'_>, room: &RoomId, event: &ruma::EventId) -> Result<EventMeta, ActionError> {
+    let ev = client.event(room, event, Some(Duration::from_secs(5))).await?;
+    Ok(EventMeta { ts: ev.get("origin_server_ts").and_then(Value::as_u64), thread: crate::core::log_entry::thread_root(&ev) })
 }
 
 /// Which registration a request comes from (by its `hs_token`).
@@ -497,11 +489,12 @@ pub async fn transaction(
         if fetched.len() >= 50 || fetched.contains_key(&r.event_id) || app.store.has_event(r.event_id.as_str()).unwrap_or(true) {
             continue;
         }
-        match fetch_event_meta(http(&app, reg), reg, r.room_id.as_str(), r.event_id.as_str(), r.user_id.as_str()).await {
-            Some(meta) => {
+        let client = Client { reg, http: http(&app, reg), user: r.user_id.as_str() };
+        match fetch_event_meta(&client, &r.room_id, &r.event_id).await {
+            Ok(meta) => {
                 fetched.insert(r.event_id.clone(), meta);
             }
-            None => tracing::warn!(server = %reg.server_name, room_id = %r.room_id, event_id = %r.event_id, "cannot fetch a read event from its homeserver; its thread and time are unknown"),
+            Err(e) => tracing::warn!(server = %reg.server_name, room_id = %r.room_id, event_id = %r.event_id, error = ?e, "cannot fetch a read event from its homeserver; its thread and time are unknown"),
         }
     }
     let _lock = app.ingest.lock().await;
@@ -528,7 +521,7 @@ pub async fn transaction(
             let stored = app.store.get_event(r.event_id.as_str()).ok().flatten().filter(|e| e.room_id == r.room_id);
             let depth = stored.as_ref().map(|e| e.depth);
             let (event_ts, thread) = match &stored {
-                Some(e) => (Some(e.origin_server_ts), e.pdu.get("content").and_then(crate::core::log_entry::thread_root)),
+                Some(e) => (Some(e.origin_server_ts), crate::core::log_entry::thread_root(&e.pdu)),
                 None => fetched.get(&r.event_id).map(|m| (m.ts, m.thread.clone())).unwrap_or((None, None)),
             };
             // Synapse's pushes drop a receipt's thread id: a read of an event in a thread is

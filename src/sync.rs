@@ -157,9 +157,9 @@ fn room_actions(r: &crate::core::views::RoomView) -> impl Iterator<Item = &UserA
 /// have settled it).
 fn still_pending(views: &crate::core::views::Views, a: &UserAction) -> bool {
     let Some(room) = views.rooms.get(&a.room_id) else { return false };
-    let current = match (&a.thread_id, a.kind.as_str()) {
-        (Some(root), "thread_read") => room.threads.get(root).and_then(|t| t.pending.get(&a.user_id)),
-        _ => room.pending_actions.get(&a.user_id),
+    let current = match a.thread_read_root() {
+        Some(root) => room.threads.get(root).and_then(|t| t.pending.get(&a.user_id)),
+        None => room.pending_actions.get(&a.user_id),
     };
     current == Some(a)
 }
@@ -589,7 +589,7 @@ pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
     // clock again). Blocked and unsupported accounts wait for someone else; they have their
     // own gauges and alerts.
     let mut since: HashMap<(OwnedRoomId, OwnedUserId), Instant> = HashMap::new();
-    let mut catching_up: Vec<(OwnedRoomId, OwnedUserId)> = Vec::new();
+    let mut catching_up: HashSet<(OwnedRoomId, OwnedUserId)> = HashSet::new();
     let mut last_change: Option<u64> = None;
     let mut last_pass = Instant::now();
     loop {

@@ -250,9 +250,10 @@ pub struct ResolvedState {
     pub power_levels: Option<serde_json::Value>,
 }
 
-/// The thread an event belongs to: the root of its `m.thread` relation, if any.
-pub fn thread_root(content: &serde_json::Value) -> Option<OwnedEventId> {
-    let rel = content.get("m.relates_to")?;
+/// The thread an event (its JSON, or a PDU decoded for folding) belongs to: the root of
+/// its content's `m.thread` relation, if any.
+pub fn thread_root(event: &serde_json::Value) -> Option<OwnedEventId> {
+    let rel = event.get("content")?.get("m.relates_to")?;
     if rel.get("rel_type")?.as_str()? != "m.thread" {
         return None;
     }
@@ -499,6 +500,12 @@ pub struct UserAction {
 }
 
 impl UserAction {
+    /// For a read within a thread: the thread's root. (Such actions are kept per thread,
+    /// apart from the one pending action per user and room.)
+    pub fn thread_read_root(&self) -> Option<&OwnedEventId> {
+        self.thread_id.as_ref().filter(|_| self.kind == "thread_read")
+    }
+
     /// An action of `kind` for `user_id` in `room_id`, with no details yet.
     pub fn new(room_id: OwnedRoomId, user_id: OwnedUserId, kind: &str) -> Self {
         Self { room_id, user_id, kind: kind.into(), event_id: None, event_ts: None, depth: None, actor: None, reason: None, thread_id: None, partner: None }

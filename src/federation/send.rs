@@ -867,7 +867,7 @@ fn parse_edu(app: &Fedlink, views: &crate::core::views::Views, origin: &OwnedSer
                         // A receipt without a thread id on an event in a thread reads that thread.
                         let sent_thread = data.and_then(|d| d.get("thread_id")).and_then(Value::as_str).map(String::from);
                         let inferred = match &sent_thread {
-                            None => stored.as_ref().and_then(|e| e.pdu.get("content")).and_then(crate::core::log_entry::thread_root),
+                            None => stored.as_ref().and_then(|e| crate::core::log_entry::thread_root(&e.pdu)),
                             Some(_) => None,
                         };
                         out.push(Entry::Receipt(ReceiptEntry {

@@ -655,13 +655,13 @@ impl Views {
             }
             Entry::ActionPending(a) => {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
-                    match (&a.thread_id, a.kind.as_str()) {
-                        (Some(root), "thread_read") => {
+                    match a.thread_read_root() {
+                        Some(root) => {
                             let thread = room.thread(root, rec.seq);
                             thread.pending.insert(a.user_id.clone(), a.clone());
                             thread.settle(&a.user_id);
                         }
-                        _ => {
+                        None => {
                             room.pending_actions.insert(a.user_id.clone(), a.clone());
                             // The user may have read past it between the decision and this record.
                             room.settle_read(&a.user_id);
@@ -671,8 +671,8 @@ impl Views {
             }
             Entry::ActionFailed(a) => {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
-                    match (&a.thread_id, a.kind.as_str()) {
-                        (Some(root), "thread_read") => {
+                    match (a.thread_read_root(), a.kind.as_str()) {
+                        (Some(root), _) => {
                             let thread = room.thread(root, rec.seq);
                             thread.pending.remove(&a.user_id);
                             thread.blocked.insert(a.user_id.clone(), a.clone());
@@ -822,7 +822,7 @@ impl Views {
             return;
         }
         room.max_depth = room.max_depth.max(p.depth);
-        let thread = p.pdu.get("content").and_then(crate::core::log_entry::thread_root);
+        let thread = crate::core::log_entry::thread_root(&p.pdu);
         // Receipts that arrived before their event get its place in the room now; one on a
         // reply in a thread was a read of that thread (of a linked account), not of the
         // main timeline.
