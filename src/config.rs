@@ -59,6 +59,9 @@ pub struct Config {
     /// The bot account fedlink places in rooms.
     #[serde(default)]
     pub bot: Bot,
+    /// How accounts are kept in step.
+    #[serde(default)]
+    pub sync: SyncConfig,
     /// Admin API access.
     #[serde(default)]
     pub admin: Admin,
@@ -334,11 +337,56 @@ pub struct Bot {
     /// Most rooms the bot is in or joining; further invites are refused.
     #[serde(default = "default_max_rooms")]
     pub max_rooms: usize,
+    /// Any account of an allowed server may open a direct chat with the bot (`is_direct`
+    /// invite), whatever `invites_from` says, to give it commands. Nobody is synced into
+    /// such a chat.
+    #[serde(default = "yes")]
+    pub direct_chats: bool,
+    /// People may link their own accounts (`link` / `confirm` in their direct chats).
+    /// Config, admin and HTTP directory links win over self-made ones either way.
+    #[serde(default = "yes")]
+    pub self_service_linking: bool,
+    /// How long a `link` code stays valid, in seconds.
+    #[serde(default = "default_link_code_ttl")]
+    pub link_code_ttl_secs: u64,
 }
 impl Default for Bot {
     fn default() -> Self {
-        Self { localpart: default_bot_localpart(), displayname: default_bot_displayname(), invites_from: Vec::new(), max_rooms: default_max_rooms() }
+        Self {
+            localpart: default_bot_localpart(),
+            displayname: default_bot_displayname(),
+            invites_from: Vec::new(),
+            max_rooms: default_max_rooms(),
+            direct_chats: true,
+            self_service_linking: true,
+            link_code_ttl_secs: default_link_code_ttl(),
+        }
     }
+}
+fn default_link_code_ttl() -> u64 {
+    600
+}
+
+/// `[sync]`: how fedlink keeps a person's accounts in step.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// `on_invite` (default): a person's other accounts are invited as soon as one is
+    /// invited. `on_join`: only once one of them has joined, so an inviter cannot learn a
+    /// person's other accounts by inviting one of them.
+    #[serde(default)]
+    pub invite_siblings: InviteSiblingsConfig,
+}
+
+/// `sync.invite_siblings`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InviteSiblingsConfig {
+    /// Invite siblings when one account is invited.
+    #[default]
+    OnInvite,
+    /// Invite siblings when one account joined.
+    OnJoin,
 }
 fn default_max_rooms() -> usize {
     10_000
@@ -480,6 +528,9 @@ impl Config {
             if !ok {
                 return Err(invalid(&format!("bot.invites_from[{i}]"), format!("`{p}` is neither a server name nor a user pattern like `@*:kiwi.example`")));
             }
+        }
+        if self.bot.link_code_ttl_secs == 0 {
+            return Err(invalid("bot.link_code_ttl_secs", "must be positive"));
         }
         if self.federation.request_timeout_secs == 0 {
             return Err(invalid("federation.request_timeout_secs", "must be positive"));

@@ -47,19 +47,29 @@ pub fn parse_accounts(raw: &[String]) -> Result<Vec<OwnedUserId>, ChangeError> {
 /// Create or replace a person. Returns whether anything changed.
 pub async fn set_person(app: &Fedlink, person: &str, accounts: Vec<OwnedUserId>, source: LinkSource) -> Result<bool, ChangeError> {
     let _lock = app.ingest.lock().await;
+    let mut entries = Vec::new();
     {
         let views = app.views.read().await;
-        views.directory.check_set(person, &accounts)?;
+        views.directory.check_set(person, &accounts, source)?;
         let wanted: BTreeSet<&OwnedUserId> = accounts.iter().collect();
         if let Some(p) = views.directory.persons.get(person) {
             if p.accounts.iter().collect::<BTreeSet<_>>() == wanted && p.source == source {
                 return Ok(false);
             }
         }
+        // Self-made links yield to this one: their persons keep their other accounts.
+        for (other, rest) in views.directory.taken_over(person, &accounts) {
+            tracing::info!(person = %other, by = %person, source = source.label(), "a self-made link yields to a managed one");
+            entries.push(match rest {
+                Some(rest) => Entry::PersonSet(PersonSet { person: other, accounts: rest, source: LinkSource::SelfService }),
+                None => Entry::PersonRemoved(PersonRemoved { person: other, source }),
+            });
+        }
     }
-    app.append(vec![Entry::PersonSet(PersonSet { person: person.to_owned(), accounts, source })], None).await?;
+    entries.push(Entry::PersonSet(PersonSet { person: person.to_owned(), accounts, source }));
+    app.append(entries, None).await?;
     app.store.flush().await?;
-    tracing::info!(%person, ?source, "person linked");
+    tracing::info!(%person, source = source.label(), "person linked");
     Ok(true)
 }
 

@@ -16,6 +16,8 @@
 //!   inbound server, `/send` ingest, the bot's invites and joins, and fedlink as a resident
 //!   server (joins, leaves and gap filling served to others).
 //! - [`directory`]: changes to linked identities (config, admin API, HTTP directory).
+//! - [`bot`]: the bot's direct chats: commands (`status`, `link`/`confirm`, `pause`, ...),
+//!   and telling a person once when fedlink cannot keep them in step.
 //! - [`sync`]: runs the reconciler and carries out its decisions (invites, reads, joins,
 //!   leaves, presence).
 //! - [`appservice`]: the registration route (registration YAML, transaction endpoint,
@@ -39,6 +41,7 @@ pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod appservice;
+pub mod bot;
 pub mod config;
 pub mod core;
 pub mod directory;

@@ -56,6 +56,14 @@ pub struct Metrics {
     pub appservice_transactions: IntCounterVec,
     /// HTTP directory lookups by result.
     pub directory_lookups: IntCounterVec,
+    /// Commands people sent the bot, by command and result (`ok`, `refused`, `not_understood`).
+    pub bot_commands: IntCounterVec,
+    /// Messages the bot sent, by kind (`reply`, `told`, `encrypted`, `tell`) and result
+    /// (`ok`, `error`).
+    pub bot_messages: IntCounterVec,
+    /// Self-service link requests, by outcome (`requested`, `confirmed`, `refused`,
+    /// `expired`, `replaced`).
+    pub link_requests: IntCounterVec,
     /// Persons by how far they are in step (`core::step`).
     pub persons: prometheus::IntGaugeVec,
     /// (room, account) pairs of linked persons by state.
@@ -188,6 +196,9 @@ impl Metrics {
             },
             appservice_transactions: counter_vec(&r, "fedlink_appservice_transactions_total", "Appservice transactions received by result", &["result"]),
             directory_lookups: counter_vec(&r, "fedlink_directory_lookups_total", "HTTP directory lookups by result", &["result"]),
+            bot_commands: counter_vec(&r, "fedlink_bot_commands_total", "Commands people sent the bot in its direct chats, by command and result", &["command", "result"]),
+            bot_messages: counter_vec(&r, "fedlink_bot_messages_total", "Messages the bot sent in its direct chats, by kind and result", &["kind", "result"]),
+            link_requests: counter_vec(&r, "fedlink_link_requests_total", "Self-service link requests by outcome", &["outcome"]),
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),
             storage_bytes: gauge(&r, "fedlink_storage_bytes", "Size of the sled database on disk"),

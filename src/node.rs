@@ -210,16 +210,22 @@ impl Fedlink {
             federation_listening: std::sync::atomic::AtomicBool::new(false),
             appservice_http: crate::appservice::clients(&cfg)?,
             admin_token,
-            routes: cfg
-                .appservice
-                .iter()
-                .filter_map(|a| {
-                    Some((
-                        OwnedServerName::try_from(a.server_name.as_str()).ok()?,
-                        crate::core::reconcile::Route { auto_join: a.auto_join, mirror_leave: a.mirror_leave },
-                    ))
-                })
-                .collect(),
+            routes: crate::core::reconcile::Routes {
+                invite_siblings: match cfg.sync.invite_siblings {
+                    crate::config::InviteSiblingsConfig::OnInvite => crate::core::reconcile::InviteSiblings::OnInvite,
+                    crate::config::InviteSiblingsConfig::OnJoin => crate::core::reconcile::InviteSiblings::OnJoin,
+                },
+                ..cfg
+                    .appservice
+                    .iter()
+                    .filter_map(|a| {
+                        Some((
+                            OwnedServerName::try_from(a.server_name.as_str()).ok()?,
+                            crate::core::reconcile::Route { auto_join: a.auto_join, mirror_leave: a.mirror_leave },
+                        ))
+                    })
+                    .collect()
+            },
             cfg,
         });
         Ok(app)

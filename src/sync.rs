@@ -609,6 +609,8 @@ pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
                 app.metrics.account_rooms.with_label_values(&[s.label()]).set(report.account_rooms.get(&s).copied().unwrap_or(0) as i64);
             }
             tracing::debug!(out_of_step = report.out_of_step.len(), "in-step gauges updated");
+            // People with a chat with the bot hear about what fedlink cannot do for them.
+            crate::bot::tell_problems(&app, &report.out_of_step).await;
         }
         let now = Instant::now();
         since.retain(|k, _| catching_up.contains(k));

@@ -75,6 +75,63 @@ pub enum Entry {
     /// An action the homeserver did that no later event confirms (an `m.direct` entry
     /// written): it is settled by this record.
     ActionDone(UserAction),
+    /// An account asked, in its direct chat with the bot, to be linked with another
+    /// account (`link <mxid>`); the other account confirms with the code.
+    LinkRequested(LinkRequested),
+    /// A link request ended: confirmed, replaced, withdrawn or refused.
+    LinkClosed(LinkClosed),
+    /// The bot answered (or dropped) a command sent in its direct chat.
+    CommandHandled(CommandHandled),
+    /// The bot told the owner of a direct chat about something, once (a problem in a
+    /// room, or that it cannot read encrypted messages).
+    BotTold(BotTold),
+}
+
+/// `link_requested`: `from` wants to be linked with `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRequested {
+    /// The account that asked (in its direct chat with the bot).
+    pub from: OwnedUserId,
+    /// The account that must confirm.
+    pub to: OwnedUserId,
+    /// SHA-256 of the confirmation code (hex): the code itself is only told to `from`.
+    pub code_sha256: String,
+    /// When the request expires (ms since the epoch).
+    pub expires_ms: u64,
+}
+
+/// `link_closed`: the request `from` made ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkClosed {
+    /// The account that asked.
+    pub from: OwnedUserId,
+    /// Why: `confirmed`, `replaced`, `refused`.
+    pub outcome: String,
+}
+
+/// `command_handled`: the command `event_id` in the bot's direct chat `room_id` is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandHandled {
+    /// The direct chat.
+    pub room_id: OwnedRoomId,
+    /// The command's event.
+    pub event_id: OwnedEventId,
+    /// The parsed command (`status`, `link`, ...; `unknown`, `dropped`).
+    pub command: String,
+    /// The bot's answer, when it could send one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<OwnedEventId>,
+}
+
+/// `bot_told`: the bot told its direct chat `room_id` about `about` for `reason`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotTold {
+    /// The direct chat.
+    pub room_id: OwnedRoomId,
+    /// The room the message was about (the direct chat itself for `encrypted`).
+    pub about: OwnedRoomId,
+    /// `missing_power`, `no_registration`, `refused`, `encrypted`.
+    pub reason: String,
 }
 
 /// Where a directory change came from.
@@ -87,6 +144,22 @@ pub enum LinkSource {
     Admin,
     /// The HTTP directory.
     Http,
+    /// The person themselves, through the bot (`link` confirmed by the other account).
+    /// Config, admin and HTTP directory links win over these.
+    #[serde(rename = "self")]
+    SelfService,
+}
+
+impl LinkSource {
+    /// As stored and shown (`config`, `admin`, `http`, `self`).
+    pub fn label(self) -> &'static str {
+        match self {
+            LinkSource::Config => "config",
+            LinkSource::Admin => "admin",
+            LinkSource::Http => "http",
+            LinkSource::SelfService => "self",
+        }
+    }
 }
 
 /// A person's accounts.
@@ -643,6 +716,9 @@ impl Entry {
             Entry::InvitePending(e) => Scope::Room(&e.room_id),
             Entry::InviteFailed(e) => Scope::Room(&e.room_id),
             Entry::ActionPending(e) | Entry::ActionFailed(e) | Entry::ActionUnsupported(e) | Entry::ActionDone(e) => Scope::Room(&e.room_id),
+            Entry::CommandHandled(e) => Scope::Room(&e.room_id),
+            Entry::BotTold(e) => Scope::Room(&e.room_id),
+            Entry::LinkRequested(_) | Entry::LinkClosed(_) => Scope::Nothing,
         }
     }
 
@@ -679,6 +755,10 @@ impl Entry {
             Entry::ActionFailed(_) => "action_failed",
             Entry::ActionUnsupported(_) => "action_unsupported",
             Entry::ActionDone(_) => "action_done",
+            Entry::LinkRequested(_) => "link_requested",
+            Entry::LinkClosed(_) => "link_closed",
+            Entry::CommandHandled(_) => "command_handled",
+            Entry::BotTold(_) => "bot_told",
         }
     }
 }

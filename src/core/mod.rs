@@ -3,6 +3,7 @@
 //! and the network and passes time in as values.
 
 pub mod backoff;
+pub mod bot;
 pub mod log_entry;
 pub mod pdu;
 pub mod reconcile;

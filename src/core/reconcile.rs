@@ -12,6 +12,10 @@
 //! - if the bot's power is below the room's invite level, the decision is `MissingPower`,
 //!   made once per power levels event: a new power levels event brings the invite back.
 //!
+//! With `sync.invite_siblings = "on_join"` ([`InviteSiblings::OnJoin`]), only a joined
+//! account brings its siblings in: an invite alone reveals nothing about the person.
+//! The bot's direct chats ([`RoomView::bot_chat`]) are never synced.
+//!
 //! Rules for read state and membership (issue #4), for the person's accounts joined to a
 //! room the bot is in:
 //! - read markers move forward only, to the furthest read position (ordered by depth) any
@@ -44,8 +48,52 @@ pub struct Route {
     pub mirror_leave: bool,
 }
 
-/// Homeservers with a registration for fedlink.
-pub type Routes = BTreeMap<OwnedServerName, Route>;
+/// When a person's other accounts are invited (`sync.invite_siblings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InviteSiblings {
+    /// As soon as one of the person's accounts is invited (or joined).
+    #[default]
+    OnInvite,
+    /// Only once one of the person's accounts has joined: an inviter cannot learn a
+    /// person's other accounts by inviting one of them.
+    OnJoin,
+}
+
+/// What fedlink may do where: the homeservers with a registration for fedlink (it derefs
+/// to that map), and the sync policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// Homeservers with a registration, and what it offers.
+    pub servers: BTreeMap<OwnedServerName, Route>,
+    /// When siblings are invited.
+    pub invite_siblings: InviteSiblings,
+}
+
+impl Routes {
+    /// No registration anywhere, the default policy.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl std::ops::Deref for Routes {
+    type Target = BTreeMap<OwnedServerName, Route>;
+    fn deref(&self) -> &Self::Target {
+        &self.servers
+    }
+}
+
+impl std::ops::DerefMut for Routes {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.servers
+    }
+}
+
+impl FromIterator<(OwnedServerName, Route)> for Routes {
+    fn from_iter<I: IntoIterator<Item = (OwnedServerName, Route)>>(iter: I) -> Self {
+        Routes { servers: iter.into_iter().collect(), invite_siblings: InviteSiblings::default() }
+    }
+}
 
 use super::views::{directory::Person, position_after, BotMembership, Receipt, RoomView, Views};
 
@@ -161,9 +209,13 @@ pub fn decide_touched(views: &Views, routes: &Routes, touched: &crate::core::vie
 }
 
 fn decide_in(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+    // The bot's direct chat with one account is between them: nobody is synced into it.
+    if room.bot_chat.is_some() {
+        return;
+    }
     {
         match room.bot {
-            BotMembership::Joined => decide_room(views, room_id, room, out),
+            BotMembership::Joined => decide_room(views, routes, room_id, room, out),
             // Known only from a registration's pushes: a joined sibling invites.
             BotMembership::Absent => decide_invites_as(views, routes, room_id, room, out),
             _ => return,
@@ -300,8 +352,9 @@ fn reads_behind<'a>(joined: &[&'a OwnedUserId], receipts: &'a BTreeMap<OwnedUser
         .collect()
 }
 
-fn decide_room(views: &Views, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
-    for (person_id, person) in persons_in(views, room_id, room, |m| m == "invite" || m == "join") {
+fn decide_room(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room: &RoomView, out: &mut Vec<Action>) {
+    let on_invite = routes.invite_siblings == InviteSiblings::OnInvite;
+    for (person_id, person) in persons_in(views, room_id, room, |m| m == "join" || (on_invite && m == "invite")) {
         for target in &person.accounts {
             if let Some(action) = decide_target(views, room_id, room, person_id, target) {
                 out.push(action);

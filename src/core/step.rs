@@ -125,9 +125,10 @@ fn account_step(room: &RoomView, account: &OwnedUserId, d: &Decided) -> Option<S
 }
 
 /// Whether rooms of this kind are kept in step: the bot is in them, or they are known from
-/// registrations only. (Rooms the bot left, is joining or gave up are not acted on.)
+/// registrations only. (Rooms the bot left, is joining or gave up are not acted on, nor
+/// the bot's direct chats.)
 fn kept(room: &RoomView) -> bool {
-    matches!(room.bot, BotMembership::Joined | BotMembership::Absent)
+    matches!(room.bot, BotMembership::Joined | BotMembership::Absent) && room.bot_chat.is_none()
 }
 
 /// The states of a person's accounts in one room (those that count there; see

@@ -79,7 +79,13 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     if pdu.sender.server_name().as_str() != origin {
         return Err(MatrixError::forbidden("the inviter is not a user of the requesting server"));
     }
-    if !app.cfg.bot.may_invite(&pdu.sender) {
+    // Anyone may open a direct chat with the bot (`bot.direct_chats`): nobody is synced
+    // into it, so it gives the inviter a conversation and nothing else.
+    let direct = pdu.json.get("content").and_then(|c| match c {
+        ruma::canonical_json::CanonicalJsonValue::Object(o) => o.get("is_direct"),
+        _ => None,
+    }) == Some(&ruma::canonical_json::CanonicalJsonValue::Bool(true));
+    if !(direct && app.cfg.bot.direct_chats) && !app.cfg.bot.may_invite(&pdu.sender) {
         app.metrics.bot_invites_refused.with_label_values(&["invites_from"]).inc();
         return Err(MatrixError::forbidden(format!("{} may not invite the bot (bot.invites_from)", pdu.sender)));
     }
@@ -120,7 +126,7 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         app.store.flush().await?;
         app.joins.schedule(&pdu.room_id, FIRST_JOIN_DELAY_MS);
     }
-    tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, "accepted an invite for the bot");
+    tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, direct, "accepted an invite for the bot");
     Ok(json!({ "event": signed }))
 }
 

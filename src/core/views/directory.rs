@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use crate::core::log_entry::{LinkSource, OptOut, PersonRemoved, PersonSet};
+use crate::core::log_entry::{LinkRequested, LinkSource, OptOut, PersonRemoved, PersonSet};
 
 /// One person.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +54,9 @@ pub struct Directory {
     pub persons: BTreeMap<String, Person>,
     /// Account -> person id.
     pub by_account: BTreeMap<OwnedUserId, String>,
+    /// Open self-service link requests, by the account that asked (one each).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub link_requests: BTreeMap<OwnedUserId, LinkRequested>,
 }
 
 /// Whether `id` is a usable person id.
@@ -62,8 +65,10 @@ pub fn valid_person_id(id: &str) -> bool {
 }
 
 impl Directory {
-    /// Check a `person_set` before it is logged: no account may belong to another person.
-    pub fn check_set(&self, person: &str, accounts: &[OwnedUserId]) -> Result<(), DirectoryError> {
+    /// Check a `person_set` from `source` before it is logged: no account may belong to
+    /// another person, except that config, admin and HTTP directory links take accounts
+    /// over from self-service ones (see [`Directory::taken_over`]).
+    pub fn check_set(&self, person: &str, accounts: &[OwnedUserId], source: LinkSource) -> Result<(), DirectoryError> {
         if !valid_person_id(person) {
             return Err(DirectoryError::BadId);
         }
@@ -73,12 +78,27 @@ impl Directory {
         }
         for a in accounts {
             if let Some(p) = self.by_account.get(a) {
-                if p != person {
+                let yields = source != LinkSource::SelfService && self.persons.get(p).is_some_and(|x| x.source == LinkSource::SelfService);
+                if p != person && !yields {
                     return Err(DirectoryError::Conflict { account: a.clone(), person: p.clone() });
                 }
             }
         }
         Ok(())
+    }
+
+    /// What setting `person` to `accounts` does to self-service persons holding some of
+    /// them: each keeps its other accounts (`Some`), or is removed (`None`) when fewer than
+    /// two remain. Logged before the `person_set`, so the directory never holds a person of
+    /// one account.
+    pub fn taken_over(&self, person: &str, accounts: &[OwnedUserId]) -> Vec<(String, Option<Vec<OwnedUserId>>)> {
+        let mut out: BTreeMap<&String, Vec<OwnedUserId>> = BTreeMap::new();
+        for a in accounts {
+            if let Some(p) = self.by_account.get(a).filter(|p| *p != person) {
+                out.entry(p).or_insert_with(|| self.persons.get(p).map(|x| x.accounts.iter().cloned().collect()).unwrap_or_default()).retain(|x| x != a);
+            }
+        }
+        out.into_iter().map(|(p, rest)| (p.clone(), (rest.len() >= 2).then_some(rest))).collect()
     }
 
     /// The person owning `account`.
@@ -162,12 +182,12 @@ mod tests {
         let mut d = Directory::default();
         d.apply_set(&set("alice", &["@alice:kiwi", "@alice:litchi"]));
         assert_eq!(
-            d.check_set("other", &[u("@alice:kiwi"), u("@x:kiwi")]),
+            d.check_set("other", &[u("@alice:kiwi"), u("@x:kiwi")], LinkSource::Admin),
             Err(DirectoryError::Conflict { account: u("@alice:kiwi"), person: "alice".into() })
         );
-        assert!(d.check_set("alice", &[u("@alice:kiwi"), u("@alice:mango")]).is_ok(), "a person may change its own set");
-        assert_eq!(d.check_set("x", &[u("@a:kiwi"), u("@a:kiwi")]), Err(DirectoryError::TooFew(1)));
-        assert_eq!(d.check_set("bad id", &[u("@a:kiwi"), u("@b:kiwi")]), Err(DirectoryError::BadId));
+        assert!(d.check_set("alice", &[u("@alice:kiwi"), u("@alice:mango")], LinkSource::Admin).is_ok(), "a person may change its own set");
+        assert_eq!(d.check_set("x", &[u("@a:kiwi"), u("@a:kiwi")], LinkSource::Admin), Err(DirectoryError::TooFew(1)));
+        assert_eq!(d.check_set("bad id", &[u("@a:kiwi"), u("@b:kiwi")], LinkSource::Admin), Err(DirectoryError::BadId));
     }
 
     #[test]

@@ -210,6 +210,27 @@ pub struct RoomView {
     /// Accounts whose `m.direct` could not be written: account -> why (not retried).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub direct_failed: BTreeMap<OwnedUserId, String>,
+    /// The bot's direct chat with one account (the bot was invited with `is_direct`):
+    /// the bot answers commands here, and fedlink never syncs anyone into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_chat: Option<BotChat>,
+}
+
+/// Commands waiting for the bot's answer in one chat; beyond, new ones are ignored (a
+/// flood costs fedlink at most this much per chat).
+pub const MAX_PENDING_COMMANDS: usize = 20;
+
+/// The bot's direct chat with one account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotChat {
+    /// Who opened it: the account that invited the bot with `is_direct`.
+    pub owner: OwnedUserId,
+    /// Commands the owner sent and the bot has not handled yet: log position -> event.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub commands: BTreeMap<u64, OwnedEventId>,
+    /// What the bot told here already, once each: (room, reason).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub told: BTreeSet<(OwnedRoomId, String)>,
 }
 
 /// Where a read is: the event, its position, the receipt's time and log position.
@@ -298,7 +319,28 @@ impl RoomView {
             direct_invites: BTreeMap::new(),
             direct_marked: BTreeMap::new(),
             direct_failed: BTreeMap::new(),
+            bot_chat: None,
         }
+    }
+
+    /// The owner of this room as the bot's direct chat, while it is one: the bot and the
+    /// owner are joined and nobody else is joined or invited. The bot answers only then.
+    pub fn chat_owner(&self, bot: &OwnedUserId) -> Option<&OwnedUserId> {
+        let chat = self.bot_chat.as_ref()?;
+        let alone = self.members.iter().all(|(u, m)| u == bot || *u == chat.owner || !matches!(m.as_str(), "join" | "invite"));
+        (self.bot_joined() && self.membership(&chat.owner) == Some("join") && alone).then_some(&chat.owner)
+    }
+
+    /// Whether the bot owes this chat something: a command's answer, or (once) the word
+    /// that it cannot read encrypted messages.
+    pub fn chat_work(&self, bot: &OwnedUserId) -> bool {
+        let Some(chat) = &self.bot_chat else { return false };
+        self.chat_owner(bot).is_some() && (!chat.commands.is_empty() || (self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted")))
+    }
+
+    /// Whether the room is encrypted (`m.room.encryption` in its state).
+    pub fn encrypted(&self) -> bool {
+        self.state_event("m.room.encryption", "").is_some()
     }
 
     /// The reads of thread `root`, created when absent (forgetting the thread read longest
@@ -441,6 +483,12 @@ pub struct RoomIndex {
     pub join_failed: BTreeSet<OwnedRoomId>,
     /// Rooms with pending invites or actions.
     pub pending: BTreeSet<OwnedRoomId>,
+    /// The bot's direct chats by owner.
+    pub chats: BTreeMap<OwnedUserId, BTreeSet<OwnedRoomId>>,
+    /// The owner of each direct chat (to keep [`RoomIndex::chats`] right when it changes).
+    pub chat_owner: BTreeMap<OwnedRoomId, OwnedUserId>,
+    /// Chats where the bot owes an answer.
+    pub chat_work: BTreeSet<OwnedRoomId>,
 }
 
 impl RoomIndex {
@@ -457,6 +505,27 @@ impl RoomIndex {
             }
         }
         set_in(&mut self.pending, id, room.is_some_and(|r| !r.pending_invites.is_empty() || !r.pending_actions.is_empty() || r.thread_reads_pending()));
+        let owner = room.and_then(|r| r.bot_chat.as_ref()).map(|c| &c.owner);
+        if self.chat_owner.get(id) != owner {
+            if let Some(old) = self.chat_owner.remove(id) {
+                if let Some(set) = self.chats.get_mut(&old) {
+                    set.remove(id);
+                    if set.is_empty() {
+                        self.chats.remove(&old);
+                    }
+                }
+            }
+            if let Some(o) = owner {
+                self.chat_owner.insert(id.clone(), o.clone());
+                self.chats.entry(o.clone()).or_default().insert(id.clone());
+            }
+        }
+    }
+
+    /// Update [`RoomIndex::chat_work`] for room `id` (needs the bot's id, so apart from
+    /// [`RoomIndex::update`]).
+    fn update_chat(&mut self, id: &OwnedRoomId, room: Option<&RoomView>, bot: &OwnedUserId) {
+        set_in(&mut self.chat_work, id, room.is_some_and(|r| r.chat_work(bot)));
     }
 }
 
@@ -533,6 +602,7 @@ impl Views {
         let mut index = RoomIndex::default();
         for (id, r) in &self.rooms {
             index.update(id, Some(r));
+            index.update_chat(id, Some(r), &self.bot_user_id);
         }
         self.index = index;
         self
@@ -592,6 +662,7 @@ impl Views {
             let r = r.clone();
             self.apply_entry(rec);
             self.index.update(&r, self.rooms.get(&r));
+            self.index.update_chat(&r, self.rooms.get(&r), &self.bot_user_id);
         } else {
             self.apply_entry(rec);
         }
@@ -640,18 +711,40 @@ impl Views {
             Entry::BotInvited(i) => {
                 let invited =
                     BotMembership::Invited { inviter: i.inviter.clone(), invite_event_id: i.event_id.clone() };
+                // A direct-chat invite makes the room the bot's chat with the inviter.
+                let direct = i.event.get("content").and_then(|c| c.get("is_direct")).and_then(serde_json::Value::as_bool) == Some(true);
+                let chat = direct.then(|| BotChat { owner: i.inviter.clone(), commands: BTreeMap::new(), told: BTreeSet::new() });
                 match self.rooms.get_mut(&i.room_id) {
                     // A re-invite after leaving starts a new membership; an invite while
                     // joined changes nothing.
                     Some(room) if !room.bot_joined() => {
                         room.bot = invited;
                         room.signed_join = None;
+                        room.bot_chat = chat;
                     }
                     Some(_) => {}
                     None => {
-                        self.rooms.insert(i.room_id.clone(), RoomView::new(i.room_version.clone(), invited));
+                        let mut room = RoomView::new(i.room_version.clone(), invited);
+                        room.bot_chat = chat;
+                        self.rooms.insert(i.room_id.clone(), room);
                     }
                 }
+            }
+            Entry::CommandHandled(c) => {
+                if let Some(chat) = self.rooms.get_mut(&c.room_id).and_then(|r| r.bot_chat.as_mut()) {
+                    chat.commands.retain(|_, e| *e != c.event_id);
+                }
+            }
+            Entry::BotTold(t) => {
+                if let Some(chat) = self.rooms.get_mut(&t.room_id).and_then(|r| r.bot_chat.as_mut()) {
+                    chat.told.insert((t.about.clone(), t.reason.clone()));
+                }
+            }
+            Entry::LinkRequested(l) => {
+                self.directory.link_requests.insert(l.from.clone(), l.clone());
+            }
+            Entry::LinkClosed(l) => {
+                self.directory.link_requests.remove(&l.from);
             }
             Entry::ActionPending(a) => {
                 if let Some(room) = self.rooms.get_mut(&a.room_id) {
@@ -822,6 +915,13 @@ impl Views {
             return;
         }
         room.max_depth = room.max_depth.max(p.depth);
+        // A text message from the owner of the bot's chat is a command for the bot.
+        if p.event_type == "m.room.message" && p.state_key.is_none() && room.chat_owner(&bot) == Some(&p.sender) {
+            let text = p.pdu.get("content").and_then(|c| c.get("msgtype")).and_then(serde_json::Value::as_str) == Some("m.text");
+            if let Some(chat) = room.bot_chat.as_mut().filter(|c| text && c.commands.len() < MAX_PENDING_COMMANDS) {
+                chat.commands.insert(seq, p.event_id.clone());
+            }
+        }
         let thread = crate::core::log_entry::thread_root(&p.pdu);
         // Receipts that arrived before their event get its place in the room now; one on a
         // reply in a thread was a read of that thread (of a linked account), not of the
