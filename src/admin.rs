@@ -124,6 +124,8 @@ async fn status(State(app): State<AppState>) -> Json<Value> {
         // Whether people are in step (as of the last in-step pass, every 15 s).
         "persons": crate::core::step::Step::ALL.iter().map(|s| (s.label(), app.metrics.persons.with_label_values(&[s.label()]).get())).collect::<std::collections::BTreeMap<_, _>>(),
         "out_of_step_oldest_seconds": app.metrics.out_of_step_oldest_seconds.get(),
+        "bot_chats": views.index.chat_owner.len(),
+        "link_requests_open": views.directory.link_requests.len(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
