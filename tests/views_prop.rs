@@ -46,6 +46,12 @@ enum Op {
     OptOut(Option<u8>, bool),
     Action(u8, u8, bool),
     Presence(u8, u8),
+    Chat(u8, u8, bool),
+    Encrypt(u8),
+    Handled(u8, u64),
+    Told(u8, u8, u8),
+    LinkRequest(u8, u8),
+    LinkClosed(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,6 +67,12 @@ fn op() -> impl Strategy<Value = Op> {
         (prop::option::of(any::<u8>()), any::<bool>()).prop_map(|(r, o)| Op::OptOut(r, o)),
         (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(r, u, f)| Op::Action(r, u, f)),
         (any::<u8>(), 0u8..3).prop_map(|(u, p)| Op::Presence(u, p)),
+        (any::<u8>(), any::<u8>(), any::<bool>()).prop_map(|(r, u, d)| Op::Chat(r, u, d)),
+        any::<u8>().prop_map(Op::Encrypt),
+        (any::<u8>(), 0u64..120).prop_map(|(r, e)| Op::Handled(r, e)),
+        (any::<u8>(), any::<u8>(), 0u8..3).prop_map(|(r, a, k)| Op::Told(r, a, k)),
+        (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::LinkRequest(a, b)),
+        any::<u8>().prop_map(Op::LinkClosed),
     ]
 }
 
@@ -117,6 +129,10 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
             }
             Op::Message(r, u, fork) => {
                 let mut p = pdu(r, n, u, None, if fork { vec![event(n.saturating_sub(3))] } else { prev });
+                // Some messages are text: commands, in the bot's chats.
+                if n % 3 != 0 {
+                    p.pdu = json!({ "content": { "msgtype": if n % 3 == 1 { "m.text" } else { "m.notice" }, "body": "status" } });
+                }
                 if fork {
                     p.superseded = vec![event(n.saturating_sub(2))];
                 }
@@ -186,6 +202,25 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                 }
                 if failed { Entry::ActionFailed(a) } else { Entry::ActionPending(a) }
             }
+            Op::Chat(r, u, direct) => {
+                let content = if direct { json!({ "membership": "invite", "is_direct": true }) } else { json!({ "membership": "invite" }) };
+                Entry::BotInvited(fedlink::core::log_entry::BotInvited {
+                    room_id: room(r),
+                    room_version: ruma::RoomVersionId::V11,
+                    event_id: event(n),
+                    inviter: user(u),
+                    event: json!({ "content": content }),
+                })
+            }
+            Op::Encrypt(r) => {
+                let mut p = pdu(r, n, 2, Some((String::new(), None)), prev);
+                p.event_type = "m.room.encryption".into();
+                Entry::Pdu(p)
+            }
+            Op::Handled(r, e) => Entry::CommandHandled(fedlink::core::log_entry::CommandHandled { room_id: room(r), event_id: event(e), command: "status".into(), reply: None }),
+            Op::Told(r, a, k) => Entry::BotTold(fedlink::core::log_entry::BotTold { room_id: room(r), about: room(a), reason: ["encrypted", "missing_power", "no_registration"][k as usize].into() }),
+            Op::LinkRequest(a, b) => Entry::LinkRequested(fedlink::core::log_entry::LinkRequested { from: user(a), to: user(b), code_sha256: format!("{n}"), expires_ms: n }),
+            Op::LinkClosed(a) => Entry::LinkClosed(fedlink::core::log_entry::LinkClosed { from: user(a), outcome: "confirmed".into() }),
             Op::Presence(u, p) => Entry::Presence(PresenceEntry {
                 origin: user(u).server_name().to_owned(),
                 user_id: user(u),
