@@ -321,10 +321,15 @@ impl FakePeer {
     /// Invite `user` (fedlink's bot) to a hosted room via `PUT /v2/invite` on fedlink;
     /// returns the status and answer. On success the countersigned invite joins the room.
     pub async fn invite(&self, room_id: &str, inviter_local: &str, user: &str, dest: &str, base: &str) -> (StatusCode, Value) {
+        self.invite_with(room_id, inviter_local, user, json!({ "membership": "invite" }), dest, base).await
+    }
+
+    /// [`FakePeer::invite`] with the invite's `content` (e.g. `is_direct`).
+    pub async fn invite_with(&self, room_id: &str, inviter_local: &str, user: &str, content: Value, dest: &str, base: &str) -> (StatusCode, Value) {
         let (id, ev, version) = {
             let st = self.state.lock().unwrap();
             let room = &st.rooms[room_id];
-            let obj = room.template(&self.user(inviter_local), "m.room.member", Some(user), json!({ "membership": "invite" }));
+            let obj = room.template(&self.user(inviter_local), "m.room.member", Some(user), content);
             let (id, ev) = FakeRoom::sign(&room.version, &self.name, &self.key, obj);
             (id, ev, room.version.clone())
         };
