@@ -52,21 +52,40 @@ pub fn room_name(app: &Fedlink, views: &Views, room_id: &OwnedRoomId) -> Option<
     (!name.is_empty()).then(|| name.chars().take(80).collect())
 }
 
+/// Chats served at once (one slow alias lookup never holds up the others).
+const CONCURRENT_CHATS: usize = 16;
+
+/// Longest wait for an alias's server to answer.
+const ALIAS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bot service's own state: wrong link codes per account (in memory: a restart
+/// forgives them; a code has about 40 bits and expires).
+#[derive(Default)]
+pub struct BotState {
+    wrong_codes: std::sync::Mutex<std::collections::HashMap<OwnedUserId, u32>>,
+}
+
 /// Answers commands in the bot's chats until `stop`.
 pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use futures::StreamExt;
     let mut changes = app.changes.subscribe();
     loop {
         changes.borrow_and_update();
         let chats: Vec<OwnedRoomId> = app.views.read().await.index.chat_work.iter().cloned().collect();
-        let mut failed = false;
-        for chat in chats {
-            if let Err(reason) = serve_chat(&app, &chat).await {
-                tracing::warn!(room_id = %chat, %reason, "cannot answer in the bot's chat yet; will retry");
-                failed = true;
-            }
-        }
-        // A failure (storage, a room the bot cannot write in yet) is retried on a timer.
-        let wait = if failed { Duration::from_secs(5) } else { Duration::from_secs(300) };
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        futures::stream::iter(chats)
+            .for_each_concurrent(CONCURRENT_CHATS, |chat| {
+                let (app, failed) = (&app, &failed);
+                async move {
+                    if let Err(reason) = serve_chat(app, &chat).await {
+                        tracing::warn!(room_id = %chat, %reason, "cannot answer in the bot's chat yet; will retry");
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        // A failure (storage) is retried on a timer.
+        let wait = if failed.into_inner() { Duration::from_secs(5) } else { Duration::from_secs(300) };
         tokio::select! {
             _ = changes.changed() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -88,7 +107,8 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
     if encrypted {
         let _lock = app.ingest.lock().await;
         let told = Entry::BotTold(BotTold { room_id: room_id.clone(), about: room_id.clone(), reason: "encrypted".into() });
-        say_locked(app, room_id, &core_bot::encrypted_notice(&app.bot), None, vec![told], "encrypted").await?;
+        let msg = Message { room_id: room_id.clone(), owner: owner.clone(), text: core_bot::encrypted_notice(&app.bot), in_reply_to: None, kind: "encrypted" };
+        speak_locked(app, vec![msg], vec![told]).await?;
         tracing::info!(%room_id, %owner, "told the owner of an encrypted chat that the bot cannot read it");
     }
     for event_id in commands {
@@ -112,15 +132,27 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
         other => other,
     };
     let code = new_code();
+    let wrong_codes = app.bot_state.wrong_codes.lock().expect("lock").get(owner).copied().unwrap_or(0);
     let _lock = app.ingest.lock().await;
     // Decided under the ingest lock: nothing else is logged between the decision and its
-    // record.
-    let (name, outcome) = {
+    // record. The room must still be a chat with this owner: a third person may have come
+    // in meanwhile, and the answer (a status, say) is for the owner only.
+    let (name, outcome, tells) = {
         let views = app.views.read().await;
-        if !views.rooms.get(room_id).and_then(|r| r.bot_chat.as_ref()).is_some_and(|c| c.commands.values().any(|e| e == event_id)) {
+        let Some(room) = views.rooms.get(room_id) else { return Ok(()) };
+        if !room.bot_chat.as_ref().is_some_and(|c| c.commands.values().any(|e| e == event_id)) {
             return Ok(()); // handled meanwhile
         }
-        match &parsed {
+        if room.chat_owner(&views.bot_user_id) != Some(owner) {
+            drop(views);
+            tracing::info!(%room_id, %owner, "a command dropped: the room is no longer a direct chat");
+            app.metrics.bot_commands.with_label_values(&["dropped", "dropped"]).inc();
+            let handled = Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id: event_id.clone(), command: "dropped".into(), reply: None });
+            app.append(vec![handled], None).await.map_err(|e| e.to_string())?;
+            app.store.flush().await.map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        let (name, outcome) = match &parsed {
             Ok(cmd) => {
                 let names = |r: &OwnedRoomId| room_name(app, &views, r);
                 let ctx = Ctx {
@@ -130,13 +162,36 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
                     code_ttl_ms: app.cfg.bot.link_code_ttl_secs.saturating_mul(1000),
                     now_ms: now_ms(),
                     room_name: &names,
+                    wrong_codes,
                 };
                 (cmd.name(), core_bot::handle(&ctx, owner, cmd, &code, &code_hash))
             }
             Err(e) => ("not_understood", Outcome { reply: format!("Sorry, {e}."), refused: true, ..Default::default() }),
-        }
+        };
+        // The other accounts concerned are told in their own chats, in the same append.
+        let tells: Vec<Message> = outcome
+            .tell
+            .iter()
+            .filter_map(|(account, text)| {
+                let chat = core_bot::chat_of(&views, &[account.clone()].into())?;
+                Some(Message { room_id: chat, owner: account.clone(), text: text.clone(), in_reply_to: None, kind: "tell" })
+            })
+            .collect();
+        (name, outcome, tells)
     };
     let result = if parsed.is_err() { "not_understood" } else if outcome.refused { "refused" } else { "ok" };
+    {
+        let mut wrong = app.bot_state.wrong_codes.lock().expect("lock");
+        if outcome.wrong_code {
+            *wrong.entry(owner.clone()).or_default() += 1;
+        } else if name == "confirm" {
+            wrong.remove(owner);
+        }
+    }
+    let mut entries = outcome.entries.clone();
+    entries.push(Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id: event_id.clone(), command: name.to_owned(), reply: None }));
+    let reply = Message { room_id: room_id.clone(), owner: owner.clone(), text: outcome.reply.clone(), in_reply_to: Some(event_id.clone()), kind: "reply" };
+    let sent = speak_locked(app, std::iter::once(reply).chain(tells).collect(), entries).await?;
     for e in &outcome.entries {
         match e {
             Entry::LinkRequested(_) => app.metrics.link_requests.with_label_values(&["requested"]).inc(),
@@ -144,80 +199,92 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
             _ => {}
         }
     }
-    let mut entries = outcome.entries.clone();
-    entries.push(Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id: event_id.clone(), command: name.to_owned(), reply: None }));
-    let reply = say_locked(app, room_id, &outcome.reply, Some(event_id), entries, "reply").await?;
     app.metrics.bot_commands.with_label_values(&[name, result]).inc();
     // One line per decision; never the code.
-    tracing::info!(%room_id, %owner, command = name, result, reply = ?reply, changes = outcome.entries.len(), "answered a command in the bot's chat");
-    // Tell the other accounts concerned, in their own chats (when they have one).
-    for (account, text) in &outcome.tell {
-        let chat = {
-            let views = app.views.read().await;
-            core_bot::chat_of(&views, &[account.clone()].into())
-        };
-        if let Some(chat) = chat {
-            if let Err(reason) = say_locked(app, &chat, text, None, Vec::new(), "tell").await {
-                tracing::warn!(room_id = %chat, %account, %reason, "cannot tell another account about a command");
-            }
-        }
-    }
+    tracing::info!(%room_id, %owner, command = name, result, messages = sent, changes = outcome.entries.len(), "answered a command in the bot's chat");
     Ok(())
 }
 
-/// An alias's room id, asked of the alias's server; `RoomRef::Alias` again when that fails.
+/// An alias's room id, asked of the alias's server (only a server fedlink may talk to,
+/// with a short timeout); `RoomRef::Alias` again when that fails.
 async fn resolve_alias(app: &Fedlink, alias: &ruma::OwnedRoomAliasId) -> RoomRef {
+    let server = alias.server_name().as_str();
+    let allowed = &app.cfg.federation.allowed_servers;
+    if !allowed.is_empty() && !allowed.iter().any(|s| s == server) {
+        tracing::info!(%alias, "not resolving an alias on a server outside federation.allowed_servers");
+        return RoomRef::Alias(alias.clone());
+    }
     let path = format!("/_matrix/federation/v1/query/directory?room_alias={}", enc(alias.as_str()));
-    match app.client.request(alias.server_name().as_str(), Method::GET, &path, None).await {
-        Ok(v) => match v.get("room_id").and_then(Value::as_str).and_then(|r| ruma::RoomId::parse(r).ok()) {
+    match tokio::time::timeout(ALIAS_TIMEOUT, app.client.request(server, Method::GET, &path, None)).await {
+        Ok(Ok(v)) => match v.get("room_id").and_then(Value::as_str).and_then(|r| ruma::RoomId::parse(r).ok()) {
             Some(id) => RoomRef::Id(id),
             None => RoomRef::Alias(alias.clone()),
         },
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::info!(%alias, error = %e, "cannot resolve a room alias for a command");
+            RoomRef::Alias(alias.clone())
+        }
+        Err(_) => {
+            tracing::info!(%alias, "the alias's server did not answer in time");
             RoomRef::Alias(alias.clone())
         }
     }
 }
 
-/// Send `text` as the bot's `m.notice` in `room_id` (a reply to `in_reply_to`), logged in
-/// one append with `entries`; call with the ingest lock held. When the room's rules do not
-/// let the bot speak, `entries` are still logged (the command's effect stands) and `None`
-/// is returned. Errors are storage failures: nothing was logged.
-async fn say_locked(app: &Fedlink, room_id: &OwnedRoomId, text: &str, in_reply_to: Option<&OwnedEventId>, mut entries: Vec<Entry>, kind: &str) -> Result<Option<OwnedEventId>, String> {
-    let mut content = json!({ "msgtype": "m.notice", "body": text, "m.mentions": {} });
-    if let Some(e) = in_reply_to {
-        content["m.relates_to"] = json!({ "m.in_reply_to": { "event_id": e } });
-    }
-    let built = {
+/// One message the bot sends: `text` as an `m.notice` in `room_id`, the chat of `owner`.
+struct Message {
+    room_id: OwnedRoomId,
+    owner: OwnedUserId,
+    text: String,
+    in_reply_to: Option<OwnedEventId>,
+    kind: &'static str,
+}
+
+/// Send `msgs` as the bot's `m.notice`s, logged in one append with `entries`; call with the
+/// ingest lock held. A message goes only to a room that is still its owner's direct chat
+/// and whose rules let the bot speak; others are skipped (and counted), while `entries`
+/// are logged regardless (a command's effect stands). Returns how many were sent. Errors
+/// are storage failures: nothing was logged.
+async fn speak_locked(app: &Fedlink, msgs: Vec<Message>, mut entries: Vec<Entry>) -> Result<usize, String> {
+    let mut pdus = Vec::new();
+    let mut outbox: Vec<(String, String)> = Vec::new();
+    {
         let views = app.views.read().await;
-        build_message(app, &views, room_id, content)
-    };
-    let (pdu_entry, dests) = match built {
-        Ok(b) => b,
-        Err(reason) => {
-            app.metrics.bot_messages.with_label_values(&[kind, "error"]).inc();
-            tracing::warn!(%room_id, %reason, kind, "the bot cannot send its message in this room");
-            if entries.is_empty() {
-                return Ok(None);
+        for m in msgs {
+            let mut content = json!({ "msgtype": "m.notice", "body": m.text, "m.mentions": {} });
+            if let Some(e) = &m.in_reply_to {
+                content["m.relates_to"] = json!({ "m.in_reply_to": { "event_id": e } });
             }
-            app.append(entries, None).await.map_err(|e| e.to_string())?;
-            app.store.flush().await.map_err(|e| e.to_string())?;
-            return Ok(None);
-        }
-    };
-    let event_id = pdu_entry.event_id.clone();
-    for e in entries.iter_mut() {
-        if let Entry::CommandHandled(c) = e {
-            c.reply = Some(event_id.clone());
+            let still_chat = views.rooms.get(&m.room_id).is_some_and(|r| r.chat_owner(&views.bot_user_id) == Some(&m.owner));
+            let built = if still_chat { build_message(app, &views, &m.room_id, content) } else { Err("the room is no longer a direct chat with its owner".into()) };
+            match built {
+                Ok((entry, dests)) => {
+                    if m.in_reply_to.is_some() {
+                        for e in entries.iter_mut() {
+                            if let Entry::CommandHandled(c) = e {
+                                c.reply = Some(entry.event_id.clone());
+                            }
+                        }
+                    }
+                    outbox.extend(dests.into_iter().map(|d| (d, entry.event_id.to_string())));
+                    pdus.push(Entry::Pdu(entry));
+                    app.metrics.bot_messages.with_label_values(&[m.kind, "ok"]).inc();
+                }
+                Err(reason) => {
+                    app.metrics.bot_messages.with_label_values(&[m.kind, "error"]).inc();
+                    tracing::warn!(room_id = %m.room_id, %reason, kind = m.kind, "the bot cannot send its message in this room");
+                }
+            }
         }
     }
-    entries.insert(0, Entry::Pdu(pdu_entry));
-    let outbox: Vec<(String, String)> = dests.into_iter().map(|d| (d, event_id.to_string())).collect();
-    app.append_and_send(entries, None, &outbox).await.map_err(|e| e.to_string())?;
+    let sent = pdus.len();
+    if pdus.is_empty() && entries.is_empty() {
+        return Ok(0);
+    }
+    pdus.extend(entries);
+    app.append_and_send(pdus, None, &outbox).await.map_err(|e| e.to_string())?;
     app.store.flush().await.map_err(|e| e.to_string())?;
-    app.metrics.bot_messages.with_label_values(&[kind, "ok"]).inc();
-    Ok(Some(event_id))
+    Ok(sent)
 }
 
 /// Build, sign and admit the bot's message: its log entry and the servers to send it to.
@@ -239,30 +306,45 @@ fn build_message(app: &Fedlink, views: &Views, room_id: &OwnedRoomId, content: V
 }
 
 /// Tell people, once per room and reason, about accounts fedlink cannot keep in step
-/// (from the step report's `out_of_step`). At most `MAX_TOLD_PER_PASS` messages a pass;
-/// the rest come on the next one.
+/// (from the step report's `out_of_step`) and rooms the bot gave up joining: one message
+/// per chat and pass listing at most `MAX_TOLD_PER_MESSAGE` rooms (the rest come on the
+/// next pass). Each problem is checked again under the ingest lock, so one fixed since the
+/// report is not announced.
 pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeMap<(OwnedRoomId, OwnedUserId), crate::core::step::Step>) {
-    const MAX_TOLD_PER_PASS: usize = 20;
+    const MAX_TOLD_PER_MESSAGE: usize = 20;
     let notices = {
         let views = app.views.read().await;
         let names = |r: &OwnedRoomId| room_name(app, &views, r);
         core_bot::notices(&views, out_of_step, &names)
     };
-    for n in notices.into_iter().take(MAX_TOLD_PER_PASS) {
+    let mut by_chat: std::collections::BTreeMap<OwnedRoomId, Vec<core_bot::Notice>> = Default::default();
+    for n in notices {
+        by_chat.entry(n.chat.clone()).or_default().push(n);
+    }
+    for (chat, notices) in by_chat {
         let _lock = app.ingest.lock().await;
-        // Told meanwhile (another pass), or the chat is no longer one: skip.
-        let still = {
+        let (owner, current): (Option<OwnedUserId>, Vec<&core_bot::Notice>) = {
             let views = app.views.read().await;
-            views.rooms.get(&n.chat).and_then(|r| r.bot_chat.as_ref()).is_some_and(|c| !c.told.contains(&(n.about.clone(), n.reason.to_owned())))
+            let owner = views.rooms.get(&chat).and_then(|r| r.chat_owner(&views.bot_user_id)).cloned();
+            let told = |n: &core_bot::Notice| views.rooms.get(&chat).and_then(|r| r.bot_chat.as_ref()).is_some_and(|c| c.told.contains(&(n.about.clone(), n.reason.to_owned())));
+            let still = |n: &core_bot::Notice| match n.reason {
+                "join_failed" => views.rooms.get(&n.about).is_some_and(|r| matches!(r.bot, crate::core::views::BotMembership::JoinFailed { .. })),
+                _ => crate::core::step::room_steps(&views, &app.routes, &n.about, &[n.account.clone()].into())
+                    .get(&n.account)
+                    .is_some_and(|s| matches!(s, crate::core::step::Step::Blocked | crate::core::step::Step::Unsupported)),
+            };
+            (owner, notices.iter().filter(|n| !told(n) && still(n)).take(MAX_TOLD_PER_MESSAGE).collect())
         };
-        if !still {
+        let Some(owner) = owner else { continue };
+        if current.is_empty() {
             continue;
         }
-        let told = Entry::BotTold(BotTold { room_id: n.chat.clone(), about: n.about.clone(), reason: n.reason.to_owned() });
-        match say_locked(app, &n.chat, &n.text, None, vec![told], "told").await {
-            Ok(_) => tracing::info!(chat = %n.chat, about = %n.about, reason = n.reason, "told a person why fedlink cannot keep them in step"),
+        let entries: Vec<Entry> = current.iter().map(|n| Entry::BotTold(BotTold { room_id: chat.clone(), about: n.about.clone(), reason: n.reason.to_owned() })).collect();
+        let msg = Message { room_id: chat.clone(), owner, text: core_bot::notices_text(&current), in_reply_to: None, kind: "told" };
+        match speak_locked(app, vec![msg], entries).await {
+            Ok(_) => tracing::info!(%chat, rooms = current.len(), reasons = ?current.iter().map(|n| n.reason).collect::<Vec<_>>(), "told a person why fedlink cannot keep them in step"),
             Err(reason) => {
-                tracing::warn!(chat = %n.chat, about = %n.about, %reason, "cannot tell a person about a problem; will retry");
+                tracing::warn!(%chat, %reason, "cannot tell a person about problems; will retry");
                 return;
             }
         }

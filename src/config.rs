@@ -529,8 +529,8 @@ impl Config {
                 return Err(invalid(&format!("bot.invites_from[{i}]"), format!("`{p}` is neither a server name nor a user pattern like `@*:kiwi.example`")));
             }
         }
-        if self.bot.link_code_ttl_secs == 0 {
-            return Err(invalid("bot.link_code_ttl_secs", "must be positive"));
+        if self.bot.link_code_ttl_secs == 0 || self.bot.link_code_ttl_secs > 7 * 86_400 {
+            return Err(invalid("bot.link_code_ttl_secs", "must be between 1 and 604800 (a week)"));
         }
         if self.federation.request_timeout_secs == 0 {
             return Err(invalid("federation.request_timeout_secs", "must be positive"));

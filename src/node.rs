@@ -155,6 +155,8 @@ pub struct Fedlink {
     pub outbox: crate::outbox::Outbox,
     /// The sync service's delivery state (invite and action lanes, retries).
     pub sync: crate::sync::SyncState,
+    /// The bot service's state (wrong link codes).
+    pub bot_state: crate::bot::BotState,
     /// In-flight inbound requests per origin (the `rc_federation`-style limit).
     pub inbound: Arc<crate::federation::server::InboundLimit>,
     /// One checkpoint at a time: two interleaved could write an older `meta` over rooms of
@@ -195,6 +197,7 @@ impl Fedlink {
             joins: crate::federation::membership::Joins::new(metrics.clone(), stop_rx.clone()),
             outbox: crate::outbox::Outbox::new(metrics.clone(), stop_rx.clone()),
             sync: crate::sync::SyncState::new(metrics.clone(), stop_rx.clone()),
+            bot_state: crate::bot::BotState::default(),
             inbound: Arc::new(crate::federation::server::InboundLimit::new(cfg.federation.max_inflight_per_origin)),
             checkpoint: tokio::sync::Mutex::new(()),
             server_name: cfg.server_name.clone().try_into().context("server_name")?,

@@ -853,6 +853,7 @@ mod tests {
             event_id: format!("$inv{}", &room[1..3]).try_into().unwrap(),
             inviter: "@bob:kiwi".try_into().unwrap(),
             event: serde_json::json!({}),
+            direct: None,
         })
     }
 

@@ -130,7 +130,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
             Op::Message(r, u, fork) => {
                 let mut p = pdu(r, n, u, None, if fork { vec![event(n.saturating_sub(3))] } else { prev });
                 // Some messages are text: commands, in the bot's chats.
-                if n % 3 != 0 {
+                if !n.is_multiple_of(3) {
                     p.pdu = json!({ "content": { "msgtype": if n % 3 == 1 { "m.text" } else { "m.notice" }, "body": "status" } });
                 }
                 if fork {
@@ -210,6 +210,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
                     event_id: event(n),
                     inviter: user(u),
                     event: json!({ "content": content }),
+                    direct: direct.then_some(if r % 2 == 0 { fedlink::core::log_entry::DirectInvite::Allowed } else { fedlink::core::log_entry::DirectInvite::ChatOnly }),
                 })
             }
             Op::Encrypt(r) => {

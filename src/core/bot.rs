@@ -187,7 +187,13 @@ pub struct Ctx<'a> {
     pub now_ms: u64,
     /// A room's name, when the shell knows it.
     pub room_name: &'a dyn Fn(&OwnedRoomId) -> Option<String>,
+    /// Wrong codes the sender sent since its last successful confirmation (the shell
+    /// counts them).
+    pub wrong_codes: u32,
 }
+
+/// Wrong codes an account may send; then its waiting requests are closed.
+pub const MAX_WRONG_CODES: u32 = 5;
 
 /// What a command does.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -200,6 +206,8 @@ pub struct Outcome {
     pub tell: Vec<(OwnedUserId, String)>,
     /// Whether the command was refused (for metrics).
     pub refused: bool,
+    /// A `confirm` with a code that matched nothing (the shell counts these).
+    pub wrong_code: bool,
 }
 
 impl Outcome {
@@ -300,6 +308,12 @@ pub fn handle(ctx: &Ctx, sender: &OwnedUserId, cmd: &Command, code: &str, code_h
             let Some((id, p)) = person_of(views, sender) else {
                 return Outcome::refuse(format!("{sender} is not linked with any other account, so there is nothing to turn {}.", cmd.name()));
             };
+            // Only rooms of the person's accounts (nothing to learn about other rooms, and
+            // the opt-out list stays as long as their rooms).
+            let theirs = person_rooms(views, &p.accounts).any(|(r, _)| r == room_id);
+            if !theirs && !p.opted_out_rooms.contains(room_id) {
+                return Outcome::refuse(format!("None of your accounts is in {room_id} as far as I know."));
+            }
             if p.opted_out_rooms.contains(room_id) == off {
                 return Outcome::say(format!("Syncing in {} is already {}.", room_label(ctx, room_id), if off { "off" } else { "on" }));
             }
@@ -349,7 +363,7 @@ fn link(ctx: &Ctx, sender: &OwnedUserId, other: &OwnedUserId, code: &str, code_h
         from: sender.clone(),
         to: other.clone(),
         code_sha256: code_hash(code),
-        expires_ms: ctx.now_ms + ctx.code_ttl_ms,
+        expires_ms: ctx.now_ms.saturating_add(ctx.code_ttl_ms),
     }));
     // The answer is the same whether or not `other` is linked elsewhere: it reveals nothing.
     Outcome {
@@ -368,22 +382,34 @@ fn confirm(ctx: &Ctx, sender: &OwnedUserId, given: &str, code_hash: &dyn Fn(&str
     if !ctx.linking {
         return Outcome::refuse("Linking accounts yourself is turned off on this server; ask your federation admin.");
     }
+    let waiting: Vec<&LinkRequested> = views.directory.link_requests.values().filter(|r| &r.to == sender).collect();
+    if ctx.wrong_codes >= MAX_WRONG_CODES {
+        // Guessing stops here: the requests for this account are closed.
+        return Outcome {
+            reply: "Too many wrong codes. I closed the link requests for this account; send `link` again from your other account for a new code.".into(),
+            entries: waiting.iter().map(|r| Entry::LinkClosed(LinkClosed { from: r.from.clone(), outcome: "too_many_attempts".into() })).collect(),
+            refused: true,
+            ..Default::default()
+        };
+    }
+    // Only requests made for this account count: a code made for another account matches
+    // nothing here (it is confirmed from that account's own chat).
     let hash = code_hash(given);
-    let matching = views.directory.link_requests.values().find(|r| r.code_sha256 == hash);
-    let Some(req) = matching else {
-        let waiting = views.directory.link_requests.values().any(|r| &r.to == sender && r.expires_ms > ctx.now_ms);
-        return Outcome::refuse(if waiting {
-            "That code does not match the link request waiting for this account. Check it, or send `link` again from your other account for a new one."
-        } else {
-            "No link request is waiting for this account. Send `link <this account>` from your other account first."
-        });
+    let Some(req) = waiting.iter().find(|r| r.code_sha256 == hash) else {
+        let open = waiting.iter().any(|r| r.expires_ms > ctx.now_ms);
+        return Outcome {
+            reply: if open {
+                "That code does not match the link request waiting for this account. Check it, or send `link` again from your other account for a new one."
+            } else {
+                "No link request is waiting for this account. Send `link <this account>` from your other account first."
+            }
+            .into(),
+            refused: true,
+            wrong_code: true,
+            ..Default::default()
+        };
     };
     let closed = |outcome: &str| Entry::LinkClosed(LinkClosed { from: req.from.clone(), outcome: outcome.into() });
-    if &req.to != sender {
-        return Outcome::refuse(format!(
-            "This code is not for {sender}. Send it from the account it was made for, in that account's own direct chat with me."
-        ));
-    }
     if req.expires_ms <= ctx.now_ms {
         return Outcome {
             reply: format!("This code has expired. Send `link {sender}` again from {} for a new one.", req.from),
@@ -432,7 +458,7 @@ fn confirm(ctx: &Ctx, sender: &OwnedUserId, given: &str, code_hash: &dyn Fn(&str
     entries.push(Entry::PersonSet(PersonSet { person: id, accounts: accounts.iter().cloned().collect(), source: LinkSource::SelfService }));
     entries.push(closed("confirmed"));
     let done = format!("Linked: {}. I now keep these accounts in step. Send `status` to see your rooms, `unlink` to undo.", list(&accounts));
-    Outcome { reply: done.clone(), entries, tell: vec![(from.clone(), done)], refused: false }
+    Outcome { reply: done.clone(), entries, tell: vec![(from.clone(), done)], ..Default::default() }
 }
 
 fn unlink(ctx: &Ctx, sender: &OwnedUserId, other: &OwnedUserId) -> Outcome {
@@ -461,7 +487,7 @@ fn unlink(ctx: &Ctx, sender: &OwnedUserId, other: &OwnedUserId) -> Outcome {
         format!("Unlinked {other}. {} is not linked with any other account now.", list(&rest))
     };
     let tell = if other != sender { vec![(other.clone(), format!("{sender} unlinked {other}: I no longer keep them in step."))] } else { Vec::new() };
-    Outcome { reply, entries: vec![entry], tell, refused: false }
+    Outcome { reply, entries: vec![entry], tell, ..Default::default() }
 }
 
 fn room_label(ctx: &Ctx, room_id: &OwnedRoomId) -> String {
@@ -479,7 +505,7 @@ pub fn explain(room: &RoomView, bot: &OwnedUserId, account: &OwnedUserId, step: 
         Step::InStep | Step::OptedOut => None,
         Step::CatchingUp => Some(("catching_up", format!("{account}: I am bringing it in step (an invite, join or read is under way)"))),
         Step::Unsupported => {
-            let kinds = room.unsupported.get(account).map(|k| list(k)).unwrap_or_else(|| "act".into());
+            let kinds = room.unsupported.get(account).map(list).unwrap_or_else(|| "act".into());
             Some((
                 "no_registration",
                 format!("{} has no registration for me, so I cannot {kinds} for {account}; its admin can add one", account.server_name()),
@@ -601,6 +627,8 @@ fn status(ctx: &Ctx, sender: &OwnedUserId) -> String {
 pub struct Notice {
     /// The chat to tell it in.
     pub chat: OwnedRoomId,
+    /// The account concerned.
+    pub account: OwnedUserId,
     /// The room it is about.
     pub about: OwnedRoomId,
     /// `missing_power`, `no_registration` or `refused`.
@@ -621,8 +649,9 @@ pub fn chat_of(views: &Views, accounts: &BTreeSet<OwnedUserId>) -> Option<OwnedR
 }
 
 /// What to tell people about accounts fedlink cannot keep in step (`out_of_step`, from the
-/// step report): blocked or unsupported ones, in the person's chat with the bot, once per
-/// room and reason (the chat's `told` set). Catching up is not a problem worth a message.
+/// step report): blocked or unsupported ones, and rooms the bot gave up joining (told to
+/// the linked person who invited it), in the person's chat with the bot, once per room and
+/// reason (the chat's `told` set). Catching up is not a problem worth a message.
 pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId), Step>, room_name: &dyn Fn(&OwnedRoomId) -> Option<String>) -> Vec<Notice> {
     let mut out: Vec<Notice> = Vec::new();
     let mut chats: BTreeMap<&String, Option<OwnedRoomId>> = BTreeMap::new();
@@ -645,12 +674,47 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         };
         out.push(Notice {
             chat,
+            account: account.clone(),
             about: room_id.clone(),
             reason,
-            text: format!("I cannot keep your accounts in step in {name}: {text}. I will not repeat this for this room; send `status` to see where things stand."),
+            text: format!("{name}: {text}"),
+        });
+    }
+    // Rooms the bot gave up joining, told to the linked person who invited it.
+    for room_id in &views.index.join_failed {
+        let Some(room) = views.rooms.get(room_id) else { continue };
+        let super::views::BotMembership::JoinFailed { inviter, reason, .. } = &room.bot else { continue };
+        let Some((_, person)) = views.directory.person_of(inviter) else { continue };
+        let Some(chat) = chat_of(views, &person.accounts) else { continue };
+        let told = views.rooms.get(&chat).and_then(|c| c.bot_chat.as_ref()).is_some_and(|c| c.told.contains(&(room_id.clone(), "join_failed".to_owned())));
+        if told {
+            continue;
+        }
+        let name = match room_name(room_id) {
+            Some(n) => format!("\"{n}\" ({room_id})"),
+            None => room_id.to_string(),
+        };
+        out.push(Notice {
+            chat,
+            account: inviter.clone(),
+            about: room_id.clone(),
+            reason: "join_failed",
+            text: format!("{name}: you invited me, but I gave up joining ({reason}); invite me again to retry"),
         });
     }
     out
+}
+
+/// One message for a chat's notices: a line per room.
+pub fn notices_text(lines: &[&Notice]) -> String {
+    let mut s = String::from("I cannot keep your accounts fully in step here:\n");
+    for n in lines {
+        s.push_str("- ");
+        s.push_str(&n.text);
+        s.push('\n');
+    }
+    s.push_str("I tell you about each room and reason once; send `status` to see where things stand.");
+    s
 }
 
 /// What the bot says, once, in an encrypted chat.

@@ -625,6 +625,22 @@ pub struct BotInvited {
     pub inviter: OwnedUserId,
     /// The invite event, countersigned by fedlink.
     pub event: serde_json::Value,
+    /// A direct-chat invite (`is_direct`) and on what terms it was accepted. Absent: not a
+    /// direct invite, or logged before fedlink had chats (such rooms stay normal rooms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<DirectInvite>,
+}
+
+/// On what terms a direct-chat invite of the bot was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectInvite {
+    /// From an inviter `bot.invites_from` allows: the bot's chat if only the inviter and the
+    /// bot are in the room when it joins, a normal (synced) room otherwise.
+    Allowed,
+    /// Accepted only as a chat with the bot (`bot.direct_chats`, the inviter is not in
+    /// `bot.invites_from`): never synced, whoever is in it.
+    ChatOnly,
 }
 
 /// The bot's signed join, before `send_join`.

@@ -85,7 +85,14 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         ruma::canonical_json::CanonicalJsonValue::Object(o) => o.get("is_direct"),
         _ => None,
     }) == Some(&ruma::canonical_json::CanonicalJsonValue::Bool(true));
-    if !(direct && app.cfg.bot.direct_chats) && !app.cfg.bot.may_invite(&pdu.sender) {
+    let allowed = app.cfg.bot.may_invite(&pdu.sender);
+    let direct = match (direct, allowed) {
+        (false, _) => None,
+        (true, true) => Some(crate::core::log_entry::DirectInvite::Allowed),
+        (true, false) if app.cfg.bot.direct_chats => Some(crate::core::log_entry::DirectInvite::ChatOnly),
+        (true, false) => None,
+    };
+    if !allowed && direct.is_none() {
         app.metrics.bot_invites_refused.with_label_values(&["invites_from"]).inc();
         return Err(MatrixError::forbidden(format!("{} may not invite the bot (bot.invites_from)", pdu.sender)));
     }
@@ -121,12 +128,13 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
             event_id: pdu.event_id.clone(),
             inviter: pdu.sender.clone(),
             event: signed.clone(),
+            direct,
         });
         app.append(vec![entry], None).await?;
         app.store.flush().await?;
         app.joins.schedule(&pdu.room_id, FIRST_JOIN_DELAY_MS);
     }
-    tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, direct, "accepted an invite for the bot");
+    tracing::info!(%origin, room_id = %pdu.room_id, inviter = %pdu.sender, direct = ?direct, "accepted an invite for the bot");
     Ok(json!({ "event": signed }))
 }
 

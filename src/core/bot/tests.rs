@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::*;
 use crate::core::{
-    log_entry::{BotInvited, BotJoined, BotTold, CommandHandled, LogRecord, PduEntry, PduStatus, StateRef},
+    log_entry::{BotInvited, BotJoined, DirectInvite, BotTold, CommandHandled, LogRecord, PduEntry, PduStatus, StateRef},
     reconcile::{decide, Action, InviteSiblings, Routes},
     views::{Views, MAX_PENDING_COMMANDS},
 };
@@ -34,16 +34,20 @@ struct Given {
     now: u64,
     linking: bool,
     n: u64,
+    /// Wrong codes per account, as the shell counts them.
+    wrong: std::collections::BTreeMap<String, u32>,
+    /// Invites of the bot are accepted only as chats (the inviter is not in invites_from).
+    chat_only: bool,
 }
 
 fn given() -> Given {
-    Given { views: Views::new(BOT.try_into().unwrap()), seq: 0, now: 1_000_000, linking: true, n: 0 }
+    Given { views: Views::new(BOT.try_into().unwrap()), seq: 0, now: 1_000_000, linking: true, n: 0, wrong: Default::default(), chat_only: false }
 }
 
 impl Given {
     fn record(&mut self, entry: Entry) -> &mut Self {
         self.seq += 1;
-        self.views.apply(&LogRecord { v: 1, seq: self.seq, at_ms: 0, entry });
+        self.views.apply(&LogRecord { v: 1, seq: self.seq, at_ms: self.now, entry });
         self
     }
     fn linked(&mut self, person: &str, accounts: &[&str], source: LinkSource) -> &mut Self {
@@ -55,11 +59,17 @@ impl Given {
             Ok(cmd) => {
                 let names = |_: &OwnedRoomId| None;
                 let routes = Routes::new();
-                let ctx = Ctx { views: &self.views, routes: &routes, linking: self.linking, code_ttl_ms: TTL, now_ms: self.now, room_name: &names };
+                let wrong_codes = self.wrong.get(who).copied().unwrap_or(0);
+                let ctx = Ctx { views: &self.views, routes: &routes, linking: self.linking, code_ttl_ms: TTL, now_ms: self.now, room_name: &names, wrong_codes };
                 handle(&ctx, &u(who), &cmd, code, &hash)
             }
             Err(e) => Outcome { reply: e.to_string(), refused: true, ..Default::default() },
         };
+        if outcome.wrong_code {
+            *self.wrong.entry(who.to_owned()).or_default() += 1;
+        } else if text.starts_with("confirm") {
+            self.wrong.remove(who);
+        }
         for e in outcome.entries.clone() {
             self.record(e);
         }
@@ -98,6 +108,7 @@ impl Given {
             event_id: "$botinvite".try_into().unwrap(),
             inviter: u(owner),
             event: json!({ "content": content }),
+            direct: direct.then_some(if self.chat_only { DirectInvite::ChatOnly } else { DirectInvite::Allowed }),
         }));
         let mut state: Vec<StateRef> = members
             .iter()
@@ -214,7 +225,7 @@ fn given_a_link_request_when_another_account_sends_the_code_then_nothing_is_link
     g.says(A, "link @alice:litchi", "ABCD-EFGH");
     let o = g.says(C, "confirm ABCD-EFGH", "unused");
     assert!(o.refused, "{}", o.reply);
-    assert!(o.reply.contains("not for"), "{}", o.reply);
+    assert!(o.reply.contains("No link request is waiting"), "a code made for another account matches nothing: {}", o.reply);
     assert_eq!(g.person_of(C), None);
     assert_eq!(g.person_of(A), None);
     assert!(g.views.directory.link_requests.contains_key(&u(A)), "the rightful account can still confirm");
@@ -303,6 +314,7 @@ fn given_a_linked_person_then_pause_resume_off_on_are_opt_outs() {
     let mut g = given();
     assert!(g.says(A, "pause", "").refused, "nothing to pause for an unlinked account");
     g.linked("alice", &[A, B], LinkSource::Admin);
+    g.bot_in("!team:kiwi", "@bob:kiwi", false, &["@bob:kiwi", A]);
     assert!(!g.says(A, "pause", "").refused);
     assert!(g.views.directory.persons["alice"].opted_out);
     assert!(g.says(B, "pause", "").reply.contains("already paused"));
@@ -432,4 +444,85 @@ fn given_on_join_when_an_account_is_only_invited_then_no_sibling_is_invited_unti
     );
     g.pdu("!team:kiwi", A, "m.room.member", Some(A), json!({ "membership": "join" }));
     assert!(decide(&g.views, &on_join).iter().any(|a| matches!(a, Action::Invite { target, .. } if target.as_str() == B)));
+}
+
+#[test]
+fn given_a_link_request_when_wrong_codes_keep_coming_then_the_requests_close() {
+    let mut g = given();
+    g.says(A, "link @alice:litchi", "ABCD-EFGH");
+    for i in 0..MAX_WRONG_CODES {
+        let o = g.says(B, &format!("confirm WRNG-000{i}"), "");
+        assert!(o.refused && o.wrong_code, "{}", o.reply);
+    }
+    let o = g.says(B, "confirm ABCD-EFGH", "");
+    assert!(o.refused, "the right code no longer works after {MAX_WRONG_CODES} wrong ones: {}", o.reply);
+    assert!(o.reply.contains("Too many"), "{}", o.reply);
+    assert!(g.views.directory.link_requests.is_empty());
+    assert_eq!(g.person_of(B), None);
+    // A new request from the asking account starts afresh.
+    g.says(A, "link @alice:litchi", "JKLM-NPQR");
+    g.wrong.clear(); // (the shell forgets the count on a restart or success)
+    assert!(!g.says(B, "confirm JKLM-NPQR", "").refused);
+}
+
+#[test]
+fn given_expired_requests_then_a_new_request_prunes_them() {
+    let mut g = given();
+    g.says(A, "link @alice:litchi", "ABCD-EFGH");
+    g.says(C, "link @mallory:litchi", "ABCD-EFGJ");
+    g.now += TTL + 1;
+    g.says("@dave:kiwi", "link @dave:litchi", "ABCD-EFGK");
+    assert_eq!(g.views.directory.link_requests.keys().map(|k| k.as_str()).collect::<Vec<_>>(), vec!["@dave:kiwi"]);
+}
+
+#[test]
+fn given_a_linked_person_then_off_takes_only_rooms_of_their_accounts() {
+    let mut g = given();
+    g.linked("alice", &[A, B], LinkSource::Admin);
+    g.bot_in("!team:kiwi", "@bob:kiwi", false, &["@bob:kiwi", A]);
+    g.bot_in("!secret:kiwi", "@bob:kiwi", false, &["@bob:kiwi"]);
+    assert!(g.says(A, "off !secret:kiwi", "").refused, "not a room of hers");
+    assert!(g.views.directory.persons["alice"].opted_out_rooms.is_empty());
+    assert!(!g.says(A, "off !team:kiwi", "").refused);
+    assert!(!g.says(A, "on !team:kiwi", "").refused, "a room opted out of can be turned on again");
+}
+
+#[test]
+fn given_a_direct_invite_from_an_allowed_inviter_into_a_room_with_others_then_it_is_a_normal_room() {
+    let mut g = given();
+    g.linked("alice", &[A, B], LinkSource::Admin);
+    // A direct chat between bob and alice@kiwi that also invites the bot (Synapse sets
+    // is_direct on every invite of such a room): synced as before.
+    g.bot_in("!dm:kiwi", "@bob:kiwi", true, &["@bob:kiwi", A]);
+    assert!(g.views.rooms[&r("!dm:kiwi")].bot_chat.is_none());
+    assert!(decide(&g.views, &Routes::new()).iter().any(|a| matches!(a, Action::Invite { target, .. } if target.as_str() == B)));
+    // Accepted only as a chat (bot.direct_chats for an inviter outside invites_from): never
+    // synced, whoever is in it, and silent while others are.
+    g.chat_only = true;
+    g.bot_in("!crowd:kiwi", "@bob:kiwi", true, &["@bob:kiwi", A]);
+    let room = &g.views.rooms[&r("!crowd:kiwi")];
+    assert!(room.bot_chat.is_some() && room.chat_owner(&u(BOT)).is_none());
+    assert!(!decide(&g.views, &Routes::new()).iter().any(|a| matches!(a, Action::Invite { room_id, .. } if room_id.as_str() == "!crowd:kiwi")));
+}
+
+#[test]
+fn given_a_join_given_up_then_the_linked_inviter_is_told_once() {
+    let mut g = given();
+    g.linked("alice", &[A, B], LinkSource::Admin);
+    g.bot_in("!chat:kiwi", A, true, &[A]);
+    g.record(Entry::BotInvited(BotInvited {
+        room_id: r("!far:kiwi"),
+        room_version: ruma::RoomVersionId::V12,
+        event_id: "$inv2".try_into().unwrap(),
+        inviter: u(A),
+        event: json!({}),
+        direct: None,
+    }));
+    g.record(Entry::BotJoinFailed(crate::core::log_entry::BotJoinFailed { room_id: r("!far:kiwi"), reason: "the resident refused".into() }));
+    let n = notices(&g.views, &Default::default(), &|_| None);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!((n[0].chat.as_str(), n[0].reason), ("!chat:kiwi", "join_failed"));
+    assert!(n[0].text.contains("the resident refused"), "{}", n[0].text);
+    g.record(Entry::BotTold(BotTold { room_id: r("!chat:kiwi"), about: r("!far:kiwi"), reason: "join_failed".into() }));
+    assert!(notices(&g.views, &Default::default(), &|_| None).is_empty());
 }

@@ -225,6 +225,10 @@ pub const MAX_PENDING_COMMANDS: usize = 20;
 pub struct BotChat {
     /// Who opened it: the account that invited the bot with `is_direct`.
     pub owner: OwnedUserId,
+    /// Accepted only as a chat (the owner may not invite the bot to other rooms): never a
+    /// synced room, whoever joins it.
+    #[serde(default)]
+    pub chat_only: bool,
     /// Commands the owner sent and the bot has not handled yet: log position -> event.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub commands: BTreeMap<u64, OwnedEventId>,
@@ -711,9 +715,14 @@ impl Views {
             Entry::BotInvited(i) => {
                 let invited =
                     BotMembership::Invited { inviter: i.inviter.clone(), invite_event_id: i.event_id.clone() };
-                // A direct-chat invite makes the room the bot's chat with the inviter.
-                let direct = i.event.get("content").and_then(|c| c.get("is_direct")).and_then(serde_json::Value::as_bool) == Some(true);
-                let chat = direct.then(|| BotChat { owner: i.inviter.clone(), commands: BTreeMap::new(), told: BTreeSet::new() });
+                // A direct-chat invite makes the room the bot's chat with the inviter (until
+                // the join shows others in it, for an invite from an allowed inviter).
+                let chat = i.direct.map(|d| BotChat {
+                    owner: i.inviter.clone(),
+                    chat_only: d == super::log_entry::DirectInvite::ChatOnly,
+                    commands: BTreeMap::new(),
+                    told: BTreeSet::new(),
+                });
                 match self.rooms.get_mut(&i.room_id) {
                     // A re-invite after leaving starts a new membership; an invite while
                     // joined changes nothing.
@@ -741,6 +750,9 @@ impl Views {
                 }
             }
             Entry::LinkRequested(l) => {
+                // Expired requests go as new ones come (by the record's time: replay folds
+                // the same way), so they never pile up.
+                self.directory.link_requests.retain(|_, r| r.expires_ms > rec.at_ms);
                 self.directory.link_requests.insert(l.from.clone(), l.clone());
             }
             Entry::LinkClosed(l) => {
@@ -868,6 +880,16 @@ impl Views {
                 room.joined_via = Some(j.via.clone());
                 room.extremities.clear();
                 room.set_state(&j.state, j.power_levels.as_ref());
+                // A direct invite into a room with others in it (a direct chat between
+                // people that includes the bot) is a normal room, unless it was accepted only
+                // as a chat.
+                let bot = self.bot_user_id.clone();
+                if let Some(chat) = room.bot_chat.as_ref().filter(|c| !c.chat_only) {
+                    let others = room.members.iter().any(|(u, m)| *u != bot && *u != chat.owner && matches!(m.as_str(), "join" | "invite"));
+                    if others {
+                        room.bot_chat = None;
+                    }
+                }
                 for s in j.state.iter().filter(|s| s.membership.is_some()) {
                     if let Ok(u) = ruma::UserId::parse(&s.state_key) {
                         room.member_seq.insert(u, rec.seq);
@@ -1105,6 +1127,7 @@ mod tests {
                 event_id: id("$inv"),
                 inviter: "@a:kiwi".try_into().unwrap(),
                 event: serde_json::json!({}),
+                direct: None,
             })),
             rec(2, Entry::BotJoined(BotJoined {
                 room_id: room.clone(),
