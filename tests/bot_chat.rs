@@ -74,6 +74,16 @@ async fn anyone_may_open_a_direct_chat_whatever_invites_from_says_but_not_a_grou
     let help = say(&peer, &f, &chat, "alice", "help", "t1").await;
     assert!(answered(&peer, &chat, &f.bot(), &help).await.contains("status"));
     assert_eq!(f.admin("/_fedlink/admin/v1/status").await.1["bot_chats"], 1);
+    // One account opens at most MAX_CHATS_PER_ACCOUNT such chats.
+    for i in 1..fedlink::federation::membership::MAX_CHATS_PER_ACCOUNT {
+        let more = peer.create_room("alice", RoomVersionId::V12);
+        let (s, v) = peer.invite_with(&more, "alice", &f.bot(), direct(), &f.name, &f.fed_url).await;
+        assert_eq!(s, StatusCode::OK, "chat {i}: {v}");
+    }
+    let one_too_many = peer.create_room("alice", RoomVersionId::V12);
+    let (s, v) = peer.invite_with(&one_too_many, "alice", &f.bot(), direct(), &f.name, &f.fed_url).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["errcode"], "M_FORBIDDEN");
 }
 
 #[tokio::test]

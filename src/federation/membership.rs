@@ -32,6 +32,9 @@ use crate::{
     rooms::{check_auth, verify_signatures},
 };
 
+/// Most direct chats with the bot one account may open through `bot.direct_chats`.
+pub const MAX_CHATS_PER_ACCOUNT: usize = 5;
+
 /// Handle `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}` from `origin`.
 pub async fn handle_invite(
     app: &Fedlink,
@@ -117,6 +120,16 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         let views = app.views.read().await;
         (views.rooms.get(&pdu.room_id).is_some_and(in_room), views.index.joined.len() + views.index.joining.len())
     };
+    // Chats accepted only as chats are bounded per account (the bot cannot leave rooms
+    // yet: opening and leaving chats must not fill `bot.max_rooms`).
+    if !already && direct == Some(crate::core::log_entry::DirectInvite::ChatOnly) {
+        let views = app.views.read().await;
+        let chats = views.index.chats.get(&pdu.sender).map_or(0, |c| c.len());
+        if chats >= MAX_CHATS_PER_ACCOUNT {
+            app.metrics.bot_invites_refused.with_label_values(&["max_chats"]).inc();
+            return Err(MatrixError::forbidden(format!("{} already has {chats} direct chats with the bot, the most it keeps", pdu.sender)));
+        }
+    }
     if !already && rooms >= app.cfg.bot.max_rooms {
         app.metrics.bot_invites_refused.with_label_values(&["max_rooms"]).inc();
         return Err(MatrixError::forbidden(format!("the bot is in {rooms} rooms, its limit (bot.max_rooms)")));
