@@ -2,12 +2,15 @@
 //! linked person with a second account): a full `decide` next to what the worker does after
 //! one new record (fold it, then decide for the rooms it touched), which must stay flat.
 //!
+//! The in-step pass (`core::step`) the same way: a full report next to the cached one.
+//!
 //! `cargo bench --bench reconcile`
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use fedlink::core::{
     log_entry::{BotJoined, Entry, LinkSource, LogRecord, PduEntry, PduStatus, PersonSet, StateRef},
     reconcile::{decide, decide_touched, Routes},
+    step,
     views::{Touched, Views},
 };
 use serde_json::json;
@@ -96,5 +99,29 @@ fn bench_reconcile(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_reconcile);
+/// The in-step pass (`fedlink_persons`, told notices): a full report next to the cached
+/// one after one new record (classify the touched room again, then sum the kept entries).
+fn bench_step(c: &mut Criterion) {
+    let routes = Routes::new();
+    let mut g = c.benchmark_group("step");
+    g.sample_size(20);
+    for rooms in [100usize, 1_000, 10_000] {
+        let (mut views, mut seq) = views_with(rooms);
+        g.bench_with_input(BenchmarkId::new("full_report", rooms), &rooms, |b, _| b.iter(|| black_box(step::report(&views, &routes))));
+        let mut cache = step::StepCache::default();
+        cache.update(&views, &routes, &std::mem::replace(&mut views.step_touched, Touched::none()));
+        g.bench_with_input(BenchmarkId::new("after_one_record", rooms), &rooms, |b, _| {
+            b.iter(|| {
+                seq += 1;
+                views.apply(&message(seq as usize % rooms, seq));
+                let touched = std::mem::replace(&mut views.step_touched, Touched::none());
+                cache.update(&views, &routes, &touched);
+                black_box(cache.report(&views))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_reconcile, bench_step);
 criterion_main!(benches);

@@ -579,7 +579,7 @@ async fn follow_presence(app: &Fedlink, dest: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// How often the in-step gauges are computed (a full `decide` pass each time).
+/// How often the in-step gauges are computed (for the rooms touched since the last time).
 const STEP_EVERY: Duration = Duration::from_secs(15);
 
 /// Keeps `fedlink_persons`, `fedlink_account_rooms` and `fedlink_out_of_step_oldest_seconds`
@@ -592,16 +592,32 @@ pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
     let mut catching_up: HashSet<(OwnedRoomId, OwnedUserId)> = HashSet::new();
     let mut last_change: Option<u64> = None;
     let mut last_pass = Instant::now();
+    let mut last_full = Instant::now();
+    let mut cache = crate::core::step::StepCache::default();
     loop {
-        // A full decide only when the log changed (or every 5 minutes): an idle fedlink
-        // costs nothing, a busy one one pass per STEP_EVERY.
+        // A pass only when the log changed (or every 5 minutes): an idle fedlink costs
+        // nothing, a busy one one pass per STEP_EVERY over the rooms it touched.
         let change = *app.changes.borrow();
         if last_change != Some(change) || last_pass.elapsed() >= Duration::from_secs(300) {
             last_change = Some(change);
             last_pass = Instant::now();
+            // Only the rooms touched since the last pass are classified again (all of them
+            // every 5 minutes, as a safety net).
+            let full = last_full.elapsed() >= Duration::from_secs(300);
+            let touched = {
+                let mut views = app.views.write().await;
+                std::mem::replace(&mut views.step_touched, crate::core::views::Touched::none())
+            };
+            let touched = if full {
+                last_full = Instant::now();
+                crate::core::views::Touched::default()
+            } else {
+                touched
+            };
             let report = {
                 let views = app.views.read().await;
-                crate::core::step::report(&views, &app.routes)
+                cache.update(&views, &app.routes, &touched);
+                cache.report(&views)
             };
             catching_up = report.out_of_step.iter().filter(|(_, s)| **s == crate::core::step::Step::CatchingUp).map(|(k, _)| k.clone()).collect();
             for s in crate::core::step::Step::ALL {

@@ -6,7 +6,9 @@
 //!   right code links both accounts (source `self`), and alice@kiwi is told;
 //! - a room bob@kiwi shares with alice@kiwi then reaches alice@litchi (the bot invites her);
 //!   once alice@kiwi joined, the bot tells alice once that litchi has no registration;
-//! - `status` lists both accounts and the room;
+//! - `status` lists both accounts and the room; `off` and `on` take the room's alias;
+//! - in an encrypted chat (bob's) the bot says once, also across a restart, that it cannot
+//!   read it;
 //! - after `pause`, a new room invites carol@litchi (the control) but not alice@litchi;
 //!   `resume` brings alice@litchi's invite;
 //! - restarted with `sync.invite_siblings = "on_join"`, inviting alice@kiwi alone invites
@@ -163,6 +165,23 @@ async fn a_person_links_their_accounts_and_steers_fedlink_from_a_chat_with_the_b
     assert!(status.contains(&alice_k.user_id) && status.contains(&alice_l.user_id) && status.contains(&room), "{status}");
     assert!(status.contains("linked by you"), "{status}");
 
+    // off / on by alias: kiwi resolves it over federation.
+    let alias = format!("#team-{}:{}", std::process::id(), kiwi.server_name);
+    bob.put(&format!("/_matrix/client/v3/directory/room/{}", enc(&alias)), &json!({ "room_id": room })).await.unwrap();
+    ask(&alice_k, &chat_k, &f, &format!("off {alias}"), "is now off").await;
+    let person_id = person["id"].as_str().unwrap().to_owned();
+    let p = f.admin(&format!("/_fedlink/admin/v1/persons/{person_id}")).await.1;
+    assert_eq!(p["opted_out_rooms"], json!([room]), "{p}");
+    ask(&alice_k, &chat_k, &f, &format!("on {alias}"), "is now on").await;
+
+    // bob opens an encrypted chat with the bot: it says once that it cannot read it.
+    let body = json!({
+        "preset": "trusted_private_chat", "is_direct": true, "invite": [bot],
+        "initial_state": [{ "type": "m.room.encryption", "state_key": "", "content": { "algorithm": "m.megolm.v1.aes-sha2" } }],
+    });
+    let secret = bob.post("/_matrix/client/v3/createRoom", &body).await.unwrap()["room_id"].as_str().unwrap().to_owned();
+    wait_notice(&bob, &secret, &f, 0, "cannot read encrypted messages").await;
+
     // pause: a new room brings carol@litchi (the control) but not alice@litchi.
     ask(&alice_k, &chat_k, &f, "pause", "Paused").await;
     let room2 = bob.create_room(&[&alice_k.user_id, &carol_k.user_id, &bot], None, "private_chat").await.unwrap();
@@ -195,5 +214,11 @@ async fn a_person_links_their_accounts_and_steers_fedlink_from_a_chat_with_the_b
     alice_k.join(&room3, &[]).await.unwrap();
     wait_invited(&alice_l, &room3, &f).await;
     mark("on_join");
+
+    // After the restart, once alice's command is answered, the encrypted chat has still
+    // heard the bot once.
+    ask(&alice_k, &chat_k, &f, "status", "Linked accounts").await;
+    let said = notices(&bob, &secret, &bot).await.unwrap();
+    assert_eq!(said.len(), 1, "{said:?}");
 
 }

@@ -12,16 +12,16 @@
 //! An account counts in a room while it is there (joined or invited) or fedlink has work
 //! under way or refused for it; rooms the bot left, is joining or gave up do not count. A
 //! person takes the worst state of their accounts (blocked, then unsupported, then catching
-//! up), or `opted_out`. The pass costs a full `decide`: it runs on a timer, and only when
-//! the log changed.
+//! up), or `opted_out`. [`StepCache`] keeps the classification room by room: a pass decides
+//! again only for the rooms touched since the last one.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ruma::{OwnedRoomId, OwnedUserId};
 
 use super::{
-    reconcile::{decide, Action, Routes},
-    views::{BotMembership, RoomView, Views},
+    reconcile::{decide_touched, Action, Routes},
+    views::{BotMembership, RoomView, Touched, Views},
 };
 
 /// The state of one account in one room, or of a person.
@@ -143,47 +143,100 @@ pub fn room_steps(views: &Views, routes: &Routes, room_id: &OwnedRoomId, account
     accounts.iter().filter_map(|a| Some((a.clone(), account_step(room, a, d)?))).collect()
 }
 
-/// Whether people are in step, from `views` and what the reconciler would do now.
+/// Whether people are in step, from `views` and what the reconciler would do now (a full
+/// pass over every room).
 pub fn report(views: &Views, routes: &Routes) -> StepReport {
-    let actions = decide(views, routes);
-    let decided = decided_by_room(&actions);
-    let empty = Decided::default();
-    let dir = &views.directory;
-    let mut worst: BTreeMap<&String, Step> = BTreeMap::new();
-    let mut out = StepReport::default();
-    for (id, person) in dir.persons.iter() {
-        worst.insert(id, if person.opted_out { Step::OptedOut } else { Step::InStep });
-    }
-    for (room_id, room) in views.rooms.iter().filter(|(_, r)| kept(r)) {
-        // The persons with an account that has a membership or fedlink's work here.
-        let here: BTreeSet<&String> = room
-            .members
-            .keys()
-            .chain(room.pending_invites.keys())
-            .chain(room.failed_invites.keys())
-            .chain(room.pending_actions.keys())
-            .filter_map(|u| dir.by_account.get(u))
-            .collect();
-        let d = decided.get(room_id).unwrap_or(&empty);
-        for id in here {
-            let Some(person) = dir.persons.get(id) else { continue };
-            if person.opted_out || person.opted_out_rooms.contains(room_id) {
-                continue;
-            }
-            for account in &person.accounts {
-                let Some(s) = account_step(room, account, d) else { continue };
-                *out.account_rooms.entry(s).or_default() += 1;
-                if s != Step::InStep {
-                    out.out_of_step.insert((room_id.clone(), account.clone()), s);
+    let mut cache = StepCache::default();
+    cache.update(views, routes, &Touched::default());
+    cache.report(views)
+}
+
+/// One room's classification: (person, account, state) of every account that counts there.
+type RoomEntries = Vec<(String, OwnedUserId, Step)>;
+
+/// The in-step classification kept room by room, so that a pass costs what changed since
+/// the last one (the rooms folding touched, [`Views::step_touched`]) plus a sum over the
+/// kept entries, not a `decide` over every room. A directory change touches every room.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepCache {
+    rooms: BTreeMap<OwnedRoomId, RoomEntries>,
+}
+
+impl StepCache {
+    /// Classify the `touched` rooms again.
+    pub fn update(&mut self, views: &Views, routes: &Routes, touched: &Touched) {
+        if touched.all {
+            self.rooms.clear();
+        }
+        let actions = decide_touched(views, routes, touched);
+        let decided = decided_by_room(&actions);
+        let empty = Decided::default();
+        let mut classify = |room_id: &OwnedRoomId| match views.rooms.get(room_id).filter(|r| kept(r)) {
+            Some(room) => {
+                let entries = room_entries(views, room_id, room, decided.get(room_id).unwrap_or(&empty));
+                if entries.is_empty() {
+                    self.rooms.remove(room_id);
+                } else {
+                    self.rooms.insert(room_id.clone(), entries);
                 }
-                if let Some(w) = worst.get_mut(id) {
-                    *w = (*w).max(s);
+            }
+            None => {
+                self.rooms.remove(room_id);
+            }
+        };
+        if touched.all {
+            views.rooms.keys().for_each(&mut classify);
+        } else {
+            touched.rooms.iter().for_each(classify);
+        }
+    }
+
+    /// The report from the kept classification.
+    pub fn report(&self, views: &Views) -> StepReport {
+        let dir = &views.directory;
+        let mut out = StepReport::default();
+        let mut worst: BTreeMap<&String, Step> = dir.persons.iter().map(|(id, p)| (id, if p.opted_out { Step::OptedOut } else { Step::InStep })).collect();
+        for (room_id, entries) in &self.rooms {
+            for (person, account, s) in entries {
+                *out.account_rooms.entry(*s).or_default() += 1;
+                if *s != Step::InStep {
+                    out.out_of_step.insert((room_id.clone(), account.clone()), *s);
+                }
+                if let Some(w) = worst.get_mut(person) {
+                    *w = (*w).max(*s);
                 }
             }
         }
+        for s in worst.into_values() {
+            *out.persons.entry(s).or_default() += 1;
+        }
+        out
     }
-    for s in worst.into_values() {
-        *out.persons.entry(s).or_default() += 1;
+}
+
+/// The accounts that count in one kept room, with their states.
+fn room_entries(views: &Views, room_id: &OwnedRoomId, room: &RoomView, d: &Decided) -> RoomEntries {
+    let dir = &views.directory;
+    // The persons with an account that has a membership or fedlink's work here.
+    let here: BTreeSet<&String> = room
+        .members
+        .keys()
+        .chain(room.pending_invites.keys())
+        .chain(room.failed_invites.keys())
+        .chain(room.pending_actions.keys())
+        .filter_map(|u| dir.by_account.get(u))
+        .collect();
+    let mut out = Vec::new();
+    for id in here {
+        let Some(person) = dir.persons.get(id) else { continue };
+        if person.opted_out || person.opted_out_rooms.contains(room_id) {
+            continue;
+        }
+        for account in &person.accounts {
+            if let Some(s) = account_step(room, account, d) {
+                out.push((id.clone(), account.clone(), s));
+            }
+        }
     }
     out
 }

@@ -118,3 +118,33 @@ fn persons_and_accounts_are_counted_by_how_far_they_are_in_step() {
     assert_eq!(counts(&r.persons), vec![("blocked", 1), ("opted_out", 1)]);
     assert_eq!(r.out_of_step.get(&("!b:kiwi".try_into().unwrap(), user("@alice:litchi"))), Some(&Step::Blocked));
 }
+
+/// The cached classification, updated with the rooms each change touched, always equals a
+/// full pass: through invites, reads, power changes, opt-outs and relinking.
+#[test]
+fn the_cached_pass_equals_a_full_pass_after_every_change() {
+    let mut g = Given::new();
+    let r = routes(&["kiwi"]);
+    let mut cache = StepCache::default();
+    let mut check = |g: &mut Given, what: &str| {
+        let touched = std::mem::replace(&mut g.views.step_touched, crate::core::views::Touched::none());
+        cache.update(&g.views, &r, &touched);
+        assert_eq!(cache.report(&g.views), report(&g.views, &r), "after {what}");
+    };
+    check(&mut g, "nothing");
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    check(&mut g, "a link");
+    g.room("!a:kiwi", &[("@alice:kiwi", "join")], 100);
+    check(&mut g, "a room with alice");
+    g.room("!b:kiwi", &[("@alice:kiwi", "invite")], 0);
+    check(&mut g, "a room without power");
+    g.receipt("!a:kiwi", "@alice:kiwi", "$x", 5);
+    check(&mut g, "a read");
+    g.record(Entry::OptOut(OptOut { person: "alice".into(), room_id: Some("!b:kiwi".try_into().unwrap()), opted_out: true }));
+    check(&mut g, "an opt-out");
+    g.linked("carol", &["@carol:kiwi", "@carol:mango"]);
+    g.room("!c:kiwi", &[("@carol:kiwi", "join"), ("@alice:litchi", "join")], 100);
+    check(&mut g, "another person");
+    g.record(Entry::InvitePending(InvitePending { room_id: "!c:kiwi".try_into().unwrap(), target: user("@carol:mango"), event_id: "$i".try_into().unwrap(), event: json!({}) }));
+    check(&mut g, "an invite pending");
+}

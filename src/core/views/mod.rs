@@ -470,6 +470,10 @@ pub struct Views {
     /// persisted: views loaded or rebuilt start with everything unsaved.
     #[serde(skip)]
     pub unsaved: Touched,
+    /// Rooms changed since the in-step pass last looked ([`crate::core::step::StepCache`]).
+    /// Not persisted: views loaded or rebuilt start with everything touched.
+    #[serde(skip)]
+    pub step_touched: Touched,
     /// Which rooms are in which state, kept in step by folding so that workers never scan
     /// every room. Not persisted: rebuilt when views are loaded.
     #[serde(skip)]
@@ -596,6 +600,7 @@ impl Views {
             presence: meta.presence,
             touched: Touched::default(),
             unsaved: Touched::none(),
+            step_touched: Touched::default(),
             index: RoomIndex::default(),
         }
         .reindexed()
@@ -652,6 +657,7 @@ impl Views {
             presence: BTreeMap::new(),
             touched: Touched::default(),
             unsaved: Touched::default(),
+            step_touched: Touched::default(),
             index: RoomIndex::default(),
         }
     }
@@ -681,9 +687,13 @@ impl Views {
                 if !self.unsaved.all {
                     self.unsaved.rooms.insert(r.clone());
                 }
+                if !self.step_touched.all {
+                    self.step_touched.rooms.insert(r.clone());
+                }
             }
             crate::core::log_entry::Scope::Everything => {
                 self.touched = Touched::default();
+                self.step_touched = Touched::default();
             }
             _ => {}
         }
