@@ -614,19 +614,20 @@ pub async fn step_worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiv
             } else {
                 touched
             };
-            let report = {
+            let persons = {
                 let views = app.views.read().await;
                 cache.update(&views, &app.routes, &touched);
-                cache.report(&views)
+                cache.persons(&views)
             };
-            catching_up = report.out_of_step.iter().filter(|(_, s)| **s == crate::core::step::Step::CatchingUp).map(|(k, _)| k.clone()).collect();
+            let out_of_step = cache.out_of_step();
+            catching_up = out_of_step.iter().filter(|(_, s)| **s == crate::core::step::Step::CatchingUp).map(|(k, _)| k.clone()).collect();
             for s in crate::core::step::Step::ALL {
-                app.metrics.persons.with_label_values(&[s.label()]).set(report.persons.get(&s).copied().unwrap_or(0) as i64);
-                app.metrics.account_rooms.with_label_values(&[s.label()]).set(report.account_rooms.get(&s).copied().unwrap_or(0) as i64);
+                app.metrics.persons.with_label_values(&[s.label()]).set(persons.get(&s).copied().unwrap_or(0) as i64);
+                app.metrics.account_rooms.with_label_values(&[s.label()]).set(cache.account_rooms().get(&s).copied().unwrap_or(0) as i64);
             }
-            tracing::debug!(out_of_step = report.out_of_step.len(), "in-step gauges updated");
+            tracing::debug!(out_of_step = out_of_step.len(), rooms = if touched.all { usize::MAX } else { touched.rooms.len() }, "in-step gauges updated");
             // People with a chat with the bot hear about what fedlink cannot do for them.
-            crate::bot::tell_problems(&app, &report.out_of_step).await;
+            crate::bot::tell_problems(&app, out_of_step).await;
         }
         let now = Instant::now();
         since.retain(|k, _| catching_up.contains(k));

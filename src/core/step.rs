@@ -154,63 +154,101 @@ pub fn report(views: &Views, routes: &Routes) -> StepReport {
 /// One room's classification: (person, account, state) of every account that counts there.
 type RoomEntries = Vec<(String, OwnedUserId, Step)>;
 
-/// The in-step classification kept room by room, so that a pass costs what changed since
-/// the last one (the rooms folding touched, [`Views::step_touched`]) plus a sum over the
-/// kept entries, not a `decide` over every room. A directory change touches every room.
+/// The in-step classification kept room by room, with its sums, so that a pass costs what
+/// changed since the last one (the rooms folding touched, [`Views::step_touched`]): those
+/// rooms are classified again and their old entries swapped out of the sums. Only the
+/// per-person worst state is summed over persons. A directory change touches every room.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StepCache {
     rooms: BTreeMap<OwnedRoomId, RoomEntries>,
+    account_rooms: BTreeMap<Step, usize>,
+    out_of_step: BTreeMap<(OwnedRoomId, OwnedUserId), Step>,
+    /// Per person, how many of their (room, account) pairs are in each state.
+    person_states: BTreeMap<String, BTreeMap<Step, usize>>,
 }
 
 impl StepCache {
     /// Classify the `touched` rooms again.
     pub fn update(&mut self, views: &Views, routes: &Routes, touched: &Touched) {
         if touched.all {
-            self.rooms.clear();
+            *self = StepCache::default();
         }
         let actions = decide_touched(views, routes, touched);
         let decided = decided_by_room(&actions);
         let empty = Decided::default();
-        let mut classify = |room_id: &OwnedRoomId| match views.rooms.get(room_id).filter(|r| kept(r)) {
-            Some(room) => {
+        let ids: Vec<&OwnedRoomId> = if touched.all { views.rooms.keys().collect() } else { touched.rooms.iter().collect() };
+        for room_id in ids {
+            self.remove(room_id);
+            if let Some(room) = views.rooms.get(room_id).filter(|r| kept(r)) {
                 let entries = room_entries(views, room_id, room, decided.get(room_id).unwrap_or(&empty));
-                if entries.is_empty() {
-                    self.rooms.remove(room_id);
-                } else {
-                    self.rooms.insert(room_id.clone(), entries);
-                }
+                self.add(room_id, entries);
             }
-            None => {
-                self.rooms.remove(room_id);
-            }
-        };
-        if touched.all {
-            views.rooms.keys().for_each(&mut classify);
-        } else {
-            touched.rooms.iter().for_each(classify);
         }
     }
 
-    /// The report from the kept classification.
-    pub fn report(&self, views: &Views) -> StepReport {
-        let dir = &views.directory;
-        let mut out = StepReport::default();
-        let mut worst: BTreeMap<&String, Step> = dir.persons.iter().map(|(id, p)| (id, if p.opted_out { Step::OptedOut } else { Step::InStep })).collect();
-        for (room_id, entries) in &self.rooms {
-            for (person, account, s) in entries {
-                *out.account_rooms.entry(*s).or_default() += 1;
-                if *s != Step::InStep {
-                    out.out_of_step.insert((room_id.clone(), account.clone()), *s);
+    fn remove(&mut self, room_id: &OwnedRoomId) {
+        let Some(entries) = self.rooms.remove(room_id) else { return };
+        for (person, account, s) in entries {
+            if let Some(n) = self.account_rooms.get_mut(&s) {
+                *n -= 1;
+            }
+            self.out_of_step.remove(&(room_id.clone(), account));
+            if let Some(states) = self.person_states.get_mut(&person) {
+                if let Some(n) = states.get_mut(&s) {
+                    *n -= 1;
+                    if *n == 0 {
+                        states.remove(&s);
+                    }
                 }
-                if let Some(w) = worst.get_mut(person) {
-                    *w = (*w).max(*s);
+                if states.is_empty() {
+                    self.person_states.remove(&person);
                 }
             }
         }
-        for s in worst.into_values() {
-            *out.persons.entry(s).or_default() += 1;
+    }
+
+    fn add(&mut self, room_id: &OwnedRoomId, entries: RoomEntries) {
+        if entries.is_empty() {
+            return;
+        }
+        for (person, account, s) in &entries {
+            *self.account_rooms.entry(*s).or_default() += 1;
+            if *s != Step::InStep {
+                self.out_of_step.insert((room_id.clone(), account.clone()), *s);
+            }
+            *self.person_states.entry(person.clone()).or_default().entry(*s).or_default() += 1;
+        }
+        self.rooms.insert(room_id.clone(), entries);
+    }
+
+    /// (room, account) pairs by state.
+    pub fn account_rooms(&self) -> &BTreeMap<Step, usize> {
+        &self.account_rooms
+    }
+
+    /// The (room, account) pairs not in step.
+    pub fn out_of_step(&self) -> &BTreeMap<(OwnedRoomId, OwnedUserId), Step> {
+        &self.out_of_step
+    }
+
+    /// Persons by state: each takes the worst of their accounts', or `opted_out`.
+    pub fn persons(&self, views: &Views) -> BTreeMap<Step, usize> {
+        let mut out = BTreeMap::new();
+        for (id, p) in views.directory.persons.iter() {
+            let base = if p.opted_out { Step::OptedOut } else { Step::InStep };
+            let worst = self.person_states.get(id).and_then(|m| m.keys().next_back().copied()).map_or(base, |w| w.max(base));
+            *out.entry(worst).or_default() += 1;
         }
         out
+    }
+
+    /// The whole report (copies the sums).
+    pub fn report(&self, views: &Views) -> StepReport {
+        StepReport {
+            persons: self.persons(views),
+            account_rooms: self.account_rooms.iter().filter(|(_, n)| **n > 0).map(|(s, n)| (*s, *n)).collect(),
+            out_of_step: self.out_of_step.clone(),
+        }
     }
 }
 
