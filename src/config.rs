@@ -457,7 +457,7 @@ impl Config {
         for (name, raw) in env {
             let Some(rest) = name.strip_prefix("FEDLINK_") else { continue };
             // Variables that are not config keys (logging, test plumbing) are ignored.
-            if matches!(rest, "LOG" | "LOG_FORMAT" | "CONFIG" | "SCHEMATHESIS") || ["SYNAPSE", "PROMETHEUS", "KEEP_"].iter().any(|p| rest.starts_with(p)) {
+            if matches!(rest, "LOG" | "LOG_FORMAT" | "CONFIG" | "SCHEMATHESIS" | "TEST_TOOLS") || ["SYNAPSE", "PROMETHEUS", "KEEP_"].iter().any(|p| rest.starts_with(p)) {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
