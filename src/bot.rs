@@ -307,11 +307,12 @@ fn build_message(app: &Fedlink, views: &Views, room_id: &OwnedRoomId, content: V
 
 /// Tell people, once per room and reason, about accounts fedlink cannot keep in step
 /// (from the step report's `out_of_step`) and rooms the bot gave up joining: one message
-/// per chat and pass listing at most `MAX_TOLD_PER_MESSAGE` rooms (the rest come on the
+/// per chat and pass, listing at most `core::bot::MAX_LISTED_ROOMS` rooms and counting the
+/// others (all of them, up to `MAX_TOLD_PER_PASS`, are told at once; the rest come on the
 /// next pass). Each problem is checked again under the ingest lock, so one fixed since the
 /// report is not announced.
 pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeMap<(OwnedRoomId, OwnedUserId), crate::core::step::Step>) {
-    const MAX_TOLD_PER_MESSAGE: usize = 20;
+    const MAX_TOLD_PER_PASS: usize = 500;
     let notices = {
         let views = app.views.read().await;
         let names = |r: &OwnedRoomId| room_name(app, &views, r);
@@ -333,7 +334,7 @@ pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeM
                     .get(&n.account)
                     .is_some_and(|s| matches!(s, crate::core::step::Step::Blocked | crate::core::step::Step::Unsupported)),
             };
-            (owner, notices.iter().filter(|n| !told(n) && still(n)).take(MAX_TOLD_PER_MESSAGE).collect())
+            (owner, notices.iter().filter(|n| !told(n) && still(n)).take(MAX_TOLD_PER_PASS).collect())
         };
         let Some(owner) = owner else { continue };
         if current.is_empty() {

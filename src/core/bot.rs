@@ -705,13 +705,17 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
     out
 }
 
-/// One message for a chat's notices: a line per room.
+/// One message for a chat's notices: a line per room, at most [`MAX_LISTED_ROOMS`], and a
+/// count of the others.
 pub fn notices_text(lines: &[&Notice]) -> String {
     let mut s = String::from("I cannot keep your accounts fully in step here:\n");
-    for n in lines {
+    for n in lines.iter().take(MAX_LISTED_ROOMS) {
         s.push_str("- ");
         s.push_str(&n.text);
         s.push('\n');
+    }
+    if lines.len() > MAX_LISTED_ROOMS {
+        s.push_str(&format!("- and {} more rooms.\n", lines.len() - MAX_LISTED_ROOMS));
     }
     s.push_str("I tell you about each room and reason once; send `status` to see where things stand.");
     s

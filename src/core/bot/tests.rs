@@ -526,3 +526,14 @@ fn given_a_join_given_up_then_the_linked_inviter_is_told_once() {
     g.record(Entry::BotTold(BotTold { room_id: r("!chat:kiwi"), about: r("!far:kiwi"), reason: "join_failed".into() }));
     assert!(notices(&g.views, &Default::default(), &|_| None).is_empty());
 }
+
+#[test]
+fn given_many_rooms_to_tell_then_one_message_names_twenty_and_counts_the_rest() {
+    let n: Vec<Notice> = (0..25)
+        .map(|i| Notice { chat: r("!chat:kiwi"), account: u(B), about: r(&format!("!r{i}:kiwi")), reason: "no_registration", text: format!("room {i}") })
+        .collect();
+    let refs: Vec<&Notice> = n.iter().collect();
+    let text = notices_text(&refs);
+    assert_eq!(text.lines().filter(|l| l.starts_with("- room")).count(), MAX_LISTED_ROOMS);
+    assert!(text.contains("and 5 more rooms"), "{text}");
+}
