@@ -100,9 +100,16 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
     let (owner, commands, encrypted) = {
         let views = app.views.read().await;
         let Some(room) = views.rooms.get(room_id) else { return Ok(()) };
-        let (Some(owner), Some(chat)) = (room.chat_owner(&views.bot_user_id), room.bot_chat.as_ref()) else { return Ok(()) };
+        let Some(chat) = room.bot_chat.as_ref() else { return Ok(()) };
+        let commands: Vec<OwnedEventId> = chat.commands.values().cloned().collect();
+        let Some(owner) = room.chat_owner(&views.bot_user_id) else {
+            // No longer a chat (someone else came in): its waiting commands are dropped, not
+            // kept for the day it is one again.
+            drop(views);
+            return drop_commands(app, room_id, commands).await;
+        };
         let told = chat.told.iter().any(|(_, r)| r == "encrypted");
-        (owner.clone(), chat.commands.values().cloned().collect::<Vec<_>>(), room.encrypted() && !told)
+        (owner.clone(), commands, room.encrypted() && !told)
     };
     if encrypted {
         let _lock = app.ingest.lock().await;
@@ -114,6 +121,35 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
     for event_id in commands {
         answer(app, room_id, &owner, &event_id).await?;
     }
+    Ok(())
+}
+
+/// Drop `commands` waiting in a room that is no longer a chat.
+async fn drop_commands(app: &Fedlink, room_id: &OwnedRoomId, commands: Vec<OwnedEventId>) -> Result<(), String> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let _lock = app.ingest.lock().await;
+    let entries: Vec<Entry> = {
+        let views = app.views.read().await;
+        let Some(room) = views.rooms.get(room_id) else { return Ok(()) };
+        if room.chat_owner(&views.bot_user_id).is_some() {
+            return Ok(()); // a chat again meanwhile: answered on the next round
+        }
+        let waiting = room.bot_chat.as_ref().map(|c| c.commands.values().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        commands
+            .into_iter()
+            .filter(|e| waiting.contains(e))
+            .map(|event_id| Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id, command: "dropped".into(), reply: None }))
+            .collect()
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    app.metrics.bot_commands.with_label_values(&["dropped", "dropped"]).inc_by(entries.len() as u64);
+    tracing::info!(%room_id, commands = entries.len(), "commands dropped: the room is no longer a direct chat");
+    app.append(entries, None).await.map_err(|e| e.to_string())?;
+    app.store.flush().await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -132,8 +168,27 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
         other => other,
     };
     let code = new_code();
-    let wrong_codes = app.bot_state.wrong_codes.lock().expect("lock").get(owner).copied().unwrap_or(0);
+    // `help` and `status` change nothing: their answer is worked out before the ingest lock
+    // is taken (a status reads every room of the person; ingest goes on meanwhile).
+    let read_only = match &parsed {
+        Ok(cmd @ (Command::Help | Command::Status)) => {
+            let views = app.views.read().await;
+            let names = |r: &OwnedRoomId| room_name(app, &views, r);
+            let ctx = Ctx {
+                views: &views,
+                routes: &app.routes,
+                linking: app.cfg.bot.self_service_linking,
+                code_ttl_ms: app.cfg.bot.link_code_ttl_secs.saturating_mul(1000),
+                now_ms: now_ms(),
+                room_name: &names,
+                wrong_codes: 0,
+            };
+            Some(core_bot::handle(&ctx, owner, cmd, &code, &code_hash))
+        }
+        _ => None,
+    };
     let _lock = app.ingest.lock().await;
+    let wrong_codes = app.bot_state.wrong_codes.lock().expect("lock").get(owner).copied().unwrap_or(0);
     // Decided under the ingest lock: nothing else is logged between the decision and its
     // record. The room must still be a chat with this owner: a third person may have come
     // in meanwhile, and the answer (a status, say) is for the owner only.
@@ -152,8 +207,9 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
             app.store.flush().await.map_err(|e| e.to_string())?;
             return Ok(());
         }
-        let (name, outcome) = match &parsed {
-            Ok(cmd) => {
+        let (name, outcome) = match (&parsed, read_only) {
+            (Ok(cmd), Some(outcome)) => (cmd.name(), outcome),
+            (Ok(cmd), None) => {
                 let names = |r: &OwnedRoomId| room_name(app, &views, r);
                 let ctx = Ctx {
                     views: &views,
@@ -166,7 +222,7 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
                 };
                 (cmd.name(), core_bot::handle(&ctx, owner, cmd, &code, &code_hash))
             }
-            Err(e) => ("not_understood", Outcome { reply: format!("Sorry, {e}."), refused: true, ..Default::default() }),
+            (Err(e), _) => ("not_understood", Outcome { reply: format!("Sorry, {e}."), refused: true, ..Default::default() }),
         };
         // The other accounts concerned are told in their own chats, in the same append.
         let tells: Vec<Message> = outcome
@@ -184,7 +240,7 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
         let mut wrong = app.bot_state.wrong_codes.lock().expect("lock");
         if outcome.wrong_code {
             *wrong.entry(owner.clone()).or_default() += 1;
-        } else if name == "confirm" {
+        } else if name == "confirm" && !outcome.refused {
             wrong.remove(owner);
         }
     }
@@ -245,7 +301,13 @@ struct Message {
 /// and whose rules let the bot speak; others are skipped (and counted), while `entries`
 /// are logged regardless (a command's effect stands). Returns how many were sent. Errors
 /// are storage failures: nothing was logged.
-async fn speak_locked(app: &Fedlink, msgs: Vec<Message>, mut entries: Vec<Entry>) -> Result<usize, String> {
+async fn speak_locked(app: &Fedlink, msgs: Vec<Message>, entries: Vec<Entry>) -> Result<usize, String> {
+    speak_locked_if(app, msgs, entries, false).await
+}
+
+/// [`speak_locked`]; with `only_if_sent`, `entries` are logged only when a message was
+/// sent (a notice marked told must have been told).
+async fn speak_locked_if(app: &Fedlink, msgs: Vec<Message>, mut entries: Vec<Entry>, only_if_sent: bool) -> Result<usize, String> {
     let mut pdus = Vec::new();
     let mut outbox: Vec<(String, String)> = Vec::new();
     {
@@ -278,7 +340,7 @@ async fn speak_locked(app: &Fedlink, msgs: Vec<Message>, mut entries: Vec<Entry>
         }
     }
     let sent = pdus.len();
-    if pdus.is_empty() && entries.is_empty() {
+    if pdus.is_empty() && (entries.is_empty() || only_if_sent) {
         return Ok(0);
     }
     pdus.extend(entries);
@@ -328,7 +390,15 @@ pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeM
             let views = app.views.read().await;
             let owner = views.rooms.get(&chat).and_then(|r| r.chat_owner(&views.bot_user_id)).cloned();
             let told = |n: &core_bot::Notice| views.rooms.get(&chat).and_then(|r| r.bot_chat.as_ref()).is_some_and(|c| c.told.contains(&(n.about.clone(), n.reason.to_owned())));
-            let still = |n: &core_bot::Notice| match n.reason {
+            // The account still belongs to the chat owner's person, who still wants syncing
+            // there (an unlink or an opt-out meanwhile silences it).
+            let theirs = |n: &core_bot::Notice| {
+                let owner = views.rooms.get(&chat).and_then(|r| r.chat_owner(&views.bot_user_id));
+                views.directory.person_of(&n.account).is_some_and(|(_, p)| {
+                    owner.is_some_and(|o| p.accounts.contains(o)) && !p.opted_out && !p.opted_out_rooms.contains(&n.about)
+                })
+            };
+            let still = |n: &core_bot::Notice| theirs(n) && match n.reason {
                 "join_failed" => views.rooms.get(&n.about).is_some_and(|r| matches!(r.bot, crate::core::views::BotMembership::JoinFailed { .. })),
                 _ => crate::core::step::room_steps(&views, &app.routes, &n.about, &[n.account.clone()].into())
                     .get(&n.account)
@@ -342,7 +412,8 @@ pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeM
         }
         let entries: Vec<Entry> = current.iter().map(|n| Entry::BotTold(BotTold { room_id: chat.clone(), about: n.about.clone(), reason: n.reason.to_owned() })).collect();
         let msg = Message { room_id: chat.clone(), owner, text: core_bot::notices_text(&current), in_reply_to: None, kind: "told" };
-        match speak_locked(app, vec![msg], entries).await {
+        match speak_locked_if(app, vec![msg], entries, true).await {
+            Ok(0) => {}
             Ok(_) => tracing::info!(%chat, rooms = current.len(), reasons = ?current.iter().map(|n| n.reason).collect::<Vec<_>>(), "told a person why fedlink cannot keep them in step"),
             Err(reason) => {
                 tracing::warn!(%chat, %reason, "cannot tell a person about problems; will retry");

@@ -1,5 +1,6 @@
 //! In-process, against a fake peer that signs its own events: the bot's direct chats.
 //! - a direct-chat invite is accepted whatever `bot.invites_from` says; a group invite is not;
+//!   such a chat with others in it is given up, and a room fedlink knows is never a chat;
 //! - the bot answers its chat's owner, once per command (also across a restart), never in a
 //!   group room and never once a third person is invited to or joined the chat;
 //! - a flood of commands costs at most `MAX_PENDING_COMMANDS` answers.
@@ -24,11 +25,14 @@ async fn wait_joined(f: &Fedlink, room: &str) {
     .unwrap();
 }
 
-/// The bot's notices the peer received in `room`: (in reply to, body).
+/// The bot's notices the peer received in `room`: (in reply to, body). A transaction sent
+/// again (the same id, e.g. across a restart) counts once, as a homeserver dedupes it.
 fn notices(peer: &FakePeer, room: &str, bot: &str) -> Vec<(Option<String>, String)> {
     let st = peer.state.lock().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
     st.transactions
         .iter()
+        .filter(|(txn, _)| seen.insert(txn.clone()))
         .flat_map(|(_, pdus)| pdus.iter())
         .filter(|p| p["room_id"] == room && p["sender"] == bot && p["content"]["msgtype"] == "m.notice")
         .map(|p| {
@@ -84,6 +88,45 @@ async fn anyone_may_open_a_direct_chat_whatever_invites_from_says_but_not_a_grou
     let (s, v) = peer.invite_with(&one_too_many, "alice", &f.bot(), direct(), &f.name, &f.fed_url).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(v["errcode"], "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn a_direct_invite_never_turns_a_room_with_others_or_a_known_room_into_a_chat() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = FakePeer::start().await;
+    let bob = peer.user("bob");
+    let f = Fedlink::start(dir.path(), 0, &format!("{LOOPBACK}[bot]\ninvites_from = [\"{bob}\"]\n")).await;
+    let bot = f.bot();
+    // mallory (not allowed to invite the bot) "opens a chat" in a room where bob is too:
+    // the bot gives the join up once it sees the room's members.
+    let crowd = peer.create_room("mallory", RoomVersionId::V12);
+    peer.push(&crowd, "mallory", "m.room.member", Some(&bob), json!({ "membership": "invite" }));
+    peer.push(&crowd, "bob", "m.room.member", Some(&bob), json!({ "membership": "join" }));
+    assert_eq!(peer.invite_with(&crowd, "mallory", &bot, direct(), &f.name, &f.fed_url).await.0, StatusCode::OK);
+    wait_until("the crowded chat given up", Duration::from_secs(20), || async {
+        let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&crowd))).await.1;
+        Ok((v["bot_membership"] == "join_failed").then_some(()))
+    })
+    .await
+    .unwrap();
+    // A room the bot was in and was kicked from is known as a normal room: mallory's direct
+    // invite there is an ordinary invite, which invites_from refuses.
+    let team = peer.create_room("bob", RoomVersionId::V12);
+    peer.push(&team, "bob", "m.room.member", Some(&peer.user("mallory")), json!({ "membership": "invite" }));
+    peer.push(&team, "mallory", "m.room.member", Some(&peer.user("mallory")), json!({ "membership": "join" }));
+    assert_eq!(peer.invite(&team, "bob", &bot, &f.name, &f.fed_url).await.0, StatusCode::OK);
+    wait_joined(&f, &team).await;
+    let (id, kick) = peer.push(&team, "bob", "m.room.member", Some(&bot), json!({ "membership": "leave" }));
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "kick", vec![kick], vec![]).await;
+    assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})), "{v}");
+    wait_until("the bot kicked", Duration::from_secs(20), || async {
+        let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&team))).await.1;
+        Ok((v["bot_membership"] == "left").then_some(()))
+    })
+    .await
+    .unwrap();
+    let (s, v) = peer.invite_with(&team, "mallory", &bot, direct(), &f.name, &f.fed_url).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
 }
 
 #[tokio::test]

@@ -535,6 +535,20 @@ pub fn explain(room: &RoomView, bot: &OwnedUserId, account: &OwnedUserId, step: 
     }
 }
 
+/// The reason kind [`explain`] gives, without its words.
+fn reason_kind(room: &RoomView, bot: &OwnedUserId, account: &OwnedUserId, step: Step) -> Option<&'static str> {
+    match step {
+        Step::Unsupported => Some("no_registration"),
+        Step::Blocked => Some(match room.failed_invites.get(account) {
+            Some(f) if f.power_levels_event.is_some() || f.reason.contains("power") => "missing_power",
+            Some(_) => "refused",
+            None if room.power.as_ref().is_some_and(|p| p.level(bot) < p.invite && room.membership(account).is_none()) => "missing_power",
+            None => "refused",
+        }),
+        _ => None,
+    }
+}
+
 /// The rooms where any of `accounts` is, or where fedlink has work for them.
 pub fn person_rooms<'a>(views: &'a Views, accounts: &'a BTreeSet<OwnedUserId>) -> impl Iterator<Item = (&'a OwnedRoomId, &'a RoomView)> {
     views.rooms.iter().filter(move |(_, r)| {
@@ -569,12 +583,13 @@ fn status(ctx: &Ctx, sender: &OwnedUserId) -> String {
         out.push_str(&r);
         out.push('\n');
     }
-    let mut in_step = Vec::new();
-    let mut problems: Vec<String> = Vec::new();
-    let mut off = Vec::new();
+    // Rooms are named (a store read each) only as far as they are listed.
+    let mut in_step: Vec<&OwnedRoomId> = Vec::new();
+    let mut problems: Vec<(&OwnedRoomId, Vec<String>)> = Vec::new();
+    let mut off: Vec<&OwnedRoomId> = Vec::new();
     for (room_id, room) in person_rooms(views, &p.accounts) {
         if p.opted_out_rooms.contains(room_id) {
-            off.push(room_label(ctx, room_id));
+            off.push(room_id);
             continue;
         }
         if p.opted_out {
@@ -586,11 +601,14 @@ fn status(ctx: &Ctx, sender: &OwnedUserId) -> String {
             continue;
         }
         if reasons.is_empty() {
-            in_step.push(room_label(ctx, room_id));
+            in_step.push(room_id);
         } else {
-            problems.push(format!("- {}: {}", room_label(ctx, room_id), reasons.join("; ")));
+            problems.push((room_id, reasons));
         }
     }
+    let in_step: Vec<String> = in_step.iter().enumerate().map(|(i, r)| if i < MAX_LISTED_ROOMS { room_label(ctx, r) } else { String::new() }).collect();
+    let problems: Vec<String> = problems.iter().take(MAX_LISTED_ROOMS + 1).map(|(r, why)| format!("- {}: {}", room_label(ctx, r), why.join("; "))).chain(std::iter::repeat_n(String::new(), problems.len().saturating_sub(MAX_LISTED_ROOMS + 1))).collect();
+    let off: Vec<String> = off.iter().take(MAX_LISTED_ROOMS).map(|r| room_label(ctx, r)).collect();
     if !p.opted_out {
         out.push_str(&format!("In step in {} room{}", in_step.len(), if in_step.len() == 1 { "" } else { "s" }));
         if in_step.is_empty() {
@@ -654,6 +672,7 @@ pub fn chat_of(views: &Views, accounts: &BTreeSet<OwnedUserId>) -> Option<OwnedR
 /// reason (the chat's `told` set). Catching up is not a problem worth a message.
 pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId), Step>, room_name: &dyn Fn(&OwnedRoomId) -> Option<String>) -> Vec<Notice> {
     let mut out: Vec<Notice> = Vec::new();
+    let mut seen: BTreeSet<(OwnedRoomId, OwnedRoomId, &'static str)> = BTreeSet::new();
     let mut chats: BTreeMap<&String, Option<OwnedRoomId>> = BTreeMap::new();
     for ((room_id, account), step) in out_of_step {
         if !matches!(step, Step::Blocked | Step::Unsupported) {
@@ -663,9 +682,14 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         let chat = chats.entry(pid).or_insert_with(|| chat_of(views, &person.accounts));
         let Some(chat) = chat.clone() else { continue };
         let Some(room) = views.rooms.get(room_id) else { continue };
+        let Some(told) = views.rooms.get(&chat).and_then(|c| c.bot_chat.as_ref()).map(|c| &c.told) else { continue };
+        // Cheap checks first: most problems were told long ago.
+        let kind = reason_kind(room, &views.bot_user_id, account, *step);
+        if kind.is_some_and(|k| told.contains(&(room_id.clone(), k.to_owned()))) {
+            continue;
+        }
         let Some((reason, text)) = explain(room, &views.bot_user_id, account, *step) else { continue };
-        let told = views.rooms.get(&chat).and_then(|c| c.bot_chat.as_ref()).is_some_and(|c| c.told.contains(&(room_id.clone(), reason.to_owned())));
-        if told || out.iter().any(|n| n.chat == chat && n.about == *room_id && n.reason == reason) {
+        if told.contains(&(room_id.clone(), reason.to_owned())) || !seen.insert((chat.clone(), room_id.clone(), reason)) {
             continue;
         }
         let name = match room_name(room_id) {

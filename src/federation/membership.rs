@@ -89,7 +89,10 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         _ => None,
     }) == Some(&ruma::canonical_json::CanonicalJsonValue::Bool(true));
     let allowed = app.cfg.bot.may_invite(&pdu.sender);
-    let direct = match (direct, allowed) {
+    // A room fedlink knows as a normal room (synced through registrations, left, given
+    // up) never becomes a chat: a direct invite there is an ordinary invite.
+    let known_room = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| r.bot_chat.is_none());
+    let direct = match (direct && !known_room, allowed) {
         (false, _) => None,
         (true, true) => Some(crate::core::log_entry::DirectInvite::Allowed),
         (true, false) if app.cfg.bot.direct_chats => Some(crate::core::log_entry::DirectInvite::ChatOnly),
@@ -124,7 +127,13 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     // yet: opening and leaving chats must not fill `bot.max_rooms`).
     if !already && direct == Some(crate::core::log_entry::DirectInvite::ChatOnly) {
         let views = app.views.read().await;
-        let chats = views.index.chats.get(&pdu.sender).map_or(0, |c| c.len());
+        // Chats the bot is in or joining, other than this room (a re-invite into a chat
+        // whose join failed is fine).
+        let chats = views
+            .index
+            .chats
+            .get(&pdu.sender)
+            .map_or(0, |c| c.iter().filter(|r| **r != pdu.room_id && views.rooms.get(*r).is_some_and(|v| matches!(v.bot, BotMembership::Joined | BotMembership::Invited { .. }))).count());
         if chats >= MAX_CHATS_PER_ACCOUNT {
             app.metrics.bot_invites_refused.with_label_values(&["max_chats"]).inc();
             return Err(MatrixError::forbidden(format!("{} already has {chats} direct chats with the bot, the most it keeps", pdu.sender)));
@@ -557,6 +566,23 @@ async fn send_join(
         .find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty())
         .and_then(|s| checked.get(&s.event_id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, &s.event_id, &rules)))
         .and_then(|p| serde_json::from_str::<Value>(p.content.get()).ok());
+    // A chat accepted only as a chat (the inviter may not invite the bot to rooms) that
+    // turns out to have others in it is given up: the bot does not sit in rooms nobody
+    // allowed it into.
+    let crowded = {
+        let views = app.views.read().await;
+        views.rooms.get(room_id).and_then(|r| r.bot_chat.as_ref()).filter(|c| c.chat_only).is_some_and(|c| {
+            state_refs.iter().any(|s| {
+                s.event_type == "m.room.member"
+                    && s.state_key != app.bot.as_str()
+                    && s.state_key != c.owner.as_str()
+                    && matches!(s.membership.as_deref(), Some("join") | Some("invite"))
+            })
+        })
+    };
+    if crowded {
+        return Err(JoinError::Permanent("a direct chat with the bot from someone bot.invites_from does not allow, but others are in the room".into()));
+    }
     let _lock = app.ingest.lock().await;
     let mut entries: Vec<Entry> = checked
         .values()

@@ -537,3 +537,22 @@ fn given_many_rooms_to_tell_then_one_message_names_twenty_and_counts_the_rest() 
     assert_eq!(text.lines().filter(|l| l.starts_with("- room")).count(), MAX_LISTED_ROOMS);
     assert!(text.contains("and 5 more rooms"), "{text}");
 }
+
+#[test]
+fn given_a_direct_room_whose_other_invites_come_after_the_bot_joined_then_it_becomes_a_normal_room_unless_used() {
+    let mut g = given();
+    g.linked("alice", &[A, B], LinkSource::Admin);
+    // bob's createRoom invited the bot and alice@kiwi: the bot joined first.
+    g.bot_in("!dm:kiwi", "@bob:kiwi", true, &["@bob:kiwi"]);
+    assert!(g.views.rooms[&r("!dm:kiwi")].bot_chat.is_some());
+    g.pdu("!dm:kiwi", "@bob:kiwi", "m.room.member", Some(A), json!({ "membership": "invite", "is_direct": true }));
+    assert!(g.views.rooms[&r("!dm:kiwi")].bot_chat.is_none(), "a third member before any command: a normal room");
+    assert!(decide(&g.views, &Routes::new()).iter().any(|a| matches!(a, Action::Invite { target, .. } if target.as_str() == B)));
+    // A chat its owner used stays a chat (silent while others are in it).
+    g.bot_in("!chat:kiwi", A, true, &[A]);
+    g.pdu("!chat:kiwi", A, "m.room.message", None, json!({ "msgtype": "m.text", "body": "help" }));
+    g.pdu("!chat:kiwi", A, "m.room.member", Some(C), json!({ "membership": "invite" }));
+    let room = &g.views.rooms[&r("!chat:kiwi")];
+    assert!(room.bot_chat.is_some() && room.chat_owner(&u(BOT)).is_none());
+    assert!(g.views.index.chat_work.contains(&r("!chat:kiwi")), "its waiting command is work: it is dropped, not kept");
+}

@@ -235,6 +235,9 @@ pub struct BotChat {
     /// What the bot told here already, once each: (room, reason).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub told: BTreeSet<(OwnedRoomId, String)>,
+    /// The owner has sent a command here: from then on the room stays a chat.
+    #[serde(default)]
+    pub used: bool,
 }
 
 /// Where a read is: the event, its position, the receipt's time and log position.
@@ -335,11 +338,13 @@ impl RoomView {
         (self.bot_joined() && self.membership(&chat.owner) == Some("join") && alone).then_some(&chat.owner)
     }
 
-    /// Whether the bot owes this chat something: a command's answer, or (once) the word
-    /// that it cannot read encrypted messages.
+    /// Whether the bot owes this chat something: a command's answer (or dropping it, when
+    /// the room is no longer a chat), or (once) the word that it cannot read encrypted
+    /// messages.
     pub fn chat_work(&self, bot: &OwnedUserId) -> bool {
         let Some(chat) = &self.bot_chat else { return false };
-        self.chat_owner(bot).is_some() && (!chat.commands.is_empty() || (self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted")))
+        // Commands waiting in a room that is no longer a chat are work too: they are dropped.
+        (self.bot_joined() && !chat.commands.is_empty()) || (self.chat_owner(bot).is_some() && self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted"))
     }
 
     /// Whether the room is encrypted (`m.room.encryption` in its state).
@@ -732,6 +737,7 @@ impl Views {
                     chat_only: d == super::log_entry::DirectInvite::ChatOnly,
                     commands: BTreeMap::new(),
                     told: BTreeSet::new(),
+                    used: false,
                 });
                 match self.rooms.get_mut(&i.room_id) {
                     // A re-invite after leaving starts a new membership; an invite while
@@ -952,6 +958,7 @@ impl Views {
             let text = p.pdu.get("content").and_then(|c| c.get("msgtype")).and_then(serde_json::Value::as_str) == Some("m.text");
             if let Some(chat) = room.bot_chat.as_mut().filter(|c| text && c.commands.len() < MAX_PENDING_COMMANDS) {
                 chat.commands.insert(seq, p.event_id.clone());
+                chat.used = true;
             }
         }
         let thread = crate::core::log_entry::thread_root(&p.pdu);
@@ -1030,6 +1037,13 @@ impl Views {
             }
             if m == "invite" && p.pdu.get("content").and_then(|c| c.get("is_direct")).and_then(serde_json::Value::as_bool) == Some(true) {
                 room.direct_invites.entry(user.clone()).or_insert((p.sender.clone(), seq));
+            }
+            // A direct room between people that includes the bot, whose other invites came
+            // after the bot joined: a normal room, if nobody used it as a chat yet.
+            if let Some(chat) = room.bot_chat.as_ref().filter(|c| !c.chat_only && !c.used) {
+                if user != bot && user != chat.owner && matches!(m.as_str(), "join" | "invite") {
+                    room.bot_chat = None;
+                }
             }
             room.apply_membership(user, m, Some(&p.sender), seq);
         }
