@@ -173,17 +173,7 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
     let read_only = match &parsed {
         Ok(cmd @ (Command::Help | Command::Status)) => {
             let views = app.views.read().await;
-            let names = |r: &OwnedRoomId| room_name(app, &views, r);
-            let ctx = Ctx {
-                views: &views,
-                routes: &app.routes,
-                linking: app.cfg.bot.self_service_linking,
-                code_ttl_ms: app.cfg.bot.link_code_ttl_secs.saturating_mul(1000),
-                now_ms: now_ms(),
-                room_name: &names,
-                wrong_codes: 0,
-            };
-            Some(core_bot::handle(&ctx, owner, cmd, &code, &code_hash))
+            Some(handle_with(app, &views, owner, cmd, &code, 0))
         }
         _ => None,
     };
@@ -209,19 +199,7 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
         }
         let (name, outcome) = match (&parsed, read_only) {
             (Ok(cmd), Some(outcome)) => (cmd.name(), outcome),
-            (Ok(cmd), None) => {
-                let names = |r: &OwnedRoomId| room_name(app, &views, r);
-                let ctx = Ctx {
-                    views: &views,
-                    routes: &app.routes,
-                    linking: app.cfg.bot.self_service_linking,
-                    code_ttl_ms: app.cfg.bot.link_code_ttl_secs.saturating_mul(1000),
-                    now_ms: now_ms(),
-                    room_name: &names,
-                    wrong_codes,
-                };
-                (cmd.name(), core_bot::handle(&ctx, owner, cmd, &code, &code_hash))
-            }
+            (Ok(cmd), None) => (cmd.name(), handle_with(app, &views, owner, cmd, &code, wrong_codes)),
             (Err(e), _) => ("not_understood", Outcome { reply: format!("Sorry, {e}."), refused: true, ..Default::default() }),
         };
         // The other accounts concerned are told in their own chats, in the same append.
@@ -259,6 +237,21 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
     // One line per decision; never the code.
     tracing::info!(%room_id, %owner, command = name, result, messages = sent, changes = outcome.entries.len(), "answered a command in the bot's chat");
     Ok(())
+}
+
+/// What `cmd` from `owner` does, decided over `views` with fedlink's settings and clock.
+fn handle_with(app: &Fedlink, views: &Views, owner: &OwnedUserId, cmd: &Command, code: &str, wrong_codes: u32) -> Outcome {
+    let names = |r: &OwnedRoomId| room_name(app, views, r);
+    let ctx = Ctx {
+        views,
+        routes: &app.routes,
+        linking: app.cfg.bot.self_service_linking,
+        code_ttl_ms: app.cfg.bot.link_code_ttl_secs.saturating_mul(1000),
+        now_ms: now_ms(),
+        room_name: &names,
+        wrong_codes,
+    };
+    core_bot::handle(&ctx, owner, cmd, code, &code_hash)
 }
 
 /// An alias's room id, asked of the alias's server (only a server fedlink may talk to,

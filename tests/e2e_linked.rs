@@ -10,37 +10,11 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{enc, fedlink_proc::FedlinkBin, kiwi_and_litchi, linked_alice_config, wait_until, ClientSession, KiwiLitchi};
+use support::{
+    e2e::{invited_rooms, wait_invited, wait_member},
+    enc, fedlink_proc::FedlinkBin, kiwi_and_litchi, linked_alice_config, wait_until, KiwiLitchi};
 
 const T: Duration = Duration::from_secs(60);
-
-async fn invited_rooms(c: &ClientSession) -> anyhow::Result<Vec<String>> {
-    let v = c.get("/_matrix/client/v3/sync?timeout=0").await?;
-    Ok(v["rooms"]["invite"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default())
-}
-
-async fn wait_invited(c: &ClientSession, room: &str, f: &FedlinkBin) {
-    let t = std::time::Instant::now();
-    wait_until(&format!("{} invited to {room}", c.user_id), T, || async {
-        if invited_rooms(c).await?.iter().any(|r| r == room) {
-            return Ok(Some(()));
-        }
-        Err(anyhow::anyhow!("fedlink log:\n{}", f.log_tail()))
-    })
-    .await
-    .unwrap();
-    if t.elapsed() > Duration::from_secs(10) {
-        eprintln!("SLOW invite ({:?}); fedlink log:\n{}", t.elapsed(), f.log_tail());
-    }
-}
-
-async fn wait_member(c: &ClientSession, room: &str, user: &str) {
-    wait_until(&format!("{user} joined {room} as {} sees it", c.user_id), T, || async {
-        Ok(c.joined_members(room).await?.iter().any(|m| m == user).then_some(()))
-    })
-    .await
-    .unwrap();
-}
 
 async fn room_view(f: &FedlinkBin, room: &str) -> Value {
     f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(room))).await.1

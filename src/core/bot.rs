@@ -491,7 +491,12 @@ fn unlink(ctx: &Ctx, sender: &OwnedUserId, other: &OwnedUserId) -> Outcome {
 }
 
 fn room_label(ctx: &Ctx, room_id: &OwnedRoomId) -> String {
-    match (ctx.room_name)(room_id) {
+    labelled((ctx.room_name)(room_id), room_id)
+}
+
+/// A room as the bot names it: `"Name" (!id)`, or the id.
+fn labelled(name: Option<String>, room_id: &OwnedRoomId) -> String {
+    match name {
         Some(name) => format!("\"{name}\" ({room_id})"),
         None => room_id.to_string(),
     }
@@ -692,10 +697,7 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         if told.contains(&(room_id.clone(), reason.to_owned())) || !seen.insert((chat.clone(), room_id.clone(), reason)) {
             continue;
         }
-        let name = match room_name(room_id) {
-            Some(n) => format!("\"{n}\" ({room_id})"),
-            None => room_id.to_string(),
-        };
+        let name = labelled(room_name(room_id), room_id);
         out.push(Notice {
             chat,
             account: account.clone(),
@@ -714,10 +716,7 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         if told {
             continue;
         }
-        let name = match room_name(room_id) {
-            Some(n) => format!("\"{n}\" ({room_id})"),
-            None => room_id.to_string(),
-        };
+        let name = labelled(room_name(room_id), room_id);
         out.push(Notice {
             chat,
             account: inviter.clone(),

@@ -13,6 +13,7 @@ pub mod util;
 pub use synapse::*;
 
 pub mod appservice;
+pub mod e2e;
 pub mod fake_peer;
 pub mod fedlink_proc;
 pub mod prometheus;
