@@ -103,10 +103,10 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
         let Some(chat) = room.bot_chat.as_ref() else { return Ok(()) };
         let commands: Vec<OwnedEventId> = chat.commands.values().cloned().collect();
         let Some(owner) = room.chat_owner(&views.bot_user_id) else {
-            // No longer a chat (someone else came in): its waiting commands are dropped, not
-            // kept for the day it is one again.
+            // No longer a chat (the owner left, or someone else came in): the bot leaves,
+            // and its waiting commands are dropped.
             drop(views);
-            return drop_commands(app, room_id, commands).await;
+            return leave_chat(app, room_id).await;
         };
         let told = chat.told.iter().any(|(_, r)| r == "encrypted");
         (owner.clone(), commands, room.encrypted() && !told)
@@ -124,32 +124,44 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
     Ok(())
 }
 
-/// Drop `commands` waiting in a room that is no longer a chat.
-async fn drop_commands(app: &Fedlink, room_id: &OwnedRoomId, commands: Vec<OwnedEventId>) -> Result<(), String> {
-    if commands.is_empty() {
-        return Ok(());
-    }
+/// Leave `room_id`, a chat that is no longer one: the bot's own leave event, checked,
+/// logged with the dropped commands and sent to the room's other servers.
+async fn leave_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> {
     let _lock = app.ingest.lock().await;
-    let entries: Vec<Entry> = {
+    let (mut entries, outbox, dropped) = {
         let views = app.views.read().await;
-        let Some(room) = views.rooms.get(room_id) else { return Ok(()) };
+        let Some(room) = views.rooms.get(room_id).filter(|r| r.bot_joined()) else { return Ok(()) };
         if room.chat_owner(&views.bot_user_id).is_some() {
-            return Ok(()); // a chat again meanwhile: answered on the next round
+            return Ok(()); // a chat again meanwhile
         }
-        let waiting = room.bot_chat.as_ref().map(|c| c.commands.values().cloned().collect::<Vec<_>>()).unwrap_or_default();
-        commands
-            .into_iter()
-            .filter(|e| waiting.contains(e))
-            .map(|event_id| Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id, command: "dropped".into(), reply: None }))
-            .collect()
+        let dropped: Vec<Entry> = room
+            .bot_chat
+            .as_ref()
+            .map(|c| c.commands.values().map(|e| Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id: e.clone(), command: "dropped".into(), reply: None })).collect())
+            .unwrap_or_default();
+        let n = dropped.len();
+        match build_event(app, &views, room_id, "m.room.member", Some(app.bot.as_str()), json!({ "membership": "leave" })) {
+            Ok((entry, dests)) => {
+                let outbox: Vec<(String, String)> = dests.into_iter().map(|d| (d, entry.event_id.to_string())).collect();
+                (std::iter::once(Entry::Pdu(entry)).chain(dropped).collect::<Vec<_>>(), outbox, n)
+            }
+            Err(reason) => {
+                tracing::warn!(%room_id, %reason, "the bot cannot leave a room that is no longer its chat");
+                (dropped, Vec::new(), n)
+            }
+        }
     };
     if entries.is_empty() {
         return Ok(());
     }
-    app.metrics.bot_commands.with_label_values(&["dropped", "dropped"]).inc_by(entries.len() as u64);
-    tracing::info!(%room_id, commands = entries.len(), "commands dropped: the room is no longer a direct chat");
-    app.append(entries, None).await.map_err(|e| e.to_string())?;
+    let left = matches!(entries.first(), Some(Entry::Pdu(_)));
+    if dropped > 0 {
+        app.metrics.bot_commands.with_label_values(&["dropped", "dropped"]).inc_by(dropped as u64);
+    }
+    app.metrics.bot_chats_left.with_label_values(&[if left { "ok" } else { "error" }]).inc();
+    app.append_and_send(entries, None, &outbox).await.map_err(|e| e.to_string())?;
     app.store.flush().await.map_err(|e| e.to_string())?;
+    tracing::info!(%room_id, left, dropped, "the room is no longer a direct chat with the bot: it leaves");
     Ok(())
 }
 
@@ -344,9 +356,14 @@ async fn speak_locked_if(app: &Fedlink, msgs: Vec<Message>, mut entries: Vec<Ent
 
 /// Build, sign and admit the bot's message: its log entry and the servers to send it to.
 fn build_message(app: &Fedlink, views: &Views, room_id: &OwnedRoomId, content: Value) -> Result<(PduEntry, Vec<String>), String> {
+    build_event(app, views, room_id, "m.room.message", None, content)
+}
+
+/// Build, sign and admit an event of the bot (a message, its leave).
+fn build_event(app: &Fedlink, views: &Views, room_id: &OwnedRoomId, kind: &str, state_key: Option<&str>, content: Value) -> Result<(PduEntry, Vec<String>), String> {
     let room = views.rooms.get(room_id).filter(|r| r.bot_joined()).ok_or("the bot is not in this room")?;
     let rules = rules_for(&room.version).ok_or("unsupported room version")?;
-    let obj = build::template(&app.store, room_id.as_str(), room, &rules, &app.bot, "m.room.message", None, content, now_ms()).map_err(|e| e.to_string())?;
+    let obj = build::template(&app.store, room_id.as_str(), room, &rules, &app.bot, kind, state_key, content, now_ms()).map_err(|e| e.to_string())?;
     let pdu = build::sign(app.server_name.as_str(), &app.key, obj, &rules).map_err(|e| e.to_string())?;
     let admitted = crate::rooms::admit(&app.store, room, &pdu, &rules).map_err(|e| format!("the room's rules refuse it: {e}"))?;
     if admitted.status != PduStatus::Accepted {

@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Messages the bot sent, by kind (`reply`, `told`, `encrypted`, `tell`) and result
     /// (`ok`, `error`).
     pub bot_messages: IntCounterVec,
+    /// Chats the bot left because they stopped being direct chats, by result (`ok`, `error`).
+    pub bot_chats_left: IntCounterVec,
     /// Self-service link requests, by outcome (`requested`, `confirmed`, `refused`,
     /// `expired`, `replaced`).
     pub link_requests: IntCounterVec,
@@ -198,6 +200,7 @@ impl Metrics {
             directory_lookups: counter_vec(&r, "fedlink_directory_lookups_total", "HTTP directory lookups by result", &["result"]),
             bot_commands: counter_vec(&r, "fedlink_bot_commands_total", "Commands people sent the bot in its direct chats, by command and result", &["command", "result"]),
             bot_messages: counter_vec(&r, "fedlink_bot_messages_total", "Messages the bot sent in its direct chats, by kind and result", &["kind", "result"]),
+            bot_chats_left: counter_vec(&r, "fedlink_bot_chats_left_total", "Chats the bot left because they stopped being direct chats (the owner left, someone else came in), by result", &["result"]),
             link_requests: counter_vec(&r, "fedlink_link_requests_total", "Self-service link requests by outcome", &["outcome"]),
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),

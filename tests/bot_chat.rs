@@ -1,8 +1,8 @@
 //! In-process, against a fake peer that signs its own events: the bot's direct chats.
 //! - a direct-chat invite is accepted whatever `bot.invites_from` says; a group invite is not;
-//!   such a chat with others in it is given up, and a room fedlink knows is never a chat;
+//!   the bot leaves such a chat with others in it, and a room fedlink knows is never a chat;
 //! - the bot answers its chat's owner, once per command (also across a restart), never in a
-//!   group room and never once a third person is invited to or joined the chat;
+//!   group room and never once a third person is invited to or joined the chat (it leaves);
 //! - a flood of commands costs at most `MAX_PENDING_COMMANDS` answers.
 
 mod support;
@@ -98,17 +98,20 @@ async fn a_direct_invite_never_turns_a_room_with_others_or_a_known_room_into_a_c
     let f = Fedlink::start(dir.path(), 0, &format!("{LOOPBACK}[bot]\ninvites_from = [\"{bob}\"]\n")).await;
     let bot = f.bot();
     // mallory (not allowed to invite the bot) "opens a chat" in a room where bob is too:
-    // the bot gives the join up once it sees the room's members.
+    // the bot leaves once it sees the room's members.
     let crowd = peer.create_room("mallory", RoomVersionId::V12);
     peer.push(&crowd, "mallory", "m.room.member", Some(&bob), json!({ "membership": "invite" }));
     peer.push(&crowd, "bob", "m.room.member", Some(&bob), json!({ "membership": "join" }));
     assert_eq!(peer.invite_with(&crowd, "mallory", &bot, direct(), &f.name, &f.fed_url).await.0, StatusCode::OK);
-    wait_until("the crowded chat given up", Duration::from_secs(20), || async {
+    wait_until("the bot left the crowded chat", Duration::from_secs(20), || async {
         let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&crowd))).await.1;
-        Ok((v["bot_membership"] == "join_failed").then_some(()))
+        Ok((v["bot_membership"] == "left").then_some(()))
     })
     .await
     .unwrap();
+    // Its leave went to the room's server.
+    let left = peer.state.lock().unwrap().transactions.iter().flat_map(|(_, p)| p.iter()).any(|p| p["room_id"] == crowd.as_str() && p["state_key"] == bot.as_str() && p["content"]["membership"] == "leave");
+    assert!(left, "the peer received the bot's leave");
     // A room the bot was in and was kicked from is known as a normal room: mallory's direct
     // invite there is an ordinary invite, which invites_from refuses.
     let team = peer.create_room("bob", RoomVersionId::V12);
@@ -177,7 +180,15 @@ async fn the_bot_answers_its_chats_owner_once_per_command_and_nowhere_else() {
     let (id, invite) = peer.push(&chat, "alice", "m.room.member", Some(&peer.user("carol")), json!({ "membership": "invite" }));
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "carol", vec![invite], vec![]).await;
     assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})), "{v}");
-    let silent = say(&peer, &f, &chat, "alice", "help", "c4").await;
+    // The chat is over: the bot leaves it.
+    wait_until("the bot left the former chat", Duration::from_secs(20), || async {
+        let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&chat))).await.1;
+        Ok((v["bot_membership"] == "left").then_some(()))
+    })
+    .await
+    .unwrap();
+    let (silent, ev) = peer.push(&chat, "alice", "m.room.message", None, json!({ "msgtype": "m.text", "body": "help" }));
+    assert_eq!(peer.send_txn(&f.name, &f.fed_url, "c4", vec![ev], vec![]).await.0, StatusCode::OK);
     // The point where an answer would have come: another chat's command is answered.
     let chat2 = peer.create_room("dave", RoomVersionId::V12);
     assert_eq!(peer.invite_with(&chat2, "dave", &bot, direct(), &f.name, &f.fed_url).await.0, StatusCode::OK);
@@ -185,5 +196,6 @@ async fn the_bot_answers_its_chats_owner_once_per_command_and_nowhere_else() {
     let dave = say(&peer, &f, &chat2, "dave", "help", "d1").await;
     answered(&peer, &chat2, &bot, &dave).await;
     assert!(notices(&peer, &chat, &bot).iter().all(|(to, _)| to.as_deref() != Some(silent.as_str())), "no answer with a third person in the room");
+
     assert!(f.metric("fedlink_bot_commands_total{command=\"help\",result=\"ok\"}").await >= 2.0);
 }

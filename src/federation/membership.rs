@@ -566,23 +566,6 @@ async fn send_join(
         .find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty())
         .and_then(|s| checked.get(&s.event_id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, &s.event_id, &rules)))
         .and_then(|p| serde_json::from_str::<Value>(p.content.get()).ok());
-    // A chat accepted only as a chat (the inviter may not invite the bot to rooms) that
-    // turns out to have others in it is given up: the bot does not sit in rooms nobody
-    // allowed it into.
-    let crowded = {
-        let views = app.views.read().await;
-        views.rooms.get(room_id).and_then(|r| r.bot_chat.as_ref()).filter(|c| c.chat_only).is_some_and(|c| {
-            state_refs.iter().any(|s| {
-                s.event_type == "m.room.member"
-                    && s.state_key != app.bot.as_str()
-                    && s.state_key != c.owner.as_str()
-                    && matches!(s.membership.as_deref(), Some("join") | Some("invite"))
-            })
-        })
-    };
-    if crowded {
-        return Err(JoinError::Permanent("a direct chat with the bot from someone bot.invites_from does not allow, but others are in the room".into()));
-    }
     let _lock = app.ingest.lock().await;
     let mut entries: Vec<Entry> = checked
         .values()

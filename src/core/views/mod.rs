@@ -338,13 +338,18 @@ impl RoomView {
         (self.bot_joined() && self.membership(&chat.owner) == Some("join") && alone).then_some(&chat.owner)
     }
 
-    /// Whether the bot owes this chat something: a command's answer (or dropping it, when
-    /// the room is no longer a chat), or (once) the word that it cannot read encrypted
-    /// messages.
+    /// Whether the bot owes this chat something: a command's answer, (once) the word that
+    /// it cannot read encrypted messages, or, when the room is no longer a chat, leaving it.
     pub fn chat_work(&self, bot: &OwnedUserId) -> bool {
         let Some(chat) = &self.bot_chat else { return false };
-        // Commands waiting in a room that is no longer a chat are work too: they are dropped.
-        (self.bot_joined() && !chat.commands.is_empty()) || (self.chat_owner(bot).is_some() && self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted"))
+        if !self.bot_joined() {
+            return false;
+        }
+        match self.chat_owner(bot) {
+            // No longer a chat (the owner left, or someone else came in): the bot leaves.
+            None => true,
+            Some(_) => !chat.commands.is_empty() || (self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted")),
+        }
     }
 
     /// Whether the room is encrypted (`m.room.encryption` in its state).
