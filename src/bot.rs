@@ -128,7 +128,7 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
 /// logged with the dropped commands and sent to the room's other servers.
 async fn leave_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> {
     let _lock = app.ingest.lock().await;
-    let (mut entries, outbox, dropped) = {
+    let (entries, outbox, dropped) = {
         let views = app.views.read().await;
         let Some(room) = views.rooms.get(room_id).filter(|r| r.bot_joined()) else { return Ok(()) };
         if room.chat_owner(&views.bot_user_id).is_some() {
