@@ -114,6 +114,34 @@ fn bench_replay(c: &mut Criterion) {
             power_levels: None,
         }),
     };
+    // Decoding stored records for folding: signed PDUs as the log holds them.
+    let stored: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Entry::Pdu(p) = &mut r.entry {
+                p.pdu = json!({
+                    "auth_events": ["$aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "$bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "$ccccccccccccccccccccccccccccccccccccccccccc"],
+                    "content": { "body": "a message of a realistic length, with a few words in it", "msgtype": "m.text" },
+                    "depth": p.depth, "hashes": { "sha256": "K8Ul0gYb0x4x3RTr6fdOl8uV1d8YkX7tTnKbq4xO2w4" },
+                    "origin_server_ts": 1_700_000_000_000u64, "prev_events": ["$ddddddddddddddddddddddddddddddddddddddddddd"],
+                    "room_id": "!r:kiwi.example", "sender": "@alice:kiwi.example",
+                    "signatures": { "kiwi.example": { "ed25519:a_abcd": "dGhpcyBpcyBhIHNpZ25hdHVyZSBvZiA2NCBieXRlcyBvciBzbyBpbiBiYXNlNjQgZW5jb2RpbmcgeXV1dXA" } },
+                    "type": "m.room.message",
+                });
+            }
+            serde_json::to_vec(&r).unwrap()
+        })
+        .collect();
+    for (name, split) in [("replay_decode_1000_pdu_records", true), ("replay_decode_1000_pdu_records_general", false)] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                for bytes in &stored {
+                    black_box(LogRecord::decode_for_fold_with(bytes, split).unwrap());
+                }
+            })
+        });
+    }
     c.bench_function("replay_fold_1000_pdu_records", |b| {
         b.iter(|| {
             let mut v = Views::new("@fedlink:fl.example".try_into().unwrap());
