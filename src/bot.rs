@@ -146,8 +146,10 @@ async fn leave_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
                 (std::iter::once(Entry::Pdu(entry)).chain(dropped).collect::<Vec<_>>(), outbox, n)
             }
             Err(reason) => {
+                // Recorded, so it is not tried again on every append.
                 tracing::warn!(%room_id, %reason, "the bot cannot leave a room that is no longer its chat");
-                (dropped, Vec::new(), n)
+                let failed = Entry::BotTold(BotTold { room_id: room_id.clone(), about: room_id.clone(), reason: "leave_failed".into() });
+                (dropped.into_iter().chain(std::iter::once(failed)).collect(), Vec::new(), n)
             }
         }
     };
@@ -155,12 +157,12 @@ async fn leave_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
         return Ok(());
     }
     let left = matches!(entries.first(), Some(Entry::Pdu(_)));
+    app.append_and_send(entries, None, &outbox).await.map_err(|e| e.to_string())?;
+    app.store.flush().await.map_err(|e| e.to_string())?;
     if dropped > 0 {
         app.metrics.bot_commands.with_label_values(&["dropped", "dropped"]).inc_by(dropped as u64);
     }
     app.metrics.bot_chats_left.with_label_values(&[if left { "ok" } else { "error" }]).inc();
-    app.append_and_send(entries, None, &outbox).await.map_err(|e| e.to_string())?;
-    app.store.flush().await.map_err(|e| e.to_string())?;
     tracing::info!(%room_id, left, dropped, "the room is no longer a direct chat with the bot: it leaves");
     Ok(())
 }

@@ -89,9 +89,13 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         _ => None,
     }) == Some(&ruma::canonical_json::CanonicalJsonValue::Bool(true));
     let allowed = app.cfg.bot.may_invite(&pdu.sender);
-    // A room fedlink knows as a normal room (synced through registrations, left, given
-    // up) never becomes a chat: a direct invite there is an ordinary invite.
-    let known_room = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| r.bot_chat.is_none());
+    // A room fedlink knows as a normal room (the bot was in it, or registrations showed
+    // others in it) never becomes a chat: a direct invite there is an ordinary invite. (A
+    // fresh direct chat a registration pushed first shows only the inviter and the bot.)
+    let known_room = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| {
+        let others = r.members.iter().any(|(u, m)| *u != pdu.sender && *u != app.bot && matches!(m.as_str(), "join" | "invite"));
+        r.bot_chat.is_none() && (r.bot != BotMembership::Absent || others)
+    });
     let direct = match (direct && !known_room, allowed) {
         (false, _) => None,
         (true, true) => Some(crate::core::log_entry::DirectInvite::Allowed),
@@ -123,17 +127,15 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         let views = app.views.read().await;
         (views.rooms.get(&pdu.room_id).is_some_and(in_room), views.index.joined.len() + views.index.joining.len())
     };
-    // Chats accepted only as chats are bounded per account (the bot cannot leave rooms
-    // yet: opening and leaving chats must not fill `bot.max_rooms`).
+    // Chats accepted only as chats are bounded per account.
     if !already && direct == Some(crate::core::log_entry::DirectInvite::ChatOnly) {
         let views = app.views.read().await;
-        // Chats the bot is in or joining, other than this room (a re-invite into a chat
-        // whose join failed is fine).
-        let chats = views
-            .index
-            .chats
-            .get(&pdu.sender)
-            .map_or(0, |c| c.iter().filter(|r| **r != pdu.room_id && views.rooms.get(*r).is_some_and(|v| matches!(v.bot, BotMembership::Joined | BotMembership::Invited { .. }))).count());
+        // Chats the bot is in, joining or gave up (a crowded one), other than this room.
+        let chats = views.index.chats.get(&pdu.sender).map_or(0, |c| {
+            c.iter()
+                .filter(|r| **r != pdu.room_id && views.rooms.get(*r).is_some_and(|v| matches!(v.bot, BotMembership::Joined | BotMembership::Invited { .. } | BotMembership::JoinFailed { .. })))
+                .count()
+        });
         if chats >= MAX_CHATS_PER_ACCOUNT {
             app.metrics.bot_invites_refused.with_label_values(&["max_chats"]).inc();
             return Err(MatrixError::forbidden(format!("{} already has {chats} direct chats with the bot, the most it keeps", pdu.sender)));
@@ -566,6 +568,23 @@ async fn send_join(
         .find(|s| s.event_type == "m.room.power_levels" && s.state_key.is_empty())
         .and_then(|s| checked.get(&s.event_id).cloned().map(std::sync::Arc::new).or_else(|| crate::rooms::load_pdu(&app.store, &s.event_id, &rules)))
         .and_then(|p| serde_json::from_str::<Value>(p.content.get()).ok());
+    // A chat accepted only as a chat (the inviter may not invite the bot to rooms) that
+    // turns out to have others in it is given up before anything of the room is logged:
+    // nobody allowed the bot into it, and its state could be large.
+    let crowded = {
+        let views = app.views.read().await;
+        views.rooms.get(room_id).and_then(|r| r.bot_chat.as_ref()).filter(|c| c.chat_only).is_some_and(|c| {
+            state_refs.iter().any(|s| {
+                s.event_type == "m.room.member"
+                    && s.state_key != app.bot.as_str()
+                    && s.state_key != c.owner.as_str()
+                    && matches!(s.membership.as_deref(), Some("join") | Some("invite"))
+            })
+        })
+    };
+    if crowded {
+        return Err(JoinError::Permanent("a direct chat with the bot from someone bot.invites_from does not allow, but others are in the room".into()));
+    }
     let _lock = app.ingest.lock().await;
     let mut entries: Vec<Entry> = checked
         .values()

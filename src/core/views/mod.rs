@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 6;
+pub const VIEWS_FORMAT: u16 = 7;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,8 +346,9 @@ impl RoomView {
             return false;
         }
         match self.chat_owner(bot) {
-            // No longer a chat (the owner left, or someone else came in): the bot leaves.
-            None => true,
+            // No longer a chat (the owner left, or someone else came in): the bot leaves
+            // (unless leaving failed for good).
+            None => !chat.told.iter().any(|(_, r)| r == "leave_failed"),
             Some(_) => !chat.commands.is_empty() || (self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted")),
         }
     }
