@@ -108,8 +108,7 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
             drop(views);
             return leave_chat(app, room_id).await;
         };
-        let told = chat.told.iter().any(|(_, r)| r == "encrypted");
-        (owner.clone(), commands, room.encrypted() && !told)
+        (owner.clone(), commands, room.encrypted() && !chat.said("encrypted"))
     };
     if encrypted {
         let _lock = app.ingest.lock().await;
@@ -203,12 +202,7 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
             return Ok(()); // handled meanwhile
         }
         if room.chat_owner(&views.bot_user_id) != Some(owner) {
-            drop(views);
-            tracing::info!(%room_id, %owner, "a command dropped: the room is no longer a direct chat");
-            app.metrics.bot_commands.with_label_values(&["dropped", "dropped"]).inc();
-            let handled = Entry::CommandHandled(CommandHandled { room_id: room_id.clone(), event_id: event_id.clone(), command: "dropped".into(), reply: None });
-            app.append(vec![handled], None).await.map_err(|e| e.to_string())?;
-            app.store.flush().await.map_err(|e| e.to_string())?;
+            // No longer a chat: the next round leaves it and drops its commands (`leave_chat`).
             return Ok(());
         }
         let (name, outcome) = match (&parsed, read_only) {
@@ -401,13 +395,12 @@ pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeM
         let (owner, current): (Option<OwnedUserId>, Vec<&core_bot::Notice>) = {
             let views = app.views.read().await;
             let owner = views.rooms.get(&chat).and_then(|r| r.chat_owner(&views.bot_user_id)).cloned();
-            let told = |n: &core_bot::Notice| views.rooms.get(&chat).and_then(|r| r.bot_chat.as_ref()).is_some_and(|c| c.told.contains(&(n.about.clone(), n.reason.to_owned())));
+            let told = |n: &core_bot::Notice| core_bot::told(&views, &chat, &n.about, n.reason);
             // The account still belongs to the chat owner's person, who still wants syncing
             // there (an unlink or an opt-out meanwhile silences it).
             let theirs = |n: &core_bot::Notice| {
-                let owner = views.rooms.get(&chat).and_then(|r| r.chat_owner(&views.bot_user_id));
                 views.directory.person_of(&n.account).is_some_and(|(_, p)| {
-                    owner.is_some_and(|o| p.accounts.contains(o)) && !p.opted_out && !p.opted_out_rooms.contains(&n.about)
+                    owner.as_ref().is_some_and(|o| p.accounts.contains(o)) && !p.opted_out && !p.opted_out_rooms.contains(&n.about)
                 })
             };
             let still = |n: &core_bot::Notice| theirs(n) && match n.reason {
@@ -416,7 +409,8 @@ pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeM
                     .get(&n.account)
                     .is_some_and(|s| matches!(s, crate::core::step::Step::Blocked | crate::core::step::Step::Unsupported)),
             };
-            (owner, notices.iter().filter(|n| !told(n) && still(n)).take(MAX_TOLD_PER_PASS).collect())
+            let current = notices.iter().filter(|n| !told(n) && still(n)).take(MAX_TOLD_PER_PASS).collect();
+            (owner, current)
         };
         let Some(owner) = owner else { continue };
         if current.is_empty() {

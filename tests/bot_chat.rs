@@ -17,9 +17,14 @@ use support::{enc, fake_peer::FakePeer, fedlink_proc::Fedlink, wait_until};
 const LOOPBACK: &str = "[federation]\nverify_tls = false\n";
 
 async fn wait_joined(f: &Fedlink, room: &str) {
-    wait_until("bot joined", Duration::from_secs(20), || async {
+    wait_bot(f, room, "joined").await;
+}
+
+/// Wait until the admin API shows the bot's membership in `room` as `state`.
+async fn wait_bot(f: &Fedlink, room: &str, state: &str) {
+    wait_until(&format!("the bot {state} in {room}"), Duration::from_secs(20), || async {
         let (s, v) = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(room))).await;
-        Ok((s == 200 && v["bot_membership"] == "joined").then_some(()))
+        Ok((s == 200 && v["bot_membership"] == state).then_some(()))
     })
     .await
     .unwrap();
@@ -103,12 +108,7 @@ async fn a_direct_invite_never_turns_a_room_with_others_or_a_known_room_into_a_c
     peer.push(&crowd, "mallory", "m.room.member", Some(&bob), json!({ "membership": "invite" }));
     peer.push(&crowd, "bob", "m.room.member", Some(&bob), json!({ "membership": "join" }));
     assert_eq!(peer.invite_with(&crowd, "mallory", &bot, direct(), &f.name, &f.fed_url).await.0, StatusCode::OK);
-    wait_until("the crowded chat given up", Duration::from_secs(20), || async {
-        let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&crowd))).await.1;
-        Ok((v["bot_membership"] == "join_failed").then_some(()))
-    })
-    .await
-    .unwrap();
+    wait_bot(&f, &crowd, "join_failed").await;
     // Nothing of the room's state was logged.
     let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&crowd))).await.1;
     assert!(v["members"].as_object().is_none_or(|m| m.is_empty()), "{v}");
@@ -122,12 +122,7 @@ async fn a_direct_invite_never_turns_a_room_with_others_or_a_known_room_into_a_c
     let (id, kick) = peer.push(&team, "bob", "m.room.member", Some(&bot), json!({ "membership": "leave" }));
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "kick", vec![kick], vec![]).await;
     assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})), "{v}");
-    wait_until("the bot kicked", Duration::from_secs(20), || async {
-        let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&team))).await.1;
-        Ok((v["bot_membership"] == "left").then_some(()))
-    })
-    .await
-    .unwrap();
+    wait_bot(&f, &team, "left").await;
     let (s, v) = peer.invite_with(&team, "mallory", &bot, direct(), &f.name, &f.fed_url).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
 }
@@ -181,12 +176,7 @@ async fn the_bot_answers_its_chats_owner_once_per_command_and_nowhere_else() {
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "carol", vec![invite], vec![]).await;
     assert_eq!((s, &v["pdus"][&id]), (StatusCode::OK, &json!({})), "{v}");
     // The chat is over: the bot leaves it.
-    wait_until("the bot left the former chat", Duration::from_secs(20), || async {
-        let v = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&chat))).await.1;
-        Ok((v["bot_membership"] == "left").then_some(()))
-    })
-    .await
-    .unwrap();
+    wait_bot(&f, &chat, "left").await;
     let (silent, ev) = peer.push(&chat, "alice", "m.room.message", None, json!({ "msgtype": "m.text", "body": "help" }));
     assert_eq!(peer.send_txn(&f.name, &f.fed_url, "c4", vec![ev], vec![]).await.0, StatusCode::OK);
     // The point where an answer would have come: another chat's command is answered.

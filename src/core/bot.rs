@@ -505,44 +505,37 @@ fn labelled(name: Option<String>, room_id: &OwnedRoomId) -> String {
 /// Why `account` is not in step in `room` (a reason kind and words for the person), for
 /// an account in state `step`. `None` for an account in step.
 pub fn explain(room: &RoomView, bot: &OwnedUserId, account: &OwnedUserId, step: Step) -> Option<(&'static str, String)> {
-    match step {
-        Step::InStep if room.membership(account) == Some("invite") => Some(("invite_pending", format!("{account} is invited; accept the invite to join"))),
-        Step::InStep | Step::OptedOut => None,
-        Step::CatchingUp => Some(("catching_up", format!("{account}: I am bringing it in step (an invite, join or read is under way)"))),
-        Step::Unsupported => {
+    let kind = reason_kind(room, bot, account, step)?;
+    let server = account.server_name();
+    let text = match kind {
+        "invite_pending" => format!("{account} is invited; accept the invite to join"),
+        "catching_up" => format!("{account}: I am bringing it in step (an invite, join or read is under way)"),
+        "no_registration" => {
             let kinds = room.unsupported.get(account).map(list).unwrap_or_else(|| "act".into());
-            Some((
-                "no_registration",
-                format!("{} has no registration for me, so I cannot {kinds} for {account}; its admin can add one", account.server_name()),
-            ))
+            format!("{server} has no registration for me, so I cannot {kinds} for {account}; its admin can add one")
         }
-        Step::Blocked => {
-            if let Some(f) = room.failed_invites.get(account) {
-                if f.power_levels_event.is_some() || f.reason.contains("power") {
-                    return Some(("missing_power", format!("I cannot invite {account}: {}. A room admin can raise my power level", f.reason)));
-                }
-                return Some(("refused", format!("the invite for {account} was refused: {}", f.reason)));
-            }
-            if let Some(p) = &room.power {
-                if p.level(bot) < p.invite && room.membership(account).is_none() {
-                    return Some(("missing_power", format!("I cannot invite {account}: my power level is {}, inviting needs {}. A room admin can raise it", p.level(bot), p.invite)));
-                }
-            }
-            if let Some(a) = room.blocked_actions.get(account) {
-                let why = a.reason.clone().unwrap_or_default();
-                return Some(("refused", format!("{}'s homeserver refused to {} for it: {why}", account.server_name(), a.kind)));
-            }
-            if let Some(why) = room.direct_failed.get(account) {
-                return Some(("refused", format!("I could not list this direct chat for {account}: {why}")));
-            }
-            Some(("refused", format!("{}'s homeserver refused a read in a thread for {account}", account.server_name())))
-        }
-    }
+        "missing_power" => match (room.failed_invites.get(account), &room.power) {
+            (Some(f), _) => format!("I cannot invite {account}: {}. A room admin can raise my power level", f.reason),
+            (None, Some(p)) => format!("I cannot invite {account}: my power level is {}, inviting needs {}. A room admin can raise it", p.level(bot), p.invite),
+            (None, None) => format!("I cannot invite {account}. A room admin can raise my power level"),
+        },
+        // "refused": whichever refusal holds the account up.
+        _ => match (room.failed_invites.get(account), room.blocked_actions.get(account), room.direct_failed.get(account)) {
+            (Some(f), _, _) => format!("the invite for {account} was refused: {}", f.reason),
+            (None, Some(a), _) => format!("{server}'s homeserver refused to {} for it: {}", a.kind, a.reason.as_deref().unwrap_or_default()),
+            (None, None, Some(why)) => format!("I could not list this direct chat for {account}: {why}"),
+            (None, None, None) => format!("{server}'s homeserver refused a read in a thread for {account}"),
+        },
+    };
+    Some((kind, text))
 }
 
-/// The reason kind [`explain`] gives, without its words.
+/// Why `account` is not in step (the kind [`explain`] words), or `None` when it is.
 fn reason_kind(room: &RoomView, bot: &OwnedUserId, account: &OwnedUserId, step: Step) -> Option<&'static str> {
     match step {
+        Step::InStep if room.membership(account) == Some("invite") => Some("invite_pending"),
+        Step::InStep | Step::OptedOut => None,
+        Step::CatchingUp => Some("catching_up"),
         Step::Unsupported => Some("no_registration"),
         Step::Blocked => Some(match room.failed_invites.get(account) {
             Some(f) if f.power_levels_event.is_some() || f.reason.contains("power") => "missing_power",
@@ -550,7 +543,6 @@ fn reason_kind(room: &RoomView, bot: &OwnedUserId, account: &OwnedUserId, step: 
             None if room.power.as_ref().is_some_and(|p| p.level(bot) < p.invite && room.membership(account).is_none()) => "missing_power",
             None => "refused",
         }),
-        _ => None,
     }
 }
 
@@ -611,28 +603,22 @@ fn status(ctx: &Ctx, sender: &OwnedUserId) -> String {
             problems.push((room_id, reasons));
         }
     }
-    let in_step: Vec<String> = in_step.iter().enumerate().map(|(i, r)| if i < MAX_LISTED_ROOMS { room_label(ctx, r) } else { String::new() }).collect();
-    let problems: Vec<String> = problems.iter().take(MAX_LISTED_ROOMS + 1).map(|(r, why)| format!("- {}: {}", room_label(ctx, r), why.join("; "))).chain(std::iter::repeat_n(String::new(), problems.len().saturating_sub(MAX_LISTED_ROOMS + 1))).collect();
-    let off: Vec<String> = off.iter().take(MAX_LISTED_ROOMS).map(|r| room_label(ctx, r)).collect();
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
     if !p.opted_out {
-        out.push_str(&format!("In step in {} room{}", in_step.len(), if in_step.len() == 1 { "" } else { "s" }));
-        if in_step.is_empty() {
-            out.push_str(".\n");
-        } else {
-            let shown: Vec<&String> = in_step.iter().take(MAX_LISTED_ROOMS).collect();
-            out.push_str(&format!(": {}", list(shown)));
+        out.push_str(&format!("In step in {} room{}", in_step.len(), plural(in_step.len())));
+        if !in_step.is_empty() {
+            out.push_str(&format!(": {}", list(in_step.iter().take(MAX_LISTED_ROOMS).map(|r| room_label(ctx, r)))));
             if in_step.len() > MAX_LISTED_ROOMS {
                 out.push_str(&format!(" and {} more", in_step.len() - MAX_LISTED_ROOMS));
             }
-            out.push_str(".\n");
         }
+        out.push_str(".\n");
         if problems.is_empty() {
             out.push_str("Nothing is out of step.\n");
         } else {
-            out.push_str(&format!("Not in step in {} room{}:\n", problems.len(), if problems.len() == 1 { "" } else { "s" }));
-            for line in problems.iter().take(MAX_LISTED_ROOMS) {
-                out.push_str(line);
-                out.push('\n');
+            out.push_str(&format!("Not in step in {} room{}:\n", problems.len(), plural(problems.len())));
+            for (r, why) in problems.iter().take(MAX_LISTED_ROOMS) {
+                out.push_str(&format!("- {}: {}\n", room_label(ctx, r), why.join("; ")));
             }
             if problems.len() > MAX_LISTED_ROOMS {
                 out.push_str(&format!("… and {} more.\n", problems.len() - MAX_LISTED_ROOMS));
@@ -640,7 +626,7 @@ fn status(ctx: &Ctx, sender: &OwnedUserId) -> String {
         }
     }
     if !off.is_empty() {
-        out.push_str(&format!("Turned off (opted out) in: {}.\n", list(off.iter().take(MAX_LISTED_ROOMS))));
+        out.push_str(&format!("Turned off (opted out) in: {}.\n", list(off.iter().take(MAX_LISTED_ROOMS).map(|r| room_label(ctx, r)))));
     }
     out.trim_end().to_owned()
 }
@@ -687,16 +673,12 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         let chat = chats.entry(pid).or_insert_with(|| chat_of(views, &person.accounts));
         let Some(chat) = chat.clone() else { continue };
         let Some(room) = views.rooms.get(room_id) else { continue };
-        let Some(told) = views.rooms.get(&chat).and_then(|c| c.bot_chat.as_ref()).map(|c| &c.told) else { continue };
-        // Cheap checks first: most problems were told long ago.
-        let kind = reason_kind(room, &views.bot_user_id, account, *step);
-        if kind.is_some_and(|k| told.contains(&(room_id.clone(), k.to_owned()))) {
+        // Cheap checks first: most problems were told long ago; words only for new ones.
+        let Some(kind) = reason_kind(room, &views.bot_user_id, account, *step) else { continue };
+        if told(views, &chat, room_id, kind) || !seen.insert((chat.clone(), room_id.clone(), kind)) {
             continue;
         }
         let Some((reason, text)) = explain(room, &views.bot_user_id, account, *step) else { continue };
-        if told.contains(&(room_id.clone(), reason.to_owned())) || !seen.insert((chat.clone(), room_id.clone(), reason)) {
-            continue;
-        }
         let name = labelled(room_name(room_id), room_id);
         out.push(Notice {
             chat,
@@ -712,8 +694,7 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         let super::views::BotMembership::JoinFailed { inviter, reason, .. } = &room.bot else { continue };
         let Some((_, person)) = views.directory.person_of(inviter) else { continue };
         let Some(chat) = chat_of(views, &person.accounts) else { continue };
-        let told = views.rooms.get(&chat).and_then(|c| c.bot_chat.as_ref()).is_some_and(|c| c.told.contains(&(room_id.clone(), "join_failed".to_owned())));
-        if told {
+        if told(views, &chat, room_id, "join_failed") {
             continue;
         }
         let name = labelled(room_name(room_id), room_id);
@@ -726,6 +707,11 @@ pub fn notices(views: &Views, out_of_step: &BTreeMap<(OwnedRoomId, OwnedUserId),
         });
     }
     out
+}
+
+/// Whether the bot told chat `chat` about `about` for `reason` already.
+pub fn told(views: &Views, chat: &OwnedRoomId, about: &OwnedRoomId, reason: &str) -> bool {
+    views.rooms.get(chat).and_then(|c| c.bot_chat.as_ref()).is_some_and(|c| c.told_about(about, reason))
 }
 
 /// One message for a chat's notices: a line per room, at most [`MAX_LISTED_ROOMS`], and a

@@ -93,8 +93,7 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
     // others in it) never becomes a chat: a direct invite there is an ordinary invite. (A
     // fresh direct chat a registration pushed first shows only the inviter and the bot.)
     let known_room = app.views.read().await.rooms.get(&pdu.room_id).is_some_and(|r| {
-        let others = r.members.iter().any(|(u, m)| *u != pdu.sender && *u != app.bot && matches!(m.as_str(), "join" | "invite"));
-        r.bot_chat.is_none() && (r.bot != BotMembership::Absent || others)
+        r.bot_chat.is_none() && (r.bot != BotMembership::Absent || r.others_than(&pdu.sender, &app.bot))
     });
     let direct = match (direct && !known_room, allowed) {
         (false, _) => None,

@@ -240,6 +240,18 @@ pub struct BotChat {
     pub used: bool,
 }
 
+impl BotChat {
+    /// Whether the bot told this chat about `about` for `reason` already.
+    pub fn told_about(&self, about: &OwnedRoomId, reason: &str) -> bool {
+        self.told.iter().any(|(a, r)| a == about && r == reason)
+    }
+
+    /// Whether the bot recorded `reason` about the chat itself (`encrypted`, `leave_failed`).
+    pub fn said(&self, reason: &str) -> bool {
+        self.told.iter().any(|(_, r)| r == reason)
+    }
+}
+
 /// Where a read is: the event, its position, the receipt's time and log position.
 struct ReadAt<'a> {
     event_id: &'a OwnedEventId,
@@ -334,8 +346,12 @@ impl RoomView {
     /// owner are joined and nobody else is joined or invited. The bot answers only then.
     pub fn chat_owner(&self, bot: &OwnedUserId) -> Option<&OwnedUserId> {
         let chat = self.bot_chat.as_ref()?;
-        let alone = self.members.iter().all(|(u, m)| u == bot || *u == chat.owner || !matches!(m.as_str(), "join" | "invite"));
-        (self.bot_joined() && self.membership(&chat.owner) == Some("join") && alone).then_some(&chat.owner)
+        (self.bot_joined() && self.membership(&chat.owner) == Some("join") && !self.others_than(bot, &chat.owner)).then_some(&chat.owner)
+    }
+
+    /// Whether anyone but `a` and `b` is joined or invited.
+    pub fn others_than(&self, a: &OwnedUserId, b: &OwnedUserId) -> bool {
+        self.members.iter().any(|(u, m)| u != a && u != b && matches!(m.as_str(), "join" | "invite"))
     }
 
     /// Whether the bot owes this chat something: a command's answer, (once) the word that
@@ -348,8 +364,8 @@ impl RoomView {
         match self.chat_owner(bot) {
             // No longer a chat (the owner left, or someone else came in): the bot leaves
             // (unless leaving failed for good).
-            None => !chat.told.iter().any(|(_, r)| r == "leave_failed"),
-            Some(_) => !chat.commands.is_empty() || (self.encrypted() && !chat.told.iter().any(|(_, r)| r == "encrypted")),
+            None => !chat.said("leave_failed"),
+            Some(_) => !chat.commands.is_empty() || (self.encrypted() && !chat.said("encrypted")),
         }
     }
 
@@ -907,8 +923,7 @@ impl Views {
                 // as a chat.
                 let bot = self.bot_user_id.clone();
                 if let Some(chat) = room.bot_chat.as_ref().filter(|c| !c.chat_only) {
-                    let others = room.members.iter().any(|(u, m)| *u != bot && *u != chat.owner && matches!(m.as_str(), "join" | "invite"));
-                    if others {
+                    if room.others_than(&bot, &chat.owner) {
                         room.bot_chat = None;
                     }
                 }
