@@ -559,7 +559,7 @@ pub async fn transaction(
         // Only linked accounts' sends are logged: a homeserver pushing all its traffic does
         // not grow the log with its messages. Rooms an account joined before fedlink's
         // registration was installed are caught up at link time (`catch_up_worker`).
-        let (mut bot_in_room, mut unchanged) = (0u64, 0u64);
+        let (mut bot_in_room, mut unchanged, mut stale) = (0u64, 0u64, 0u64);
         for c in push.events {
             if views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined()) {
                 bot_in_room += 1;
@@ -568,6 +568,12 @@ pub async fn transaction(
             {
                 // A profile change (join to join) or a repeated invite: folding ignores it.
                 unchanged += 1;
+            } else if c.membership.is_some()
+                && views.rooms.get(&c.room_id).is_some_and(|r| c.state_key.as_deref().and_then(|k| UserId::parse(k).ok()).is_some_and(|u| r.stale_membership(&u, c.membership_ts())))
+            {
+                // Older than the membership folded (a catch-up saw a newer one): folding
+                // ignores it.
+                stale += 1;
             } else if c.membership.is_none() && !linked(&c.sender) {
                 // Sends of unlinked accounts. Memberships are all kept (they are few): an
                 // account linked later must not be invited where it left, declined or was
@@ -577,7 +583,7 @@ pub async fn transaction(
                 entries.push(Entry::ClientEvent(c));
             }
         }
-        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked), ("receipt_not_linked", receipts_not_linked), ("unchanged_membership", unchanged)] {
+        for (reason, n) in [("bot_in_room", bot_in_room), ("not_linked", not_linked), ("receipt_not_linked", receipts_not_linked), ("unchanged_membership", unchanged), ("stale_membership", stale)] {
             if n > 0 {
                 app.metrics.appservice_events_dropped.with_label_values(&[reason]).inc_by(n);
             }
@@ -604,18 +610,19 @@ pub async fn not_mine(
 /// Most rooms taken from one account's `joined_rooms` when it catches up.
 pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
 
-/// A linked account's joins that fedlink did not see (it was linked after it joined, and
-/// pushes about unlinked accounts are not logged): for every linked account on a homeserver
-/// with a registration, once per link (and again after a restart), ask the homeserver for
-/// the account's joined rooms and log the membership events fedlink lacks. Each homeserver
-/// is asked by its own task, so one that hangs delays only its own accounts.
+/// A linked account's memberships that fedlink did not see (from before fedlink's
+/// registration was installed on its homeserver): for every linked account on a homeserver
+/// with a registration, once per link (the `caught_up` record keeps it across restarts),
+/// ask the homeserver for the rooms the account has joined, is invited to and has left, and
+/// log the membership events fedlink lacks. Until then the account is invited nowhere as a
+/// sibling (see `decide_invites_as`). Each homeserver is asked by its own task, so one that
+/// hangs delays only its own accounts.
 pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
     enum Done {
         Account(ruma::OwnedUserId, Result<usize, String>),
         Server(String),
     }
     let mut changes = app.changes.subscribe();
-    let mut done: std::collections::BTreeSet<ruma::OwnedUserId> = Default::default();
     let mut retry: std::collections::BTreeMap<ruma::OwnedUserId, (u32, tokio::time::Instant)> = Default::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let mut busy: std::collections::BTreeMap<String, tokio::task::JoinHandle<()>> = Default::default();
@@ -625,14 +632,14 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
             let now = tokio::time::Instant::now();
             let due: Vec<ruma::OwnedUserId> = {
                 let views = app.views.read().await;
-                let linked = &views.directory.by_account;
-                // An account unlinked and linked again catches up again.
-                done.retain(|a| linked.contains_key(a));
-                retry.retain(|a, _| linked.contains_key(a));
-                linked
+                let dir = &views.directory;
+                // An account unlinked and linked again catches up again (unlinking forgets
+                // its `caught_up`).
+                retry.retain(|a, _| dir.by_account.contains_key(a));
+                dir.by_account
                     .keys()
                     .filter(|a| !busy.contains_key(a.server_name().as_str()) && registration_for(&app, a).is_some())
-                    .filter(|a| !done.contains(*a) && retry.get(*a).is_none_or(|(_, at)| *at <= now))
+                    .filter(|a| !dir.is_caught_up(a) && retry.get(*a).is_none_or(|(_, at)| *at <= now))
                     .cloned()
                     .collect()
             };
@@ -694,13 +701,9 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
             Some(Done::Server(server)) => {
                 busy.remove(&server);
             }
-            Some(Done::Account(account, Ok(added))) => {
+            Some(Done::Account(account, Ok(_))) => {
                 app.metrics.catch_up.with_label_values(&["ok"]).inc();
-                if added > 0 {
-                    tracing::info!(%account, memberships = added, "a linked account caught up on rooms it had joined");
-                }
                 retry.remove(&account);
-                done.insert(account);
                 look = false;
             }
             Some(Done::Account(account, Err(e))) => {
@@ -716,23 +719,97 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
     }
 }
 
-/// Catch `account` up (see [`catch_up_worker`]); returns how many memberships were logged.
+/// The filter of the catch-up's `/sync`: of each room only the last membership event of its
+/// timeline (for a room the account left, the timeline ends at its leave), no state, no
+/// presence, no account data. Rooms the account left are included (`include_leave`).
+const CATCH_UP_SYNC_FILTER: &str = r#"{"presence":{"types":[]},"account_data":{"types":[]},"room":{"include_leave":true,"timeline":{"limit":1,"types":["m.room.member"]},"state":{"types":[]},"ephemeral":{"types":[]},"account_data":{"types":[]}}}"#;
+
+/// What an initial `/sync` of `account` shows of its memberships beyond its joins: its
+/// pending invites, and the rooms it left or was banned from, with the leave event when the
+/// timeline ends with it (else the caller asks for it).
+///
+/// An invite from another server shows only as stripped state, without an event id
+/// (Synapse 1.163), and the invited account may not read the room's state: such an invite
+/// is logged under a stand-in id, `$catch-up-invite-` and a hash of room and account
+/// (folding uses the membership, not the id), and the catch-up's time. A rejected invite from another server is not
+/// shown at all by an initial sync (Synapse keeps it out of band, with no timeline): that
+/// account may be invited again there.
+type SyncMemberships = (Vec<crate::core::log_entry::ClientEventEntry>, Vec<(ruma::OwnedRoomId, Option<crate::core::log_entry::ClientEventEntry>)>);
+
+fn sync_memberships(sync: &Value, account: &UserId, server: &ruma::ServerName, now_ms: u64) -> Result<SyncMemberships, String> {
+    let rooms = match sync.get("rooms") {
+        None | Some(Value::Null) => return Ok(Default::default()),
+        Some(Value::Object(r)) => r,
+        Some(_) => return Err(format!("{server} answered sync with `rooms` that is not an object")),
+    };
+    let section = |name: &str| -> Result<Vec<(ruma::OwnedRoomId, &Value)>, String> {
+        match rooms.get(name) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Object(m)) => Ok(m.iter().filter_map(|(id, v)| Some((RoomId::parse(id).ok()?, v))).take(MAX_CATCH_UP_ROOMS).collect()),
+            Some(_) => Err(format!("{server} answered sync with `rooms.{name}` that is not an object")),
+        }
+    };
+    // The account's own membership event among `events`, as a log entry of `room`.
+    let own = |room: &ruma::OwnedRoomId, events: Option<&Value>, wanted: &[&str]| {
+        let ev = events?.as_array()?.iter().rev().find(|e| {
+            e.get("type").and_then(Value::as_str) == Some("m.room.member") && e.get("state_key").and_then(Value::as_str) == Some(account.as_str())
+        })?;
+        let mut ev = ev.clone();
+        let o = ev.as_object_mut()?;
+        o.insert("room_id".into(), json!(room));
+        if !o.contains_key("event_id") {
+            // Stripped state has no time either: the invite stands as of this catch-up, so
+            // older events of the account's history pushed later are stale.
+            o.entry("origin_server_ts").or_insert(json!(now_ms));
+            use sha2::Digest;
+            let hash = sha2::Sha256::digest(format!("{room}\n{account}").as_bytes());
+            let hex: String = hash.iter().take(12).map(|b| format!("{b:02x}")).collect();
+            o.insert("event_id".into(), json!(format!("$catch-up-invite-{hex}")));
+        }
+        let c = client_event(&ev, server)?;
+        wanted.contains(&c.membership.as_deref()?).then_some(c)
+    };
+    let invites = section("invite")?
+        .into_iter()
+        .filter_map(|(room, v)| {
+            let found = own(&room, v.get("invite_state").and_then(|s| s.get("events")), &["invite"]);
+            if found.is_none() {
+                tracing::debug!(%account, %room, "an invite whose stripped state lacks the account's invite: not caught up");
+            }
+            found
+        })
+        .collect();
+    let left = section("leave")?
+        .into_iter()
+        .map(|(room, v)| {
+            let found = own(&room, v.get("timeline").and_then(|t| t.get("events")), &["leave", "ban"]);
+            (room, found)
+        })
+        .collect();
+    Ok((invites, left))
+}
+
+/// Catch `account` up (see [`catch_up_worker`]): log the memberships fedlink lacks of the
+/// rooms it has joined (`joined_rooms`), is invited to and has left (an initial `/sync`),
+/// then `caught_up`. Returns how many memberships were logged.
 async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, String> {
+    use crate::core::log_entry::ClientEventEntry;
     let reg = registration_for(app, account).ok_or("no registration for this homeserver")?;
     let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| "bad server name in config")?;
     let base = reg.client_url.trim_end_matches('/');
     let as_user = format!("user_id={}", enc(account.as_str()));
-    let get = |url: String| async move {
-        let resp = http(app, reg).get(&url).bearer_auth(&reg.as_token).timeout(Duration::from_secs(10)).send().await.map_err(|e| crate::federation::client::error_chain(&e))?;
+    let get = |url: String, timeout: Duration, cap: usize| async move {
+        let resp = http(app, reg).get(&url).bearer_auth(&reg.as_token).timeout(timeout).send().await.map_err(|e| crate::federation::client::error_chain(&e))?;
         let status = resp.status();
-        let body = crate::federation::client::read_capped(resp, 4 * 1024 * 1024).await.map_err(|e| e.to_string())?;
+        let body = crate::federation::client::read_capped(resp, cap).await.map_err(|e| e.to_string())?;
         if !status.is_success() {
             return Err(format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body[..body.len().min(200)])));
         }
         serde_json::from_slice::<Value>(&body).map_err(|e| format!("{} answered with bad JSON: {e}", reg.server_name))
     };
-    let joined = get(format!("{base}/_matrix/client/v3/joined_rooms?{as_user}")).await?;
-    let rooms: Vec<ruma::OwnedRoomId> = joined
+    let short = Duration::from_secs(10);
+    let joined = get(format!("{base}/_matrix/client/v3/joined_rooms?{as_user}"), short, 4 * 1024 * 1024).await?;
+    let joined: Vec<ruma::OwnedRoomId> = joined
         .get("joined_rooms")
         .and_then(Value::as_array)
         .ok_or_else(|| format!("{} answered joined_rooms without `joined_rooms`", reg.server_name))?
@@ -740,56 +817,94 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
         .filter_map(|r| RoomId::parse(r.as_str()?).ok())
         .take(MAX_CATCH_UP_ROOMS)
         .collect();
-    // Rooms where fedlink does not know the account as joined (and the bot, whose PDUs
-    // are the truth, is not): what fedlink knew of each, to log only over unchanged views.
-    // Only rooms where fedlink knows no membership of the account at all (every pushed
-    // membership is logged, so a known one is newer than this catch-up can prove).
-    let missing: Vec<ruma::OwnedRoomId> = {
-        let views = app.views.read().await;
-        rooms.into_iter().filter(|r| views.rooms.get(r).is_none_or(|v| !v.bot_joined() && v.membership(account).is_none())).collect()
+    // An initial sync walks every room of the account on the homeserver: it may take a while.
+    let sync_url = format!("{base}/_matrix/client/v3/sync?{as_user}&timeout=0&filter={}", enc(CATCH_UP_SYNC_FILTER));
+    let sync = get(sync_url, Duration::from_secs(60), 32 * 1024 * 1024).await?;
+    let (invites, left) = sync_memberships(&sync, account, &server, crate::node::now_ms())?;
+    // Rooms where the bot, whose PDUs are the truth, is not joined, and fedlink knows another
+    // membership of the account or none.
+    let differs = |views: &crate::core::views::Views, room: &RoomId, m: &[&str]| {
+        views.rooms.get(room).is_none_or(|v| !v.bot_joined() && v.membership(account).is_none_or(|k| !m.contains(&k)))
     };
-    let mut added = 0;
-    for chunk in missing.chunks(100) {
-        let mut found = Vec::new();
-        for room in chunk {
-            let url = format!("{base}/_matrix/client/v3/rooms/{}/state/m.room.member/{}?format=event&{as_user}", enc(room.as_str()), enc(account.as_str()));
-            let ev = get(url).await?;
-            let ev = match ev.get("room_id") {
-                Some(_) => ev,
-                // Older homeservers leave the room id out of a state event.
-                None => {
-                    let mut ev = ev;
-                    if let Some(o) = ev.as_object_mut() {
-                        o.insert("room_id".into(), json!(room));
-                    }
-                    ev
+    // What is logged: a membership fedlink does not know, or one newer than the known one
+    // by the events' times (pushes are logged as they come, but a homeserver restarted with
+    // a new registration may push events older than this catch-up after it).
+    let newer = |views: &crate::core::views::Views, c: &ClientEventEntry| {
+        let m = c.membership.as_deref().unwrap_or_default();
+        views.rooms.get(&c.room_id).is_none_or(|v| {
+            !v.bot_joined()
+                && match v.membership(account) {
+                    None => true,
+                    Some(k) => k != m && v.member_ts.get(account).zip(c.membership_ts()).is_some_and(|(known, ts)| ts > *known),
                 }
-            };
-            match client_event(&ev, &server) {
-                Some(c) if c.room_id == *room && c.state_key.as_deref() == Some(account.as_str()) && c.membership.as_deref() == Some("join") => {
-                    found.push(c);
-                }
-                _ => tracing::debug!(%account, %room, "the homeserver's member event is not a join of this account; skipped"),
+        })
+    };
+    // The sync was asked after `joined_rooms`: where they disagree, the sync is newer.
+    let in_sync: std::collections::BTreeSet<&ruma::OwnedRoomId> = invites.iter().map(|c| &c.room_id).chain(left.iter().map(|(r, _)| r)).collect();
+    let (mut found, to_fetch): (Vec<ClientEventEntry>, Vec<(ruma::OwnedRoomId, &[&str])>) = {
+        let views = app.views.read().await;
+        let found = invites.iter().chain(left.iter().filter_map(|(_, c)| c.as_ref())).filter(|c| newer(&views, c)).cloned().collect();
+        let fetch = joined
+            .iter()
+            .filter(|r| !in_sync.contains(r) && differs(&views, r, &["join"]))
+            .map(|r| (r.clone(), &["join"][..]))
+            .chain(left.iter().filter(|(r, c)| c.is_none() && differs(&views, r, &["leave", "ban"])).map(|(r, _)| (r.clone(), &["leave", "ban"][..])))
+            .collect();
+        (found, fetch)
+    };
+    // The account's member event in each room the sync did not show it for: the state of a
+    // joined room, or of a left one at the leave.
+    for (room, wanted) in &to_fetch {
+        let url = format!("{base}/_matrix/client/v3/rooms/{}/state/m.room.member/{}?format=event&{as_user}", enc(room.as_str()), enc(account.as_str()));
+        let mut ev = get(url, short, 4 * 1024 * 1024).await?;
+        // Older homeservers leave the room id out of a state event.
+        if ev.get("room_id").is_none() {
+            if let Some(o) = ev.as_object_mut() {
+                o.insert("room_id".into(), json!(room));
             }
         }
+        match client_event(&ev, &server) {
+            Some(c) if c.room_id == *room && c.state_key.as_deref() == Some(account.as_str()) && c.membership.as_deref().is_some_and(|m| wanted.contains(&m)) => {
+                found.push(c);
+            }
+            _ => tracing::debug!(%account, %room, "the homeserver's member event is not the membership it listed; skipped"),
+        }
+    }
+    let mut added = 0u64;
+    let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut chunks = found.chunks(100).peekable();
+    loop {
+        let chunk = chunks.next();
+        let last = chunks.peek().is_none();
         let _lock = app.ingest.lock().await;
-        let entries: Vec<Entry> = {
+        let mut entries: Vec<Entry> = {
             let views = app.views.read().await;
-            // A membership pushed meanwhile is newer than what was read: it wins.
-            found
-                .into_iter()
-                .filter(|c| views.rooms.get(&c.room_id).is_none_or(|v| !v.bot_joined() && v.membership(account).is_none()))
-                .map(Entry::ClientEvent)
-                .collect()
+            // Checked again: a membership pushed meanwhile may be newer than what was read.
+            chunk.unwrap_or_default().iter().filter(|c| newer(&views, c)).cloned().map(Entry::ClientEvent).collect()
         };
-        added += entries.len();
+        added += entries.len() as u64;
+        for e in &entries {
+            if let Entry::ClientEvent(c) = e {
+                *kinds.entry(c.membership.clone().unwrap_or_default()).or_default() += 1;
+            }
+        }
+        if last {
+            entries.push(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: added }));
+        }
         if !entries.is_empty() {
-            app.metrics.catch_up_memberships.inc_by(entries.len() as u64);
             app.append(entries, None).await.map_err(|e| e.to_string())?;
             app.store.flush().await.map_err(|e| e.to_string())?;
         }
+        if last {
+            break;
+        }
     }
-    Ok(added)
+    for (membership, n) in &kinds {
+        app.metrics.catch_up_memberships.with_label_values(&[membership.as_str()]).inc_by(*n);
+    }
+    tracing::info!(%account, joined = kinds.get("join").copied().unwrap_or(0), invited = kinds.get("invite").copied().unwrap_or(0),
+        left = kinds.get("leave").copied().unwrap_or(0) + kinds.get("ban").copied().unwrap_or(0), "a linked account caught up on its memberships");
+    Ok(added as usize)
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ pub struct Metrics {
     /// Linked accounts caught up on their rooms through a registration, by result.
     pub catch_up: IntCounterVec,
     /// Memberships logged by catching linked accounts up.
-    pub catch_up_memberships: IntCounter,
+    pub catch_up_memberships: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -251,8 +251,8 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("metric registered once");
                 g
             },
-            catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their joined rooms through a registration, by result", &["result"]),
-            catch_up_memberships: counter(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up"),
+            catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their memberships (joined, invited, left) through a registration, by result", &["result"]),
+            catch_up_memberships: counter_vec(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up, by membership (join, invite, leave, ban)", &["membership"]),
             registry: r,
         }
     }

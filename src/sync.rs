@@ -222,6 +222,18 @@ pub async fn reconcile_once(app: &Fedlink, full: bool) -> Result<(), crate::stor
 
 /// Log the decisions of a pass.
 async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::StoreError> {
+    // A sibling waiting for its catch-up is decided again once `caught_up` is logged.
+    let actions: Vec<Action> = actions
+        .into_iter()
+        .filter(|a| match a {
+            Action::AwaitCatchUp { room_id, target } => {
+                app.metrics.reconcile_actions.with_label_values(&["await_catch_up"]).inc();
+                tracing::debug!(%room_id, %target, "a sibling is invited once it has caught up on its memberships");
+                false
+            }
+            _ => true,
+        })
+        .collect();
     if actions.is_empty() {
         return Ok(());
     }
@@ -266,6 +278,7 @@ async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::St
                 tracing::info!(%room_id, %target, "a linked account left; its sibling leaves too");
                 Entry::ActionPending(UserAction::new(room_id, target, "leave"))
             }
+            Action::AwaitCatchUp { .. } => continue,
             Action::InviteAs { room_id, actor, target, partner } => {
                 app.metrics.reconcile_actions.with_label_values(&["invite_as"]).inc();
                 let direct_with = partner.as_ref().map(|p| p.as_str()).unwrap_or("");

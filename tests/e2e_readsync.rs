@@ -179,15 +179,40 @@ async fn without_the_bot_reads_follow_by_the_homeservers_order() {
     .unwrap_or_else(|e| panic!("{e:?}\n{}", f.log_tail()));
 }
 
-/// Given alice@kiwi already in bob's room before fedlink's registration was installed on
-/// kiwi (so kiwi never pushed her join), and alice not linked: when an admin links her
-/// accounts, fedlink asks kiwi for alice@kiwi's joined rooms, learns of the room, and
-/// alice@litchi is invited (by alice@kiwi, through kiwi's registration) and joined.
+/// Wait until `c` is invited to `room` (before fedlink runs).
+async fn invited_before_fedlink(c: &ClientSession, room: &str) {
+    wait_until(&format!("{} invited to {room}", c.user_id), T, || async { Ok(support::e2e::invited_rooms(c).await?.iter().any(|r| r == room).then_some(())) })
+        .await
+        .unwrap();
+}
+
+/// `user`'s membership in `room` as `c`'s homeserver shows it.
+async fn membership_of(c: &ClientSession, room: &str, user: &str) -> Option<String> {
+    let ev = c.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(room), enc(user))).await.ok()?;
+    ev["membership"].as_str().map(str::to_owned)
+}
+
+/// Given, before fedlink's registrations were installed (so nothing of it was pushed), and
+/// alice not linked: alice@kiwi joined bob's room; in a second room both joined and
+/// alice@litchi left; in a third alice@kiwi joined and alice@litchi's invite waits (shown
+/// to litchi's clients as stripped state only, as an invite from another server is).
+/// When an admin links her accounts, fedlink asks each homeserver for her memberships:
+/// alice@litchi is invited (by alice@kiwi, through kiwi's registration) into the first room
+/// and joins, joins the third on the invite she had, and is not invited again where she
+/// left (checked once the pass that invited her elsewhere has logged all its actions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_linked_after_joining_catches_up_and_the_sibling_follows() {
     let KiwiLitchi { mut kiwi, mut litchi, bob, alice_k, alice_l } = kiwi_and_litchi().await;
     let room = bob.create_room(&[&alice_k.user_id], None, "private_chat").await.unwrap();
     alice_k.join(&room, &[]).await.unwrap();
+    let left_room = bob.create_room(&[&alice_k.user_id, &alice_l.user_id], None, "private_chat").await.unwrap();
+    alice_k.join(&left_room, &[]).await.unwrap();
+    invited_before_fedlink(&alice_l, &left_room).await;
+    alice_l.join(&left_room, &[]).await.unwrap();
+    alice_l.leave(&left_room).await.unwrap();
+    let waiting = bob.create_room(&[&alice_k.user_id, &alice_l.user_id], None, "private_chat").await.unwrap();
+    alice_k.join(&waiting, &[]).await.unwrap();
+    invited_before_fedlink(&alice_l, &waiting).await;
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("[federation]\nverify_tls = false\n{}{}", appservice_toml(&kiwi), appservice_toml(&litchi));
     let f = FedlinkBin::start_on(dir.path(), free_port(), free_port(), &extra).await.unwrap();
@@ -202,9 +227,25 @@ async fn a_person_linked_after_joining_catches_up_and_the_sibling_follows() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    wait_member(&bob, &room, &alice_l.user_id, true).await;
-    assert!(f.metric("fedlink_catch_up_memberships_total").await >= 1.0, "{}", f.log_tail());
-    wait_until("the catch-up logged", T, || async { Ok(f.log_tail().contains("a linked account caught up on rooms it had joined").then_some(())) })
+    for r in [&room, &waiting] {
+        wait_until(&format!("alice@litchi joined {r}"), T, || async {
+            if bob.joined_members(r).await?.contains(&alice_l.user_id) {
+                return Ok(Some(()));
+            }
+            Err(anyhow::anyhow!("fedlink log:\n{}", f.log_tail()))
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(f.metric("fedlink_reconcile_actions_total{action=\"invite_as\"}").await, 1.0, "one invite, into the first room: {}", f.log_tail());
+    assert_eq!(f.metric("fedlink_reconcile_actions_total{action=\"join\"}").await, 2.0, "her joins in the first and third rooms: {}\n{}\n{}", f.log_tail(), f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&waiting))).await.1, f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&left_room))).await.1);
+    assert_eq!(membership_of(&bob, &left_room, &alice_l.user_id).await.as_deref(), Some("leave"), "never invited again where she left");
+    let (_, view) = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&left_room))).await;
+    assert_eq!(view["members"][alice_l.user_id.as_str()], "leave", "{view}");
+    assert!(f.metric("fedlink_catch_up_memberships_total{membership=\"leave\"}").await >= 1.0, "{}", f.log_tail());
+    assert!(f.metric("fedlink_catch_up_memberships_total{membership=\"invite\"}").await >= 1.0);
+    assert!(f.metric("fedlink_catch_up_memberships_total{membership=\"join\"}").await >= 3.0);
+    wait_until("the catch-up logged", T, || async { Ok(f.log_tail().contains("a linked account caught up on its memberships").then_some(())) })
         .await
         .unwrap();
 }

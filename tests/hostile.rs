@@ -427,27 +427,54 @@ async fn a_static_destination_may_be_private_without_opening_private_networks() 
     f.stop().await;
 }
 
-/// A fake client-server API that knows which rooms each user has joined: `joined_rooms`
-/// and the user's member event in each (as a join); records every request.
-async fn fake_joined_rooms_api(joined: Vec<(&'static str, Vec<&'static str>)>) -> (String, Arc<Mutex<Vec<String>>>) {
+/// A fake client-server API that knows each user's memberships, (room, membership):
+/// `joined_rooms` lists the joins; an initial `/sync` lists invites (the invite event last in
+/// `invite_state`, as Synapse sends it; a membership `stripped_invite` is an invite shown as
+/// stripped state only) and left rooms (the leave or ban ending the timeline; a membership
+/// `untimelined_ban` is a ban whose timeline is empty); the member state endpoint answers
+/// each room's membership. Records every request.
+async fn fake_joined_rooms_api(memberships: Vec<(&'static str, Vec<(&'static str, &'static str)>)>) -> (String, Arc<Mutex<Vec<String>>>) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let s = seen.clone();
-    let joined: Arc<BTreeMap<String, Vec<String>>> =
-        Arc::new(joined.into_iter().map(|(u, rooms)| (u.to_owned(), rooms.into_iter().map(String::from).collect())).collect());
+    let all: Arc<BTreeMap<String, Vec<(String, String)>>> =
+        Arc::new(memberships.into_iter().map(|(u, rooms)| (u.to_owned(), rooms.into_iter().map(|(r, m)| (r.to_owned(), m.to_owned())).collect())).collect());
     let app = axum::Router::new().fallback(move |uri: axum::http::Uri, axum::extract::Query(query): axum::extract::Query<BTreeMap<String, String>>| {
-        let (s, joined) = (s.clone(), joined.clone());
+        let (s, all) = (s.clone(), all.clone());
         async move {
             let user = query.get("user_id").cloned().unwrap_or_default();
             s.lock().unwrap().push(format!("{} as {user}", uri.path()));
             let path = uri.path().to_owned();
+            let mine = all.get(&user).cloned().unwrap_or_default();
+            let member = |room: &str, m: &str| {
+                let m = match m { "untimelined_ban" => "ban", "stripped_invite" => "invite", m => m };
+                json!({ "type": "m.room.member", "event_id": format!("${m}-{}", room.trim_start_matches('!').replace(':', "-")),
+                        "sender": user, "state_key": user, "content": { "membership": m }, "origin_server_ts": 7 })
+            };
             if path.ends_with("/joined_rooms") {
-                return axum::Json(json!({ "joined_rooms": joined.get(&user).cloned().unwrap_or_default() }));
+                return axum::Json(json!({ "joined_rooms": mine.iter().filter(|(_, m)| m == "join").map(|(r, _)| r).collect::<Vec<_>>() }));
+            }
+            if path.ends_with("/sync") {
+                assert!(query.get("filter").is_some_and(|f| f.contains("include_leave")), "the catch-up asks for left rooms");
+                let (mut invite, mut leave) = (serde_json::Map::new(), serde_json::Map::new());
+                for (room, m) in &mine {
+                    let name = json!({ "type": "m.room.name", "state_key": "", "sender": "@bob:litchi", "content": { "name": "a room" } });
+                    match m.as_str() {
+                        "invite" => { invite.insert(room.clone(), json!({ "invite_state": { "events": [name, member(room, m)] } })); }
+                        "stripped_invite" => { invite.insert(room.clone(), json!({ "invite_state": { "events": [name, { "type": "m.room.member", "state_key": user, "sender": "@bob:litchi", "content": { "membership": "invite" } }] } })); }
+                        "leave" | "ban" => { leave.insert(room.clone(), json!({ "timeline": { "events": [member(room, m)] } })); }
+                        "untimelined_ban" => { leave.insert(room.clone(), json!({ "timeline": { "events": [] } })); }
+                        _ => {}
+                    }
+                }
+                return axum::Json(json!({ "next_batch": "s1", "rooms": { "join": {}, "invite": invite, "leave": leave } }));
             }
             let parts: Vec<String> = path.split('/').map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned()).collect();
             // /_matrix/client/v3/rooms/{room}/state/m.room.member/{user}
             let room = parts.get(5).cloned().unwrap_or_default();
-            axum::Json(json!({ "type": "m.room.member", "room_id": room, "event_id": format!("$join-{}", room.trim_start_matches('!').replace(':', "-")),
-                               "sender": user, "state_key": user, "content": { "membership": "join" }, "origin_server_ts": 7 }))
+            let m = mine.iter().find(|(r, _)| *r == room).map_or("leave".to_owned(), |(_, m)| m.clone());
+            let mut ev = member(&room, &m);
+            ev["room_id"] = json!(room);
+            axum::Json(ev)
         }
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -463,7 +490,8 @@ async fn fake_joined_rooms_api(joined: Vec<(&'static str, Vec<&'static str>)>) -
 #[tokio::test]
 async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (litchi_url, calls) = fake_joined_rooms_api(vec![("@alice:litchi", vec!["!a:litchi", "!b:litchi"]), ("@bob:litchi", vec![])]).await;
+    let alice = vec![("!a:litchi", "join"), ("!b:litchi", "join"), ("!i:litchi", "invite"), ("!s:litchi", "stripped_invite"), ("!l:litchi", "leave"), ("!x:litchi", "untimelined_ban")];
+    let (litchi_url, calls) = fake_joined_rooms_api(vec![("@alice:litchi", alice), ("@bob:litchi", vec![])]).await;
     let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hanging_url = format!("http://{}", hanging.local_addr().unwrap());
     tokio::spawn(async move {
@@ -511,20 +539,28 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
     link("alice", json!(["@alice:kiwi", "@alice:litchi"])).await;
     let rooms = wait_until("alice@litchi caught up on !a and !b, next to !c pushed before", T, || async {
         let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
-        let joined: Vec<String> = p["rooms"]
+        let rooms: Vec<(String, String)> = p["rooms"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|r| r["accounts"]["@alice:litchi"]["membership"] == "join")
-            .map(|r| r["room_id"].as_str().unwrap().to_owned())
+            .filter_map(|r| Some((r["room_id"].as_str()?.to_owned(), r["accounts"]["@alice:litchi"]["membership"].as_str()?.to_owned())))
             .collect();
-        Ok((joined.len() == 3).then_some(joined))
+        Ok((rooms.len() >= 7).then_some(rooms))
     })
     .await
     .unwrap();
     assert!(linked_at.elapsed() < Duration::from_secs(8), "litchi's catch-up did not wait on kiwi's 10 s timeout: {:?}", linked_at.elapsed());
-    assert_eq!(rooms, vec!["!a:litchi", "!b:litchi", "!c:litchi"]);
-    assert_eq!(f.metric("fedlink_catch_up_memberships_total").await, 2.0);
+    let rooms: Vec<(&str, &str)> = rooms.iter().map(|(r, m)| (r.as_str(), m.as_str())).collect();
+    assert_eq!(
+        rooms,
+        vec![("!a:litchi", "join"), ("!b:litchi", "join"), ("!c:litchi", "join"), ("!i:litchi", "invite"), ("!l:litchi", "leave"), ("!s:litchi", "invite"), ("!x:litchi", "ban")],
+        "joins, the invites (with their event or as stripped state), the leave from the timeline, the ban asked for"
+    );
+    for (m, n) in [("join", 2.0), ("invite", 2.0), ("leave", 1.0), ("ban", 1.0)] {
+        assert_eq!(f.metric(&format!("fedlink_catch_up_memberships_total{{membership=\"{m}\"}}")).await, n, "{m}");
+    }
+    let asked: Vec<String> = calls.lock().unwrap().iter().filter(|c| c.ends_with("as @alice:litchi") && c.contains("/state/")).cloned().collect();
+    assert_eq!(asked.len(), 3, "the member event is asked for only where the lists did not carry it (!a, !b, !x): {asked:?}");
 
     // Linking bob makes the worker look again: bob is asked for, alice is not asked twice.
     link("bob", json!(["@bob:litchi", "@bob:mango"])).await;
@@ -535,5 +571,26 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
     .unwrap();
     let asked_for_alice = calls.lock().unwrap().iter().filter(|c| c.contains("/joined_rooms as @alice:litchi")).count();
     assert_eq!(asked_for_alice, 1);
+    f.stop().await;
+
+    // The catch-up is logged: after a restart, only a newly linked account is asked for.
+    let f = Fedlink::start(dir.path(), 0, &extra).await;
+    let link = |id: &'static str, accounts: Value| {
+        let f = &f;
+        async move {
+            let r = reqwest::Client::new()
+                .put(format!("{}/_fedlink/admin/v1/persons/{id}", f.admin_url))
+                .bearer_auth(support::fedlink_proc::ADMIN_TOKEN)
+                .json(&json!({ "accounts": accounts }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    link("carol", json!(["@carol:litchi", "@carol:mango"])).await;
+    wait_until("carol asked for", T, || async { Ok(calls.lock().unwrap().iter().any(|c| c.ends_with("as @carol:litchi")).then_some(())) }).await.unwrap();
+    let asked = |who: &str| calls.lock().unwrap().iter().filter(|c| c.contains(&format!("/joined_rooms as {who}"))).count();
+    assert_eq!((asked("@alice:litchi"), asked("@bob:litchi")), (1, 1), "caught up before the restart: not asked again");
     f.stop().await;
 }

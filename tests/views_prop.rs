@@ -52,6 +52,7 @@ enum Op {
     Told(u8, u8, u8),
     LinkRequest(u8, u8),
     LinkClosed(u8),
+    CaughtUp(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -73,6 +74,7 @@ fn op() -> impl Strategy<Value = Op> {
         (any::<u8>(), any::<u8>(), 0u8..3).prop_map(|(r, a, k)| Op::Told(r, a, k)),
         (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::LinkRequest(a, b)),
         any::<u8>().prop_map(Op::LinkClosed),
+        any::<u8>().prop_map(Op::CaughtUp),
     ]
 }
 
@@ -222,6 +224,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
             Op::Told(r, a, k) => Entry::BotTold(fedlink::core::log_entry::BotTold { room_id: room(r), about: room(a), reason: ["encrypted", "missing_power", "no_registration"][k as usize].into() }),
             Op::LinkRequest(a, b) => Entry::LinkRequested(fedlink::core::log_entry::LinkRequested { from: user(a), to: user(b), code_sha256: format!("{n}"), expires_ms: n }),
             Op::LinkClosed(a) => Entry::LinkClosed(fedlink::core::log_entry::LinkClosed { from: user(a), outcome: "confirmed".into() }),
+            Op::CaughtUp(a) => Entry::CaughtUp(fedlink::core::log_entry::CaughtUp { account: user(a), memberships: 0 }),
             Op::Presence(u, p) => Entry::Presence(PresenceEntry {
                 origin: user(u).server_name().to_owned(),
                 user_id: user(u),

@@ -85,6 +85,10 @@ pub enum Entry {
     /// The bot told the owner of a direct chat about something, once (a problem in a
     /// room, or that it cannot read encrypted messages).
     BotTold(BotTold),
+    /// A linked account caught up, through its homeserver's registration, on the rooms it
+    /// had joined, was invited to or had left before fedlink could see it (logged after
+    /// the memberships found). Until then fedlink invites it nowhere as a sibling.
+    CaughtUp(CaughtUp),
 }
 
 /// `link_requested`: `from` wants to be linked with `to`.
@@ -132,6 +136,16 @@ pub struct BotTold {
     pub about: OwnedRoomId,
     /// `missing_power`, `no_registration`, `refused`, `encrypted`.
     pub reason: String,
+}
+
+/// `caught_up`: `account` caught up on its memberships (see [`Entry::CaughtUp`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaughtUp {
+    /// The linked account.
+    pub account: OwnedUserId,
+    /// Memberships logged by the catch-up (join, invite, leave and ban).
+    #[serde(default)]
+    pub memberships: u64,
 }
 
 /// Where a directory change came from.
@@ -210,6 +224,16 @@ pub struct ClientEventEntry {
     /// For a send that is a reply in a thread: the thread's root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_root: Option<OwnedEventId>,
+}
+
+impl ClientEventEntry {
+    /// For a membership event, its `origin_server_ts`: one account's membership events in
+    /// one room are ordered by it where fedlink cannot see the room's DAG (this assumes the
+    /// homeservers' clocks agree to within the time between one account's membership
+    /// changes in one room).
+    pub fn membership_ts(&self) -> Option<u64> {
+        self.membership.as_ref().and(self.origin_server_ts)
+    }
 }
 
 /// A person's sync settings.
@@ -768,7 +792,7 @@ impl Entry {
             Entry::BotJoinSigned(e) => Scope::Room(&e.room_id),
             Entry::BotJoinFailed(e) => Scope::Room(&e.room_id),
             Entry::BotJoinRetry(e) => Scope::Room(&e.room_id),
-            Entry::PersonSet(_) | Entry::PersonRemoved(_) | Entry::OptOut(_) | Entry::PersonSettings(_) => Scope::Everything,
+            Entry::PersonSet(_) | Entry::PersonRemoved(_) | Entry::OptOut(_) | Entry::PersonSettings(_) | Entry::CaughtUp(_) => Scope::Everything,
             Entry::ClientEvent(e) => Scope::Room(&e.room_id),
             Entry::InvitePending(e) => Scope::Room(&e.room_id),
             Entry::InviteFailed(e) => Scope::Room(&e.room_id),
@@ -816,6 +840,7 @@ impl Entry {
             Entry::LinkClosed(_) => "link_closed",
             Entry::CommandHandled(_) => "command_handled",
             Entry::BotTold(_) => "bot_told",
+            Entry::CaughtUp(_) => "caught_up",
         }
     }
 }

@@ -159,6 +159,15 @@ pub enum Action {
         /// A direct chat with this partner: the invite carries `is_direct`.
         partner: Option<OwnedUserId>,
     },
+    /// `target` would be invited as a sibling (the bot is not in the room), once it has
+    /// caught up on its memberships through its homeserver's registration (it may have
+    /// left or declined the room before fedlink could see it). Nothing is logged for it.
+    AwaitCatchUp {
+        /// The room.
+        room_id: OwnedRoomId,
+        /// The account waiting.
+        target: OwnedUserId,
+    },
     /// No route can do `kind` for `target`'s homeserver.
     Unsupported {
         /// The room.
@@ -233,7 +242,12 @@ fn decide_invites_as(views: &Views, routes: &Routes, room_id: &OwnedRoomId, room
             if taken || room.pending_actions.contains_key(target) || room.blocked_actions.contains_key(target) || target.server_name() == views.bot_user_id.server_name() {
                 continue;
             }
+            // Here fedlink knows memberships only from pushes: an account whose homeserver
+            // has a registration may have left or declined this room before the
+            // registration was installed. It is invited once it has caught up.
+            let catching_up = routes.contains_key(target.server_name()) && !views.directory.is_caught_up(target);
             match actor {
+                Some(_) if catching_up => out.push(Action::AwaitCatchUp { room_id: room_id.clone(), target: target.clone() }),
                 Some(a) => out.push(Action::InviteAs { room_id: room_id.clone(), actor: a.clone(), target: target.clone(), partner: partner.cloned() }),
                 None if !room.unsupported.get(target).is_some_and(|k| k.contains("invite")) => {
                     out.push(Action::Unsupported { room_id: room_id.clone(), target: target.clone(), kind: "invite" })

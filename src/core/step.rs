@@ -6,7 +6,8 @@
 //! - `blocked`: fedlink cannot act without someone's help: it lacks the power to invite,
 //!   or the homeserver refused an invite, join, leave, read or `m.direct` write;
 //! - `unsupported`: no route can do what is needed there (no registration);
-//! - `catching_up`: fedlink has work pending or decided for it;
+//! - `catching_up`: fedlink has work pending or decided for it (or waits for the account
+//!   to catch up on its memberships before inviting it);
 //! - `in_step` otherwise.
 //!
 //! An account counts in a room while it is there (joined or invited) or fedlink has work
@@ -84,7 +85,8 @@ fn decided_by_room(actions: &[Action]) -> BTreeMap<&OwnedRoomId, Decided<'_>> {
             | Action::MarkDirect { room_id, target, .. }
             | Action::Join { room_id, target }
             | Action::Leave { room_id, target }
-            | Action::InviteAs { room_id, target, .. } => {
+            | Action::InviteAs { room_id, target, .. }
+            | Action::AwaitCatchUp { room_id, target } => {
                 out.entry(room_id).or_default().acting.insert(target);
             }
             Action::Unsupported { room_id, target, .. } => {

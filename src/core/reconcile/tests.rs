@@ -46,6 +46,10 @@ impl Given {
             source: LinkSource::Admin,
         }))
     }
+    /// `account` caught up on its memberships through its registration.
+    fn caught_up(&mut self, account: &str) -> &mut Self {
+        self.record(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: user(account), memberships: 0 }))
+    }
     /// The bot joined ROOM; `members` are (user, membership) in the state at the join.
     fn bot_joined(&mut self, members: &[(&str, &str)], invite_level: i64, bot_level: i64) -> &mut Self {
         let mut state: Vec<StateRef> = members
@@ -110,7 +114,7 @@ impl Given {
                         event: json!({}),
                     }));
                 }
-                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } | Action::InviteAs { .. } | Action::MarkDirect { .. } => {}
+                Action::SetRead { .. } | Action::Join { .. } | Action::Leave { .. } | Action::Unsupported { .. } | Action::InviteAs { .. } | Action::MarkDirect { .. } | Action::AwaitCatchUp { .. } => {}
                 Action::MissingPower { room_id, target, power_levels_event, .. } => {
                     self.record(Entry::InviteFailed(InviteFailed { room_id, target, reason: "missing power".into(), power_levels_event }));
                 }
@@ -471,6 +475,90 @@ fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
     // Declined before: never again.
     seen(&mut g, "@alice:litchi", "leave");
     assert_eq!(decide(&g.views, &routes(&["kiwi"])), vec![]);
+}
+
+/// Given a room known from pushes only: a membership event older than the latest one
+/// folded changes nothing (Synapse pushes its history to a new registration, possibly after
+/// fedlink caught up); one without a time is never judged stale and keeps the latest time.
+#[test]
+fn a_stale_pushed_membership_does_not_undo_a_newer_one() {
+    let mut g = given();
+    let mut n = 0;
+    let mut pushed = |g: &mut Given, sender: &str, target: &str, m: &str, ts: Option<u64>| {
+        n += 1;
+        g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+            via: "kiwi".try_into().unwrap(),
+            room_id: room(),
+            event_id: format!("$s{n}").try_into().unwrap(),
+            sender: user(sender),
+            event_type: "m.room.member".into(),
+            state_key: Some(target.into()),
+            membership: Some(m.into()),
+            origin_server_ts: ts,
+            is_direct: false,
+            thread_root: None,
+        }));
+    };
+    let m = |g: &Given, u: &str| g.views.rooms.get(&room()).and_then(|r| r.membership(&user(u)).map(str::to_owned));
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(200));
+    pushed(&mut g, "@bob:kiwi", "@alice:kiwi", "invite", Some(100));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("join"), "the older invite is stale");
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "leave", Some(300));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"));
+    // Another server's invite from before the leave is history too.
+    pushed(&mut g, "@bob:mango", "@alice:kiwi", "invite", Some(250));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"));
+    pushed(&mut g, "@bob:mango", "@alice:kiwi", "invite", Some(350));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("invite"));
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "leave", None);
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"), "no time: applied");
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(340));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"), "the latest time (350) stays");
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(360));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("join"));
+}
+
+/// Given alice@kiwi joined to a room the bot is not in, and alice@litchi on a homeserver
+/// with a registration: alice@litchi is invited only once she has caught up (she may have
+/// declined the room before litchi's registration was installed); the catch-up is
+/// forgotten when she is unlinked, so a new link waits for a new one.
+#[test]
+fn without_the_bot_a_sibling_is_invited_only_after_it_caught_up() {
+    let mut g = given();
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+        via: "kiwi".try_into().unwrap(),
+        room_id: room(),
+        event_id: "$kj".try_into().unwrap(),
+        sender: user("@alice:kiwi"),
+        event_type: "m.room.member".into(),
+        state_key: Some("@alice:kiwi".into()),
+        membership: Some("join".into()),
+        origin_server_ts: None,
+        is_direct: false,
+        thread_root: None,
+    }));
+    let both = routes(&["kiwi", "litchi"]);
+    let invite = vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi"), partner: None }];
+    let wait = vec![Action::AwaitCatchUp { room_id: room(), target: user("@alice:litchi") }];
+    assert_eq!(decide(&g.views, &both), wait, "litchi has a registration: wait for the catch-up");
+    assert_eq!(crate::core::step::report(&g.views, &both).out_of_step.get(&(room(), user("@alice:litchi"))), Some(&crate::core::step::Step::CatchingUp));
+    assert_eq!(decide(&g.views, &routes(&["kiwi"])), invite, "no registration on litchi: nothing to catch up on");
+    g.caught_up("@alice:kiwi");
+    assert_eq!(decide(&g.views, &both), wait, "a sibling's catch-up is not hers");
+    g.caught_up("@alice:litchi");
+    assert_eq!(decide(&g.views, &both), invite);
+    // Unlinked and linked again: a new catch-up first. A catch-up of an unlinked account counts for nothing.
+    g.record(Entry::PersonRemoved(crate::core::log_entry::PersonRemoved { person: "alice".into(), source: LinkSource::Admin }));
+    g.caught_up("@alice:litchi");
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
+    assert_eq!(decide(&g.views, &both), wait);
+    // Relinking with the same accounts keeps what was caught up.
+    g.caught_up("@alice:litchi");
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi", "@alice:mango"]);
+    let mut three = invite.clone();
+    three.push(Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:mango"), partner: None });
+    assert_eq!(decide(&g.views, &both), three, "mango has no registration: invited at once");
 }
 
 #[test]
@@ -991,6 +1079,7 @@ fn without_the_bot_a_pushed_direct_invite_makes_the_siblings_invite_direct() {
     };
     pushed(&mut g, "@bob:kiwi", "@alice:kiwi", "invite", true);
     pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", false);
+    g.caught_up("@alice:litchi");
     assert_eq!(
         decide(&g.views, &routes(&["kiwi", "litchi"])),
         vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi"), partner: Some(user("@bob:kiwi")) }]

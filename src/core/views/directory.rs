@@ -57,6 +57,11 @@ pub struct Directory {
     /// Open self-service link requests, by the account that asked (one each).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub link_requests: BTreeMap<OwnedUserId, LinkRequested>,
+    /// Linked accounts that caught up on their memberships through their homeserver's
+    /// registration ([`crate::core::log_entry::Entry::CaughtUp`]); an account leaves this
+    /// set when it is unlinked, so a new link catches up again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub caught_up: BTreeSet<OwnedUserId>,
 }
 
 /// Whether `id` is a usable person id.
@@ -127,11 +132,30 @@ impl Directory {
             s.person.clone(),
             Person { accounts: s.accounts.iter().cloned().collect(), source: s.source, opted_out, opted_out_rooms: rooms, auto_join },
         );
+        self.forget_unlinked();
     }
 
     /// Fold a `person_removed`.
     pub fn apply_removed(&mut self, r: &PersonRemoved) {
         self.remove(&r.person);
+        self.forget_unlinked();
+    }
+
+    /// Fold a `caught_up` (of an account still linked).
+    pub fn apply_caught_up(&mut self, account: &OwnedUserId) {
+        if self.by_account.contains_key(account) {
+            self.caught_up.insert(account.clone());
+        }
+    }
+
+    /// Whether `account` (linked) has caught up on its memberships.
+    pub fn is_caught_up(&self, account: &OwnedUserId) -> bool {
+        self.caught_up.contains(account)
+    }
+
+    fn forget_unlinked(&mut self) {
+        let by_account = &self.by_account;
+        self.caught_up.retain(|a| by_account.contains_key(a));
     }
 
     fn remove(&mut self, person: &str) {

@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 7;
+pub const VIEWS_FORMAT: u16 = 8;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +190,13 @@ pub struct RoomView {
     /// Log position of each user's current membership.
     #[serde(default)]
     pub member_seq: BTreeMap<OwnedUserId, u64>,
+    /// In rooms known from registrations only: the `origin_server_ts` of the latest
+    /// membership event folded for each user ([`ClientEventEntry::membership_ts`]). A
+    /// membership event older than that is stale and ignored: Synapse pushes its whole
+    /// history to the first registration it is given (its push position stands still
+    /// while it has none), possibly after fedlink caught up on the account.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub member_ts: BTreeMap<OwnedUserId, u64>,
     /// The bot's signed join not yet confirmed by `send_join`: (version, event).
     #[serde(default)]
     pub signed_join: Option<(RoomVersionId, serde_json::Value)>,
@@ -332,6 +339,7 @@ impl RoomView {
             blocked_actions: BTreeMap::new(),
             left_by_self: BTreeMap::new(),
             member_seq: BTreeMap::new(),
+            member_ts: BTreeMap::new(),
             unsupported: BTreeMap::new(),
             signed_join: None,
             threads: BTreeMap::new(),
@@ -449,6 +457,12 @@ impl RoomView {
     /// A user's current membership (`None` if they have no member event).
     pub fn membership(&self, user: &OwnedUserId) -> Option<&str> {
         self.members.get(user).map(String::as_str)
+    }
+
+    /// Whether a membership event of `user` sent at `ts` is older than the one behind the
+    /// membership folded (see [`RoomView::member_ts`]). Without both times it is not.
+    pub fn stale_membership(&self, user: &OwnedUserId, ts: Option<u64>) -> bool {
+        matches!((self.member_ts.get(user), ts), (Some(known), Some(ts)) if ts < *known)
     }
 
     /// Users whose membership is `join`.
@@ -891,6 +905,7 @@ impl Views {
                 self.directory.apply_opt_out(o);
             }
             Entry::PersonSettings(s) => self.directory.apply_settings(s),
+            Entry::CaughtUp(c) => self.directory.apply_caught_up(&c.account),
             Entry::InvitePending(i) => {
                 if let Some(room) = self.rooms.get_mut(&i.room_id) {
                     room.pending_invites
@@ -917,6 +932,8 @@ impl Views {
                 room.signed_join = None;
                 room.joined_via = Some(j.via.clone());
                 room.extremities.clear();
+                // The room's PDUs are the truth from now on.
+                room.member_ts.clear();
                 room.set_state(&j.state, j.power_levels.as_ref());
                 // A direct invite into a room with others in it (a direct chat between
                 // people that includes the bot) is a normal room, unless it was accepted only
@@ -1080,6 +1097,12 @@ impl Views {
             return;
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
+            if room.stale_membership(&user, c.membership_ts()) {
+                return;
+            }
+            if let Some(ts) = c.membership_ts() {
+                room.member_ts.insert(user.clone(), ts);
+            }
             if m == "invite" && c.is_direct {
                 room.direct_invites.entry(user.clone()).or_insert((c.sender.clone(), seq));
             }
