@@ -96,9 +96,17 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 store.clear_views()?;
+                let started = std::time::Instant::now();
                 let views = app::fold_views(&store, bot, true)?;
+                let fold_s = started.elapsed().as_secs_f64();
                 store.save_views(&views, None).await?;
-                println!("replayed {} log entries into {} rooms", views.folded_seq, views.rooms.len());
+                println!(
+                    "replayed {} log entries into {} rooms: folded in {fold_s:.2} s ({:.0} records/s), views written in {:.2} s",
+                    views.folded_seq,
+                    views.rooms.len(),
+                    views.folded_seq as f64 / fold_s.max(1e-9),
+                    started.elapsed().as_secs_f64() - fold_s
+                );
                 anyhow::Ok(())
             })
         }
