@@ -560,19 +560,27 @@ pub async fn transaction(
         // not grow the log with its messages. Rooms an account joined before fedlink's
         // registration was installed are caught up at link time (`catch_up_worker`).
         let (mut bot_in_room, mut unchanged, mut stale) = (0u64, 0u64, 0u64);
+        let received_ms = crate::node::now_ms();
+        // Memberships taken earlier in this push: a leave and a join again in one push
+        // are both changes, judged against each other, not against the views.
+        let mut taken: std::collections::BTreeMap<(ruma::OwnedRoomId, ruma::OwnedUserId), (String, Option<u64>)> = Default::default();
         for c in push.events {
-            if views.rooms.get(&c.room_id).is_some_and(|r| r.bot_joined()) {
+            let room = views.rooms.get(&c.room_id);
+            let target = c.membership.as_ref().and(c.state_key.as_deref()).and_then(|k| UserId::parse(k).ok());
+            let ts = c.membership_ts(received_ms);
+            // The membership fedlink holds (or has taken from this push), with its time.
+            let known = target.as_ref().and_then(|u| match taken.get(&(c.room_id.clone(), u.clone())) {
+                Some((m, t)) => Some((Some(m.as_str()), *t)),
+                None => room.map(|r| (r.membership(u), r.member_ts.get(u).copied())),
+            });
+            if room.is_some_and(|r| r.bot_joined()) {
                 bot_in_room += 1;
-            } else if c.membership.is_some()
-                && views.rooms.get(&c.room_id).and_then(|r| r.membership(&UserId::parse(c.state_key.as_deref()?).ok()?)) == c.membership.as_deref()
-            {
+            } else if known.is_some_and(|(m, _)| m.is_some() && m == c.membership.as_deref()) {
                 // A profile change (join to join) or a repeated invite: folding ignores it.
                 unchanged += 1;
-            } else if c.membership.is_some()
-                && views.rooms.get(&c.room_id).is_some_and(|r| c.state_key.as_deref().and_then(|k| UserId::parse(k).ok()).is_some_and(|u| r.stale_membership(&u, c.membership_ts())))
-            {
-                // Older than the membership folded (a catch-up saw a newer one): folding
-                // ignores it.
+            } else if known.is_some_and(|(_, t)| matches!((t, ts), (Some(known), Some(ts)) if ts < known)) {
+                // Older than the membership held (history a homeserver pushes late, after
+                // a catch-up saw newer): folding ignores it.
                 stale += 1;
             } else if c.membership.is_none() && !linked(&c.sender) {
                 // Sends of unlinked accounts. Memberships are all kept (they are few): an
@@ -580,6 +588,10 @@ pub async fn transaction(
                 // banned, and an invite it already has must be followed.
                 not_linked += 1;
             } else {
+                if let (Some(u), Some(m)) = (target, c.membership.clone()) {
+                    let t = ts.or_else(|| known.and_then(|(_, t)| t));
+                    taken.insert((c.room_id.clone(), u), (m, t));
+                }
                 entries.push(Entry::ClientEvent(c));
             }
         }
@@ -607,7 +619,41 @@ pub async fn not_mine(
     Err(MatrixError::not_found("fedlink does not provide this"))
 }
 
-/// Most rooms taken from one account's `joined_rooms` when it catches up.
+/// Failed catch-ups of one account (each after a backoff) before fedlink gives up waiting
+/// and logs it caught up (`gave_up`).
+pub const MAX_CATCH_UP_FAILURES: u32 = 6;
+
+/// Why a catch-up failed.
+#[derive(Debug)]
+struct CatchUpError {
+    message: String,
+    /// The homeserver did not answer at all (its other accounts wait too).
+    unreachable: bool,
+    /// Not asked, because the homeserver did not answer for an earlier account.
+    skipped: bool,
+}
+
+impl CatchUpError {
+    fn unreachable(message: String) -> Self {
+        CatchUpError { message, unreachable: true, skipped: false }
+    }
+}
+
+/// An error about the answer (not the connection).
+impl From<String> for CatchUpError {
+    fn from(message: String) -> Self {
+        CatchUpError { message, unreachable: false, skipped: false }
+    }
+}
+
+impl From<&str> for CatchUpError {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
+}
+
+/// Most rooms taken from each of one account's lists (joined, invited, left) when it
+/// catches up.
 pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
 
 /// A linked account's memberships that fedlink did not see (from before fedlink's
@@ -619,7 +665,7 @@ pub const MAX_CATCH_UP_ROOMS: usize = 10_000;
 /// hangs delays only its own accounts.
 pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
     enum Done {
-        Account(ruma::OwnedUserId, Result<usize, String>),
+        Account(ruma::OwnedUserId, Result<usize, CatchUpError>),
         Server(String),
     }
     let mut changes = app.changes.subscribe();
@@ -669,9 +715,15 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                         for account in accounts {
                             // After one failure the homeserver's other accounts wait for the retry.
                             idle.2 = Some(account.clone());
-                            let result = if failed { Err("an earlier account of this homeserver failed".to_owned()) } else { catch_up(&app, &account).await };
+                            let result = if failed {
+                                Err(CatchUpError { message: "the homeserver did not answer for an earlier account".to_owned(), unreachable: true, skipped: true })
+                            } else {
+                                catch_up(&app, &account).await
+                            };
                             idle.2 = None;
-                            failed |= result.is_err();
+                            // Only an unreachable homeserver holds its other accounts back;
+                            // an answer about one account (an error status) does not.
+                            failed |= result.as_ref().is_err_and(|e| e.unreachable);
                             let _ = tx.send(Done::Account(account, result));
                         }
                     }),
@@ -706,12 +758,33 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                 retry.remove(&account);
                 look = false;
             }
-            Some(Done::Account(account, Err(e))) => {
-                app.metrics.catch_up.with_label_values(&["failed"]).inc();
-                let failures = retry.get(&account).map_or(1, |(n, _)| n + 1);
-                let delay = crate::core::backoff::Backoff::DEFAULT.delay(failures);
-                tracing::warn!(%account, error = %e, retry_in_s = delay.as_secs(), "cannot catch a linked account up on its rooms");
+            Some(Done::Account(account, Err(e))) if e.skipped => {
+                // Not asked: it waits as long as the account that failed, without a failure.
+                let failures = retry.get(&account).map_or(0, |(n, _)| *n);
+                let delay = crate::core::backoff::Backoff::DEFAULT.delay(failures.max(1));
                 retry.insert(account, (failures, tokio::time::Instant::now() + delay));
+                look = false;
+            }
+            Some(Done::Account(account, Err(e))) => {
+                let failures = retry.get(&account).map_or(1, |(n, _)| n + 1);
+                if failures >= MAX_CATCH_UP_FAILURES {
+                    // Waiting for ever would keep the account from every sibling invite:
+                    // it is invited as before catch-ups existed, and may be invited where
+                    // it left before the registration.
+                    app.metrics.catch_up.with_label_values(&["gave_up"]).inc();
+                    tracing::warn!(%account, error = %e.message, failures, "giving up catching a linked account up; its siblings' invites go ahead without it");
+                    let _lock = app.ingest.lock().await;
+                    let gave_up = Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: 0, gave_up: true });
+                    if let Err(err) = app.append(vec![gave_up], None).await {
+                        tracing::warn!(%account, error = %err, "cannot log the given-up catch-up");
+                    }
+                    retry.remove(&account);
+                } else {
+                    app.metrics.catch_up.with_label_values(&["failed"]).inc();
+                    let delay = crate::core::backoff::Backoff::DEFAULT.delay(failures);
+                    tracing::warn!(%account, error = %e.message, failures, retry_in_s = delay.as_secs(), "cannot catch a linked account up on its memberships");
+                    retry.insert(account, (failures, tokio::time::Instant::now() + delay));
+                }
                 look = false;
             }
             None => {}
@@ -764,7 +837,8 @@ fn sync_memberships(sync: &Value, account: &UserId, server: &ruma::ServerName, n
             use sha2::Digest;
             let hash = sha2::Sha256::digest(format!("{room}\n{account}").as_bytes());
             let hex: String = hash.iter().take(12).map(|b| format!("{b:02x}")).collect();
-            o.insert("event_id".into(), json!(format!("$catch-up-invite-{hex}")));
+            let m = o.get("content").and_then(|c| c.get("membership")).and_then(Value::as_str).unwrap_or("member").to_owned();
+            o.insert("event_id".into(), json!(format!("$catch-up-{m}-{hex}")));
         }
         let c = client_event(&ev, server)?;
         wanted.contains(&c.membership.as_deref()?).then_some(c)
@@ -792,20 +866,26 @@ fn sync_memberships(sync: &Value, account: &UserId, server: &ruma::ServerName, n
 /// Catch `account` up (see [`catch_up_worker`]): log the memberships fedlink lacks of the
 /// rooms it has joined (`joined_rooms`), is invited to and has left (an initial `/sync`),
 /// then `caught_up`. Returns how many memberships were logged.
-async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, String> {
+async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, CatchUpError> {
     use crate::core::log_entry::ClientEventEntry;
     let reg = registration_for(app, account).ok_or("no registration for this homeserver")?;
     let server: OwnedServerName = reg.server_name.as_str().try_into().map_err(|_| "bad server name in config")?;
     let base = reg.client_url.trim_end_matches('/');
     let as_user = format!("user_id={}", enc(account.as_str()));
     let get = |url: String, timeout: Duration, cap: usize| async move {
-        let resp = http(app, reg).get(&url).bearer_auth(&reg.as_token).timeout(timeout).send().await.map_err(|e| crate::federation::client::error_chain(&e))?;
+        let resp = http(app, reg)
+            .get(&url)
+            .bearer_auth(&reg.as_token)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| CatchUpError::unreachable(crate::federation::client::error_chain(&e)))?;
         let status = resp.status();
-        let body = crate::federation::client::read_capped(resp, cap).await.map_err(|e| e.to_string())?;
+        let body = crate::federation::client::read_capped(resp, cap).await.map_err(CatchUpError::unreachable)?;
         if !status.is_success() {
-            return Err(format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body[..body.len().min(200)])));
+            return Err(CatchUpError::from(format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body[..body.len().min(200)]))));
         }
-        serde_json::from_slice::<Value>(&body).map_err(|e| format!("{} answered with bad JSON: {e}", reg.server_name))
+        serde_json::from_slice::<Value>(&body).map_err(|e| CatchUpError::from(format!("{} answered with bad JSON: {e}", reg.server_name)))
     };
     let short = Duration::from_secs(10);
     let joined = get(format!("{base}/_matrix/client/v3/joined_rooms?{as_user}"), short, 4 * 1024 * 1024).await?;
@@ -818,9 +898,16 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
         .take(MAX_CATCH_UP_ROOMS)
         .collect();
     // An initial sync walks every room of the account on the homeserver: it may take a while.
-    let sync_url = format!("{base}/_matrix/client/v3/sync?{as_user}&timeout=0&filter={}", enc(CATCH_UP_SYNC_FILTER));
+    // `set_presence=offline`: asking on the account's behalf must not show it online.
+    let sync_url = format!("{base}/_matrix/client/v3/sync?{as_user}&timeout=0&set_presence=offline&filter={}", enc(CATCH_UP_SYNC_FILTER));
+    // A stand-in invite stands as of the moment the sync was asked: a membership pushed
+    // while the sync ran is newer.
+    let asked_ms = crate::node::now_ms();
     let sync = get(sync_url, Duration::from_secs(60), 32 * 1024 * 1024).await?;
-    let (invites, left) = sync_memberships(&sync, account, &server, crate::node::now_ms())?;
+    let (invites, left) = sync_memberships(&sync, account, &server, asked_ms)?;
+    if joined.len() >= MAX_CATCH_UP_ROOMS || invites.len() >= MAX_CATCH_UP_ROOMS || left.len() >= MAX_CATCH_UP_ROOMS {
+        tracing::warn!(%account, max = MAX_CATCH_UP_ROOMS, "a list of the account's rooms was cut at the maximum; rooms past it are not caught up");
+    }
     // Rooms where the bot, whose PDUs are the truth, is not joined, and fedlink knows another
     // membership of the account or none.
     let differs = |views: &crate::core::views::Views, room: &RoomId, m: &[&str]| {
@@ -835,7 +922,7 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
             !v.bot_joined()
                 && match v.membership(account) {
                     None => true,
-                    Some(k) => k != m && v.member_ts.get(account).zip(c.membership_ts()).is_some_and(|(known, ts)| ts > *known),
+                    Some(k) => k != m && v.member_ts.get(account).zip(c.membership_ts(crate::node::now_ms())).is_some_and(|(known, ts)| ts > *known),
                 }
         })
     };
@@ -889,11 +976,11 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, S
             }
         }
         if last {
-            entries.push(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: added }));
+            entries.push(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: added, gave_up: false }));
         }
         if !entries.is_empty() {
-            app.append(entries, None).await.map_err(|e| e.to_string())?;
-            app.store.flush().await.map_err(|e| e.to_string())?;
+            app.append(entries, None).await.map_err(|e| CatchUpError::from(e.to_string()))?;
+            app.store.flush().await.map_err(|e| CatchUpError::from(e.to_string()))?;
         }
         if last {
             break;

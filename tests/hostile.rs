@@ -521,6 +521,19 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
     assert_eq!(push(&f, "litchi-hs-token-0123456789", "t2", profile).await.0, 200);
     assert_eq!(f.log_len().await, before + 1);
     assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"unchanged_membership\"}").await, 1.0);
+    // History pushed late (Synapse pushes its history to its first registration): an invite
+    // older than the join fedlink holds is not logged; a later leave is.
+    let mut old_invite = member("!c:litchi", "$c0", "@bob:litchi", "@alice:litchi", "invite");
+    old_invite["origin_server_ts"] = json!(0);
+    let mut leave = member("!c:litchi", "$c4", "@alice:litchi", "@alice:litchi", "leave");
+    leave["origin_server_ts"] = json!(2);
+    assert_eq!(push(&f, "litchi-hs-token-0123456789", "t3", json!({ "events": [old_invite] })).await.0, 200);
+    assert_eq!(f.log_len().await, before + 1);
+    assert_eq!(f.metric("fedlink_appservice_events_dropped_total{reason=\"stale_membership\"}").await, 1.0);
+    let mut rejoin = member("!c:litchi", "$c5", "@alice:litchi", "@alice:litchi", "join");
+    rejoin["origin_server_ts"] = json!(3);
+    assert_eq!(push(&f, "litchi-hs-token-0123456789", "t4", json!({ "events": [leave, rejoin] })).await.0, 200);
+    assert_eq!(f.log_len().await, before + 3, "newer memberships are logged");
 
     let link = |id: &'static str, accounts: Value| {
         let f = &f;

@@ -224,7 +224,7 @@ fn entries(ops: &[Op]) -> Vec<Entry> {
             Op::Told(r, a, k) => Entry::BotTold(fedlink::core::log_entry::BotTold { room_id: room(r), about: room(a), reason: ["encrypted", "missing_power", "no_registration"][k as usize].into() }),
             Op::LinkRequest(a, b) => Entry::LinkRequested(fedlink::core::log_entry::LinkRequested { from: user(a), to: user(b), code_sha256: format!("{n}"), expires_ms: n }),
             Op::LinkClosed(a) => Entry::LinkClosed(fedlink::core::log_entry::LinkClosed { from: user(a), outcome: "confirmed".into() }),
-            Op::CaughtUp(a) => Entry::CaughtUp(fedlink::core::log_entry::CaughtUp { account: user(a), memberships: 0 }),
+            Op::CaughtUp(a) => Entry::CaughtUp(fedlink::core::log_entry::CaughtUp { account: user(a), memberships: 0, gave_up: a % 2 == 0 }),
             Op::Presence(u, p) => Entry::Presence(PresenceEntry {
                 origin: user(u).server_name().to_owned(),
                 user_id: user(u),

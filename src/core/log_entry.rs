@@ -146,6 +146,10 @@ pub struct CaughtUp {
     /// Memberships logged by the catch-up (join, invite, leave and ban).
     #[serde(default)]
     pub memberships: u64,
+    /// fedlink gave up asking (the homeserver failed too often): the account's siblings
+    /// are invited without knowing what it left before the registration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gave_up: bool,
 }
 
 /// Where a directory change came from.
@@ -226,13 +230,19 @@ pub struct ClientEventEntry {
     pub thread_root: Option<OwnedEventId>,
 }
 
+/// How far ahead of fedlink's clock a membership event's time is believed
+/// ([`ClientEventEntry::membership_ts`]).
+pub const MEMBERSHIP_CLOCK_AHEAD_MS: u64 = 5 * 60 * 1000;
+
 impl ClientEventEntry {
     /// For a membership event, its `origin_server_ts`: one account's membership events in
     /// one room are ordered by it where fedlink cannot see the room's DAG (this assumes the
     /// homeservers' clocks agree to within the time between one account's membership
-    /// changes in one room).
-    pub fn membership_ts(&self) -> Option<u64> {
-        self.membership.as_ref().and(self.origin_server_ts)
+    /// changes in one room). A time further ahead of `at_ms` (when fedlink received or
+    /// logged it) than [`MEMBERSHIP_CLOCK_AHEAD_MS`] counts as that bound: a server that
+    /// stamps an event in the future cannot make later memberships look stale.
+    pub fn membership_ts(&self, at_ms: u64) -> Option<u64> {
+        self.membership.as_ref().and(self.origin_server_ts).map(|t| t.min(at_ms.saturating_add(MEMBERSHIP_CLOCK_AHEAD_MS)))
     }
 }
 

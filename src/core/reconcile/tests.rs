@@ -48,7 +48,7 @@ impl Given {
     }
     /// `account` caught up on its memberships through its registration.
     fn caught_up(&mut self, account: &str) -> &mut Self {
-        self.record(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: user(account), memberships: 0 }))
+        self.record(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: user(account), memberships: 0, gave_up: false }))
     }
     /// The bot joined ROOM; `members` are (user, membership) in the state at the join.
     fn bot_joined(&mut self, members: &[(&str, &str)], invite_level: i64, bot_level: i64) -> &mut Self {
@@ -516,6 +516,12 @@ fn a_stale_pushed_membership_does_not_undo_a_newer_one() {
     assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"), "the latest time (350) stays");
     pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(360));
     assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("join"));
+    // A time in the future (another server's clock, or a lie) counts only up to five
+    // minutes past the record's time (0 here): it cannot make later memberships stale.
+    pushed(&mut g, "@eve:mango", "@alice:kiwi", "invite", Some(u64::MAX / 2));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("invite"));
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "leave", Some(400_000));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"), "the future invite counted as 300,000");
 }
 
 /// Given alice@kiwi joined to a room the bot is not in, and alice@litchi on a homeserver

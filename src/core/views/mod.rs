@@ -862,7 +862,7 @@ impl Views {
                     room.unsupported.entry(a.user_id.clone()).or_default().insert(a.kind.clone());
                 }
             }
-            Entry::ClientEvent(c) => self.apply_client_event(c, rec.seq),
+            Entry::ClientEvent(c) => self.apply_client_event(c, rec.seq, rec.at_ms),
             Entry::BotJoinFailed(f) => {
                 if let Some(room) = self.rooms.get_mut(&f.room_id) {
                     if let BotMembership::Invited { inviter, invite_event_id } = &room.bot {
@@ -1087,7 +1087,7 @@ impl Views {
         }
     }
 
-    fn apply_client_event(&mut self, c: &ClientEventEntry, seq: u64) {
+    fn apply_client_event(&mut self, c: &ClientEventEntry, seq: u64, at_ms: u64) {
         let room = self
             .rooms
             .entry(c.room_id.clone())
@@ -1097,10 +1097,10 @@ impl Views {
             return;
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
-            if room.stale_membership(&user, c.membership_ts()) {
+            if room.stale_membership(&user, c.membership_ts(at_ms)) {
                 return;
             }
-            if let Some(ts) = c.membership_ts() {
+            if let Some(ts) = c.membership_ts(at_ms) {
                 room.member_ts.insert(user.clone(), ts);
             }
             if m == "invite" && c.is_direct {
