@@ -943,7 +943,15 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
     // joined room, or of a left one at the leave.
     for (room, wanted) in &to_fetch {
         let url = format!("{base}/_matrix/client/v3/rooms/{}/state/m.room.member/{}?format=event&{as_user}", enc(room.as_str()), enc(account.as_str()));
-        let mut ev = get(url, short, 4 * 1024 * 1024).await?;
+        let mut ev = match get(url, short, 4 * 1024 * 1024).await {
+            Ok(ev) => ev,
+            // One room the homeserver will not show is skipped, not the whole catch-up.
+            Err(e) if !e.unreachable => {
+                tracing::debug!(%account, %room, error = %e.message, "the homeserver did not show the account's member event; skipped");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         // Older homeservers leave the room id out of a state event.
         if ev.get("room_id").is_none() {
             if let Some(o) = ev.as_object_mut() {
