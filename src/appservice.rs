@@ -619,9 +619,11 @@ pub async fn not_mine(
     Err(MatrixError::not_found("fedlink does not provide this"))
 }
 
-/// Failed catch-ups of one account (each after a backoff) before fedlink gives up waiting
-/// and logs it caught up (`gave_up`).
-pub const MAX_CATCH_UP_FAILURES: u32 = 6;
+/// How long fedlink retries (with backoff, up to 10 minutes apart) the catch-up of an
+/// account that keeps failing before it gives up waiting and logs it caught up
+/// (`gave_up`): a homeserver down for an hour, not a restart, lets siblings be invited
+/// without knowing where the account left.
+pub const CATCH_UP_PATIENCE: Duration = Duration::from_secs(3600);
 
 /// Why a catch-up failed.
 #[derive(Debug)]
@@ -669,7 +671,8 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
         Server(String),
     }
     let mut changes = app.changes.subscribe();
-    let mut retry: std::collections::BTreeMap<ruma::OwnedUserId, (u32, tokio::time::Instant)> = Default::default();
+    // Per account: failures, the next try, and when the failures began.
+    let mut retry: std::collections::BTreeMap<ruma::OwnedUserId, (u32, tokio::time::Instant, tokio::time::Instant)> = Default::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let mut busy: std::collections::BTreeMap<String, tokio::task::JoinHandle<()>> = Default::default();
     let mut look = true;
@@ -681,11 +684,11 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                 let dir = &views.directory;
                 // An account unlinked and linked again catches up again (unlinking forgets
                 // its `caught_up`).
-                retry.retain(|a, _| dir.by_account.contains_key(a));
+                retry.retain(|a, _| dir.by_account.contains_key(a) && !dir.is_caught_up(a));
                 dir.by_account
                     .keys()
                     .filter(|a| !busy.contains_key(a.server_name().as_str()) && registration_for(&app, a).is_some())
-                    .filter(|a| !dir.is_caught_up(a) && retry.get(*a).is_none_or(|(_, at)| *at <= now))
+                    .filter(|a| !dir.is_caught_up(a) && retry.get(*a).is_none_or(|(_, at, _)| *at <= now))
                     .cloned()
                     .collect()
             };
@@ -733,7 +736,7 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
         // The next retry of an account whose homeserver is idle (a busy one reports back
         // when done, which wakes this loop anyway). One already due fires at once and is
         // started by the next look.
-        let next_retry = retry.iter().filter(|(a, _)| !busy.contains_key(a.server_name().as_str())).map(|(_, (_, at))| *at).min();
+        let next_retry = retry.iter().filter(|(a, _)| !busy.contains_key(a.server_name().as_str())).map(|(_, (_, at, _))| *at).min();
         let (event, grew) = tokio::select! {
             _ = stop.wait_for(|s| *s) => (None, false),
             r = changes.changed() => (r.is_ok().then_some(None), true),
@@ -759,31 +762,43 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                 look = false;
             }
             Some(Done::Account(account, Err(e))) if e.skipped => {
-                // Not asked: it waits as long as the account that failed, without a failure.
-                let failures = retry.get(&account).map_or(0, |(n, _)| *n);
-                let delay = crate::core::backoff::Backoff::DEFAULT.delay(failures.max(1));
-                retry.insert(account, (failures, tokio::time::Instant::now() + delay));
+                // Not asked: it waits until the homeserver's failed account is tried again
+                // (reported just before), without a failure of its own.
+                let now = tokio::time::Instant::now();
+                let server = account.server_name().to_owned();
+                let at = retry
+                    .iter()
+                    .filter(|(a, (n, _, _))| a.server_name() == server && *n > 0)
+                    .map(|(_, (_, at, _))| *at)
+                    .max()
+                    .unwrap_or(now + crate::core::backoff::Backoff::DEFAULT.delay(1));
+                let (failures, since) = retry.get(&account).map_or((0, now), |(n, _, since)| (*n, *since));
+                retry.insert(account, (failures, at, since));
                 look = false;
             }
             Some(Done::Account(account, Err(e))) => {
-                let failures = retry.get(&account).map_or(1, |(n, _)| n + 1);
-                if failures >= MAX_CATCH_UP_FAILURES {
+                let now = tokio::time::Instant::now();
+                let (failures, since) = retry.get(&account).map_or((1, now), |(n, _, since)| (n + 1, *since));
+                if now.duration_since(since) >= CATCH_UP_PATIENCE {
                     // Waiting for ever would keep the account from every sibling invite:
                     // it is invited as before catch-ups existed, and may be invited where
                     // it left before the registration.
                     app.metrics.catch_up.with_label_values(&["gave_up"]).inc();
                     tracing::warn!(%account, error = %e.message, failures, "giving up catching a linked account up; its siblings' invites go ahead without it");
                     let _lock = app.ingest.lock().await;
+                    let still = app.views.read().await.directory.by_account.contains_key(&account);
                     let gave_up = Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: 0, gave_up: true });
-                    if let Err(err) = app.append(vec![gave_up], None).await {
-                        tracing::warn!(%account, error = %err, "cannot log the given-up catch-up");
+                    if still {
+                        if let Err(err) = app.append(vec![gave_up], None).await {
+                            tracing::warn!(%account, error = %err, "cannot log the given-up catch-up");
+                        }
                     }
                     retry.remove(&account);
                 } else {
                     app.metrics.catch_up.with_label_values(&["failed"]).inc();
                     let delay = crate::core::backoff::Backoff::DEFAULT.delay(failures);
                     tracing::warn!(%account, error = %e.message, failures, retry_in_s = delay.as_secs(), "cannot catch a linked account up on its memberships");
-                    retry.insert(account, (failures, tokio::time::Instant::now() + delay));
+                    retry.insert(account, (failures, now + delay, since));
                 }
                 look = false;
             }
@@ -883,7 +898,13 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
         let status = resp.status();
         let body = crate::federation::client::read_capped(resp, cap).await.map_err(CatchUpError::unreachable)?;
         if !status.is_success() {
-            return Err(CatchUpError::from(format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body[..body.len().min(200)]))));
+            let message = format!("{} answered {status}: {}", reg.server_name, String::from_utf8_lossy(&body[..body.len().min(200)]));
+            // Overloaded or failing (429, 5xx, a proxy's error page): the homeserver, not
+            // this account or room; anything else is an answer about them.
+            if status.as_u16() == 429 || status.is_server_error() {
+                return Err(CatchUpError::unreachable(message));
+            }
+            return Err(CatchUpError::from(message));
         }
         serde_json::from_slice::<Value>(&body).map_err(|e| CatchUpError::from(format!("{} answered with bad JSON: {e}", reg.server_name)))
     };

@@ -516,6 +516,10 @@ fn a_stale_pushed_membership_does_not_undo_a_newer_one() {
     assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"), "the latest time (350) stays");
     pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(360));
     assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("join"));
+    // A profile change (join to join) moves no time, as the push check drops it unlogged.
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(500));
+    pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "leave", Some(400));
+    assert_eq!(m(&g, "@alice:kiwi").as_deref(), Some("leave"));
     // A time in the future (another server's clock, or a lie) counts only up to five
     // minutes past the record's time (0 here): it cannot make later memberships stale.
     pushed(&mut g, "@eve:mango", "@alice:kiwi", "invite", Some(u64::MAX / 2));

@@ -16,7 +16,7 @@ use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Format version of the stored views snapshot; bump to force a rebuild.
-pub const VIEWS_FORMAT: u16 = 8;
+pub const VIEWS_FORMAT: u16 = 9;
 
 /// The parts of `m.room.power_levels` fedlink decides with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1100,7 +1100,8 @@ impl Views {
             if room.stale_membership(&user, c.membership_ts(at_ms)) {
                 return;
             }
-            if let Some(ts) = c.membership_ts(at_ms) {
+            // Only a change of membership moves the time (the push check drops the rest).
+            if let Some(ts) = c.membership_ts(at_ms).filter(|_| room.membership(&user) != Some(m.as_str())) {
                 room.member_ts.insert(user.clone(), ts);
             }
             if m == "invite" && c.is_direct {
