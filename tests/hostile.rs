@@ -483,6 +483,18 @@ async fn fake_joined_rooms_api(memberships: Vec<(&'static str, Vec<(&'static str
     (url, seen)
 }
 
+/// Link `accounts` as person `id` through the admin API.
+async fn link(f: &Fedlink, id: &str, accounts: Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/_fedlink/admin/v1/persons/{id}", f.admin_url))
+        .bearer_auth(support::fedlink_proc::ADMIN_TOKEN)
+        .json(&json!({ "accounts": accounts }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// Given registrations on litchi and on kiwi (whose client API accepts connections and never
 /// answers), when litchi pushes traffic of accounts nobody linked, then only memberships are
 /// logged; when alice is linked later, her litchi account catches up on the rooms it had joined
@@ -535,21 +547,8 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
     assert_eq!(push(&f, "litchi-hs-token-0123456789", "t4", json!({ "events": [leave, rejoin] })).await.0, 200);
     assert_eq!(f.log_len().await, before + 3, "newer memberships are logged");
 
-    let link = |id: &'static str, accounts: Value| {
-        let f = &f;
-        async move {
-            let r = reqwest::Client::new()
-                .put(format!("{}/_fedlink/admin/v1/persons/{id}", f.admin_url))
-                .bearer_auth(support::fedlink_proc::ADMIN_TOKEN)
-                .json(&json!({ "accounts": accounts }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
-    };
     let linked_at = std::time::Instant::now();
-    link("alice", json!(["@alice:kiwi", "@alice:litchi"])).await;
+    link(&f, "alice", json!(["@alice:kiwi", "@alice:litchi"])).await;
     let rooms = wait_until("alice@litchi caught up on !a and !b, next to !c pushed before", T, || async {
         let p = f.admin("/_fedlink/admin/v1/persons/alice").await.1;
         let rooms: Vec<(String, String)> = p["rooms"]
@@ -576,7 +575,7 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
     assert_eq!(asked.len(), 3, "the member event is asked for only where the lists did not carry it (!a, !b, !x): {asked:?}");
 
     // Linking bob makes the worker look again: bob is asked for, alice is not asked twice.
-    link("bob", json!(["@bob:litchi", "@bob:mango"])).await;
+    link(&f, "bob", json!(["@bob:litchi", "@bob:mango"])).await;
     wait_until("bob asked for", T, || async {
         Ok(calls.lock().unwrap().iter().any(|c| c.ends_with("as @bob:litchi")).then_some(()))
     })
@@ -588,20 +587,7 @@ async fn sends_of_unlinked_accounts_are_not_logged_and_a_later_link_catches_up()
 
     // The catch-up is logged: after a restart, only a newly linked account is asked for.
     let f = Fedlink::start(dir.path(), 0, &extra).await;
-    let link = |id: &'static str, accounts: Value| {
-        let f = &f;
-        async move {
-            let r = reqwest::Client::new()
-                .put(format!("{}/_fedlink/admin/v1/persons/{id}", f.admin_url))
-                .bearer_auth(support::fedlink_proc::ADMIN_TOKEN)
-                .json(&json!({ "accounts": accounts }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
-    };
-    link("carol", json!(["@carol:litchi", "@carol:mango"])).await;
+    link(&f, "carol", json!(["@carol:litchi", "@carol:mango"])).await;
     wait_until("carol asked for", T, || async { Ok(calls.lock().unwrap().iter().any(|c| c.ends_with("as @carol:litchi")).then_some(())) }).await.unwrap();
     let asked = |who: &str| calls.lock().unwrap().iter().filter(|c| c.contains(&format!("/joined_rooms as {who}"))).count();
     assert_eq!((asked("@alice:litchi"), asked("@bob:litchi")), (1, 1), "caught up before the restart: not asked again");
