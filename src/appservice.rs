@@ -578,7 +578,7 @@ pub async fn transaction(
             } else if known.is_some_and(|(m, _)| m.is_some() && m == c.membership.as_deref()) {
                 // A profile change (join to join) or a repeated invite: folding ignores it.
                 unchanged += 1;
-            } else if known.is_some_and(|(_, t)| matches!((t, ts), (Some(known), Some(ts)) if ts < known)) {
+            } else if known.is_some_and(|(_, t)| crate::core::views::older_membership(t, ts)) {
                 // Older than the membership held (history a homeserver pushes late, after
                 // a catch-up saw newer): folding ignores it.
                 stale += 1;
@@ -937,13 +937,14 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
     // What is logged: a membership fedlink does not know, or one newer than the known one
     // by the events' times (pushes are logged as they come, but a homeserver restarted with
     // a new registration may push events older than this catch-up after it).
+    let now = crate::node::now_ms();
     let newer = |views: &crate::core::views::Views, c: &ClientEventEntry| {
         let m = c.membership.as_deref().unwrap_or_default();
         views.rooms.get(&c.room_id).is_none_or(|v| {
             !v.bot_joined()
                 && match v.membership(account) {
                     None => true,
-                    Some(k) => k != m && v.member_ts.get(account).zip(c.membership_ts(crate::node::now_ms())).is_some_and(|(known, ts)| ts > *known),
+                    Some(k) => k != m && v.member_ts.get(account).zip(c.membership_ts(now)).is_some_and(|(known, ts)| ts > *known),
                 }
         })
     };
@@ -986,7 +987,7 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
             _ => tracing::debug!(%account, %room, "the homeserver's member event is not the membership it listed; skipped"),
         }
     }
-    let mut added = 0u64;
+    // Memberships logged, by kind.
     let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
     let mut chunks = found.chunks(100).peekable();
     loop {
@@ -998,14 +999,13 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
             // Checked again: a membership pushed meanwhile may be newer than what was read.
             chunk.unwrap_or_default().iter().filter(|c| newer(&views, c)).cloned().map(Entry::ClientEvent).collect()
         };
-        added += entries.len() as u64;
         for e in &entries {
             if let Entry::ClientEvent(c) = e {
                 *kinds.entry(c.membership.clone().unwrap_or_default()).or_default() += 1;
             }
         }
         if last {
-            entries.push(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: added, gave_up: false }));
+            entries.push(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: kinds.values().sum(), gave_up: false }));
         }
         if !entries.is_empty() {
             app.append(entries, None).await.map_err(|e| CatchUpError::from(e.to_string()))?;
@@ -1020,7 +1020,7 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
     }
     tracing::info!(%account, joined = kinds.get("join").copied().unwrap_or(0), invited = kinds.get("invite").copied().unwrap_or(0),
         left = kinds.get("leave").copied().unwrap_or(0) + kinds.get("ban").copied().unwrap_or(0), "a linked account caught up on its memberships");
-    Ok(added as usize)
+    Ok(kinds.values().sum::<u64>() as usize)
 }
 
 #[cfg(test)]

@@ -46,6 +46,23 @@ impl Given {
             source: LinkSource::Admin,
         }))
     }
+    /// `sender` set `target`'s membership to `m` at `ts`, as a registration pushed it (the
+    /// bot is not in ROOM).
+    fn pushed_member(&mut self, sender: &str, target: &str, m: &str, ts: Option<u64>) -> &mut Self {
+        let event_id = format!("$pushed{}", self.seq + 1).try_into().unwrap();
+        self.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
+            via: "kiwi".try_into().unwrap(),
+            room_id: room(),
+            event_id,
+            sender: user(sender),
+            event_type: "m.room.member".into(),
+            state_key: Some(target.into()),
+            membership: Some(m.into()),
+            origin_server_ts: ts,
+            is_direct: false,
+            thread_root: None,
+        }))
+    }
     /// `account` caught up on its memberships through its registration.
     fn caught_up(&mut self, account: &str) -> &mut Self {
         self.record(Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: user(account), memberships: 0, gave_up: false }))
@@ -447,18 +464,7 @@ fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
     let mut g = given();
     g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
     let seen = |g: &mut Given, u: &str, m: &str| {
-        g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
-            via: "kiwi".try_into().unwrap(),
-            room_id: room(),
-            event_id: format!("$c{}{m}", u.len()).try_into().unwrap(),
-            sender: user(u),
-            event_type: "m.room.member".into(),
-            state_key: Some(u.into()),
-            membership: Some(m.into()),
-            origin_server_ts: None,
-            is_direct: false,
-            thread_root: None,
-        }));
+        g.pushed_member(u, u, m, None);
     };
     seen(&mut g, "@alice:kiwi", "invite");
     assert_eq!(decide(&g.views, &routes(&["kiwi"])), vec![], "nobody joined yet to invite from");
@@ -483,21 +489,8 @@ fn without_the_bot_a_joined_sibling_invites_through_its_registration() {
 #[test]
 fn a_stale_pushed_membership_does_not_undo_a_newer_one() {
     let mut g = given();
-    let mut n = 0;
-    let mut pushed = |g: &mut Given, sender: &str, target: &str, m: &str, ts: Option<u64>| {
-        n += 1;
-        g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
-            via: "kiwi".try_into().unwrap(),
-            room_id: room(),
-            event_id: format!("$s{n}").try_into().unwrap(),
-            sender: user(sender),
-            event_type: "m.room.member".into(),
-            state_key: Some(target.into()),
-            membership: Some(m.into()),
-            origin_server_ts: ts,
-            is_direct: false,
-            thread_root: None,
-        }));
+    let pushed = |g: &mut Given, sender: &str, target: &str, m: &str, ts: Option<u64>| {
+        g.pushed_member(sender, target, m, ts);
     };
     let m = |g: &Given, u: &str| g.views.rooms.get(&room()).and_then(|r| r.membership(&user(u)).map(str::to_owned));
     pushed(&mut g, "@alice:kiwi", "@alice:kiwi", "join", Some(200));
@@ -535,19 +528,7 @@ fn a_stale_pushed_membership_does_not_undo_a_newer_one() {
 #[test]
 fn without_the_bot_a_sibling_is_invited_only_after_it_caught_up() {
     let mut g = given();
-    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]);
-    g.record(Entry::ClientEvent(crate::core::log_entry::ClientEventEntry {
-        via: "kiwi".try_into().unwrap(),
-        room_id: room(),
-        event_id: "$kj".try_into().unwrap(),
-        sender: user("@alice:kiwi"),
-        event_type: "m.room.member".into(),
-        state_key: Some("@alice:kiwi".into()),
-        membership: Some("join".into()),
-        origin_server_ts: None,
-        is_direct: false,
-        thread_root: None,
-    }));
+    g.linked("alice", &["@alice:kiwi", "@alice:litchi"]).pushed_member("@alice:kiwi", "@alice:kiwi", "join", None);
     let both = routes(&["kiwi", "litchi"]);
     let invite = vec![Action::InviteAs { room_id: room(), actor: user("@alice:kiwi"), target: user("@alice:litchi"), partner: None }];
     let wait = vec![Action::AwaitCatchUp { room_id: room(), target: user("@alice:litchi") }];

@@ -15,6 +15,13 @@ use serde::{Deserialize, Serialize};
 use self::directory::Directory;
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
+/// Whether a membership event sent at `ts` is older than the latest one folded, sent at
+/// `known` ([`RoomView::member_ts`]): the one rule for folding and for the push check.
+/// Without both times it is not.
+pub fn older_membership(known: Option<u64>, ts: Option<u64>) -> bool {
+    matches!((known, ts), (Some(known), Some(ts)) if ts < known)
+}
+
 /// Format version of the stored views snapshot; bump to force a rebuild.
 pub const VIEWS_FORMAT: u16 = 9;
 
@@ -462,7 +469,7 @@ impl RoomView {
     /// Whether a membership event of `user` sent at `ts` is older than the one behind the
     /// membership folded (see [`RoomView::member_ts`]). Without both times it is not.
     pub fn stale_membership(&self, user: &OwnedUserId, ts: Option<u64>) -> bool {
-        matches!((self.member_ts.get(user), ts), (Some(known), Some(ts)) if ts < *known)
+        older_membership(self.member_ts.get(user).copied(), ts)
     }
 
     /// Users whose membership is `join`.
@@ -1097,11 +1104,12 @@ impl Views {
             return;
         }
         if let (Some(m), Some(Ok(user))) = (&c.membership, c.state_key.as_deref().map(ruma::UserId::parse)) {
-            if room.stale_membership(&user, c.membership_ts(at_ms)) {
+            let ts = c.membership_ts(at_ms);
+            if room.stale_membership(&user, ts) {
                 return;
             }
             // Only a change of membership moves the time (the push check drops the rest).
-            if let Some(ts) = c.membership_ts(at_ms).filter(|_| room.membership(&user) != Some(m.as_str())) {
+            if let Some(ts) = ts.filter(|_| room.membership(&user) != Some(m.as_str())) {
                 room.member_ts.insert(user.clone(), ts);
             }
             if m == "invite" && c.is_direct {
