@@ -71,6 +71,14 @@ struct Args {
     /// Finally kill fedlink (SIGKILL) and time its restart until it serves again.
     #[arg(long)]
     restart: bool,
+    /// Linked persons, each with two accounts of the peer joined to `--rooms-per-person` of
+    /// the `--rooms` rooms (both accounts in each, so they are in step) and linked through
+    /// the admin API before the measurements.
+    #[arg(long, default_value_t = 0)]
+    persons: usize,
+    /// Rooms each linked person's accounts are in.
+    #[arg(long, default_value_t = 10)]
+    rooms_per_person: usize,
 }
 
 struct Target {
@@ -261,6 +269,50 @@ async fn send_all(peer: &FakePeer, t: &Target, pdus: Vec<Value>, batch: usize, t
     Ok(run)
 }
 
+/// Persons `p<i>` with accounts `@p<i>a` and `@p<i>b` of the peer: both join
+/// `per_person` of `rooms` (person i takes the rooms after the previous person's), then
+/// each person is linked through the admin API.
+async fn link_persons(peer: &FakePeer, t: &Target, rooms: &[String], persons: usize, per_person: usize, batch: usize) -> Result<()> {
+    let start = Instant::now();
+    let mut by_room: Vec<Vec<Value>> = vec![Vec::new(); rooms.len()];
+    for i in 0..persons {
+        for j in 0..per_person {
+            let r = (i * per_person + j) % rooms.len();
+            for side in ["a", "b"] {
+                let local = format!("p{i}{side}");
+                let user = peer.user(&local);
+                by_room[r].push(peer.push(&rooms[r], &local, "m.room.member", Some(&user), json!({ "membership": "join" })).1);
+            }
+        }
+    }
+    let pdus: Vec<Value> = by_room.into_iter().flatten().collect();
+    let joined = pdus.len();
+    send_all(peer, t, pdus, batch, "person-join").await?;
+    for i in 0..persons {
+        let accounts = json!([peer.user(&format!("p{i}a")), peer.user(&format!("p{i}b"))]);
+        let r = t.http.put(format!("{}/_fedlink/admin/v1/persons/p{i}", t.admin_url)).bearer_auth(ADMIN_TOKEN).json(&json!({ "accounts": accounts })).send().await?;
+        if !r.status().is_success() {
+            bail!("linking p{i}: {} {}", r.status(), r.text().await?);
+        }
+    }
+    // The in-step pass runs at most every 15 s: wait until it has classified everyone.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while t.metric("fedlink_persons{").await? < persons as f64 {
+        if Instant::now() > deadline {
+            bail!("fedlink_persons did not reach {persons}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (rss, _) = t.rss();
+    println!(
+        "persons: {persons} linked, {joined} account joins in {} rooms, in {:.1} s; RSS {:.0} MiB",
+        rooms.len().min(persons * per_person),
+        start.elapsed().as_secs_f64(),
+        mib(rss)
+    );
+    Ok(())
+}
+
 /// A room hosted by the peer with public joins, the bot joined.
 async fn room_with_bot(peer: &FakePeer, t: &Target) -> Result<String> {
     let room = peer.create_room("creator", RoomVersionId::V11);
@@ -340,6 +392,11 @@ async fn main() -> Result<()> {
         }
         let (rss, _) = t.rss();
         println!("rooms: the bot joined {} rooms in {:.1} s; RSS {:.0} MiB", args.rooms, start.elapsed().as_secs_f64(), mib(rss));
+        if args.persons > 0 {
+            link_persons(&peer, &t, &rooms, args.persons, args.rooms_per_person, args.batch).await?;
+        }
+    } else if args.persons > 0 {
+        bail!("--persons needs --rooms");
     }
 
     // Baseline: a 3-member room.
@@ -417,6 +474,20 @@ async fn main() -> Result<()> {
         phases.push(format!("{phase} {:.2} ms", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }));
     }
     println!("mean time per transaction by phase: {}", phases.join(", "));
+    let mut passes = Vec::new();
+    for pass in ["incremental", "full"] {
+        let sum = t.metric(&format!("fedlink_reconcile_duration_seconds_sum{{pass=\"{pass}\"}}")).await?;
+        let count = t.metric(&format!("fedlink_reconcile_duration_seconds_count{{pass=\"{pass}\"}}")).await?;
+        passes.push(format!("{pass} {:.3} ms over {} passes", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }, count as u64));
+    }
+    println!("mean reconcile pass: {}", passes.join(", "));
+    if args.persons > 0 {
+        let mut states = Vec::new();
+        for state in ["in_step", "catching_up", "unsupported", "blocked", "opted_out"] {
+            states.push(format!("{state} {:.0}", t.metric(&format!("fedlink_persons{{state=\"{state}\"}}")).await?));
+        }
+        println!("fedlink_persons: {}", states.join(", "));
+    }
     let mut t = t;
     if args.restart {
         // Let a views checkpoint happen first, as in a running deployment.
