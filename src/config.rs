@@ -248,7 +248,7 @@ impl Default for Storage {
     }
 }
 fn default_cache_mb() -> u64 {
-    128
+    32
 }
 fn default_storage_path() -> PathBuf {
     "data/fedlink.sled".into()

@@ -15,6 +15,9 @@
 //! Events are built and signed before the clock starts, so the figures are fedlink's.
 //!
 //! `cargo run --release --bin fedlink-load -- --members 10000 --messages 5000 --rooms 1000`
+//!
+//! `--synapse` drives a real Synapse (the pinned one `scripts/ensure-synapse.sh` installs in
+//! `.venv`, SQLite) with the same phases 2-4 instead, for a side-by-side figure.
 
 use std::{
     path::{Path, PathBuf},
@@ -28,9 +31,13 @@ use clap::Parser;
 use ruma::RoomVersionId;
 use serde_json::{json, Value};
 
-mod synapse {
-    include!("../../tests/support/util.rs");
-}
+#[allow(dead_code)]
+#[path = "../../tests/support/util.rs"]
+mod util;
+// The test harness's Synapse (the pinned one in `.venv`), for `--synapse`.
+#[allow(dead_code)]
+#[path = "../../tests/support/synapse.rs"]
+mod synapse;
 #[allow(dead_code)]
 #[path = "../../tests/support/fake_peer.rs"]
 mod fake_peer;
@@ -79,6 +86,16 @@ struct Args {
     /// Rooms each linked person's accounts are in.
     #[arg(long, default_value_t = 10)]
     rooms_per_person: usize,
+    /// Drive a real Synapse instead of fedlink (phases 2-4: a local user joins the peer's
+    /// rooms, then the same transactions are sent to it), for a side-by-side figure.
+    #[arg(long)]
+    synapse: bool,
+}
+
+/// Where transactions go: a server name and its federation base URL.
+struct Dest {
+    name: String,
+    url: String,
 }
 
 struct Target {
@@ -103,7 +120,7 @@ impl Target {
         let dir = tempfile::tempdir()?;
         let port = |_: ()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
         let (fed_port, metrics_port) = (port(())?, port(())?);
-        synapse::self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
+        util::self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
         let config = format!(
             "server_name = \"localhost:{fed_port}\"\n[listen]\nfederation = \"127.0.0.1:{fed_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
              [tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[keys]\nsigning_key = \"signing.key\"\n[storage]\npath = \"db\"\n{compression}\
@@ -156,6 +173,10 @@ impl Target {
         Ok(text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
     }
 
+    fn dest(&self) -> Dest {
+        Dest { name: self.name.clone(), url: self.fed_url.clone() }
+    }
+
     fn bot(&self) -> String {
         format!("@fedlink:{}", self.name)
     }
@@ -164,38 +185,15 @@ impl Target {
         Ok(self.http.get(format!("{}{path}", self.admin_url)).bearer_auth(ADMIN_TOKEN).send().await?.json().await?)
     }
 
-    /// (RSS, peak RSS) in bytes, from /proc.
+    /// (RSS, peak RSS) in bytes.
     fn rss(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .unwrap_or(0)
-                * 1024
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    fn disk(&self) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            let Ok(rd) = std::fs::read_dir(p) else { return 0 };
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        }
-        walk(&self.dir.path().join("db"))
+        proc_rss(self.child.id())
     }
 
     async fn wait_joined(&self, room: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let v = self.admin(&format!("/_fedlink/admin/v1/rooms/{}", synapse::enc(room))).await?;
+            let v = self.admin(&format!("/_fedlink/admin/v1/rooms/{}", util::enc(room))).await?;
             if v["bot_membership"] == "joined" {
                 return Ok(());
             }
@@ -251,12 +249,12 @@ impl Run {
 }
 
 /// Send pre-built PDUs in transactions of `batch`, one in flight; every PDU must be accepted.
-async fn send_all(peer: &FakePeer, t: &Target, pdus: Vec<Value>, batch: usize, txn_prefix: &str) -> Result<Run> {
+async fn send_all(peer: &FakePeer, to: &Dest, pdus: Vec<Value>, batch: usize, txn_prefix: &str) -> Result<Run> {
     let mut run = Run { pdus: pdus.len(), ..Default::default() };
     let start = Instant::now();
     for (i, chunk) in pdus.chunks(batch).enumerate() {
         let t0 = Instant::now();
-        let (status, body) = peer.send_txn(&t.name, &t.fed_url, &format!("{txn_prefix}-{i}"), chunk.to_vec(), vec![]).await;
+        let (status, body) = peer.send_txn(&to.name, &to.url, &format!("{txn_prefix}-{i}"), chunk.to_vec(), vec![]).await;
         run.latencies.push(t0.elapsed());
         if !status.is_success() {
             bail!("transaction {txn_prefix}-{i}: {status} {body}");
@@ -287,7 +285,7 @@ async fn link_persons(peer: &FakePeer, t: &Target, rooms: &[String], persons: us
     }
     let pdus: Vec<Value> = by_room.into_iter().flatten().collect();
     let joined = pdus.len();
-    send_all(peer, t, pdus, batch, "person-join").await?;
+    send_all(peer, &t.dest(), pdus, batch, "person-join").await?;
     for i in 0..persons {
         let accounts = json!([peer.user(&format!("p{i}a")), peer.user(&format!("p{i}b"))]);
         let r = t.http.put(format!("{}/_fedlink/admin/v1/persons/p{i}", t.admin_url)).bearer_auth(ADMIN_TOKEN).json(&json!({ "accounts": accounts })).send().await?;
@@ -313,30 +311,200 @@ async fn link_persons(peer: &FakePeer, t: &Target, rooms: &[String], persons: us
     Ok(())
 }
 
-/// A room hosted by the peer with public joins, the bot joined.
-async fn room_with_bot(peer: &FakePeer, t: &Target) -> Result<String> {
+/// What the measured phases need of the server under load (fedlink or Synapse).
+trait Server {
+    fn dest(&self) -> Dest;
+    /// Have the server's user (fedlink's bot, or a Synapse user) join the peer's `room`.
+    async fn enter(&self, peer: &FakePeer, room: &str) -> Result<()>;
+    /// Bytes of its database files.
+    fn disk(&self) -> u64;
+    /// Wait until `event_id`, sent in `room`, is processed.
+    async fn settle(&self, room: &str, event_id: &str) -> Result<()>;
+}
+
+/// Phases 2-4: messages into a 3-member room; one room grown to `--members` by tenths, with
+/// the disk per membership event; messages into that room. Returns the two message runs and
+/// the big room.
+async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, Run, String)> {
+    let small = public_room(peer);
+    t.enter(peer, &small).await?;
+    timed(peer, t, &small, joins(peer, &small, 0, 1), args.batch, "small-join").await?;
+    let small_run = timed(peer, t, &small, messages(peer, &small, args.messages), args.batch, "small-msg").await?;
+    println!("{}", small_run.line("messages, 3-member room"));
+
+    // The big room, grown by tenths.
+    let big = public_room(peer);
+    t.enter(peer, &big).await?;
+    let tenth = (args.members / 10).max(1);
+    let disk_before = t.disk();
+    let mut tenths = Vec::new();
+    let mut done = 0;
+    while done < args.members {
+        let to = (done + tenth).min(args.members);
+        let run = timed(peer, t, &big, joins(peer, &big, done, to), args.batch, &format!("grow-{done}")).await?;
+        println!("  joins {done}..{to}: {:.0} PDUs/s, p99 {:.1} ms", run.rate(), run.pct(0.99).as_secs_f64() * 1e3);
+        tenths.push(run);
+        done = to;
+    }
+    let disk_after = t.disk();
+    let (first, last) = (tenths.first().expect("a tenth"), tenths.last().expect("a tenth"));
+    let per_join_first = first.elapsed.as_secs_f64() / first.pdus as f64;
+    let per_join_last = last.elapsed.as_secs_f64() / last.pdus as f64;
+    println!(
+        "growth to {} members: first tenth {:.0} joins/s, last tenth {:.0} joins/s: last/first cost {:.2}x; disk {:.1} MiB -> {:.1} MiB = {:.2} KiB per membership event",
+        args.members,
+        1.0 / per_join_first,
+        1.0 / per_join_last,
+        per_join_last / per_join_first,
+        mib(disk_before),
+        mib(disk_after),
+        (disk_after.saturating_sub(disk_before)) as f64 / 1024.0 / args.members as f64
+    );
+
+    let big_run = timed(peer, t, &big, messages(peer, &big, args.messages), args.batch, "big-msg").await?;
+    println!("{}", big_run.line(&format!("messages, {}-member room", args.members + 2)));
+    println!("big room / small room message cost: {:.2}x", small_run.rate() / big_run.rate());
+    Ok((small_run, big_run, big))
+}
+
+/// [`send_all`], timed until the server has processed the last PDU ([`Server::settle`]).
+async fn timed(peer: &FakePeer, t: &impl Server, room: &str, (pdus, last): (Vec<Value>, String), batch: usize, txn_prefix: &str) -> Result<Run> {
+    let start = Instant::now();
+    let mut run = send_all(peer, &t.dest(), pdus, batch, txn_prefix).await?;
+    t.settle(room, &last).await?;
+    run.elapsed = start.elapsed();
+    Ok(run)
+}
+
+impl Server for Target {
+    fn dest(&self) -> Dest {
+        Target::dest(self)
+    }
+    async fn enter(&self, peer: &FakePeer, room: &str) -> Result<()> {
+        let (status, body) = peer.invite(room, "creator", &self.bot(), &self.name, &self.fed_url).await;
+        if !status.is_success() {
+            bail!("invite refused: {status} {body}");
+        }
+        self.wait_joined(room).await
+    }
+    fn disk(&self) -> u64 {
+        dir_bytes(&self.dir.path().join("db"), &|_| true)
+    }
+    /// fedlink answers a transaction once its PDUs are checked, applied and durable.
+    async fn settle(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A real Synapse with one local user, `load`.
+struct SynapseTarget {
+    hs: synapse::Synapse,
+    user: synapse::ClientSession,
+}
+
+impl Server for SynapseTarget {
+    fn dest(&self) -> Dest {
+        Dest { name: self.hs.server_name.clone(), url: self.hs.federation_url.clone() }
+    }
+    async fn enter(&self, peer: &FakePeer, room: &str) -> Result<()> {
+        self.user.join(room, &[&peer.name]).await
+    }
+    fn disk(&self) -> u64 {
+        dir_bytes(self.hs.dir.path(), &|name| name.starts_with("homeserver.db"))
+    }
+    /// Synapse answers a transaction once its PDUs are staged, and processes them after
+    /// (`federation_inbound_events_staging`): wait until its user can read the last one.
+    async fn settle(&self, room: &str, event_id: &str) -> Result<()> {
+        let path = format!("/_matrix/client/v3/rooms/{}/event/{}", util::enc(room), util::enc(event_id));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.user.get(&path).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("Synapse did not make {event_id} readable within 5 minutes (rejected? see {})", self.hs.log_path().display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+/// The same phases against a real Synapse (`--synapse`).
+async fn against_synapse(peer: &FakePeer, args: &Args) -> Result<()> {
+    if !synapse::synapse_python().exists() {
+        bail!("no Synapse virtualenv: run `source scripts/ensure-synapse.sh` first");
+    }
+    // Federation rate limits lifted (Synapse delays an origin's requests beyond 10 a second
+    // by default), so the figure is its processing, as for fedlink.
+    let extra = "rc_federation:\n  window_size: 1000\n  sleep_limit: 1000000\n  sleep_delay: 1\n  reject_limit: 1000000\n  concurrent: 64\n";
+    let hs = synapse::Synapse::start(synapse::SynapseOpts { extra_yaml: extra.into(), ..Default::default() }).await?;
+    let user = hs.register("load").await?;
+    let t = SynapseTarget { hs, user };
+    let pid = t.hs.pid().context("Synapse is not running")?;
+    println!("Synapse {} (pid {pid}, SQLite) <- peer {}", t.hs.server_name, peer.name);
+    let (_, _, big) = phases(peer, &t, args).await?;
+    // Every PDU was answered without an error; the members must be there too.
+    let members = t.user.joined_members(&big).await?.len();
+    if members != args.members + 2 {
+        bail!("Synapse lists {members} joined members in the big room, not {}", args.members + 2);
+    }
+    let (rss, hwm) = proc_rss(pid);
+    println!("Synapse RSS {:.0} MiB (peak {:.0} MiB); database {:.1} MiB", mib(rss), mib(hwm), mib(t.disk()));
+    Ok(())
+}
+
+/// A room hosted by the peer with public joins.
+fn public_room(peer: &FakePeer) -> String {
     let room = peer.create_room("creator", RoomVersionId::V11);
     peer.push(&room, "creator", "m.room.join_rules", Some(""), json!({ "join_rule": "public" }));
-    let (status, body) = peer.invite(&room, "creator", &t.bot(), &t.name, &t.fed_url).await;
-    if !status.is_success() {
-        bail!("invite refused: {status} {body}");
-    }
-    t.wait_joined(&room).await?;
-    Ok(room)
+    room
 }
 
-fn joins(peer: &FakePeer, room: &str, from: usize, to: usize) -> Vec<Value> {
-    (from..to)
-        .map(|i| {
-            let local = format!("m{i}");
-            let user = peer.user(&local);
-            peer.push(room, &local, "m.room.member", Some(&user), json!({ "membership": "join" })).1
+/// Joins of `m<from>`..`m<to>` and the id of the last one.
+fn joins(peer: &FakePeer, room: &str, from: usize, to: usize) -> (Vec<Value>, String) {
+    with_last(
+        (from..to)
+            .map(|i| {
+                let local = format!("m{i}");
+                let user = peer.user(&local);
+                peer.push(room, &local, "m.room.member", Some(&user), json!({ "membership": "join" }))
+            })
+            .collect(),
+    )
+}
+
+/// `n` messages and the id of the last one.
+fn messages(peer: &FakePeer, room: &str, n: usize) -> (Vec<Value>, String) {
+    with_last((0..n).map(|i| peer.push(room, "creator", "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("load message {i}") }))).collect())
+}
+
+fn with_last(events: Vec<(String, Value)>) -> (Vec<Value>, String) {
+    let last = events.last().map(|(id, _)| id.clone()).unwrap_or_default();
+    (events.into_iter().map(|(_, e)| e).collect(), last)
+}
+
+/// (RSS, peak RSS) of process `pid` in bytes, from /proc.
+fn proc_rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Bytes of the files under `dir` (recursively) whose names pass `keep`.
+fn dir_bytes(dir: &Path, keep: &dyn Fn(&str) -> bool) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path(), keep),
+            Ok(m) if keep(&e.file_name().to_string_lossy()) => m.len(),
+            _ => 0,
         })
-        .collect()
-}
-
-fn messages(peer: &FakePeer, room: &str, n: usize) -> Vec<Value> {
-    (0..n).map(|i| peer.push(room, "creator", "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("load message {i}") })).1).collect()
+        .sum()
 }
 
 fn mib(b: u64) -> f64 {
@@ -354,19 +522,19 @@ async fn main() -> Result<()> {
         None => std::env::current_exe()?.with_file_name("fedlink"),
     };
     let peer = FakePeer::start().await;
+    if args.synapse {
+        if args.rooms > 0 || args.persons > 0 || args.parallel > 1 || args.compression || args.restart || args.keep || args.fedlink.is_some() {
+            bail!("--synapse runs the message and growth phases only: --rooms, --persons, --parallel, --compression, --restart, --keep and --fedlink are fedlink's");
+        }
+        return against_synapse(&peer, &args).await;
+    }
     let t = Target::start(&bin, args.compression).await?;
     println!("fedlink {} (pid {}) <- peer {}", t.name, t.child.id(), peer.name);
 
     if args.rooms > 0 {
         // Invites go out 16 at a time; fedlink joins through the peer at its own pace.
         let start = Instant::now();
-        let rooms: Vec<String> = (0..args.rooms)
-            .map(|_| {
-                let room = peer.create_room("creator", RoomVersionId::V11);
-                peer.push(&room, "creator", "m.room.join_rules", Some(""), json!({ "join_rule": "public" }));
-                room
-            })
-            .collect();
+        let rooms: Vec<String> = (0..args.rooms).map(|_| public_room(&peer)).collect();
         let bot = t.bot();
         let refused = std::sync::atomic::AtomicUsize::new(0);
         futures::stream::iter(rooms.iter())
@@ -399,27 +567,22 @@ async fn main() -> Result<()> {
         bail!("--persons needs --rooms");
     }
 
-    // Baseline: a 3-member room.
-    let small = room_with_bot(&peer, &t).await?;
-    let pdus = joins(&peer, &small, 0, 1);
-    send_all(&peer, &t, pdus, args.batch, "small-join").await?;
-    let pdus = messages(&peer, &small, args.messages);
-    let small_run = send_all(&peer, &t, pdus, args.batch, "small-msg").await?;
-    println!("{}", small_run.line("messages, 3-member room"));
+    let (small_run, _, _) = phases(&peer, &t, &args).await?;
 
     if args.parallel > 1 {
         let mut rooms = Vec::new();
         for _ in 0..args.parallel {
-            let room = room_with_bot(&peer, &t).await?;
-            send_all(&peer, &t, joins(&peer, &room, 0, 1), args.batch, &format!("par-join-{}", rooms.len())).await?;
+            let room = public_room(&peer);
+            t.enter(&peer, &room).await?;
+            send_all(&peer, &t.dest(), joins(&peer, &room, 0, 1).0, args.batch, &format!("par-join-{}", rooms.len())).await?;
             rooms.push(room);
         }
         let per = args.messages / args.parallel;
-        let loads: Vec<(usize, Vec<Value>)> = rooms.iter().enumerate().map(|(i, r)| (i, messages(&peer, r, per))).collect();
+        let loads: Vec<(usize, Vec<Value>)> = rooms.iter().enumerate().map(|(i, r)| (i, messages(&peer, r, per).0)).collect();
         let (start, batch) = (Instant::now(), args.batch);
         let runs = futures::future::join_all(loads.into_iter().map(|(i, pdus)| {
             let (peer, t) = (&peer, &t);
-            async move { send_all(peer, t, pdus, batch, &format!("par-msg-{i}")).await }
+            async move { send_all(peer, &t.dest(), pdus, batch, &format!("par-msg-{i}")).await }
         }))
         .await;
         let elapsed = start.elapsed();
@@ -430,40 +593,6 @@ async fn main() -> Result<()> {
         println!("{}", all.line(&format!("messages, {} 3-member rooms, {} transactions in flight", args.parallel, args.parallel)));
         println!("parallel / one in flight: {:.2}x", all.rate() / small_run.rate());
     }
-
-    // The big room, grown by tenths.
-    let big = room_with_bot(&peer, &t).await?;
-    let tenth = (args.members / 10).max(1);
-    let disk_before = t.disk();
-    let mut tenths = Vec::new();
-    let mut done = 0;
-    while done < args.members {
-        let to = (done + tenth).min(args.members);
-        let pdus = joins(&peer, &big, done, to);
-        let run = send_all(&peer, &t, pdus, args.batch, &format!("grow-{done}")).await?;
-        println!("  joins {done}..{to}: {:.0} PDUs/s, p99 {:.1} ms", run.rate(), run.pct(0.99).as_secs_f64() * 1e3);
-        tenths.push(run);
-        done = to;
-    }
-    let disk_after = t.disk();
-    let (first, last) = (tenths.first().expect("a tenth"), tenths.last().expect("a tenth"));
-    let per_join_first = first.elapsed.as_secs_f64() / first.pdus as f64;
-    let per_join_last = last.elapsed.as_secs_f64() / last.pdus as f64;
-    println!(
-        "growth to {} members: first tenth {:.0} joins/s, last tenth {:.0} joins/s: last/first cost {:.2}x; disk {:.1} MiB -> {:.1} MiB = {:.2} KiB per membership event",
-        args.members,
-        1.0 / per_join_first,
-        1.0 / per_join_last,
-        per_join_last / per_join_first,
-        mib(disk_before),
-        mib(disk_after),
-        (disk_after.saturating_sub(disk_before)) as f64 / 1024.0 / args.members as f64
-    );
-
-    let pdus = messages(&peer, &big, args.messages);
-    let big_run = send_all(&peer, &t, pdus, args.batch, "big-msg").await?;
-    println!("{}", big_run.line(&format!("messages, {}-member room", args.members + 2)));
-    println!("big room / small room message cost: {:.2}x", small_run.rate() / big_run.rate());
     let (rss, hwm) = t.rss();
     let records = t.admin("/_fedlink/admin/v1/status").await?["log_entries"].as_u64().unwrap_or(0);
     println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB; {records} log records", mib(rss), mib(hwm), mib(t.disk()));
@@ -480,7 +609,9 @@ async fn main() -> Result<()> {
         let count = t.metric(&format!("fedlink_reconcile_duration_seconds_count{{pass=\"{pass}\"}}")).await?;
         passes.push(format!("{pass} {:.3} ms over {} passes", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }, count as u64));
     }
-    println!("mean reconcile pass: {}", passes.join(", "));
+    let within = t.metric("fedlink_reconcile_duration_seconds_bucket{pass=\"incremental\",le=\"0.001\"}").await?;
+    let all = t.metric("fedlink_reconcile_duration_seconds_count{pass=\"incremental\"}").await?;
+    println!("mean reconcile pass: {}; incremental passes within 1 ms: {:.1}%", passes.join(", "), if all > 0.0 { within / all * 100.0 } else { 0.0 });
     if args.persons > 0 {
         let mut states = Vec::new();
         for state in ["in_step", "catching_up", "unsupported", "blocked", "opted_out"] {

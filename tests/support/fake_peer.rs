@@ -118,6 +118,25 @@ impl FakeRoom {
         self.events.insert(id.to_owned(), event);
     }
 
+    /// The state before `id` (an event of this room), recomputed from the events of lower
+    /// depth: the rooms the peer builds are one chain, each event one deeper.
+    pub fn state_before(&self, id: &str) -> Option<StateIds> {
+        let depth = self.events.get(id)?["depth"].as_u64()?;
+        let mut earlier: Vec<(u64, &String, &Value)> = self
+            .events
+            .iter()
+            .filter(|(_, e)| e.get("state_key").is_some())
+            .filter_map(|(i, e)| Some((e["depth"].as_u64()?, i, e)))
+            .filter(|(d, _, _)| *d < depth)
+            .collect();
+        earlier.sort_by_key(|(d, _, _)| *d);
+        let mut state = StateIds::new();
+        for (_, i, e) in earlier {
+            state.insert((e["type"].as_str()?.to_owned(), e["state_key"].as_str()?.to_owned()), i.clone());
+        }
+        Some(state)
+    }
+
     /// Build, sign and add an event; returns (id, event).
     pub fn push(&mut self, origin: &str, key: &SigningKey, sender: &str, kind: &str, state_key: Option<&str>, content: Value) -> (String, Value) {
         let obj = self.template(sender, kind, state_key, content);
@@ -256,6 +275,7 @@ impl FakePeer {
             .route("/_matrix/federation/v1/event_auth/{room}/{event}", get(event_auth))
             .route("/_matrix/federation/v1/event/{event}", get(get_event))
             .route("/_matrix/federation/v1/state_ids/{room}", get(state_ids))
+            .route("/_matrix/federation/v1/state/{room}", get(full_state))
             .route("/_matrix/federation/v2/invite/{room}/{event}", put(receive_invite))
             .route("/_matrix/key/v2/query", axum::routing::post(key_query))
             .fallback(other)
@@ -721,6 +741,20 @@ async fn get_event(State(ctx): State<Ctx>, UrlPath(event_id): UrlPath<String>, u
 }
 
 /// `GET /state_ids/{roomId}?event_id=`: the state before an event, for rooms recording it.
+/// `/state`: the events of `/state_ids`.
+async fn full_state(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    let (status, Json(ids)) = state_ids(State(ctx.clone()), UrlPath(room_id.clone()), uri, headers).await;
+    if status != StatusCode::OK {
+        return (status, Json(ids));
+    }
+    let st = ctx.state.lock().unwrap();
+    let Some(room) = st.rooms.get(&room_id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no room" })));
+    };
+    let events = |key: &str| -> Vec<Value> { ids[key].as_array().into_iter().flatten().filter_map(|i| room.events.get(i.as_str()?).cloned()).collect() };
+    (StatusCode::OK, Json(json!({ "pdus": events("pdu_ids"), "auth_chain": events("auth_chain_ids") })))
+}
+
 async fn state_ids(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
     if let Err(e) = require_auth(&ctx, &Method::GET, &uri, &headers, None).await {
         return e;
@@ -728,7 +762,9 @@ async fn state_ids(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, ur
     let mut st = ctx.state.lock().unwrap();
     st.requests.push(("GET".into(), uri.path().to_owned()));
     let event_id = uri.query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("event_id=")).map(|e| percent_encoding::percent_decode_str(e).decode_utf8_lossy().into_owned());
-    let Some(state) = st.rooms.get(&room_id).and_then(|r| r.state_at.as_ref()?.get(event_id.as_deref()?)).cloned() else {
+    let recorded = |r: &FakeRoom| Some(r.state_at.as_ref()?.get(event_id.as_deref()?)?.clone());
+    // Without a recorded state, any event of the room has one (a real server serves that).
+    let Some(state) = st.rooms.get(&room_id).and_then(|r| if r.state_at.is_some() { recorded(r) } else { r.state_before(event_id.as_deref()?) }) else {
         return (StatusCode::NOT_FOUND, Json(json!({ "errcode": "M_NOT_FOUND", "error": "no state recorded at that event" })));
     };
     let mut ids: Vec<String> = state.values().cloned().collect();

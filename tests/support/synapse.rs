@@ -225,6 +225,11 @@ impl Synapse {
         self.launch().await
     }
 
+    /// The homeserver's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the child process (if running) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
