@@ -740,8 +740,8 @@ async fn get_event(State(ctx): State<Ctx>, UrlPath(event_id): UrlPath<String>, u
     }
 }
 
-/// `GET /state_ids/{roomId}?event_id=`: the state before an event, for rooms recording it.
-/// `/state`: the events of `/state_ids`.
+/// `/state`: the events of `/state_ids` that are in the room (`state_ids_extra` ids of other
+/// rooms are left out).
 async fn full_state(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
     let (status, Json(ids)) = state_ids(State(ctx.clone()), UrlPath(room_id.clone()), uri, headers).await;
     if status != StatusCode::OK {
@@ -755,6 +755,8 @@ async fn full_state(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, u
     (StatusCode::OK, Json(json!({ "pdus": events("pdu_ids"), "auth_chain": events("auth_chain_ids") })))
 }
 
+/// `GET /state_ids/{roomId}?event_id=`: the state before an event: the recorded one in
+/// rooms recording it (`state_at`), else recomputed ([`FakeRoom::state_before`]).
 async fn state_ids(State(ctx): State<Ctx>, UrlPath(room_id): UrlPath<String>, uri: Uri, headers: HeaderMap) -> (StatusCode, Json<Value>) {
     if let Err(e) = require_auth(&ctx, &Method::GET, &uri, &headers, None).await {
         return e;
