@@ -173,10 +173,6 @@ impl Target {
         Ok(text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
     }
 
-    fn dest(&self) -> Dest {
-        Dest { name: self.name.clone(), url: self.fed_url.clone() }
-    }
-
     fn bot(&self) -> String {
         format!("@fedlink:{}", self.name)
     }
@@ -248,19 +244,6 @@ impl Run {
     }
 }
 
-/// Send pre-built PDUs in transactions of `batch`, one in flight; every PDU must be accepted.
-async fn send_all(peer: &FakePeer, to: &Dest, pdus: Vec<Value>, batch: usize, txn_prefix: &str) -> Result<Run> {
-    let mut run = Run { pdus: pdus.len(), ..Default::default() };
-    let start = Instant::now();
-    for (i, chunk) in pdus.chunks(batch).enumerate() {
-        let t0 = Instant::now();
-        send_txn(peer, to, &format!("{txn_prefix}-{i}"), chunk.to_vec()).await?;
-        run.latencies.push(t0.elapsed());
-    }
-    run.elapsed = start.elapsed();
-    Ok(run)
-}
-
 /// One transaction; every PDU must be accepted.
 async fn send_txn(peer: &FakePeer, to: &Dest, txn: &str, pdus: Vec<Value>) -> Result<()> {
     let (status, body) = peer.send_txn(&to.name, &to.url, txn, pdus, vec![]).await;
@@ -278,20 +261,18 @@ async fn send_txn(peer: &FakePeer, to: &Dest, txn: &str, pdus: Vec<Value>) -> Re
 /// each person is linked through the admin API.
 async fn link_persons(peer: &FakePeer, t: &Target, rooms: &[String], persons: usize, per_person: usize, batch: usize) -> Result<()> {
     let start = Instant::now();
-    let mut by_room: Vec<Vec<Value>> = vec![Vec::new(); rooms.len()];
+    let mut by_room: Vec<Vec<(String, Value)>> = vec![Vec::new(); rooms.len()];
     for i in 0..persons {
         for j in 0..per_person {
             let r = (i * per_person + j) % rooms.len();
             for side in ["a", "b"] {
-                let local = format!("p{i}{side}");
-                let user = peer.user(&local);
-                by_room[r].push(peer.push(&rooms[r], &local, "m.room.member", Some(&user), json!({ "membership": "join" })).1);
+                by_room[r].push(join(peer, &rooms[r], &format!("p{i}{side}")));
             }
         }
     }
-    let pdus: Vec<Value> = by_room.into_iter().flatten().collect();
+    let pdus: Vec<(String, Value)> = by_room.into_iter().flatten().collect();
     let joined = pdus.len();
-    send_all(peer, &t.dest(), pdus, batch, "person-join").await?;
+    timed(peer, t, pdus, batch, "person-join").await?;
     for i in 0..persons {
         let accounts = json!([peer.user(&format!("p{i}a")), peer.user(&format!("p{i}b"))]);
         let r = t.http.put(format!("{}/_fedlink/admin/v1/persons/p{i}", t.admin_url)).bearer_auth(ADMIN_TOKEN).json(&json!({ "accounts": accounts })).send().await?;
@@ -334,8 +315,8 @@ trait Server {
 async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, Run, String)> {
     let small = public_room(peer);
     t.enter(peer, &small).await?;
-    timed(peer, t, &small, joins(peer, &small, 0, 1), args.batch, "small-join").await?;
-    let small_run = timed(peer, t, &small, messages(peer, &small, args.messages), args.batch, "small-msg").await?;
+    timed(peer, t, joins(peer, &small, 0, 1), args.batch, "small-join").await?;
+    let small_run = timed(peer, t, messages(peer, &small, args.messages), args.batch, "small-msg").await?;
     println!("{}", small_run.line("messages, 3-member room"));
 
     // The big room, grown by tenths.
@@ -347,7 +328,7 @@ async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, R
     let mut done = 0;
     while done < args.members {
         let to = (done + tenth).min(args.members);
-        let run = timed(peer, t, &big, joins(peer, &big, done, to), args.batch, &format!("grow-{done}")).await?;
+        let run = timed(peer, t, joins(peer, &big, done, to), args.batch, &format!("grow-{done}")).await?;
         println!("  joins {done}..{to}: {:.0} PDUs/s, p99 {:.1} ms", run.rate(), run.pct(0.99).as_secs_f64() * 1e3);
         tenths.push(run);
         done = to;
@@ -367,22 +348,22 @@ async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, R
         (disk_after.saturating_sub(disk_before)) as f64 / 1024.0 / args.members as f64
     );
 
-    let big_run = timed(peer, t, &big, messages(peer, &big, args.messages), args.batch, "big-msg").await?;
+    let big_run = timed(peer, t, messages(peer, &big, args.messages), args.batch, "big-msg").await?;
     println!("{}", big_run.line(&format!("messages, {}-member room", args.members + 2)));
     println!("big room / small room message cost: {:.2}x", small_run.rate() / big_run.rate());
     Ok((small_run, big_run, big))
 }
 
-/// Transactions of `batch` PDUs, one in flight: each is timed until the server has
-/// processed its last PDU ([`Server::settle`]) before the next is sent.
-async fn timed(peer: &FakePeer, t: &impl Server, room: &str, pdus: Vec<(String, Value)>, batch: usize, txn_prefix: &str) -> Result<Run> {
+/// Transactions of `batch` pre-built PDUs, one in flight, every PDU accepted: each is timed
+/// until the server has processed its last PDU ([`Server::settle`]) before the next is sent.
+async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, batch: usize, txn_prefix: &str) -> Result<Run> {
     let mut run = Run { pdus: pdus.len(), ..Default::default() };
     let start = Instant::now();
     for (i, chunk) in pdus.chunks(batch).enumerate() {
         let t0 = Instant::now();
         send_txn(peer, &t.dest(), &format!("{txn_prefix}-{i}"), chunk.iter().map(|(_, e)| e.clone()).collect()).await?;
-        if let Some((last, _)) = chunk.last() {
-            t.settle(room, last).await?;
+        if let Some((last, event)) = chunk.last() {
+            t.settle(event["room_id"].as_str().unwrap_or_default(), last).await?;
         }
         run.latencies.push(t0.elapsed());
     }
@@ -392,7 +373,7 @@ async fn timed(peer: &FakePeer, t: &impl Server, room: &str, pdus: Vec<(String, 
 
 impl Server for Target {
     fn dest(&self) -> Dest {
-        Target::dest(self)
+        Dest { name: self.name.clone(), url: self.fed_url.clone() }
     }
     async fn enter(&self, peer: &FakePeer, room: &str) -> Result<()> {
         let (status, body) = peer.invite(room, "creator", &self.bot(), &self.name, &self.fed_url).await;
@@ -483,23 +464,18 @@ fn public_room(peer: &FakePeer) -> String {
 
 /// Joins of `m<from>`..`m<to>`: (event id, event).
 fn joins(peer: &FakePeer, room: &str, from: usize, to: usize) -> Vec<(String, Value)> {
-    (from..to)
-        .map(|i| {
-            let local = format!("m{i}");
-            let user = peer.user(&local);
-            peer.push(room, &local, "m.room.member", Some(&user), json!({ "membership": "join" }))
-        })
-        .collect()
+    (from..to).map(|i| join(peer, room, &format!("m{i}"))).collect()
+}
+
+/// The join of the peer's user `local`: (event id, event).
+fn join(peer: &FakePeer, room: &str, local: &str) -> (String, Value) {
+    let user = peer.user(local);
+    peer.push(room, local, "m.room.member", Some(&user), json!({ "membership": "join" }))
 }
 
 /// `n` messages: (event id, event).
 fn messages(peer: &FakePeer, room: &str, n: usize) -> Vec<(String, Value)> {
     (0..n).map(|i| peer.push(room, "creator", "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("load message {i}") }))).collect()
-}
-
-/// The events of `(id, event)` pairs.
-fn events(pdus: Vec<(String, Value)>) -> Vec<Value> {
-    pdus.into_iter().map(|(_, e)| e).collect()
 }
 
 /// (RSS, peak RSS) of process `pid` in bytes, from /proc.
@@ -595,15 +571,15 @@ async fn main() -> Result<()> {
         for _ in 0..args.parallel {
             let room = public_room(&peer);
             t.enter(&peer, &room).await?;
-            send_all(&peer, &t.dest(), events(joins(&peer, &room, 0, 1)), args.batch, &format!("par-join-{}", rooms.len())).await?;
+            timed(&peer, &t, joins(&peer, &room, 0, 1), args.batch, &format!("par-join-{}", rooms.len())).await?;
             rooms.push(room);
         }
         let per = args.messages / args.parallel;
-        let loads: Vec<(usize, Vec<Value>)> = rooms.iter().enumerate().map(|(i, r)| (i, events(messages(&peer, r, per)))).collect();
+        let loads: Vec<(usize, Vec<(String, Value)>)> = rooms.iter().enumerate().map(|(i, r)| (i, messages(&peer, r, per))).collect();
         let (start, batch) = (Instant::now(), args.batch);
         let runs = futures::future::join_all(loads.into_iter().map(|(i, pdus)| {
             let (peer, t) = (&peer, &t);
-            async move { send_all(peer, &t.dest(), pdus, batch, &format!("par-msg-{i}")).await }
+            async move { timed(peer, t, pdus, batch, &format!("par-msg-{i}")).await }
         }))
         .await;
         let elapsed = start.elapsed();
