@@ -165,7 +165,7 @@ async fn room(State(app): State<AppState>, Path(room_id): Path<String>) -> Resul
         "joined_members": r.joined_members().collect::<Vec<_>>(),
         "receipts": r.receipts,
         "forward_extremities": r.extremities,
-        "state_events": r.state.values().map(|m| m.len()).sum::<usize>(),
+        "state_events": r.state.len(),
         "state": r.state,
         "pending_invites": r.pending_invites.iter().map(|(u, p)| (u.to_string(), p.event_id.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         "failed_invites": r.failed_invites,

@@ -53,6 +53,9 @@ pub struct Config {
     /// Where the sled database lives.
     #[serde(default)]
     pub storage: Storage,
+    /// Memory housekeeping.
+    #[serde(default)]
+    pub memory: Memory,
     /// Who fedlink talks to and how.
     #[serde(default)]
     pub federation: Federation,
@@ -252,6 +255,24 @@ fn default_cache_mb() -> u64 {
 }
 fn default_storage_path() -> PathBuf {
     "data/fedlink.sled".into()
+}
+
+/// `[memory]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Memory {
+    /// Every this many seconds, give the allocator's free pages back to the system (see
+    /// `memory`); 0 never does.
+    #[serde(default = "default_trim_secs")]
+    pub trim_secs: u64,
+}
+impl Default for Memory {
+    fn default() -> Self {
+        Self { trim_secs: default_trim_secs() }
+    }
+}
+fn default_trim_secs() -> u64 {
+    10
 }
 
 /// `[federation]`
@@ -520,6 +541,9 @@ impl Config {
         if !(8..=65_536).contains(&self.storage.cache_mb) {
             return Err(invalid("storage.cache_mb", "must be between 8 and 65536 (MiB)"));
         }
+        if self.memory.trim_secs > 86_400 {
+            return Err(invalid("memory.trim_secs", "must be between 0 (never) and 86400 (seconds)"));
+        }
         if self.bot.max_rooms == 0 {
             return Err(invalid("bot.max_rooms", "must be positive"));
         }
@@ -740,6 +764,10 @@ token = "0123456789abcdef0123"
         let e = load(MIN, &[("FEDLINK_STORAGE__CACHE_MB", "1")]).unwrap_err().to_string();
         assert!(e.contains("storage.cache_mb"), "{e}");
         assert_eq!(load(MIN, &[("FEDLINK_STORAGE__CACHE_MB", "64")]).unwrap().storage.cache_mb, 64);
+        assert_eq!(load(MIN, &[]).unwrap().memory.trim_secs, 10);
+        assert_eq!(load(MIN, &[("FEDLINK_MEMORY__TRIM_SECS", "0")]).unwrap().memory.trim_secs, 0);
+        let e = load(MIN, &[("FEDLINK_MEMORY__TRIM_SECS", "100000")]).unwrap_err().to_string();
+        assert!(e.contains("memory.trim_secs"), "{e}");
     }
 
     #[test]

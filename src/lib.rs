@@ -22,6 +22,7 @@
 //!   leaves, presence).
 //! - [`appservice`]: the registration route (registration YAML, transaction endpoint,
 //!   actions as users with `?user_id=`).
+//! - [`memory`]: gives freed heap pages back to the system (`memory.trim_secs`).
 //! - [`lanes`]: per-destination lanes (own task, one request in flight, own backoff, woken
 //!   when the server contacts fedlink) for the outbox, invites, actions and joins.
 //! - [`outbox`]: durable per-destination delivery of PDUs.
@@ -48,6 +49,7 @@ pub mod directory;
 pub mod federation;
 pub mod keys;
 pub mod lanes;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

@@ -120,6 +120,12 @@ pub struct Metrics {
     pub catch_up: IntCounterVec,
     /// Memberships logged by catching linked accounts up.
     pub catch_up_memberships: IntCounterVec,
+    /// Periodic returns of freed heap pages to the system (`memory.trim_secs`).
+    pub memory_trims: IntCounter,
+    /// Resident memory those returns took back from fedlink, in bytes.
+    pub memory_trimmed_bytes: IntCounter,
+    /// Time of one return of freed heap pages.
+    pub memory_trim_seconds: Histogram,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -253,6 +259,17 @@ impl Metrics {
             },
             catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their memberships (joined, invited, left) through a registration, by result", &["result"]),
             catch_up_memberships: counter_vec(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up, by membership (join, invite, leave, ban)", &["membership"]),
+            memory_trims: counter(&r, "fedlink_memory_trims_total", "Times fedlink gave the allocator's free pages back to the system (memory.trim_secs)"),
+            memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes"),
+            memory_trim_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("fedlink_memory_trim_duration_seconds", "Time of one trim (the allocator's locks are held meanwhile)")
+                        .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5]),
+                )
+                .expect("static metric definition");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
             registry: r,
         }
     }

@@ -189,7 +189,7 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
     // the first time).
     let state_ids: Vec<OwnedEventId> = match crate::rooms::state::state_before_ids(&app.store, pdu.event_id.as_str())? {
         Some(s) => s.iter().filter_map(|i| i.as_str().try_into().ok()).collect(),
-        None => app.views.read().await.rooms.get(&room_id).map(|r| r.state.values().flat_map(|m| m.values().cloned()).collect()).unwrap_or_default(),
+        None => app.views.read().await.rooms.get(&room_id).map(|r| r.state.ids().cloned().collect()).unwrap_or_default(),
     };
     let state: Vec<Value> = state_ids.iter().filter_map(|id| app.store.get_event(id.as_str()).ok().flatten()).map(|e| e.pdu).collect();
     let mut roots = state_ids.clone();
@@ -321,7 +321,7 @@ pub async fn state(app: &Fedlink, origin: &str, room: &str, event_id: &str, full
     let (version, current, extremities) = {
         let views = app.views.read().await;
         let r = visible_room(&views, &room_id, origin)?;
-        (r.version.clone(), r.state.values().flat_map(|m| m.values().map(|e| e.to_string())).collect::<Vec<_>>(), r.extremities.clone())
+        (r.version.clone(), r.state.ids().map(|e| e.to_string()).collect::<Vec<_>>(), r.extremities.clone())
     };
     let event = app.store.get_event(event_id)?.filter(|e| e.room_id == room_id).ok_or_else(|| MatrixError::not_found("unknown event"))?;
     let ids: Vec<String> = match crate::rooms::state::state_before_ids(&app.store, event_id)? {

@@ -6,13 +6,14 @@
 //! with state resolution: that arrives with the auth work of issue 3.
 
 pub mod directory;
+pub mod room_state;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId};
 use serde::{Deserialize, Serialize};
 
-use self::directory::Directory;
+use self::{directory::Directory, room_state::RoomState};
 use super::log_entry::{ClientEventEntry, Entry, LogRecord, PduEntry, PduStatus};
 
 /// Whether a membership event sent at `ts` is older than the latest one folded, sent at
@@ -160,8 +161,8 @@ pub struct RoomView {
     pub version: RoomVersionId,
     /// The bot's membership.
     pub bot: BotMembership,
-    /// Current state: type -> state key -> event id.
-    pub state: BTreeMap<String, BTreeMap<String, OwnedEventId>>,
+    /// Current state: (type, state key) -> event id.
+    pub state: RoomState,
     /// Forward extremities (events with no known successor).
     pub extremities: BTreeSet<OwnedEventId>,
     /// Current membership of every user with a member event.
@@ -332,7 +333,7 @@ impl RoomView {
         Self {
             version,
             bot,
-            state: BTreeMap::new(),
+            state: RoomState::default(),
             extremities: BTreeSet::new(),
             members: BTreeMap::new(),
             receipts: BTreeMap::new(),
@@ -452,7 +453,7 @@ impl RoomView {
         self.state.clear();
         self.members.clear();
         for s in state {
-            self.state.entry(s.event_type.clone()).or_default().insert(s.state_key.clone(), s.event_id.clone());
+            self.state.insert(s.event_type.clone(), s.state_key.clone(), s.event_id.clone());
             if let (Some(m), Ok(user)) = (&s.membership, ruma::UserId::parse(&s.state_key)) {
                 self.members.insert(user, m.clone());
             }
@@ -484,7 +485,7 @@ impl RoomView {
 
     /// The current state event for (`event_type`, `state_key`).
     pub fn state_event(&self, event_type: &str, state_key: &str) -> Option<&OwnedEventId> {
-        self.state.get(event_type).and_then(|m| m.get(state_key))
+        self.state.get(event_type, state_key)
     }
 
     /// Whether the bot is joined.
@@ -1067,7 +1068,7 @@ impl Views {
             return;
         }
         let Some(state_key) = &p.state_key else { return };
-        room.state.entry(p.event_type.clone()).or_default().insert(state_key.clone(), p.event_id.clone());
+        room.state.insert(p.event_type.clone(), state_key.clone(), p.event_id.clone());
         if p.event_type == "m.room.power_levels" && state_key.is_empty() {
             let content = p.pdu.get("content").cloned().unwrap_or_default();
             room.power = Some(PowerLevels::from_content(Some(p.event_id.clone()), &content));
