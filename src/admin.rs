@@ -280,7 +280,7 @@ async fn put_settings(State(app): State<AppState>, Path(id): Path<String>, body:
 /// `POST /_fedlink/admin/v1/rooms/{roomId}/join`: try a given-up join again.
 async fn retry_join(State(app): State<AppState>, Path(room_id): Path<String>) -> Result<Json<Value>, MatrixError> {
     let id = ruma::RoomId::parse(&room_id).map_err(|e| MatrixError::invalid_param(format!("bad room id: {e}")))?;
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let bot = app.views.read().await.rooms.get(&id).map(|r| r.bot.clone()).ok_or_else(|| MatrixError::not_found("fedlink does not know this room"))?;
     if !matches!(bot, BotMembership::JoinFailed { .. }) {
         return Err(MatrixError::new(axum::http::StatusCode::CONFLICT, "M_CONFLICT", format!("the bot's membership is `{}`; only a given-up join can be retried", bot_state(&bot))));

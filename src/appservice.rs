@@ -497,7 +497,7 @@ pub async fn transaction(
             Err(e) => tracing::warn!(server = %reg.server_name, room_id = %r.room_id, event_id = %r.event_id, error = ?e, "cannot fetch a read event from its homeserver; its thread and time are unknown"),
         }
     }
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     if app.store.txn_response(&origin, &txn_id)?.is_some() {
         app.store.flush().await?;
         app.metrics.appservice_transactions.with_label_values(&["retransmit"]).inc();
@@ -785,7 +785,7 @@ pub async fn catch_up_worker(app: std::sync::Arc<Fedlink>, mut stop: tokio::sync
                     // it left before the registration.
                     app.metrics.catch_up.with_label_values(&["gave_up"]).inc();
                     tracing::warn!(%account, error = %e.message, failures, "giving up catching a linked account up; its siblings' invites go ahead without it");
-                    let _lock = app.ingest.lock().await;
+                    let _lock = app.lock_ingest().await;
                     let still = app.views.read().await.directory.by_account.contains_key(&account);
                     let gave_up = Entry::CaughtUp(crate::core::log_entry::CaughtUp { account: account.clone(), memberships: 0, gave_up: true });
                     if still {
@@ -993,7 +993,7 @@ async fn catch_up(app: &Fedlink, account: &ruma::OwnedUserId) -> Result<usize, C
     loop {
         let chunk = chunks.next();
         let last = chunks.peek().is_none();
-        let _lock = app.ingest.lock().await;
+        let _lock = app.lock_ingest().await;
         let mut entries: Vec<Entry> = {
             let views = app.views.read().await;
             // Checked again: a membership pushed meanwhile may be newer than what was read.

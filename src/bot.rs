@@ -111,7 +111,7 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
         (owner.clone(), commands, room.encrypted() && !chat.said("encrypted"))
     };
     if encrypted {
-        let _lock = app.ingest.lock().await;
+        let _lock = app.lock_ingest().await;
         let told = Entry::BotTold(BotTold { room_id: room_id.clone(), about: room_id.clone(), reason: "encrypted".into() });
         let msg = Message { room_id: room_id.clone(), owner: owner.clone(), text: core_bot::encrypted_notice(&app.bot), in_reply_to: None, kind: "encrypted" };
         speak_locked(app, vec![msg], vec![told]).await?;
@@ -126,7 +126,7 @@ async fn serve_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> 
 /// Leave `room_id`, a chat that is no longer one: the bot's own leave event, checked,
 /// logged with the dropped commands and sent to the room's other servers.
 async fn leave_chat(app: &Fedlink, room_id: &OwnedRoomId) -> Result<(), String> {
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let (entries, outbox, dropped) = {
         let views = app.views.read().await;
         let Some(room) = views.rooms.get(room_id).filter(|r| r.bot_joined()) else { return Ok(()) };
@@ -190,7 +190,7 @@ async fn answer(app: &Fedlink, room_id: &OwnedRoomId, owner: &OwnedUserId, event
         }
         _ => None,
     };
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let wrong_codes = app.bot_state.wrong_codes.lock().expect("lock").get(owner).copied().unwrap_or(0);
     // Decided under the ingest lock: nothing else is logged between the decision and its
     // record. The room must still be a chat with this owner: a third person may have come
@@ -391,7 +391,7 @@ pub async fn tell_problems(app: &Fedlink, out_of_step: &std::collections::BTreeM
         by_chat.entry(n.chat.clone()).or_default().push(n);
     }
     for (chat, notices) in by_chat {
-        let _lock = app.ingest.lock().await;
+        let _lock = app.lock_ingest().await;
         let (owner, current): (Option<OwnedUserId>, Vec<&core_bot::Notice>) = {
             let views = app.views.read().await;
             let owner = views.rooms.get(&chat).and_then(|r| r.chat_owner(&views.bot_user_id)).cloned();

@@ -46,7 +46,7 @@ pub fn parse_accounts(raw: &[String]) -> Result<Vec<OwnedUserId>, ChangeError> {
 
 /// Create or replace a person. Returns whether anything changed.
 pub async fn set_person(app: &Fedlink, person: &str, accounts: Vec<OwnedUserId>, source: LinkSource) -> Result<bool, ChangeError> {
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let mut entries = Vec::new();
     {
         let views = app.views.read().await;
@@ -75,7 +75,7 @@ pub async fn set_person(app: &Fedlink, person: &str, accounts: Vec<OwnedUserId>,
 
 /// Remove a person.
 pub async fn remove_person(app: &Fedlink, person: &str, source: LinkSource) -> Result<(), ChangeError> {
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     if !app.views.read().await.directory.persons.contains_key(person) {
         return Err(ChangeError::NoSuchPerson(person.to_owned()));
     }
@@ -87,7 +87,7 @@ pub async fn remove_person(app: &Fedlink, person: &str, source: LinkSource) -> R
 
 /// Change a person's settings.
 pub async fn set_settings(app: &Fedlink, person: &str, auto_join: bool) -> Result<(), ChangeError> {
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     if !app.views.read().await.directory.persons.contains_key(person) {
         return Err(ChangeError::NoSuchPerson(person.to_owned()));
     }
@@ -98,7 +98,7 @@ pub async fn set_settings(app: &Fedlink, person: &str, auto_join: bool) -> Resul
 
 /// Opt a person out of (or back into) syncing.
 pub async fn opt_out(app: &Fedlink, person: &str, room_id: Option<OwnedRoomId>, opted_out: bool) -> Result<(), ChangeError> {
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     if !app.views.read().await.directory.persons.contains_key(person) {
         return Err(ChangeError::NoSuchPerson(person.to_owned()));
     }

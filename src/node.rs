@@ -56,6 +56,24 @@ impl RetryStatus {
     }
 }
 
+/// The ingest lock, held. On release it forgets the state roots recorded for events it
+/// admitted but did not write (rejected, or refused after their check), so they neither
+/// pile up in memory nor describe events the log does not hold.
+pub struct IngestGuard<'a> {
+    store: &'a crate::store::Store,
+    _lock: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Drop for IngestGuard<'_> {
+    fn drop(&mut self) {
+        // Runs before the lock field is released.
+        let n = self.store.forget_pending_roots();
+        if n > 0 {
+            tracing::debug!(roots = n, "forgot the state recorded for events admitted but not written");
+        }
+    }
+}
+
 /// Records folded into the views ahead of their write to the log: a federation
 /// transaction's PDUs are admitted one after the other (each against the views the earlier
 /// ones made) and written together, in one log transaction instead of one per PDU.
@@ -143,8 +161,9 @@ pub struct Fedlink {
     pub metrics: Arc<Metrics>,
     /// The folded views.
     pub views: RwLock<Views>,
-    /// Serialises check-against-state, append and fold.
-    pub ingest: tokio::sync::Mutex<()>,
+    /// Serialises check-against-state, append and fold: take it with
+    /// [`Fedlink::lock_ingest`].
+    ingest: tokio::sync::Mutex<()>,
     /// Bumped on every append: the reconcile worker runs when it changes.
     pub changes: tokio::sync::watch::Sender<u64>,
     /// Tells every worker and lane to stop.
@@ -232,6 +251,12 @@ impl Fedlink {
             cfg,
         });
         Ok(app)
+    }
+
+    /// Take the ingest lock: admission (checks against state, which record the state
+    /// after each event) and the write of what it admitted happen under one hold.
+    pub async fn lock_ingest(&self) -> IngestGuard<'_> {
+        IngestGuard { store: &self.store, _lock: self.ingest.lock().await }
     }
 
     /// Append entries and fold them into the views. Call with the ingest lock held, and

@@ -2,14 +2,19 @@
 //!
 //! Trees:
 //! - `log`: big-endian `seq` -> [`LogRecord`] JSON. Append-only.
-//! - `event_index`: event id -> `seq` of the PDU entry holding it (idempotency by event id).
+//! - `event_index`: event id -> `seq` of the PDU entry holding it (idempotency by event id),
+//!   followed by the trie root of the state after the event when fedlink recorded one (8 or
+//!   16 bytes). A root is recorded when the event is admitted, before it is written: it is
+//!   held in memory until the write, which stores it with the index entry in the same
+//!   transaction (one sled entry per event instead of two).
 //! - `txns`: `origin \0 txn_id` -> the response JSON we answered (idempotent retransmits).
 //! - `views`: the latest views checkpoint: `meta` (directory, presence, folded position) and
 //!   `room \0 room_id` -> one room's view; a checkpoint writes only the rooms that changed.
 //! - `server_keys`: `server \0 key_id` -> cached remote key.
 //! - `state_nodes`: id -> a node of the persistent state trie ([`StateNode`]; see
 //!   `rooms::state`): the state at every event, shared between events by path copying.
-//! - `state_root_of`: event id -> the trie root of the state after it.
+//! - `state_root_of`: event id -> the trie root of the state after it, as earlier versions
+//!   kept it (read for their events; no longer written).
 //! - `state_before_root`: event id -> the trie root of the state before an event fedlink
 //!   authored or served (for `state_ids`).
 //! - `state_groups`, `state_group_of`, `state_at`: the full-map format of earlier versions,
@@ -162,6 +167,11 @@ pub struct Store {
     next_seq: Mutex<u64>,
     /// PDU entries of a batch being admitted, not written yet (see [`Store::stage`]).
     staged: Mutex<std::collections::HashMap<String, PduEntry>>,
+    /// State roots recorded for events admitted but not written yet (see
+    /// [`Store::put_state_root_of`]).
+    pending_roots: Mutex<std::collections::HashMap<String, u64>>,
+    /// Whether `state_root_of` holds roots written by an earlier version.
+    legacy_roots: bool,
 }
 
 fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
@@ -253,7 +263,9 @@ impl Store {
             state_groups: db.open_tree("state_groups")?,
             state_nodes: db.open_tree("state_nodes")?,
             latest_ephemeral: db.open_tree("latest_ephemeral")?,
+            legacy_roots: !db.open_tree("state_root_of")?.is_empty(),
             state_root_of: db.open_tree("state_root_of")?,
+            pending_roots: Mutex::new(Default::default()),
             state_before_root: db.open_tree("state_before_root")?,
             node_cache: crate::cache::Cache::new(NODE_CACHE),
             pdu_cache: crate::cache::Cache::new(PDU_CACHE),
@@ -317,6 +329,23 @@ impl Store {
             .iter()
             .map(|r| Ok((r.seq, serde_json::to_vec(r).map_err(|e| corrupt("log", e))?)))
             .collect::<Result<_, StoreError>>()?;
+        // Index entries: the record's seq, then the state root admission recorded, if any.
+        let index_vals: Vec<Option<(&str, Vec<u8>)>> = {
+            let pending = self.pending_roots.lock().expect("pending roots lock poisoned");
+            records
+                .iter()
+                .map(|r| match &r.entry {
+                    Entry::Pdu(p) => {
+                        let mut v = r.seq.to_be_bytes().to_vec();
+                        if let Some(root) = pending.get(p.event_id.as_str()) {
+                            v.extend_from_slice(&root.to_be_bytes());
+                        }
+                        Some((p.event_id.as_str(), v))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         let txn_val = match txn {
             Some((o, t, v)) => Some((
                 txn_key(o, t),
@@ -329,10 +358,10 @@ impl Store {
                 for (k, e) in &outbox_keys {
                     out.insert(k.as_slice(), e.as_bytes())?;
                 }
-                for ((seq, bytes), rec) in encoded.iter().zip(records) {
+                for (((seq, bytes), rec), idx) in encoded.iter().zip(records).zip(&index_vals) {
                     log.insert(&seq.to_be_bytes(), bytes.as_slice())?;
-                    if let Entry::Pdu(p) = &rec.entry {
-                        index.insert(p.event_id.as_bytes(), &seq.to_be_bytes())?;
+                    if let Some((event_id, v)) = idx {
+                        index.insert(event_id.as_bytes(), v.as_slice())?;
                     }
                     // Typing and presence: only the latest record per user is kept.
                     if let Some(key) = superseding_key(&rec.entry) {
@@ -351,6 +380,12 @@ impl Store {
                 TransactionError::Abort(()) => corrupt("log", "transaction aborted"),
             })?;
         *next += records.len() as u64;
+        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
+        if !pending.is_empty() {
+            for (event_id, _) in index_vals.iter().flatten() {
+                pending.remove(*event_id);
+            }
+        }
         Ok(())
     }
 
@@ -380,8 +415,8 @@ impl Store {
     /// For an event the log does not hold (rejected after its admission recorded a state,
     /// or staged by a dropped batch): forget that state and its parsed copy.
     pub fn forget_unwritten(&self, event_id: &str) {
+        self.pending_roots.lock().expect("pending roots lock poisoned").remove(event_id);
         if !self.event_index.contains_key(event_id.as_bytes()).unwrap_or(true) {
-            let _ = self.state_root_of.remove(event_id.as_bytes());
             let _ = self.state_before_root.remove(event_id.as_bytes());
             self.pdu_cache.remove(event_id);
         }
@@ -455,8 +490,8 @@ impl Store {
 
     /// The log entry of a written event.
     fn written_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
-        let Some(seq) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
-        let seq = u64::from_be_bytes(seq.as_ref().try_into().map_err(|_| corrupt("event_index", "bad seq"))?);
+        let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
+        let seq = u64::from_be_bytes(v.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("event_index", "bad seq"))?);
         match self.record(seq)? {
             Some(LogRecord { entry: Entry::Pdu(p), .. }) => Ok(Some(p)),
             _ => Err(corrupt("event_index", format!("{event_id} does not point at a PDU"))),
@@ -737,13 +772,49 @@ impl Store {
 
     /// The trie root of the state after `event_id`.
     pub fn state_root_of(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(root) = self.pending_roots.lock().expect("pending roots lock poisoned").get(event_id) {
+            return Ok(Some(*root));
+        }
+        match self.event_index.get(event_id.as_bytes())? {
+            Some(v) if v.len() == 16 => return Ok(Some(root_from(&v[8..], "event_index")?)),
+            Some(v) if v.len() != 8 => return Err(corrupt("event_index", format!("{event_id}: an entry of {} bytes", v.len()))),
+            _ => {}
+        }
+        if !self.legacy_roots {
+            return Ok(None);
+        }
         self.state_root_of.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_root_of")).transpose()
     }
 
-    /// Record the trie root of the state after `event_id`.
+    /// Record the trie root of the state after `event_id`. For an event not written yet it
+    /// is held in memory and written with the event; call this under the ingest lock,
+    /// which forgets on release the roots of events it did not write (see
+    /// [`Store::forget_pending_roots`]).
     pub fn put_state_root_of(&self, event_id: &str, root: u64) -> Result<(), StoreError> {
-        self.state_root_of.insert(event_id.as_bytes(), &root.to_be_bytes())?;
+        // Both under the lock: a write of the event between the check and the insert
+        // would otherwise miss the root.
+        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
+        match self.event_index.get(event_id.as_bytes())? {
+            Some(v) => {
+                let mut v = v.get(..8).ok_or_else(|| corrupt("event_index", "bad seq"))?.to_vec();
+                v.extend_from_slice(&root.to_be_bytes());
+                self.event_index.insert(event_id.as_bytes(), v)?;
+            }
+            None => {
+                pending.insert(event_id.to_owned(), root);
+            }
+        }
         Ok(())
+    }
+
+    /// Forget the state roots recorded for events that were not written (rejected after
+    /// admission); returns how many. Called when the ingest lock is released: every event
+    /// admitted under it has been written or dropped by then.
+    pub fn forget_pending_roots(&self) -> usize {
+        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
+        let n = pending.len();
+        pending.clear();
+        n
     }
 
     /// The trie root of the state before an event fedlink authored or served.
@@ -857,6 +928,38 @@ mod tests {
             event: serde_json::json!({}),
             direct: None,
         })
+    }
+
+    /// The state root admission records before an event is written is stored with the
+    /// event's index entry, in the write's transaction; a root recorded for an event never
+    /// written is forgotten; a root recorded for a written event updates its entry; roots
+    /// earlier versions kept in `state_root_of` are still read.
+    #[test]
+    fn state_roots_live_in_the_event_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = |id: &str| Entry::Pdu(PduEntry::test_message(id));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_state_root_of("$a", 11).unwrap();
+            store.put_state_root_of("$rejected", 12).unwrap();
+            assert_eq!(store.state_root_of("$a").unwrap(), Some(11), "seen before the write");
+            store.append(vec![msg("$a"), msg("$b")], None, &[], 1).unwrap();
+            assert_eq!(store.forget_pending_roots(), 1, "only the unwritten event's root was left");
+            assert_eq!(store.state_root_of("$rejected").unwrap(), None);
+            assert_eq!(store.state_root_of("$b").unwrap(), None, "no root was recorded for it");
+            store.put_state_root_of("$b", 13).unwrap();
+            assert_eq!(store.forget_pending_roots(), 0, "a written event's root goes to its entry");
+            // As an earlier version wrote it.
+            store.state_root_of.insert("$old", &14u64.to_be_bytes()).unwrap();
+            store.append(vec![msg("$old")], None, &[], 1).unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.state_root_of("$a").unwrap(), Some(11));
+        assert_eq!(store.state_root_of("$b").unwrap(), Some(13));
+        assert_eq!(store.state_root_of("$old").unwrap(), Some(14));
+        assert_eq!(store.get_event("$a").unwrap().map(|e| e.event_id.to_string()).as_deref(), Some("$a"), "the entry still finds the record");
+        assert_eq!(store.state_root_of.len(), 1, "nothing new in the old tree");
     }
 
     /// Presence (per user) and typing (per room and user) keep only their latest record in

@@ -237,7 +237,7 @@ async fn act(app: &Fedlink, actions: Vec<Action>) -> Result<(), crate::store::St
     if actions.is_empty() {
         return Ok(());
     }
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     for action in actions {
         let entry = match action {
             Action::Invite { room_id, target, person, partner } => {
@@ -358,7 +358,7 @@ async fn deliver_invites(app: &Fedlink, dest: &str) -> Step {
             Err(InviteError::Refused(reason)) => {
                 app.metrics.invites_sent.with_label_values(&["refused"]).inc();
                 tracing::warn!(%room_id, %target, %reason, "the target's server refused the invite");
-                let _lock = app.ingest.lock().await;
+                let _lock = app.lock_ingest().await;
                 let entry = Entry::InviteFailed(InviteFailed { room_id, target, reason, power_levels_event: None });
                 if app.append(vec![entry], None).await.is_ok() {
                     let _ = app.store.flush().await;
@@ -437,7 +437,7 @@ async fn send_invite(app: &Fedlink, room_id: &OwnedRoomId, target: &OwnedUserId,
         .filter(|p| p.event_id == event_id)
         .ok_or_else(|| InviteError::Refused("the target's server returned a different event".into()))?;
     let pdu = verify_returned_invite(app, &event, pdu, target, &rules).await?;
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     if app.store.has_event(event_id.as_str()).unwrap_or(false) {
         return Ok(());
     }
@@ -496,7 +496,7 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
                     app.metrics.actions.with_label_values(&["fully_read", "ok"]).inc();
                 }
                 if action.kind == "direct" {
-                    let _lock = app.ingest.lock().await;
+                    let _lock = app.lock_ingest().await;
                     if app.append(vec![Entry::ActionDone(action.clone())], None).await.is_ok() {
                         let _ = app.store.flush().await;
                     }
@@ -519,7 +519,7 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
                         event_ts: action.event_ts,
                         via_appservice: Some(true),
                     });
-                    let _lock = app.ingest.lock().await;
+                    let _lock = app.lock_ingest().await;
                     if app.append(vec![entry], None).await.is_ok() {
                         let _ = app.store.flush().await;
                     }
@@ -546,7 +546,7 @@ async fn deliver_actions(app: &Fedlink, dest: &str) -> Step {
                 tracing::warn!(room_id = %action.room_id, user = %action.user_id, kind = %action.kind, %reason, "action refused by the homeserver");
                 let mut failed = action.clone();
                 failed.reason = Some(reason);
-                let _lock = app.ingest.lock().await;
+                let _lock = app.lock_ingest().await;
                 if app.append(vec![Entry::ActionFailed(failed)], None).await.is_ok() {
                     let _ = app.store.flush().await;
                 }

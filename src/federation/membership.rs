@@ -117,7 +117,7 @@ async fn invite_inner(app: &Fedlink, origin: &str, room_id: &str, event_id: &str
         .map_err(|e| MatrixError::bad_json(e.to_string()))?;
     let signed = serde_json::to_value(&obj).expect("canonical JSON serializes");
 
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     // An invite while joined or joining changes nothing (a repeated invite neither grows the
     // log nor resets the join's backoff). Counted under the ingest lock, so concurrent
     // invites cannot pass `bot.max_rooms` together.
@@ -366,7 +366,7 @@ async fn join_through(app: &Arc<Fedlink>, resident: &str) -> crate::lanes::Step 
 /// drop the events held for it.
 async fn give_up_join(app: &Arc<Fedlink>, room_id: &OwnedRoomId, reason: String) {
     let logged = {
-        let _lock = app.ingest.lock().await;
+        let _lock = app.lock_ingest().await;
         let entry = Entry::BotJoinFailed(BotJoinFailed { room_id: room_id.clone(), reason: reason.clone() });
         match app.append(vec![entry], None).await {
             Ok(_) => app.store.flush().await.is_ok(),
@@ -457,7 +457,7 @@ async fn make_and_sign_join(app: &Fedlink, room_id: &OwnedRoomId, resident: &Own
     ruma::signatures::hash_and_sign_event(app.server_name.as_str(), &*app.key, &mut obj, &rules.redaction)
         .map_err(|e| JoinError::Permanent(format!("signing the join: {e}")))?;
     let join = Pdu::parse(obj, &rules).map_err(|e| JoinError::Permanent(format!("our join event: {e}")))?;
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let entry = Entry::BotJoinSigned(BotJoinSigned { room_id: room_id.clone(), room_version: version.clone(), event: Some(join.to_value()) });
     app.append(vec![entry], None).await.map_err(|e| JoinError::Transient(e.to_string()))?;
     app.store.flush().await.map_err(|e| JoinError::Transient(e.to_string()))?;
@@ -584,7 +584,7 @@ async fn send_join(
     if crowded {
         return Err(JoinError::Permanent("a direct chat with the bot from someone bot.invites_from does not allow, but others are in the room".into()));
     }
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let mut entries: Vec<Entry> = checked
         .values()
         .filter(|p| !app.store.has_event(p.event_id.as_str()).unwrap_or(false))

@@ -151,7 +151,7 @@ async fn send_inner(app: &Fedlink, origin: &str, room: &str, event_id: &str, bod
     let obj = verify_signatures(&app.keys, pdu.json.clone(), &rules).await.map_err(|e| MatrixError::forbidden(e.to_string()))?;
     let pdu = Pdu::parse(obj, &rules).map_err(|e| MatrixError::bad_json(e.to_string()))?;
 
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     let (before, servers, dests, resolved) = {
         let views = app.views.read().await;
         let room = views.rooms.get(&room_id).ok_or_else(|| MatrixError::not_found("fedlink is not in this room"))?;

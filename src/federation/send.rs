@@ -140,7 +140,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     phase("prepare", t);
     let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
     let t = std::time::Instant::now();
-    let _lock = app.ingest.lock().await;
+    let _lock = app.lock_ingest().await;
     phase("wait", t);
     let t = std::time::Instant::now();
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
@@ -236,7 +236,7 @@ pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize,
     for (origin, pdus) in by_origin {
         let Ok(via) = OwnedServerName::try_from(origin.as_str()) else { continue };
         let prepared = prepare(app, &origin, pdus).await;
-        let _lock = app.ingest.lock().await;
+        let _lock = app.lock_ingest().await;
         let mut ignored = BTreeMap::new();
         match apply_prepared(app, &via, prepared, &mut ignored).await {
             Ok(batch) => {
