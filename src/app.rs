@@ -73,6 +73,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let catch_up = tokio::spawn(crate::appservice::catch_up_worker(app.clone(), stop_rx.clone()));
     let step = tokio::spawn(crate::sync::step_worker(app.clone(), stop_rx.clone()));
     let bot = tokio::spawn(crate::bot::worker(app.clone(), stop_rx.clone()));
+    let memory = tokio::spawn(crate::memory::worker(app.clone(), stop_rx.clone()));
 
     let fed_task = {
         // Not ready once the federation listener stops serving, whatever the cause.
@@ -113,6 +114,7 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
     let _ = catch_up.await;
     let _ = step.await;
     let _ = bot.await;
+    let _ = memory.await;
     app.snapshot().await?;
     app.store.flush().await?;
     tracing::info!("stopped");

@@ -5,7 +5,7 @@
 //! cache) are interleaved with short-lived ones (parsed transactions, sled's page
 //! rewrites), so the holes add up. At 10,000 rooms and 1,000 linked persons, a
 //! `malloc_trim` during ingest took RSS from 259 to 205 MiB (gdb on a running fedlink);
-//! it grew back within a minute, so the snapshot worker trims periodically.
+//! it grew back within a minute, so [`worker`] trims every `memory.trim_secs`.
 //!
 //! The only module with `unsafe` code: one call into the C library, on Linux with glibc.
 
@@ -16,8 +16,9 @@ pub fn rss_bytes() -> Option<u64> {
     Some(pages * page_size())
 }
 
+/// The system's memory page size in bytes.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn page_size() -> u64 {
+pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if n > 0 {
@@ -27,8 +28,9 @@ fn page_size() -> u64 {
     }
 }
 
+/// The system's memory page size in bytes (assumed).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn page_size() -> u64 {
+pub fn page_size() -> u64 {
     4096
 }
 
@@ -47,5 +49,38 @@ pub fn trim() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+/// Trims every `memory.trim_secs` (not at all when 0 or unsupported), on a blocking thread.
+pub async fn worker(app: std::sync::Arc<crate::node::Fedlink>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = std::time::Duration::from_secs(app.cfg.memory.trim_secs);
+    if every.is_zero() || !SUPPORTED {
+        tracing::info!(memory.trim_secs = every.as_secs(), supported = SUPPORTED, "freed heap pages are not given back periodically");
+        return;
+    }
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Ok((before, took, after)) = tokio::task::spawn_blocking(|| {
+            let before = rss_bytes();
+            let started = std::time::Instant::now();
+            trim();
+            let took = started.elapsed();
+            (before, took, rss_bytes())
+        })
+        .await
+        else {
+            return;
+        };
+        app.metrics.memory_trims.inc();
+        app.metrics.memory_trim_seconds.observe(took.as_secs_f64());
+        let freed = before.zip(after).map(|(b, a)| b.saturating_sub(a)).unwrap_or(0);
+        app.metrics.memory_trimmed_bytes.inc_by(freed);
+        tracing::debug!(rss_before = ?before, rss_after = ?after, freed, took_ms = took.as_secs_f64() * 1e3, "gave freed heap pages back to the system");
     }
 }

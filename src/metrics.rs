@@ -260,10 +260,10 @@ impl Metrics {
             catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their memberships (joined, invited, left) through a registration, by result", &["result"]),
             catch_up_memberships: counter_vec(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up, by membership (join, invite, leave, ban)", &["membership"]),
             memory_trims: counter(&r, "fedlink_memory_trims_total", "Times fedlink gave the allocator's free pages back to the system (memory.trim_secs)"),
-            memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes"),
+            memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes (approximate: the fall of RSS across each trim, which other threads move too)"),
             memory_trim_seconds: {
                 let h = Histogram::with_opts(
-                    HistogramOpts::new("fedlink_memory_trim_duration_seconds", "Time of one trim (the allocator's locks are held meanwhile)")
+                    HistogramOpts::new("fedlink_memory_trim_duration_seconds", "Time of one trim (each arena's lock is held while it is trimmed)")
                         .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5]),
                 )
                 .expect("static metric definition");

@@ -330,8 +330,9 @@ impl Store {
             .map(|r| Ok((r.seq, serde_json::to_vec(r).map_err(|e| corrupt("log", e))?)))
             .collect::<Result<_, StoreError>>()?;
         // Index entries: the record's seq, then the state root admission recorded, if any.
+        // Held until the write is done, so a root recorded meanwhile cannot be missed.
+        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
         let index_vals: Vec<Option<(&str, Vec<u8>)>> = {
-            let pending = self.pending_roots.lock().expect("pending roots lock poisoned");
             records
                 .iter()
                 .map(|r| match &r.entry {
@@ -361,7 +362,13 @@ impl Store {
                 for (((seq, bytes), rec), idx) in encoded.iter().zip(records).zip(&index_vals) {
                     log.insert(&seq.to_be_bytes(), bytes.as_slice())?;
                     if let Some((event_id, v)) = idx {
-                        index.insert(event_id.as_bytes(), v.as_slice())?;
+                        // An event written before (an outlier now in the timeline) keeps
+                        // the root it had unless admission recorded a new one.
+                        if let Some(old) = index.insert(event_id.as_bytes(), v.as_slice())? {
+                            if v.len() == 8 && old.len() == 16 {
+                                index.insert(event_id.as_bytes(), [v.as_slice(), &old[8..]].concat())?;
+                            }
+                        }
                     }
                     // Typing and presence: only the latest record per user is kept.
                     if let Some(key) = superseding_key(&rec.entry) {
@@ -380,7 +387,6 @@ impl Store {
                 TransactionError::Abort(()) => corrupt("log", "transaction aborted"),
             })?;
         *next += records.len() as u64;
-        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
         if !pending.is_empty() {
             for (event_id, _) in index_vals.iter().flatten() {
                 pending.remove(*event_id);
@@ -776,14 +782,13 @@ impl Store {
             return Ok(Some(*root));
         }
         match self.event_index.get(event_id.as_bytes())? {
-            Some(v) if v.len() == 16 => return Ok(Some(root_from(&v[8..], "event_index")?)),
-            Some(v) if v.len() != 8 => return Err(corrupt("event_index", format!("{event_id}: an entry of {} bytes", v.len()))),
-            _ => {}
+            Some(v) if v.len() == 16 => Ok(Some(root_from(&v[8..], "event_index")?)),
+            Some(v) if v.len() != 8 => Err(corrupt("event_index", format!("{event_id}: an entry of {} bytes", v.len()))),
+            // Earlier versions recorded roots apart, before the write: only those of events
+            // the log holds count.
+            Some(_) if self.legacy_roots => self.state_root_of.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_root_of")).transpose(),
+            _ => Ok(None),
         }
-        if !self.legacy_roots {
-            return Ok(None);
-        }
-        self.state_root_of.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_root_of")).transpose()
     }
 
     /// Record the trie root of the state after `event_id`. For an event not written yet it
@@ -799,6 +804,9 @@ impl Store {
                 let mut v = v.get(..8).ok_or_else(|| corrupt("event_index", "bad seq"))?.to_vec();
                 v.extend_from_slice(&root.to_be_bytes());
                 self.event_index.insert(event_id.as_bytes(), v)?;
+                // Written again later in this hold (an outlier admitted to the timeline):
+                // that write takes it from here.
+                pending.insert(event_id.to_owned(), root);
             }
             None => {
                 pending.insert(event_id.to_owned(), root);
@@ -948,18 +956,38 @@ mod tests {
             assert_eq!(store.state_root_of("$rejected").unwrap(), None);
             assert_eq!(store.state_root_of("$b").unwrap(), None, "no root was recorded for it");
             store.put_state_root_of("$b", 13).unwrap();
-            assert_eq!(store.forget_pending_roots(), 0, "a written event's root goes to its entry");
+            store.forget_pending_roots();
+            assert_eq!(store.state_root_of("$b").unwrap(), Some(13), "a written event's root goes to its entry");
             // As an earlier version wrote it.
             store.state_root_of.insert("$old", &14u64.to_be_bytes()).unwrap();
+            store.state_root_of.insert("$never-written", &15u64.to_be_bytes()).unwrap();
             store.append(vec![msg("$old")], None, &[], 1).unwrap();
+            // An outlier written with a root, admitted to the timeline later: a new root
+            // recorded at its admission wins, else it keeps the one it had.
+            let outlier = |id: &str| {
+                let mut e = PduEntry::test_message(id);
+                e.status = crate::core::log_entry::PduStatus::Outlier;
+                Entry::Pdu(e)
+            };
+            store.put_state_root_of("$gap", 16).unwrap();
+            store.put_state_root_of("$auth", 17).unwrap();
+            store.append(vec![outlier("$gap"), outlier("$auth")], None, &[], 1).unwrap();
+            store.forget_pending_roots();
+            store.put_state_root_of("$gap", 18).unwrap();
+            store.append(vec![msg("$gap"), msg("$auth")], None, &[], 1).unwrap();
+            assert_eq!(store.state_root_of("$gap").unwrap(), Some(18));
+            assert_eq!(store.state_root_of("$auth").unwrap(), Some(17));
             store.db.flush().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.state_root_of("$a").unwrap(), Some(11));
         assert_eq!(store.state_root_of("$b").unwrap(), Some(13));
         assert_eq!(store.state_root_of("$old").unwrap(), Some(14));
+        assert_eq!(store.state_root_of("$never-written").unwrap(), None, "an old root of an event the log lacks does not count");
+        assert_eq!(store.state_root_of("$gap").unwrap(), Some(18));
+        assert!(store.has_timeline_event("$gap").unwrap() && store.has_timeline_event("$auth").unwrap());
         assert_eq!(store.get_event("$a").unwrap().map(|e| e.event_id.to_string()).as_deref(), Some("$a"), "the entry still finds the record");
-        assert_eq!(store.state_root_of.len(), 1, "nothing new in the old tree");
+        assert_eq!(store.state_root_of.len(), 2, "nothing new in the old tree");
     }
 
     /// Presence (per user) and typing (per room and user) keep only their latest record in

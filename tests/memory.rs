@@ -4,16 +4,20 @@
 #[test]
 fn trimming_returns_freed_pages() {
     if !fedlink::memory::SUPPORTED {
+        eprintln!("memory::trim does nothing on this platform; nothing to check");
         return;
     }
-    // Many small blocks, then free all but every 64th: holes in the middle of the heap,
-    // which glibc keeps without a trim. Pages only count once written.
-    let mut blocks: Vec<Vec<u8>> = (0..200_000).map(|i| vec![i as u8; 256]).collect();
-    let kept: Vec<Vec<u8>> = blocks.drain(..).step_by(64).collect();
+    // Many small blocks, then free all but one every few pages: holes in the middle of the
+    // heap, which glibc keeps without a trim. Pages only count once written.
+    let block = 256usize;
+    let every = (2 * fedlink::memory::page_size() as usize).div_ceil(block) + 1;
+    let n = (64 << 20) / block;
+    let mut blocks: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8; block]).collect();
+    let kept: Vec<Vec<u8>> = blocks.drain(..).step_by(every).collect();
     let before = fedlink::memory::rss_bytes().expect("RSS on Linux");
     assert!(fedlink::memory::trim(), "freed pages in the middle of the heap were released");
     let after = fedlink::memory::rss_bytes().expect("RSS on Linux");
-    assert!(before - after > 20 << 20, "RSS {before} -> {after}: less than 20 MiB of ~50 MiB freed was returned");
-    assert_eq!(kept.len(), 3_125);
-    assert!(kept.iter().enumerate().all(|(i, b)| b.iter().all(|x| *x == (i * 64) as u8)), "kept blocks are intact");
+    assert!(after + (20 << 20) < before, "RSS {before} -> {after}: less than 20 MiB of the ~60 MiB freed was returned");
+    assert_eq!(kept.len(), n.div_ceil(every));
+    assert!(kept.iter().enumerate().all(|(i, b)| b.iter().all(|x| *x == (i * every) as u8)), "kept blocks are intact");
 }

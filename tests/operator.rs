@@ -118,3 +118,22 @@ async fn schemathesis_finds_no_server_error_or_schema_violation_in_the_admin_api
         }
     }
 }
+
+/// `memory.trim_secs`: fedlink gives freed heap pages back on its own interval, and the
+/// dashboard's memory panel has the figures to show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_memory_is_given_back_every_trim_interval() {
+    if !fedlink::memory::SUPPORTED {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = support::fedlink_proc::Fedlink::start(dir.path(), 0, "[memory]\ntrim_secs = 1\n").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while f.metric("fedlink_memory_trims_total").await < 3.0 {
+        assert!(std::time::Instant::now() < deadline, "fewer than 3 trims in 20 s at trim_secs = 1:\n{}", f.metrics().await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(f.metric("fedlink_memory_trim_duration_seconds_count").await >= 3.0);
+    let text = f.metrics().await;
+    assert!(text.lines().any(|l| l.starts_with("fedlink_memory_trimmed_bytes_total ")), "{text}");
+}

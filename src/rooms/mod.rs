@@ -187,7 +187,7 @@ pub fn check_against_state(store: &Store, pdu: &Pdu, rules: &RoomVersionRules, s
 
 /// The current state of a room view as a [`state::StateMap`].
 pub fn view_state(room: &RoomView) -> state::StateMap {
-    room.state.iter().map(|(tk, e)| (tk.clone(), e.clone())).collect()
+    room.state.iter().map(|((t, k), e)| ((t.to_owned(), k.to_owned()), e.clone())).collect()
 }
 
 /// Run the authorization rules: against the event's auth events (failure rejects) and
