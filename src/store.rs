@@ -942,8 +942,8 @@ mod tests {
     /// event's index entry, in the write's transaction; a root recorded for an event never
     /// written is forgotten; a root recorded for a written event updates its entry; roots
     /// earlier versions kept in `state_root_of` are still read.
-    #[test]
-    fn state_roots_live_in_the_event_index() {
+    #[tokio::test]
+    async fn state_roots_live_in_the_event_index() {
         let dir = tempfile::tempdir().unwrap();
         let msg = |id: &str| Entry::Pdu(PduEntry::test_message(id));
         {
@@ -979,7 +979,7 @@ mod tests {
             assert_eq!(store.state_root_of("$auth").unwrap(), Some(17));
             store.db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path(), false).await.unwrap();
         assert_eq!(store.state_root_of("$a").unwrap(), Some(11));
         assert_eq!(store.state_root_of("$b").unwrap(), Some(13));
         assert_eq!(store.state_root_of("$old").unwrap(), Some(14));
