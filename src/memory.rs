@@ -59,14 +59,15 @@ pub async fn worker(app: std::sync::Arc<crate::node::Fedlink>, mut stop: tokio::
         tracing::info!(memory.trim_secs = every.as_secs(), supported = SUPPORTED, "freed heap pages are not given back periodically");
         return;
     }
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let start = tokio::time::Instant::now().checked_add(every).unwrap_or_else(tokio::time::Instant::now);
+    let mut ticks = tokio::time::interval_at(start, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let Ok((before, took, after)) = tokio::task::spawn_blocking(|| {
+        let (before, took, after) = match tokio::task::spawn_blocking(|| {
             let before = rss_bytes();
             let started = std::time::Instant::now();
             trim();
@@ -74,11 +75,19 @@ pub async fn worker(app: std::sync::Arc<crate::node::Fedlink>, mut stop: tokio::
             (before, took, rss_bytes())
         })
         .await
-        else {
-            return;
+        {
+            Ok(r) => r,
+            Err(e) if *stop.borrow() => {
+                tracing::debug!(error = %e, "trim not run: shutting down");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a trim failed; trying again at the next interval");
+                continue;
+            }
         };
-        app.metrics.memory_trims.inc();
         app.metrics.memory_trim_seconds.observe(took.as_secs_f64());
+        app.metrics.memory_trims.inc();
         let freed = before.zip(after).map(|(b, a)| b.saturating_sub(a)).unwrap_or(0);
         app.metrics.memory_trimmed_bytes.inc_by(freed);
         tracing::debug!(rss_before = ?before, rss_after = ?after, freed, took_ms = took.as_secs_f64() * 1e3, "gave freed heap pages back to the system");

@@ -259,7 +259,7 @@ impl Metrics {
             },
             catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their memberships (joined, invited, left) through a registration, by result", &["result"]),
             catch_up_memberships: counter_vec(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up, by membership (join, invite, leave, ban)", &["membership"]),
-            memory_trims: counter(&r, "fedlink_memory_trims_total", "Times fedlink gave the allocator's free pages back to the system (memory.trim_secs)"),
+            memory_trims: counter(&r, "fedlink_memory_trims_total", "Trims run: times fedlink asked the allocator to give its free pages back to the system (memory.trim_secs)"),
             memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes (approximate: the fall of RSS across each trim, which other threads move too)"),
             memory_trim_seconds: {
                 let h = Histogram::with_opts(

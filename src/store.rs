@@ -329,9 +329,16 @@ impl Store {
             .iter()
             .map(|r| Ok((r.seq, serde_json::to_vec(r).map_err(|e| corrupt("log", e))?)))
             .collect::<Result<_, StoreError>>()?;
-        // Index entries: the record's seq, then the state root admission recorded, if any.
+        let txn_val = match txn {
+            Some((o, t, v)) => Some((
+                txn_key(o, t),
+                serde_json::to_vec(&serde_json::json!({ "at_ms": now_ms, "response": v })).map_err(|e| corrupt("txns", e))?,
+            )),
+            None => None,
+        };
         // Held until the write is done, so a root recorded meanwhile cannot be missed.
-        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
+        let mut pending = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Index entries: the record's seq, then the state root admission recorded, if any.
         let index_vals: Vec<Option<(&str, Vec<u8>)>> = {
             records
                 .iter()
@@ -346,13 +353,6 @@ impl Store {
                     _ => None,
                 })
                 .collect()
-        };
-        let txn_val = match txn {
-            Some((o, t, v)) => Some((
-                txn_key(o, t),
-                serde_json::to_vec(&serde_json::json!({ "at_ms": now_ms, "response": v })).map_err(|e| corrupt("txns", e))?,
-            )),
-            None => None,
         };
         (&self.log, &self.event_index, &self.txns, &self.outbox, &self.latest_ephemeral)
             .transaction(|(log, index, txns, out, latest)| {
@@ -421,7 +421,7 @@ impl Store {
     /// For an event the log does not hold (rejected after its admission recorded a state,
     /// or staged by a dropped batch): forget that state and its parsed copy.
     pub fn forget_unwritten(&self, event_id: &str) {
-        self.pending_roots.lock().expect("pending roots lock poisoned").remove(event_id);
+        self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(event_id);
         if !self.event_index.contains_key(event_id.as_bytes()).unwrap_or(true) {
             let _ = self.state_before_root.remove(event_id.as_bytes());
             self.pdu_cache.remove(event_id);
@@ -778,7 +778,7 @@ impl Store {
 
     /// The trie root of the state after `event_id`.
     pub fn state_root_of(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
-        if let Some(root) = self.pending_roots.lock().expect("pending roots lock poisoned").get(event_id) {
+        if let Some(root) = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(event_id) {
             return Ok(Some(*root));
         }
         match self.event_index.get(event_id.as_bytes())? {
@@ -791,35 +791,32 @@ impl Store {
         }
     }
 
-    /// Record the trie root of the state after `event_id`. For an event not written yet it
-    /// is held in memory and written with the event; call this under the ingest lock,
-    /// which forgets on release the roots of events it did not write (see
-    /// [`Store::forget_pending_roots`]).
-    pub fn put_state_root_of(&self, event_id: &str, root: u64) -> Result<(), StoreError> {
-        // Both under the lock: a write of the event between the check and the insert
-        // would otherwise miss the root.
-        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
-        match self.event_index.get(event_id.as_bytes())? {
-            Some(v) => {
-                let mut v = v.get(..8).ok_or_else(|| corrupt("event_index", "bad seq"))?.to_vec();
-                v.extend_from_slice(&root.to_be_bytes());
-                self.event_index.insert(event_id.as_bytes(), v)?;
-                // Written again later in this hold (an outlier admitted to the timeline):
-                // that write takes it from here.
-                pending.insert(event_id.to_owned(), root);
-            }
-            None => {
-                pending.insert(event_id.to_owned(), root);
-            }
-        }
-        Ok(())
+    /// Record the trie root of the state after `event_id`, an event being admitted: it is
+    /// held in memory and written with the event's index entry when the event is written
+    /// (again, for an outlier admitted to the timeline; a written event keeps the root it
+    /// has until then). Call this under the ingest lock, which forgets on release the
+    /// roots of events it did not write (see [`Store::forget_pending_roots`]).
+    pub fn put_state_root_of(&self, event_id: &str, root: u64) {
+        self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(event_id.to_owned(), root);
+    }
+
+    /// Record the trie root of the state after `event_id`, an event the log holds and that
+    /// is not written again (a root converted from an earlier version's format). Returns
+    /// false, recording nothing, when the log does not hold it.
+    pub fn put_written_state_root(&self, event_id: &str, root: u64) -> Result<bool, StoreError> {
+        let _pending = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(false) };
+        let mut v = v.get(..8).ok_or_else(|| corrupt("event_index", "bad seq"))?.to_vec();
+        v.extend_from_slice(&root.to_be_bytes());
+        self.event_index.insert(event_id.as_bytes(), v)?;
+        Ok(true)
     }
 
     /// Forget the state roots recorded for events that were not written (rejected after
     /// admission); returns how many. Called when the ingest lock is released: every event
     /// admitted under it has been written or dropped by then.
     pub fn forget_pending_roots(&self) -> usize {
-        let mut pending = self.pending_roots.lock().expect("pending roots lock poisoned");
+        let mut pending = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = pending.len();
         pending.clear();
         n
@@ -948,16 +945,17 @@ mod tests {
         let msg = |id: &str| Entry::Pdu(PduEntry::test_message(id));
         {
             let store = Store::open(dir.path()).unwrap();
-            store.put_state_root_of("$a", 11).unwrap();
-            store.put_state_root_of("$rejected", 12).unwrap();
+            store.put_state_root_of("$a", 11);
+            store.put_state_root_of("$rejected", 12);
             assert_eq!(store.state_root_of("$a").unwrap(), Some(11), "seen before the write");
             store.append(vec![msg("$a"), msg("$b")], None, &[], 1).unwrap();
             assert_eq!(store.forget_pending_roots(), 1, "only the unwritten event's root was left");
             assert_eq!(store.state_root_of("$rejected").unwrap(), None);
             assert_eq!(store.state_root_of("$b").unwrap(), None, "no root was recorded for it");
-            store.put_state_root_of("$b", 13).unwrap();
-            store.forget_pending_roots();
-            assert_eq!(store.state_root_of("$b").unwrap(), Some(13), "a written event's root goes to its entry");
+            assert!(store.put_written_state_root("$b", 13).unwrap(), "a written event's root goes to its entry");
+            assert_eq!(store.state_root_of("$b").unwrap(), Some(13));
+            assert!(!store.put_written_state_root("$unknown", 13).unwrap(), "not for an event the log lacks");
+            assert_eq!(store.state_root_of("$unknown").unwrap(), None);
             // As an earlier version wrote it.
             store.state_root_of.insert("$old", &14u64.to_be_bytes()).unwrap();
             store.state_root_of.insert("$never-written", &15u64.to_be_bytes()).unwrap();
@@ -969,11 +967,17 @@ mod tests {
                 e.status = crate::core::log_entry::PduStatus::Outlier;
                 Entry::Pdu(e)
             };
-            store.put_state_root_of("$gap", 16).unwrap();
-            store.put_state_root_of("$auth", 17).unwrap();
+            store.put_state_root_of("$gap", 16);
+            store.put_state_root_of("$auth", 17);
             store.append(vec![outlier("$gap"), outlier("$auth")], None, &[], 1).unwrap();
             store.forget_pending_roots();
-            store.put_state_root_of("$gap", 18).unwrap();
+            // Admitted again but not written (rejected, or the batch dropped): the written
+            // root stands.
+            store.put_state_root_of("$gap", 19);
+            assert_eq!(store.state_root_of("$gap").unwrap(), Some(19), "seen while admitting");
+            store.forget_unwritten("$gap");
+            assert_eq!(store.state_root_of("$gap").unwrap(), Some(16));
+            store.put_state_root_of("$gap", 18);
             store.append(vec![msg("$gap"), msg("$auth")], None, &[], 1).unwrap();
             assert_eq!(store.state_root_of("$gap").unwrap(), Some(18));
             assert_eq!(store.state_root_of("$auth").unwrap(), Some(17));

@@ -119,8 +119,8 @@ async fn schemathesis_finds_no_server_error_or_schema_violation_in_the_admin_api
     }
 }
 
-/// `memory.trim_secs`: fedlink gives freed heap pages back on its own interval, and the
-/// dashboard's memory panel has the figures to show it.
+/// `memory.trim_secs`: fedlink gives freed heap pages back on that interval (three trims
+/// at 1 s take about 3 s; well under 8 s, which a fixed 5 s tick would not make).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freed_memory_is_given_back_every_trim_interval() {
     if !fedlink::memory::SUPPORTED {
@@ -128,12 +128,11 @@ async fn freed_memory_is_given_back_every_trim_interval() {
     }
     let dir = tempfile::tempdir().unwrap();
     let f = support::fedlink_proc::Fedlink::start(dir.path(), 0, "[memory]\ntrim_secs = 1\n").await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
     while f.metric("fedlink_memory_trims_total").await < 3.0 {
-        assert!(std::time::Instant::now() < deadline, "fewer than 3 trims in 20 s at trim_secs = 1:\n{}", f.metrics().await);
+        assert!(std::time::Instant::now() < deadline, "fewer than 3 trims in 8 s at trim_secs = 1:\n{}", f.metrics().await);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(f.metric("fedlink_memory_trim_duration_seconds_count").await >= 3.0);
-    let text = f.metrics().await;
-    assert!(text.lines().any(|l| l.starts_with("fedlink_memory_trimmed_bytes_total ")), "{text}");
+    assert!(f.metric("fedlink_memory_trim_duration_seconds_count").await >= 3.0, "each trim is timed");
+    f.stop().await;
 }

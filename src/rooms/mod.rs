@@ -304,7 +304,7 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
             });
         }
         let resolved = state::resolve_distinct(store, rules, maps, Some(pdu)).map_err(resolution)?;
-        store.put_state_root_of(pdu.event_id.as_str(), state::from_map(store, &resolved).map_err(storage)?).map_err(storage)?;
+        store.put_state_root_of(pdu.event_id.as_str(), state::from_map(store, &resolved).map_err(storage)?);
         // Only extremities from before the gap are superseded (older than the parents the
         // origin claimed); other servers' newer forks stay extremities.
         let gap_depth = pdu.prev_events.iter().filter_map(|p| store.get_event(p.as_str()).ok().flatten()).map(|e| e.depth).min().unwrap_or(0);

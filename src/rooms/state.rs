@@ -211,8 +211,8 @@ pub fn root_of(store: &Store, event_id: &str) -> Result<Option<Root>, StoreError
     let Some(raw) = store.legacy_state_group(&group)? else { return Ok(None) };
     let map: StateMap = raw.into_iter().filter_map(|(t, k, e)| Some(((t, k), EventId::parse(e).ok()?))).collect();
     let root = from_map(store, &map)?;
-    store.put_state_root_of(event_id, root)?;
-    Ok(Some(root))
+    // Only for an event the log holds (earlier versions recorded state before the write).
+    Ok(store.put_written_state_root(event_id, root)?.then_some(root))
 }
 
 /// The state after `event_id`, if fedlink recorded it.
@@ -236,7 +236,7 @@ pub fn record_after(store: &Store, pdu: &Pdu, before: Root) -> Result<Root, Stor
         Some(k) => set(store, before, &pdu.kind.to_string(), k, Some(pdu.event_id.as_str()))?,
         None => before,
     };
-    store.put_state_root_of(pdu.event_id.as_str(), after)?;
+    store.put_state_root_of(pdu.event_id.as_str(), after);
     Ok(after)
 }
 
@@ -444,6 +444,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let entries = vec![("m.room.create".to_owned(), String::new(), "$c".to_owned()), ("m.room.member".to_owned(), "@a:kiwi".to_owned(), "$m".to_owned())];
         store.put_legacy_state_group("$m", "$m", &entries).unwrap();
+        assert_eq!(root_of(&store, "$m").unwrap(), None, "not for an event the log lacks");
+        let msg = crate::core::log_entry::PduEntry::test_message("$m");
+        store.append(vec![crate::core::log_entry::Entry::Pdu(msg)], None, &[], 1).unwrap();
         let root = root_of(&store, "$m").unwrap().expect("converted");
         assert_eq!(store.state_root_of("$m").unwrap(), Some(root));
         let m = load(&store, root).unwrap();
