@@ -11,9 +11,18 @@
 
 /// Resident set size of this process in bytes, if the platform tells.
 pub fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
+    rss_of("self").map(|(rss, _)| rss)
+}
+
+/// Resident set size and its peak, in bytes, of the process `pid` (`"self"` for this
+/// one), from `/proc/{pid}/status` (Linux).
+pub fn rss_of(pid: &str) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let kib: u64 = status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// The system's memory page size in bytes.

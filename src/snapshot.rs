@@ -35,4 +35,3 @@ pub async fn worker(app: Arc<Fedlink>, mut stop: tokio::sync::watch::Receiver<bo
         }
     }
 }
-

@@ -211,6 +211,18 @@ fn view_room_key(room_id: &str) -> Vec<u8> {
     [VIEW_ROOM_PREFIX, room_id.as_bytes()].concat()
 }
 
+/// An `event_index` value: the record's seq, and the state root after the event if one was
+/// recorded.
+fn index_entry(event_id: &str, v: &[u8]) -> Result<(u64, Option<u64>), StoreError> {
+    let bad = || corrupt("event_index", format!("{event_id}: an entry of {} bytes", v.len()));
+    let seq = u64::from_be_bytes(v.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(bad)?);
+    match v.len() {
+        8 => Ok((seq, None)),
+        16 => Ok((seq, Some(root_from(&v[8..], "event_index")?))),
+        _ => Err(bad()),
+    }
+}
+
 fn root_from(v: &[u8], tree: &'static str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt(tree, "a state root is not 8 bytes"))?))
 }
@@ -246,6 +258,7 @@ impl Store {
             e => StoreError::Sled(e),
         })?;
         let log = db.open_tree("log")?;
+        let state_root_of = db.open_tree("state_root_of")?;
         let parked = db.open_tree("parked")?;
         let last = match log.last()? {
             Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("log", "key is not 8 bytes"))?),
@@ -263,8 +276,8 @@ impl Store {
             state_groups: db.open_tree("state_groups")?,
             state_nodes: db.open_tree("state_nodes")?,
             latest_ephemeral: db.open_tree("latest_ephemeral")?,
-            legacy_roots: !db.open_tree("state_root_of")?.is_empty(),
-            state_root_of: db.open_tree("state_root_of")?,
+            legacy_roots: !state_root_of.is_empty(),
+            state_root_of,
             pending_roots: Mutex::new(Default::default()),
             state_before_root: db.open_tree("state_before_root")?,
             node_cache: crate::cache::Cache::new(NODE_CACHE),
@@ -339,21 +352,19 @@ impl Store {
         // Held until the write is done, so a root recorded meanwhile cannot be missed.
         let mut pending = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Index entries: the record's seq, then the state root admission recorded, if any.
-        let index_vals: Vec<Option<(&str, Vec<u8>)>> = {
-            records
-                .iter()
-                .map(|r| match &r.entry {
-                    Entry::Pdu(p) => {
-                        let mut v = r.seq.to_be_bytes().to_vec();
-                        if let Some(root) = pending.get(p.event_id.as_str()) {
-                            v.extend_from_slice(&root.to_be_bytes());
-                        }
-                        Some((p.event_id.as_str(), v))
+        let index_vals: Vec<Option<(&str, Vec<u8>)>> = records
+            .iter()
+            .map(|r| match &r.entry {
+                Entry::Pdu(p) => {
+                    let mut v = r.seq.to_be_bytes().to_vec();
+                    if let Some(root) = pending.get(p.event_id.as_str()) {
+                        v.extend_from_slice(&root.to_be_bytes());
                     }
-                    _ => None,
-                })
-                .collect()
-        };
+                    Some((p.event_id.as_str(), v))
+                }
+                _ => None,
+            })
+            .collect();
         (&self.log, &self.event_index, &self.txns, &self.outbox, &self.latest_ephemeral)
             .transaction(|(log, index, txns, out, latest)| {
                 for (k, e) in &outbox_keys {
@@ -497,7 +508,7 @@ impl Store {
     /// The log entry of a written event.
     fn written_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
         let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
-        let seq = u64::from_be_bytes(v.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("event_index", "bad seq"))?);
+        let (seq, _) = index_entry(event_id, &v)?;
         match self.record(seq)? {
             Some(LogRecord { entry: Entry::Pdu(p), .. }) => Ok(Some(p)),
             _ => Err(corrupt("event_index", format!("{event_id} does not point at a PDU"))),
@@ -781,13 +792,13 @@ impl Store {
         if let Some(root) = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(event_id) {
             return Ok(Some(*root));
         }
-        match self.event_index.get(event_id.as_bytes())? {
-            Some(v) if v.len() == 16 => Ok(Some(root_from(&v[8..], "event_index")?)),
-            Some(v) if v.len() != 8 => Err(corrupt("event_index", format!("{event_id}: an entry of {} bytes", v.len()))),
+        let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
+        match index_entry(event_id, &v)? {
+            (_, Some(root)) => Ok(Some(root)),
             // Earlier versions recorded roots apart, before the write: only those of events
             // the log holds count.
-            Some(_) if self.legacy_roots => self.state_root_of.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_root_of")).transpose(),
-            _ => Ok(None),
+            (_, None) if self.legacy_roots => self.state_root_of.get(event_id.as_bytes())?.map(|v| root_from(&v, "state_root_of")).transpose(),
+            (_, None) => Ok(None),
         }
     }
 
@@ -806,9 +817,8 @@ impl Store {
     pub fn put_written_state_root(&self, event_id: &str, root: u64) -> Result<bool, StoreError> {
         let _pending = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(false) };
-        let mut v = v.get(..8).ok_or_else(|| corrupt("event_index", "bad seq"))?.to_vec();
-        v.extend_from_slice(&root.to_be_bytes());
-        self.event_index.insert(event_id.as_bytes(), v)?;
+        let (seq, _) = index_entry(event_id, &v)?;
+        self.event_index.insert(event_id.as_bytes(), [seq.to_be_bytes(), root.to_be_bytes()].concat())?;
         Ok(true)
     }
 
@@ -937,8 +947,9 @@ mod tests {
 
     /// The state root admission records before an event is written is stored with the
     /// event's index entry, in the write's transaction; a root recorded for an event never
-    /// written is forgotten; a root recorded for a written event updates its entry; roots
-    /// earlier versions kept in `state_root_of` are still read.
+    /// written is forgotten; a written event's root changes when it is written again (or
+    /// through `put_written_state_root`); roots earlier versions kept in `state_root_of`
+    /// are still read, for events the log holds.
     #[tokio::test]
     async fn state_roots_live_in_the_event_index() {
         let dir = tempfile::tempdir().unwrap();

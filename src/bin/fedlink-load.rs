@@ -480,16 +480,7 @@ fn messages(peer: &FakePeer, room: &str, n: usize) -> Vec<(String, Value)> {
 
 /// (RSS, peak RSS) of process `pid` in bytes, from /proc.
 fn proc_rss(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    fedlink::memory::rss_of(&pid.to_string()).unwrap_or((0, 0))
 }
 
 /// Bytes of the files under `dir` (recursively) whose names pass `keep`.
