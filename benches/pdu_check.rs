@@ -15,7 +15,7 @@ use fedlink::{
         views::Views,
     },
     keys::SigningKey,
-    rooms::verify_with_keys,
+    rooms::verify_signed,
 };
 use ruma::{canonical_json::RedactingSerializer, serde::Base64, RoomVersionId};
 use serde_json::json;
@@ -68,8 +68,8 @@ fn bench_pdu_check(c: &mut Criterion) {
         b.iter(|| {
             let v: serde_json::Value = serde_json::from_str(black_box(&text)).unwrap();
             let obj = canonical_object(v).unwrap();
-            let pdu = Pdu::parse(obj, &rules).unwrap();
-            let obj = verify_with_keys(&map, pdu.json, &rules).unwrap();
+            let (pdu, signed) = Pdu::parse_signed(obj, &rules).unwrap();
+            let obj = verify_signed(&map, pdu.json, signed.as_bytes(), &rules).unwrap();
             black_box(obj);
         })
     });

@@ -15,10 +15,11 @@ use fedlink::{
         send::{parse_transaction, MAX_EDUS, MAX_PDUS},
     },
     keys::{remote::parse_key_response, SigningKey},
-    rooms::verify_with_keys,
+    rooms::{verify_keeping, verify_with_keys},
 };
 use proptest::prelude::*;
 use ruma::{
+    canonical_json::CanonicalJsonObject,
     room_version_rules::RoomVersionRules,
     serde::Base64,
     signatures::{PublicKeyMap, Verified},
@@ -196,10 +197,22 @@ fn pdu_like() -> impl Strategy<Value = Value> {
 fn pdu_path(value: Value, map: &PublicKeyMap) {
     let Ok(obj) = canonical_object(value) else { return };
     for (_, rules) in versions() {
-        let _ = ruma::signatures::reference_hash(&obj, &rules);
-        // Verification also runs on what parse refuses: neither may panic.
-        let _ = verify_with_keys(map, obj.clone(), &rules);
+        let reference = ruma::signatures::reference_hash(&obj, &rules);
+        // Verification also runs on what parse refuses: neither may panic, and fedlink's own
+        // check (one serialization for hash and signatures, keys decompressed once) decides
+        // as ruma's `verify_event` does.
+        let ours = verify_keeping(map, obj.clone(), &rules);
+        match (&ours, ruma::signatures::verify_event(map, &obj, &rules)) {
+            (Ok((_, kept)), Ok(theirs)) => assert_eq!(*kept, theirs == Verified::All, "content hash verdict"),
+            (Err(_), Err(_)) => {}
+            (Err(e), Ok(Verified::Signatures)) => assert!(
+                ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).is_err(),
+                "fedlink refused what ruma accepts (redacted): {e}"
+            ),
+            (ours, theirs) => panic!("fedlink: {ours:?}, ruma: {theirs:?}"),
+        }
         if let Ok(pdu) = Pdu::parse(obj.clone(), &rules) {
+            assert_eq!(pdu.event_id.as_str().strip_prefix('$'), reference.as_deref().ok(), "event id is the reference hash");
             let _ = (pdu.membership(), pdu.references(), pdu.to_value());
             if let Ok(kept) = verify_with_keys(map, pdu.json.clone(), &rules) {
                 let again = Pdu::parse(kept, &rules).expect("a verified PDU parses again");
@@ -366,6 +379,51 @@ proptest! {
             let mut tampered = serde_json::to_value(&obj).unwrap();
             tampered[tamper_key] = tamper_value.clone();
             pdu_path(tampered, &map);
+        }
+    }
+}
+
+/// Which signatures count: fedlink's check must pick them as ruma's `verify_event` does
+/// (a signature by a key not given, or of another algorithm, is ignored; every given key's
+/// signature must verify; at least one must), since it replaced that call on the hot path.
+#[test]
+fn signature_selection_matches_ruma() {
+    let key = origin_key();
+    let other = key_from([9; 32], "b_other");
+    for (version, rules) in versions() {
+        let mut ev = canonical_object(json!({
+            "type": "m.room.message", "room_id": "!AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "sender": "@alice:origin.example",
+            "content": { "body": "hi" }, "depth": 3, "origin_server_ts": 5,
+            "prev_events": ["$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"], "auth_events": [],
+        }))
+        .unwrap();
+        ruma::signatures::hash_and_sign_event(ORIGIN, &key, &mut ev, &rules.redaction).unwrap();
+        let good_sig = serde_json::to_value(&ev).unwrap()["signatures"][ORIGIN][key.key_id()].clone();
+        let with_sigs = |sigs: Value| {
+            let mut v = serde_json::to_value(&ev).unwrap();
+            v["signatures"] = sigs;
+            canonical_object(v).unwrap()
+        };
+        let both = PublicKeyMap::from([(
+            ORIGIN.to_owned(),
+            [(key.key_id(), Base64::parse(key.public_key_base64()).unwrap()), (other.key_id(), Base64::parse(other.public_key_base64()).unwrap())].into(),
+        )]);
+        let cases: Vec<(&str, CanonicalJsonObject, PublicKeyMap, bool)> = vec![
+            ("the signature alone", ev.clone(), key_map(&key), true),
+            ("plus one by a key not given", with_sigs(json!({ ORIGIN: { key.key_id(): good_sig, "ed25519:zzz": "AAAA" } })), key_map(&key), true),
+            ("plus one of another algorithm", with_sigs(json!({ ORIGIN: { key.key_id(): good_sig, "curve9:x": "AAAA" } })), both.clone(), true),
+            ("plus a bad one by a given key", with_sigs(json!({ ORIGIN: { key.key_id(): good_sig, other.key_id(): good_sig } })), both.clone(), false),
+            ("only by a key not given", ev.clone(), key_map(&other), false),
+            ("by another server only", with_sigs(json!({ "evil.example": { key.key_id(): good_sig } })), key_map(&key), false),
+            ("a signature that is not a string", with_sigs(json!({ ORIGIN: { key.key_id(): 5 } })), key_map(&key), false),
+            ("a short signature", with_sigs(json!({ ORIGIN: { key.key_id(): "AAAA" } })), key_map(&key), false),
+            ("no keys for the sender's server", ev.clone(), PublicKeyMap::new(), false),
+        ];
+        for (what, obj, map, ok) in cases {
+            let ours = verify_keeping(&map, obj.clone(), &rules);
+            let theirs = ruma::signatures::verify_event(&map, &obj, &rules);
+            assert_eq!(ours.is_ok(), ok, "{version}, {what}: fedlink {ours:?}");
+            assert_eq!(theirs.is_ok(), ok, "{version}, {what}: ruma {theirs:?}");
         }
     }
 }

@@ -83,12 +83,22 @@ pub struct Pdu {
 impl Pdu {
     /// Parse `json` as a PDU of a room with `rules`.
     pub fn parse(json: CanonicalJsonObject, rules: &RoomVersionRules) -> Result<Self, PduError> {
-        let size = serde_json::to_vec(&json).map_err(|e| fmt_err(e.to_string()))?.len();
-        if size > MAX_PDU_BYTES {
+        Self::parse_signed(json, rules).map(|(pdu, _)| pdu)
+    }
+
+    /// [`Pdu::parse`], also returning the bytes the event's signatures cover (its redacted
+    /// canonical JSON without `signatures` and `unsigned`). The event id is the hash of the
+    /// same bytes, so checking the signatures afterwards ([`crate::rooms::verify_signed`])
+    /// needs no second redaction and serialization.
+    pub fn parse_signed(json: CanonicalJsonObject, rules: &RoomVersionRules) -> Result<(Self, String), PduError> {
+        let mut size = ByteCount(0);
+        serde_json::to_writer(&mut size, &json).map_err(|e| fmt_err(e.to_string()))?;
+        if size.0 > MAX_PDU_BYTES {
             return Err(PduError::TooLarge);
         }
         ruma::state_res::check_pdu_format(&json, &rules.event_format).map_err(fmt_err)?;
-        let reference = ruma::signatures::reference_hash(&json, rules).map_err(|e| fmt_err(e.to_string()))?;
+        let signed = signed_bytes(&json, rules)?;
+        let reference = reference_hash(signed.as_bytes(), rules);
         let event_id = EventId::parse(format!("${reference}")).map_err(|e| fmt_err(e.to_string()))?;
         let s = |k: &str| -> Result<&str, PduError> {
             match json.get(k) {
@@ -165,7 +175,7 @@ impl Pdu {
         } else {
             None
         };
-        Ok(Self {
+        let pdu = Self {
             event_id,
             room_id,
             room_id_in_json,
@@ -179,7 +189,8 @@ impl Pdu {
             redacts,
             depth,
             json,
-        })
+        };
+        Ok((pdu, signed))
     }
 
     /// `content.membership` of a member event.
@@ -245,6 +256,48 @@ impl ruma::state_res::Event for Pdu {
     }
     fn rejected(&self) -> bool {
         false
+    }
+}
+
+/// Counts the bytes serialized into it: a size without a buffer.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The bytes an event's signatures cover: its canonical JSON, redacted by the room
+/// version's rules, without `signatures` and `unsigned`. Its reference hash covers the same
+/// bytes (the spec removes the same two fields for both).
+pub fn signed_bytes(json: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<String, PduError> {
+    let signed = ruma::canonical_json::RedactingSerializer::new()
+        .rules(&rules.redaction)
+        .custom_redacted_root_fields(&["signatures", "unsigned"])
+        .serialize(json)
+        .map_err(|e| fmt_err(e.to_string()))?;
+    // The limit ruma's reference hash applies to the redacted form.
+    if signed.len() > MAX_PDU_BYTES - 1 {
+        return Err(PduError::TooLarge);
+    }
+    Ok(signed)
+}
+
+/// The reference hash of an event whose [`signed_bytes`] are `signed`: unpadded base64 of
+/// their SHA-256, URL-safe from event id format v3 on.
+fn reference_hash(signed: &[u8], rules: &RoomVersionRules) -> String {
+    use base64::Engine;
+    use ruma::room_version_rules::EventIdFormatVersion;
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(signed);
+    match rules.event_id_format {
+        EventIdFormatVersion::V1 | EventIdFormatVersion::V2 => base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash),
+        _ => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hash),
     }
 }
 

@@ -740,7 +740,7 @@ async fn precheck_keys_in(app: &Fedlink, origin: &str, raw: Value, rooms: &Rooms
         return Err((id, Rejection::Room("fedlink is not in this room".into())));
     }
     let obj = canonical_object(raw).map_err(|e| (None, Rejection::Format(e.to_string())))?;
-    let pdu = Pdu::parse(obj, &rules).map_err(|e| (None, Rejection::Format(e.to_string())))?;
+    let (pdu, signed) = Pdu::parse_signed(obj, &rules).map_err(|e| (None, Rejection::Format(e.to_string())))?;
     let id = pdu.event_id.to_string();
     if pdu.room_id != room_id {
         return Err((Some(id), Rejection::Format("room_id mismatch".into())));
@@ -752,12 +752,14 @@ async fn precheck_keys_in(app: &Fedlink, origin: &str, raw: Value, rooms: &Rooms
         return Ok(Pre::Known(id));
     }
     let keys = crate::rooms::keys_to_verify(&app.keys, &pdu.json, &rules, Some(origin)).await.map_err(|r| (Some(id.clone()), r))?;
-    Ok(Pre::Fresh(Box::new(Unverified { pdu, keys, rules }), room_id))
+    Ok(Pre::Fresh(Box::new(Unverified { pdu, signed, keys, rules }), room_id))
 }
 
 /// A parsed PDU with the keys its signatures are checked against.
 struct Unverified {
     pdu: Pdu,
+    /// The bytes its signatures cover, kept from parsing (they gave its event id).
+    signed: String,
     keys: ruma::signatures::PublicKeyMap,
     rules: ruma::room_version_rules::RoomVersionRules,
 }
@@ -765,9 +767,9 @@ struct Unverified {
 impl Unverified {
     /// Check signatures and content hash (pure CPU work).
     fn verify(self) -> Result<Pdu, Rejection> {
-        let Unverified { mut pdu, keys, rules } = self;
+        let Unverified { mut pdu, signed, keys, rules } = self;
         let json = std::mem::take(&mut pdu.json);
-        let (checked, content_kept) = crate::rooms::verify_keeping(&keys, json, &rules)?;
+        let (checked, content_kept) = crate::rooms::verify_signed(&keys, json, signed.as_bytes(), &rules)?;
         if content_kept {
             // Only `unsigned` was dropped: nothing parsed from the event changed.
             pdu.json = checked;

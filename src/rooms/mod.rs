@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use ruma::{
     canonical_json::{CanonicalJsonObject, CanonicalJsonValue},
     room_version_rules::RoomVersionRules,
-    signatures::{PublicKeyMap, Verified},
+    signatures::PublicKeyMap,
     EventId, OwnedEventId,
 };
 
@@ -135,18 +135,86 @@ pub fn verify_keeping(
     object: CanonicalJsonObject,
     rules: &RoomVersionRules,
 ) -> Result<(CanonicalJsonObject, bool), Rejection> {
+    let signed = crate::core::pdu::signed_bytes(&object, rules).map_err(|e| Rejection::Format(e.to_string()))?;
+    verify_signed(map, object, signed.as_bytes(), rules)
+}
+
+/// [`verify_keeping`] given the bytes the signatures cover, as [`Pdu::parse_signed`]
+/// returned them with the event id.
+///
+/// The spec's check: at least one signature by a known ed25519 key of each server that
+/// must sign (the sender's; the authorising server of a restricted join), none of those
+/// present failing; signatures by keys not in `map` or of other algorithms are ignored.
+/// Then the content hash: a mismatch keeps the event redacted. The public keys are
+/// decompressed once per key ([`crate::keys::verifying_key`]), not per event.
+pub fn verify_signed(
+    map: &PublicKeyMap,
+    object: CanonicalJsonObject,
+    signed: &[u8],
+    rules: &RoomVersionRules,
+) -> Result<(CanonicalJsonObject, bool), Rejection> {
+    use ruma::{serde::base64::Standard, serde::Base64, AnyKeyName, SigningKeyAlgorithm, SigningKeyId};
+    let bad = |s: String| Rejection::Signature(s);
+    let hash = match object.get("hashes") {
+        Some(CanonicalJsonValue::Object(h)) => match h.get("sha256") {
+            Some(CanonicalJsonValue::String(s)) => s,
+            _ => return Err(bad("`hashes.sha256` must be a string".into())),
+        },
+        _ => return Err(bad("`hashes` must be an object".into())),
+    };
+    let Some(CanonicalJsonValue::Object(signatures)) = object.get("signatures") else {
+        return Err(bad("`signatures` must be an object".into()));
+    };
+    let servers = ruma::signatures::required_server_signatures_to_verify_event(&object, &rules.signatures)
+        .map_err(|e| bad(e.to_string()))?;
+    for server in &servers {
+        let keys = map.get(server.as_str()).ok_or_else(|| bad(format!("no public keys of {server}")))?;
+        let set = match signatures.get(server.as_str()) {
+            Some(CanonicalJsonValue::Object(set)) => set,
+            Some(_) => return Err(bad(format!("`signatures.{server}` must be an object"))),
+            None => return Err(bad(format!("no signatures by {server}"))),
+        };
+        let mut checked = false;
+        for (key_id, signature) in set {
+            let Some(public) = keys.get(key_id) else { continue };
+            let Ok(parsed) = <&SigningKeyId<AnyKeyName>>::try_from(key_id.as_str()) else { continue };
+            if parsed.algorithm() != SigningKeyAlgorithm::Ed25519 {
+                continue;
+            }
+            let CanonicalJsonValue::String(signature) = signature else {
+                return Err(bad(format!("`signatures.{server}.{key_id}` must be a string")));
+            };
+            let signature = Base64::<Standard>::parse(signature).map_err(|e| bad(format!("`signatures.{server}.{key_id}`: {e}")))?;
+            let signature: &[u8; 64] = signature
+                .as_bytes()
+                .try_into()
+                .map_err(|_| bad(format!("`signatures.{server}.{key_id}` is not 64 bytes")))?;
+            let key = crate::keys::verifying_key(public.as_bytes()).map_err(|e| bad(format!("key {key_id} of {server}: {e}")))?;
+            ed25519_dalek::Verifier::verify(&key, signed, &ed25519_dalek::Signature::from_bytes(signature))
+                .map_err(|e| bad(format!("signature {key_id} of {server}: {e}")))?;
+            checked = true;
+        }
+        if !checked {
+            return Err(bad(format!("no signature by a known ed25519 key of {server}")));
+        }
+    }
+    let content = ruma::canonical_json::RedactingSerializer::new()
+        .custom_redacted_root_fields(&["hashes", "signatures", "unsigned"])
+        .serialize(&object)
+        .map_err(|e| bad(e.to_string()))?;
+    if content.len() > crate::core::pdu::MAX_PDU_BYTES - 1 {
+        return Err(bad("the event is larger than a PDU may be".into()));
+    }
+    let computed: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()).into();
+    let kept = Base64::<Standard>::parse(hash).is_ok_and(|h| h.as_bytes() == computed);
     let mut object = object;
-    match ruma::signatures::verify_event(map, &object, rules) {
-        Ok(Verified::All) => {
-            // `unsigned` is not covered by signatures: never keep or relay what a peer put there.
-            object.remove("unsigned");
-            Ok((object, true))
-        }
-        Ok(Verified::Signatures) => {
-            tracing::info!("content hash mismatch; keeping the redacted event");
-            ruma::canonical_json::redact(object, &rules.redaction, None).map(|o| (o, false)).map_err(|e| Rejection::Format(e.to_string()))
-        }
-        Err(e) => Err(Rejection::Signature(e.to_string())),
+    if kept {
+        // `unsigned` is not covered by signatures: never keep or relay what a peer put there.
+        object.remove("unsigned");
+        Ok((object, true))
+    } else {
+        tracing::info!("content hash mismatch; keeping the redacted event");
+        ruma::canonical_json::redact(object, &rules.redaction, None).map(|o| (o, false)).map_err(|e| Rejection::Format(e.to_string()))
     }
 }
 
