@@ -48,6 +48,7 @@ pub mod core;
 pub mod directory;
 pub mod federation;
 pub mod keys;
+pub mod known_ids;
 pub mod lanes;
 pub mod memory;
 pub mod metrics;

@@ -126,6 +126,13 @@ pub struct Metrics {
     pub memory_trimmed_bytes: IntCounter,
     /// Time of one return of freed heap pages.
     pub memory_trim_seconds: Histogram,
+    /// Event id lookups by how the filter of known ids answered them (set at each scrape
+    /// from the store's counts: see [`Metrics::observe_known_ids`]).
+    pub event_filter_lookups: IntCounterVec,
+    /// Size of the filter of known event ids.
+    pub event_filter_bytes: IntGauge,
+    /// Ids the filter of known event ids holds.
+    pub event_filter_ids: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -259,6 +266,14 @@ impl Metrics {
             },
             catch_up: counter_vec(&r, "fedlink_catch_up_accounts_total", "Linked accounts caught up on their memberships (joined, invited, left) through a registration, by result", &["result"]),
             catch_up_memberships: counter_vec(&r, "fedlink_catch_up_memberships_total", "Memberships logged by catching linked accounts up, by membership (join, invite, leave, ban)", &["membership"]),
+            event_filter_lookups: counter_vec(
+                &r,
+                "fedlink_event_filter_lookups_total",
+                "Lookups of an event id in the event index, by the in-memory filter's answer: absent (no read), present and false_maybe (read: held, not held), unfiltered (read: no filter ready yet, at start)",
+                &["answer"],
+            ),
+            event_filter_bytes: gauge(&r, "fedlink_event_filter_bytes", "Size of the in-memory filter of the event ids the event index holds"),
+            event_filter_ids: gauge(&r, "fedlink_event_filter_ids", "Event ids the in-memory filter holds (it is rebuilt four times as large beyond a sixteenth of its bits)"),
             memory_trims: counter(&r, "fedlink_memory_trims_total", "Trims run: times fedlink asked the allocator to give its free pages back to the system (memory.trim_secs)"),
             memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes (approximate: the fall of RSS across each trim, which other threads move too)"),
             memory_trim_seconds: {
@@ -272,6 +287,16 @@ impl Metrics {
             },
             registry: r,
         }
+    }
+
+    /// Bring the event id filter's metrics up to the store's counts.
+    pub fn observe_known_ids(&self, c: crate::known_ids::Counts) {
+        for (answer, n) in [("absent", c.absent), ("present", c.present), ("false_maybe", c.false_maybe), ("unfiltered", c.unfiltered)] {
+            let m = self.event_filter_lookups.with_label_values(&[answer]);
+            m.inc_by(n.saturating_sub(m.get()));
+        }
+        self.event_filter_bytes.set(c.bytes as i64);
+        self.event_filter_ids.set(c.ids as i64);
     }
 
     /// The text exposition format.

@@ -172,6 +172,14 @@ pub struct Store {
     pending_roots: Mutex<std::collections::HashMap<String, u64>>,
     /// Whether `state_root_of` holds roots written by an earlier version.
     legacy_roots: bool,
+    /// The ids `event_index` holds, as a filter: a fresh event's lookup reads nothing.
+    known_ids: std::sync::Arc<crate::known_ids::KnownIds>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.known_ids.close();
+    }
 }
 
 fn txn_key(origin: &str, txn_id: &str) -> Vec<u8> {
@@ -264,8 +272,10 @@ impl Store {
             Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt("log", "key is not 8 bytes"))?),
             None => 0,
         };
+        let event_index = db.open_tree("event_index")?;
         Ok(Self {
-            event_index: db.open_tree("event_index")?,
+            known_ids: crate::known_ids::KnownIds::open(event_index.clone(), last),
+            event_index,
             txns: db.open_tree("txns")?,
             views: db.open_tree("views")?,
             server_keys: db.open_tree("server_keys")?,
@@ -365,6 +375,9 @@ impl Store {
                 _ => None,
             })
             .collect();
+        for (event_id, _) in index_vals.iter().flatten() {
+            self.known_ids.adding(event_id.as_bytes());
+        }
         (&self.log, &self.event_index, &self.txns, &self.outbox, &self.latest_ephemeral)
             .transaction(|(log, index, txns, out, latest)| {
                 for (k, e) in &outbox_keys {
@@ -398,6 +411,9 @@ impl Store {
                 TransactionError::Abort(()) => corrupt("log", "transaction aborted"),
             })?;
         *next += records.len() as u64;
+        for (event_id, _) in index_vals.iter().flatten() {
+            self.known_ids.added(event_id.as_bytes());
+        }
         if !pending.is_empty() {
             for (event_id, _) in index_vals.iter().flatten() {
                 pending.remove(*event_id);
@@ -433,7 +449,7 @@ impl Store {
     /// or staged by a dropped batch): forget that state and its parsed copy.
     pub fn forget_unwritten(&self, event_id: &str) {
         self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(event_id);
-        if !self.event_index.contains_key(event_id.as_bytes()).unwrap_or(true) {
+        if !self.index_holds(event_id).unwrap_or(true) {
             let _ = self.state_before_root.remove(event_id.as_bytes());
             self.pdu_cache.remove(event_id);
         }
@@ -478,15 +494,16 @@ impl Store {
         if self.staged.lock().expect("staged lock poisoned").contains_key(event_id) {
             return Ok(true);
         }
-        Ok(self.event_index.contains_key(event_id.as_bytes())?)
+        self.index_holds(event_id)
     }
 
     /// Whether the event is in the log as part of the timeline (accepted or soft-failed):
     /// an outlier (stored for an auth chain or a join's state) is not, and becomes a
     /// timeline event when it arrives as one.
     pub fn has_timeline_event(&self, event_id: &str) -> Result<bool, StoreError> {
-        if let Some(e) = self.staged(event_id) {
-            return Ok(e.status != crate::core::log_entry::PduStatus::Outlier);
+        let staged = self.staged.lock().expect("staged lock poisoned").get(event_id).map(|e| e.status);
+        if let Some(status) = staged {
+            return Ok(status != crate::core::log_entry::PduStatus::Outlier);
         }
         self.has_written_timeline_event(event_id)
     }
@@ -505,9 +522,35 @@ impl Store {
         }
     }
 
+    /// `event_id`'s `event_index` entry, through the filter of known ids: a fresh id (the
+    /// common case) is answered from memory.
+    fn index_get(&self, event_id: &str) -> Result<Option<sled::IVec>, StoreError> {
+        if !self.known_ids.may_hold(event_id.as_bytes()) {
+            return Ok(None);
+        }
+        let v = self.event_index.get(event_id.as_bytes())?;
+        self.known_ids.found(v.is_some());
+        Ok(v)
+    }
+
+    /// Whether `event_index` holds `event_id` (through the filter, as [`Store::index_get`]).
+    fn index_holds(&self, event_id: &str) -> Result<bool, StoreError> {
+        if !self.known_ids.may_hold(event_id.as_bytes()) {
+            return Ok(false);
+        }
+        let held = self.event_index.contains_key(event_id.as_bytes())?;
+        self.known_ids.found(held);
+        Ok(held)
+    }
+
+    /// Lookups the filter of known event ids answered, and its size.
+    pub fn known_ids(&self) -> crate::known_ids::Counts {
+        self.known_ids.counts()
+    }
+
     /// The log entry of a written event.
     fn written_event(&self, event_id: &str) -> Result<Option<PduEntry>, StoreError> {
-        let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
+        let Some(v) = self.index_get(event_id)? else { return Ok(None) };
         let (seq, _) = index_entry(event_id, &v)?;
         match self.record(seq)? {
             Some(LogRecord { entry: Entry::Pdu(p), .. }) => Ok(Some(p)),
@@ -792,7 +835,7 @@ impl Store {
         if let Some(root) = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(event_id) {
             return Ok(Some(*root));
         }
-        let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(None) };
+        let Some(v) = self.index_get(event_id)? else { return Ok(None) };
         match index_entry(event_id, &v)? {
             (_, Some(root)) => Ok(Some(root)),
             // Earlier versions recorded roots apart, before the write: only those of events
@@ -816,7 +859,7 @@ impl Store {
     /// false, recording nothing, when the log does not hold it.
     pub fn put_written_state_root(&self, event_id: &str, root: u64) -> Result<bool, StoreError> {
         let _pending = self.pending_roots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(v) = self.event_index.get(event_id.as_bytes())? else { return Ok(false) };
+        let Some(v) = self.index_get(event_id)? else { return Ok(false) };
         let (seq, _) = index_entry(event_id, &v)?;
         self.event_index.insert(event_id.as_bytes(), [seq.to_be_bytes(), root.to_be_bytes()].concat())?;
         Ok(true)

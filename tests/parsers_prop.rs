@@ -383,6 +383,26 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config())]
+
+    /// Parsing straight into canonical JSON decides as parsing a `Value` and converting it.
+    #[test]
+    fn canonical_parse_matches_value_conversion(v in json_value(), big in any::<u64>()) {
+        for v in [v, json!({ "n": big, "m": -(big as i128) as f64 })] {
+            let text = serde_json::to_vec(&v).unwrap();
+            let direct = fedlink::core::pdu::canonical_from_slice(&text);
+            let via = ruma::canonical_json::CanonicalJsonValue::try_from(v.clone());
+            match (direct, via) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "{v}: direct {a:?}, via Value {b:?}"),
+            }
+        }
+        prop_assert!(fedlink::core::pdu::canonical_from_slice(b"{\"a\":1} x").is_err(), "trailing text is refused");
+    }
+}
+
 /// Which signatures count: fedlink's check must pick them as ruma's `verify_event` does
 /// (a signature by a key not given, or of another algorithm, is ignored; every given key's
 /// signature must verify; at least one must), since it replaced that call on the hot path.

@@ -301,6 +301,75 @@ fn reference_hash(signed: &[u8], rules: &RoomVersionRules) -> String {
     }
 }
 
+/// Parse JSON text straight into canonical JSON (no `serde_json::Value` in between):
+/// floats and integers beyond +-(2^53 - 1) are refused, a repeated key keeps its last value,
+/// as converting a parsed `Value` does.
+pub fn canonical_from_slice(text: &[u8]) -> Result<CanonicalJsonValue, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = CanonicalSeed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+struct CanonicalSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for CanonicalSeed {
+    type Value = CanonicalJsonValue;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(CanonicalVisitor)
+    }
+}
+
+struct CanonicalVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CanonicalVisitor {
+    type Value = CanonicalJsonValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("canonical JSON")
+    }
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(CanonicalJsonValue::Bool(b))
+    }
+    fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<Self::Value, E> {
+        ruma::Int::try_from(i).map(CanonicalJsonValue::Integer).map_err(|_| E::custom("integer out of the canonical JSON range"))
+    }
+    fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Self::Value, E> {
+        i64::try_from(u).map_err(|_| E::custom("integer out of the canonical JSON range")).and_then(|i| self.visit_i64(i))
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom("a float is not canonical JSON"))
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(CanonicalJsonValue::String(s.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Self::Value, E> {
+        Ok(CanonicalJsonValue::String(s))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(CanonicalJsonValue::Null)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(CanonicalJsonValue::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(v) = seq.next_element_seed(CanonicalSeed)? {
+            out.push(v);
+        }
+        Ok(CanonicalJsonValue::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = CanonicalJsonObject::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let v = map.next_value_seed(CanonicalSeed)?;
+            out.insert(k, v);
+        }
+        Ok(CanonicalJsonValue::Object(out))
+    }
+}
+
 /// Parse JSON text into a canonical object, rejecting floats and out-of-range integers.
 pub fn canonical_object(value: serde_json::Value) -> Result<CanonicalJsonObject, PduError> {
     match CanonicalJsonValue::try_from(value) {

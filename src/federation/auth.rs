@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use base64::{engine::general_purpose::STANDARD_NO_PAD, Engine};
 use ruma::{
-    canonical_json::{CanonicalJsonObject, CanonicalJsonValue},
-    signatures::{KeyPair, SigningKeyAlgorithm},
+    canonical_json::CanonicalJsonValue,
+    signatures::KeyPair,
 };
 
 use crate::keys::SigningKey;
@@ -86,16 +86,28 @@ fn split_params(s: &str) -> Vec<&str> {
     out.into_iter().filter(|p| !p.is_empty()).collect()
 }
 
-fn request_object(method: &str, uri: &str, origin: &str, destination: &str, content: Option<&CanonicalJsonValue>) -> CanonicalJsonObject {
-    let mut o = CanonicalJsonObject::new();
-    o.insert("method".into(), CanonicalJsonValue::String(method.to_owned()));
-    o.insert("uri".into(), CanonicalJsonValue::String(uri.to_owned()));
-    o.insert("origin".into(), CanonicalJsonValue::String(origin.to_owned()));
-    o.insert("destination".into(), CanonicalJsonValue::String(destination.to_owned()));
+/// The bytes a request's signature covers: the canonical JSON of
+/// `{"content", "destination", "method", "origin", "uri"}` (keys in that, sorted, order;
+/// no `content` without a body), written around the content's canonical form instead of
+/// copying the body into an object first.
+fn request_bytes(method: &str, uri: &str, origin: &str, destination: &str, content: Option<&CanonicalJsonValue>) -> Result<Vec<u8>, serde_json::Error> {
+    let mut out = Vec::with_capacity(128);
+    out.push(b'{');
     if let Some(c) = content {
-        o.insert("content".into(), c.clone());
+        out.extend_from_slice(b"\"content\":");
+        serde_json::to_writer(&mut out, c)?;
+        out.push(b',');
     }
-    o
+    for (i, (k, v)) in [("destination", destination), ("method", method), ("origin", origin), ("uri", uri)].into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k)?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, v)?;
+    }
+    out.push(b'}');
+    Ok(out)
 }
 
 /// Parse a request body for signing or verification (`None` for an empty body).
@@ -103,8 +115,7 @@ pub fn body_value(body: &[u8]) -> Result<Option<CanonicalJsonValue>, AuthError> 
     if body.is_empty() {
         return Ok(None);
     }
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| AuthError::BadBody(e.to_string()))?;
-    CanonicalJsonValue::try_from(v).map(Some).map_err(|e| AuthError::BadBody(e.to_string()))
+    crate::core::pdu::canonical_from_slice(body).map(Some).map_err(|e| AuthError::BadBody(e.to_string()))
 }
 
 /// The `Authorization` header value for an outbound request.
@@ -116,9 +127,8 @@ pub fn sign_request(
     uri: &str,
     content: Option<&CanonicalJsonValue>,
 ) -> String {
-    let o = request_object(method, uri, origin, destination, content);
-    let bytes = ruma::signatures::to_canonical_json_string_for_signing(&o).expect("request object is canonical");
-    let sig = key.sign(bytes.as_bytes());
+    let bytes = request_bytes(method, uri, origin, destination, content).expect("canonical JSON serializes");
+    let sig = key.sign(&bytes);
     format!(
         "X-Matrix origin=\"{origin}\",destination=\"{destination}\",key=\"{}\",sig=\"{}\"",
         key.key_id(),
@@ -136,17 +146,18 @@ pub fn verify_request(
     uri: &str,
     content: Option<&CanonicalJsonValue>,
 ) -> Result<(), AuthError> {
-    let o = request_object(method, uri, &auth.origin, destination, content);
-    let bytes = ruma::signatures::to_canonical_json_string_for_signing(&o).map_err(|_| AuthError::BadSignature)?;
+    let bytes = request_bytes(method, uri, &auth.origin, destination, content).map_err(|_| AuthError::BadSignature)?;
     let key = STANDARD_NO_PAD.decode(public_key.trim_end_matches('=')).map_err(|_| AuthError::BadSignature)?;
     let sig = STANDARD_NO_PAD.decode(auth.sig.trim_end_matches('=')).map_err(|_| AuthError::BadSignature)?;
-    ruma::signatures::verify_canonical_json_bytes(&SigningKeyAlgorithm::Ed25519, &key, &sig, bytes.as_bytes())
-        .map_err(|_| AuthError::BadSignature)
+    let sig: &[u8; 64] = sig.as_slice().try_into().map_err(|_| AuthError::BadSignature)?;
+    let key = crate::keys::verifying_key(&key).map_err(|_| AuthError::BadSignature)?;
+    ed25519_dalek::Verifier::verify(&key, &bytes, &ed25519_dalek::Signature::from_bytes(sig)).map_err(|_| AuthError::BadSignature)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ruma::canonical_json::CanonicalJsonObject;
 
     #[test]
     fn sign_then_verify_round_trip_and_tamper() {
@@ -166,6 +177,29 @@ mod tests {
         let other = body_value(br#"{"pdus":[1],"edus":[]}"#).unwrap();
         assert!(verify_request(&auth, &pk, "fed.example", "PUT", uri, other.as_ref()).is_err());
         assert!(verify_request(&auth, &SigningKey::generate().public_key_base64(), "fed.example", "PUT", uri, body.as_ref()).is_err());
+    }
+
+    /// The streamed bytes are what ruma's canonical serialization of the request object
+    /// gives (what other servers sign and check).
+    #[test]
+    fn request_bytes_are_the_canonical_request_object() {
+        let bodies = [
+            None,
+            body_value(br#"{"pdus":[{"b":1,"a":"\u00e9\n\"x\"","c":[null,true,-5]}],"edus":[],"origin":"k\u2028"}"#).unwrap(),
+            body_value(b"[]").unwrap(),
+        ];
+        for body in bodies {
+            let mut o = CanonicalJsonObject::new();
+            for (k, v) in [("method", "PUT"), ("uri", "/_matrix/x?y=%20\u{e9}"), ("origin", "kiwi:8448"), ("destination", "fed.example")] {
+                o.insert(k.into(), CanonicalJsonValue::String(v.into()));
+            }
+            if let Some(c) = &body {
+                o.insert("content".into(), c.clone());
+            }
+            let expected = ruma::signatures::to_canonical_json_string_for_signing(&o).unwrap();
+            let ours = request_bytes("PUT", "/_matrix/x?y=%20\u{e9}", "kiwi:8448", "fed.example", body.as_ref()).unwrap();
+            assert_eq!(String::from_utf8(ours).unwrap(), expected);
+        }
     }
 
     #[test]

@@ -360,7 +360,7 @@ pub fn admit(store: &Store, room: &RoomView, pdu: &Pdu, rules: &RoomVersionRules
     // (Checked only off the linear path: a parent outside the timeline is never the room's
     // extremity, and this reads stored events.)
     let closes_gap = pdu.prev_events.iter().any(|p| {
-        !store.get_event(p.as_str()).ok().flatten().is_some_and(|e| e.status != PduStatus::Outlier)
+        !store.has_timeline_event(p.as_str()).unwrap_or(false)
             && state::root_of(store, p.as_str()).ok().flatten().is_some()
     });
     if closes_gap && !extremities.is_empty() {
