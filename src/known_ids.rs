@@ -7,11 +7,13 @@
 //! grew with the log. The filter answers "certainly not there" from memory; only a "maybe"
 //! (an id that is there, or about one in a thousand that is not) reads the index.
 //!
-//! The filter never forgets an id (`event_index` never removes one), and an id is added
-//! before the write that puts it in the index, so "not there" is always true of the index.
-//! It is built by scanning the index: at open (in the background for a big log; until then
-//! every lookup reads the index), and again, four times as large, when more ids than it was
-//! sized for have been added (the old one answers meanwhile, writes go to both).
+//! The filter never forgets an id (`event_index` never removes one), and an id is added to
+//! every filter (the one in use and one being built) before the write that puts it in the
+//! index, and again after it, so "not there" is always true of the index. It is built by
+//! scanning the index: at open (in the background for a big log; until then every lookup
+//! reads the index), and again, four times as large, when more ids than it was sized for
+//! have been added (the old one answers meanwhile). A build that fails is not tried again
+//! for a minute.
 
 use std::{
     hash::BuildHasher,
@@ -28,11 +30,15 @@ const BITS_PER_ID: u64 = 16;
 const HASHES: u64 = 6;
 /// The smallest filter, in ids (256 KiB).
 const MIN_CAPACITY: u64 = 1 << 17;
+/// The largest filter built at open, in ids (8 MiB): it is sized from the log's length,
+/// which counts every record ever written (EDUs, superseded typing and presence), not only
+/// PDUs; past this it grows as ids are added.
+const MAX_OPEN_CAPACITY: u64 = 1 << 22;
+/// After a failed build, how long before a larger filter is tried again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 /// Up to this many records in the log, the filter is built before the store is opened
 /// (a few milliseconds); above, in the background.
 const BUILD_INLINE_UP_TO: u64 = 50_000;
-/// Keys scanned between checks whether the store was closed.
-const SCAN_STEP: u64 = 4_096;
 
 struct Bloom {
     words: Box<[AtomicU64]>,
@@ -87,6 +93,17 @@ impl Bloom {
     }
 }
 
+/// The filter's answer to a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Certainly not in the index.
+    Absent,
+    /// Maybe in the index: read it (and count the result with [`KnownIds::found`]).
+    Maybe,
+    /// No filter ready yet: read the index.
+    Unfiltered,
+}
+
 /// Lookups the filter answered, for `fedlink_event_filter_lookups_total`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -115,6 +132,8 @@ pub struct KnownIds {
     next: Mutex<Option<Arc<Bloom>>>,
     /// Set when the store closes: a build under way stops.
     closed: Arc<AtomicBool>,
+    /// When a build last failed: growth waits [`RETRY_AFTER`] after it.
+    failed_at: Mutex<Option<std::time::Instant>>,
     absent: AtomicU64,
     present: AtomicU64,
     false_maybe: AtomicU64,
@@ -135,13 +154,14 @@ impl KnownIds {
             current: RwLock::new(None),
             next: Mutex::new(None),
             closed: Arc::new(AtomicBool::new(false)),
+            failed_at: Mutex::new(None),
             absent: AtomicU64::new(0),
             present: AtomicU64::new(0),
             false_maybe: AtomicU64::new(0),
             unfiltered: AtomicU64::new(0),
         });
         // Sized for twice the records: a PDU record holds one id, and the log grows.
-        *this.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(Bloom::with_capacity(records.saturating_mul(2), min_capacity)));
+        *this.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(Bloom::with_capacity(records.saturating_mul(2).min(MAX_OPEN_CAPACITY), min_capacity)));
         if records <= inline_up_to {
             this.build();
         } else {
@@ -167,8 +187,8 @@ impl KnownIds {
         });
         if let Err(e) = spawned {
             // Lookups keep using the filter they have, or read the index.
-            tracing::warn!(error = %e, "could not start the event id filter's build; lookups read the index");
-            self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            tracing::warn!(error = %e, "could not start the event id filter's build; lookups keep the filter they have or read the index");
+            self.failed();
         }
     }
 
@@ -180,31 +200,44 @@ impl KnownIds {
         let Some(bloom) = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else { return };
         let mut scanned = 0u64;
         for key in self.index.iter().keys() {
-            if scanned % SCAN_STEP == 0 && self.closed.load(Ordering::Relaxed) {
+            if self.closed.load(Ordering::Relaxed) {
                 return;
             }
             match key {
                 Ok(k) => bloom.insert(&k),
                 Err(e) => {
                     // Without every id, "absent" could be wrong: keep the old answers.
-                    tracing::warn!(error = %e, "reading event_index for the event id filter failed; lookups read the index");
-                    self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    tracing::warn!(error = %e, "reading event_index for the event id filter failed; lookups keep the filter they have or read the index");
+                    self.failed();
                     return;
                 }
             }
             scanned += 1;
         }
-        let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.take();
+        {
+            let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.take();
+        }
         tracing::info!(ids = scanned, capacity = bloom.capacity, bytes = bloom.bytes(), ms = started.elapsed().as_millis() as u64, "event id filter built");
     }
 
+    /// A build failed: drop the filter it was filling, and wait before growing again.
+    fn failed(&self) {
+        let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        next.take();
+        *self.failed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+    }
+
     /// Note that `id` is about to be written to the index: call before the write, so a
-    /// lookup never finds it absent once it is there.
+    /// lookup never finds it absent once it is there, in the filter in use or in one whose
+    /// build finishes before [`KnownIds::added`] runs.
     pub fn adding(&self, id: &[u8]) {
-        let _next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(b) = &*self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
             b.add(id);
+        }
+        if let Some(n) = &*next {
+            n.add(id);
         }
     }
 
@@ -220,9 +253,10 @@ impl KnownIds {
             }
             None => false,
         };
+        let retry = self.failed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none_or(|t| t.elapsed() >= RETRY_AFTER);
         if let Some(n) = &*next {
             n.insert(id);
-        } else if full && !self.closed.load(Ordering::Relaxed) {
+        } else if full && retry && !self.closed.load(Ordering::Relaxed) {
             // Claimed under this lock: one build at a time.
             let capacity = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map_or(0, |b| b.capacity * 4);
             *next = Some(Arc::new(Bloom::with_capacity(capacity, self.min_capacity)));
@@ -232,22 +266,22 @@ impl KnownIds {
         }
     }
 
-    /// Whether `id` may be in the index: `false` is certain.
-    pub fn may_hold(&self, id: &[u8]) -> bool {
+    /// What the filter says of `id`; [`Answer::Absent`] is certain.
+    pub fn lookup(&self, id: &[u8]) -> Answer {
         match &*self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
             Some(b) if !b.may_hold(id) => {
                 self.absent.fetch_add(1, Ordering::Relaxed);
-                false
+                Answer::Absent
             }
-            Some(_) => true,
+            Some(_) => Answer::Maybe,
             None => {
                 self.unfiltered.fetch_add(1, Ordering::Relaxed);
-                true
+                Answer::Unfiltered
             }
         }
     }
 
-    /// Count what a read the filter let through found.
+    /// Count what a read after [`Answer::Maybe`] found.
     pub fn found(&self, held: bool) {
         if held {
             self.present.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +334,10 @@ mod tests {
         ids.added(&id(i));
     }
 
+    fn holds(ids: &KnownIds, id: &[u8]) -> bool {
+        ids.lookup(id) != Answer::Absent
+    }
+
     fn wait_ready(ids: &KnownIds, building: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !ids.ready() || building() {
@@ -316,11 +354,12 @@ mod tests {
         }
         let ids = KnownIds::open(tree.clone(), 5_000);
         assert!(ids.ready(), "a small log's filter is built at open");
+        assert_eq!(ids.counts().unfiltered, 0);
         for i in 5_000..6_000 {
             write(&ids, &tree, i);
         }
-        assert!((0..6_000).all(|i| ids.may_hold(&id(i))), "an id the index holds is never answered absent");
-        let maybe = (10_000..110_000).filter(|i| ids.may_hold(&id(*i))).count();
+        assert!((0..6_000).all(|i| holds(&ids, &id(i))), "an id the index holds is never answered absent");
+        let maybe = (10_000..110_000).filter(|i| holds(&ids, &id(*i))).count();
         assert!(maybe < 200, "{maybe} of 100,000 fresh ids were answered maybe (expected about 0.1% or less)");
         assert_eq!(ids.counts().absent, 100_000 - maybe as u64);
     }
@@ -335,7 +374,6 @@ mod tests {
         let ids = KnownIds::open_with(tree.clone(), 20_000, 0, 1 << 10);
         let mut i = 20_000;
         while !ids.ready() {
-            assert!(ids.may_hold(&id(i + 1_000_000)), "no filter yet: every lookup reads the index");
             write(&ids, &tree, i);
             i += 1;
         }
@@ -343,9 +381,27 @@ mod tests {
             write(&ids, &tree, i);
             i += 1;
         }
-        let missed: Vec<u64> = (0..i).filter(|j| !ids.may_hold(&id(*j))).collect();
+        let missed: Vec<u64> = (0..i).filter(|j| !holds(&ids, &id(*j))).collect();
         assert!(missed.is_empty(), "ids written before or during the build answered absent: {missed:?}");
-        assert!(ids.counts().unfiltered > 0 || i == 20_000);
+    }
+
+    /// A write whose commit lands after a build's scan passed the id's place, and whose
+    /// [`KnownIds::added`] has not run when the build swaps its filter in: the id must be
+    /// there already (from [`KnownIds::adding`]).
+    #[test]
+    fn an_id_committed_behind_a_build_scan_is_held_after_the_swap() {
+        let (_dir, tree) = index();
+        let ids = KnownIds::open_with(tree.clone(), 0, u64::MAX, 1 << 10);
+        // A build under way whose scan has passed (it saw nothing).
+        *ids.next.lock().unwrap() = Some(Arc::new(Bloom::with_capacity(1 << 12, 1 << 10)));
+        ids.adding(&id(7));
+        tree.insert(id(7), &7u64.to_be_bytes()).unwrap();
+        // The build finishes before the write's `added`.
+        let built = ids.next.lock().unwrap().take();
+        *ids.current.write().unwrap() = built;
+        assert_eq!(ids.lookup(&id(7)), Answer::Maybe, "an id in the index answered absent");
+        ids.added(&id(7));
+        assert_eq!(ids.lookup(&id(7)), Answer::Maybe);
     }
 
     #[test]
@@ -361,8 +417,8 @@ mod tests {
         wait_ready(&ids, || ids.next.lock().unwrap().is_some());
         let grown = ids.counts().bytes;
         assert!(grown >= 4 * first, "the filter grew from {first} to {grown} bytes");
-        assert!((0..5_000).all(|i| ids.may_hold(&id(i))), "every written id is held after the rebuild");
-        let maybe = (10_000..20_000).filter(|i| ids.may_hold(&id(*i))).count();
+        assert!((0..5_000).all(|i| holds(&ids, &id(i))), "every written id is held after the rebuild");
+        let maybe = (10_000..20_000).filter(|i| holds(&ids, &id(*i))).count();
         assert!(maybe < 500, "{maybe} of 10,000 fresh ids answered maybe after growing");
     }
 }

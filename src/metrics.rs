@@ -133,6 +133,8 @@ pub struct Metrics {
     pub event_filter_bytes: IntGauge,
     /// Ids the filter of known event ids holds.
     pub event_filter_ids: IntGauge,
+    /// Serialises [`Metrics::observe_known_ids`] (concurrent scrapes).
+    known_ids_observed: std::sync::Mutex<()>,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -273,6 +275,7 @@ impl Metrics {
                 &["answer"],
             ),
             event_filter_bytes: gauge(&r, "fedlink_event_filter_bytes", "Size of the in-memory filter of the event ids the event index holds"),
+            known_ids_observed: std::sync::Mutex::new(()),
             event_filter_ids: gauge(&r, "fedlink_event_filter_ids", "Event ids the in-memory filter holds (it is rebuilt four times as large beyond a sixteenth of its bits)"),
             memory_trims: counter(&r, "fedlink_memory_trims_total", "Trims run: times fedlink asked the allocator to give its free pages back to the system (memory.trim_secs)"),
             memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes (approximate: the fall of RSS across each trim, which other threads move too)"),
@@ -291,6 +294,7 @@ impl Metrics {
 
     /// Bring the event id filter's metrics up to the store's counts.
     pub fn observe_known_ids(&self, c: crate::known_ids::Counts) {
+        let _one_at_a_time = self.known_ids_observed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for (answer, n) in [("absent", c.absent), ("present", c.present), ("false_maybe", c.false_maybe), ("unfiltered", c.unfiltered)] {
             let m = self.event_filter_lookups.with_label_values(&[answer]);
             m.inc_by(n.saturating_sub(m.get()));

@@ -1,4 +1,5 @@
-//! Durable storage in sled; the only module that imports sled.
+//! Durable storage in sled; the only module that imports sled, apart from
+//! [`crate::known_ids`] (the in-memory filter of `event_index`'s ids, which scans that tree).
 //!
 //! Trees:
 //! - `log`: big-endian `seq` -> [`LogRecord`] JSON. Append-only.
@@ -273,23 +274,36 @@ impl Store {
             None => 0,
         };
         let event_index = db.open_tree("event_index")?;
+        let (txns, views, server_keys, outbox, dead_letters) =
+            (db.open_tree("txns")?, db.open_tree("views")?, db.open_tree("server_keys")?, db.open_tree("outbox")?, db.open_tree("dead_letters")?);
+        let (state_at, state_group_of, state_groups, state_nodes, latest_ephemeral, state_before_root) = (
+            db.open_tree("state_at")?,
+            db.open_tree("state_group_of")?,
+            db.open_tree("state_groups")?,
+            db.open_tree("state_nodes")?,
+            db.open_tree("latest_ephemeral")?,
+            db.open_tree("state_before_root")?,
+        );
+        // Last: a background build started here stops when the store is dropped, and
+        // there is a store to drop only once nothing above can fail.
+        let known_ids = crate::known_ids::KnownIds::open(event_index.clone(), last);
         Ok(Self {
-            known_ids: crate::known_ids::KnownIds::open(event_index.clone(), last),
+            known_ids,
             event_index,
-            txns: db.open_tree("txns")?,
-            views: db.open_tree("views")?,
-            server_keys: db.open_tree("server_keys")?,
-            outbox: db.open_tree("outbox")?,
-            dead_letters: db.open_tree("dead_letters")?,
-            state_at: db.open_tree("state_at")?,
-            state_group_of: db.open_tree("state_group_of")?,
-            state_groups: db.open_tree("state_groups")?,
-            state_nodes: db.open_tree("state_nodes")?,
-            latest_ephemeral: db.open_tree("latest_ephemeral")?,
+            txns,
+            views,
+            server_keys,
+            outbox,
+            dead_letters,
+            state_at,
+            state_group_of,
+            state_groups,
+            state_nodes,
+            latest_ephemeral,
             legacy_roots: !state_root_of.is_empty(),
             state_root_of,
             pending_roots: Mutex::new(Default::default()),
-            state_before_root: db.open_tree("state_before_root")?,
+            state_before_root,
             node_cache: crate::cache::Cache::new(NODE_CACHE),
             pdu_cache: crate::cache::Cache::new(PDU_CACHE),
             parked_len: std::sync::atomic::AtomicUsize::new(parked.len()),
@@ -525,21 +539,27 @@ impl Store {
     /// `event_id`'s `event_index` entry, through the filter of known ids: a fresh id (the
     /// common case) is answered from memory.
     fn index_get(&self, event_id: &str) -> Result<Option<sled::IVec>, StoreError> {
-        if !self.known_ids.may_hold(event_id.as_bytes()) {
+        let answer = self.known_ids.lookup(event_id.as_bytes());
+        if answer == crate::known_ids::Answer::Absent {
             return Ok(None);
         }
         let v = self.event_index.get(event_id.as_bytes())?;
-        self.known_ids.found(v.is_some());
+        if answer == crate::known_ids::Answer::Maybe {
+            self.known_ids.found(v.is_some());
+        }
         Ok(v)
     }
 
     /// Whether `event_index` holds `event_id` (through the filter, as [`Store::index_get`]).
     fn index_holds(&self, event_id: &str) -> Result<bool, StoreError> {
-        if !self.known_ids.may_hold(event_id.as_bytes()) {
+        let answer = self.known_ids.lookup(event_id.as_bytes());
+        if answer == crate::known_ids::Answer::Absent {
             return Ok(false);
         }
         let held = self.event_index.contains_key(event_id.as_bytes())?;
-        self.known_ids.found(held);
+        if answer == crate::known_ids::Answer::Maybe {
+            self.known_ids.found(held);
+        }
         Ok(held)
     }
 

@@ -303,7 +303,9 @@ fn reference_hash(signed: &[u8], rules: &RoomVersionRules) -> String {
 
 /// Parse JSON text straight into canonical JSON (no `serde_json::Value` in between):
 /// floats and integers beyond +-(2^53 - 1) are refused, a repeated key keeps its last value,
-/// as converting a parsed `Value` does.
+/// as converting a parsed `Value` does. One difference: an object whose only key is
+/// serde_json's private raw-value marker stays an object here (a `Value` would turn it into
+/// the string it holds); this is the spec's reading of the text.
 pub fn canonical_from_slice(text: &[u8]) -> Result<CanonicalJsonValue, serde_json::Error> {
     use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_slice(text);

@@ -140,7 +140,9 @@ pub fn verify_keeping(
 }
 
 /// [`verify_keeping`] given the bytes the signatures cover, as [`Pdu::parse_signed`]
-/// returned them with the event id.
+/// returned them with the event id. They must be `object`'s ([`crate::core::pdu::signed_bytes`]):
+/// the signatures are checked over them, and `object` is what is returned as verified
+/// (debug builds assert it).
 ///
 /// The spec's check: at least one signature by a known ed25519 key of each server that
 /// must sign (the sender's; the authorising server of a restricted join), none of those
@@ -154,6 +156,11 @@ pub fn verify_signed(
     rules: &RoomVersionRules,
 ) -> Result<(CanonicalJsonObject, bool), Rejection> {
     use ruma::{serde::base64::Standard, serde::Base64, AnyKeyName, SigningKeyAlgorithm, SigningKeyId};
+    debug_assert_eq!(
+        crate::core::pdu::signed_bytes(&object, rules).ok().as_deref().map(str::as_bytes),
+        Some(signed),
+        "the signed bytes must be those of `object`"
+    );
     let bad = |s: String| Rejection::Signature(s);
     let hash = match object.get("hashes") {
         Some(CanonicalJsonValue::Object(h)) => match h.get("sha256") {
