@@ -7,9 +7,11 @@
 //! # Layout
 //! - [`config`]: typed config (TOML + `FEDLINK_*` env), validation naming the bad key.
 //! - [`core`]: pure logic, no I/O: log records, the PDU model, views, backoff.
-//! - [`store`]: the only module that touches sled: log, event index, txn responses, views
-//!   snapshot, remote key cache.
+//! - [`store`]: the only module that touches sled (with [`known_ids`], which scans one
+//!   tree): log, event index, txn responses, views snapshot, remote key cache.
 //! - [`keys`]: our signing key (Synapse file format) and the remote key cache.
+//! - [`known_ids`]: an in-memory Bloom filter of the event ids the store's event index
+//!   holds, so looking up a fresh event (most lookups) reads nothing.
 //! - [`rooms`]: checks on received PDUs (signatures, hashes, authorization rules), event
 //!   building, state groups and state resolution v2.
 //! - [`federation`]: X-Matrix auth, discovery, the outbound address guard, outbound client,
