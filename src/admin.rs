@@ -93,7 +93,7 @@ async fn ready(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    app.metrics.observe_known_ids(app.store.known_ids());
+    app.metrics.observe_known_ids(|| app.store.known_ids());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
 }
 

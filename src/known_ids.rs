@@ -126,6 +126,12 @@ pub struct KnownIds {
     index: sled::Tree,
     /// The smallest filter, in ids ([`MIN_CAPACITY`] but in tests).
     min_capacity: u64,
+    /// The size the filter was built with at open (for a first build tried again).
+    open_capacity: u64,
+    /// Whether a build is under way (at most one).
+    building: AtomicBool,
+    /// The thread of the last background build, joined when the store closes.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The filter lookups use; `None` until the first build is done.
     current: RwLock<Option<Arc<Bloom>>>,
     /// A larger filter being built: writes add to it too.
@@ -148,11 +154,16 @@ impl KnownIds {
     }
 
     fn open_with(index: sled::Tree, records: u64, inline_up_to: u64, min_capacity: u64) -> Arc<Self> {
+        // Sized for twice the records: a PDU record holds one id, and the log grows.
+        let open_capacity = records.saturating_mul(2).min(MAX_OPEN_CAPACITY);
         let this = Arc::new(Self {
             index,
             min_capacity,
+            open_capacity,
             current: RwLock::new(None),
             next: Mutex::new(None),
+            building: AtomicBool::new(false),
+            thread: Mutex::new(None),
             closed: Arc::new(AtomicBool::new(false)),
             failed_at: Mutex::new(None),
             absent: AtomicU64::new(0),
@@ -160,44 +171,67 @@ impl KnownIds {
             false_maybe: AtomicU64::new(0),
             unfiltered: AtomicU64::new(0),
         });
-        // Sized for twice the records: a PDU record holds one id, and the log grows.
-        *this.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(Bloom::with_capacity(records.saturating_mul(2).min(MAX_OPEN_CAPACITY), min_capacity)));
-        if records <= inline_up_to {
-            this.build();
-        } else {
-            this.build_in_background();
-        }
+        this.start_build(open_capacity, records <= inline_up_to);
         this
     }
 
-    /// Stop a build under way (the store is closing).
+    /// Stop a build under way and wait for its thread (the store is closing: the thread
+    /// holds the database open).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
-    }
-
-    fn build_in_background(self: &Arc<Self>) {
-        let this = Arc::downgrade(self);
-        let closed = self.closed.clone();
-        let spawned = std::thread::Builder::new().name("fedlink-known-ids".into()).spawn(move || {
-            if let Some(this) = this.upgrade() {
-                if !closed.load(Ordering::Relaxed) {
-                    this.build();
-                }
+        let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(t) = thread {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
             }
-        });
-        if let Err(e) = spawned {
-            // Lookups keep using the filter they have, or read the index.
-            tracing::warn!(error = %e, "could not start the event id filter's build; lookups keep the filter they have or read the index");
-            self.failed();
         }
     }
 
-    /// Fill the filter in `next` by scanning the index, then use it. Ids written from
-    /// the moment it was put there are added by [`KnownIds::added`]; the scan adds those
-    /// written before.
-    fn build(&self) {
+    /// Build a filter for `capacity` ids, here or on a thread of its own; at most one
+    /// build at a time.
+    fn start_build(self: &Arc<Self>, capacity: u64, inline: bool) {
+        if self.building.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if inline {
+            self.build(capacity);
+            return;
+        }
+        let this = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("fedlink-known-ids".into()).spawn(move || {
+            if let Some(this) = this.upgrade() {
+                this.build(capacity);
+            }
+        });
+        match spawned {
+            Ok(t) => *self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(t),
+            Err(e) => {
+                // Lookups keep using the filter they have, or read the index.
+                tracing::warn!(error = %e, "could not start the event id filter's build; lookups keep the filter they have or read the index");
+                self.failed();
+            }
+        }
+    }
+
+    /// Allocate a filter, put it where writes add to it, fill it by scanning the index,
+    /// then use it. Ids written from the moment it was put there are added by
+    /// [`KnownIds::adding`] and [`KnownIds::added`]; the scan, which starts after, adds
+    /// those written before. A build that does not finish (closed, failed, panicked)
+    /// counts as failed.
+    fn build(&self, capacity: u64) {
+        struct Unfinished<'a>(&'a KnownIds, bool);
+        impl Drop for Unfinished<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.failed();
+                }
+            }
+        }
+        let mut done = Unfinished(self, false);
         let started = std::time::Instant::now();
-        let Some(bloom) = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else { return };
+        // Allocated here, not under the write path's locks (a large one takes a while).
+        let bloom = Arc::new(Bloom::with_capacity(capacity, self.min_capacity));
+        *self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bloom.clone());
         let mut scanned = 0u64;
         for key in self.index.iter().keys() {
             if self.closed.load(Ordering::Relaxed) {
@@ -208,7 +242,6 @@ impl KnownIds {
                 Err(e) => {
                     // Without every id, "absent" could be wrong: keep the old answers.
                     tracing::warn!(error = %e, "reading event_index for the event id filter failed; lookups keep the filter they have or read the index");
-                    self.failed();
                     return;
                 }
             }
@@ -218,14 +251,17 @@ impl KnownIds {
             let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.take();
         }
+        done.1 = true;
+        self.building.store(false, Ordering::Release);
         tracing::info!(ids = scanned, capacity = bloom.capacity, bytes = bloom.bytes(), ms = started.elapsed().as_millis() as u64, "event id filter built");
     }
 
-    /// A build failed: drop the filter it was filling, and wait before growing again.
+    /// A build failed: drop the filter it was filling, and wait [`RETRY_AFTER`] before
+    /// the next.
     fn failed(&self) {
-        let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        next.take();
+        self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         *self.failed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+        self.building.store(false, Ordering::Release);
     }
 
     /// Note that `id` is about to be written to the index: call before the write, so a
@@ -243,27 +279,33 @@ impl KnownIds {
 
     /// Note that `id` was written to the index: call after the write, so a filter being
     /// built, whose scan may have passed the id's place before it was there, holds it.
-    /// Starts a larger filter when the one in use holds more ids than it was sized for.
+    /// Starts a larger filter when the one in use holds more ids than it was sized for
+    /// (or a first one, when the first build failed).
     pub fn added(self: &Arc<Self>, id: &[u8]) {
-        let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let full = match &*self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
-            Some(b) => {
-                b.insert(id);
-                b.added.load(Ordering::Relaxed) > b.capacity
+        let grow = {
+            let next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let grow = match &*self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                Some(b) => {
+                    b.insert(id);
+                    let added = b.added.load(Ordering::Relaxed);
+                    (added > b.capacity).then(|| (b.capacity * 4).max(added.saturating_mul(2)))
+                }
+                None => Some(self.open_capacity),
+            };
+            if let Some(n) = &*next {
+                n.insert(id);
             }
-            None => false,
+            grow
         };
-        let retry = self.failed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none_or(|t| t.elapsed() >= RETRY_AFTER);
-        if let Some(n) = &*next {
-            n.insert(id);
-        } else if full && retry && !self.closed.load(Ordering::Relaxed) {
-            // Claimed under this lock: one build at a time.
-            let capacity = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map_or(0, |b| b.capacity * 4);
-            *next = Some(Arc::new(Bloom::with_capacity(capacity, self.min_capacity)));
-            drop(next);
-            tracing::info!(capacity, "event id filter is full; building one four times as large");
-            self.build_in_background();
+        let Some(capacity) = grow else { return };
+        if self.building.load(Ordering::Acquire) || self.closed.load(Ordering::Relaxed) {
+            return;
         }
+        if self.failed_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            return;
+        }
+        tracing::info!(capacity, "building a larger event id filter (or a first one, after a failed build)");
+        self.start_build(capacity, false);
     }
 
     /// What the filter says of `id`; [`Answer::Absent`] is certain.
@@ -367,16 +409,19 @@ mod tests {
     #[test]
     fn ids_written_while_the_filter_is_built_in_the_background_are_held() {
         let (_dir, tree) = index();
-        for i in 0..20_000 {
-            tree.insert(id(i), &i.to_be_bytes()).unwrap();
+        let mut batch = sled::Batch::default();
+        for i in 0..100_000u64 {
+            batch.insert(id(i), &i.to_be_bytes());
         }
+        tree.apply_batch(batch).unwrap();
         // Built in the background (inline only up to 0 records), with writes under way.
-        let ids = KnownIds::open_with(tree.clone(), 20_000, 0, 1 << 10);
-        let mut i = 20_000;
+        let ids = KnownIds::open_with(tree.clone(), 100_000, 0, 1 << 10);
+        let mut i = 100_000;
         while !ids.ready() {
             write(&ids, &tree, i);
             i += 1;
         }
+        assert!(i > 100_000, "no write overlapped the build: the test proved nothing");
         for _ in 0..1_000 {
             write(&ids, &tree, i);
             i += 1;
@@ -404,6 +449,26 @@ mod tests {
         assert_eq!(ids.lookup(&id(7)), Answer::Maybe);
     }
 
+    /// A first build that fails leaves lookups reading the index; the next write after
+    /// the retry delay starts another.
+    #[test]
+    fn a_failed_first_build_is_tried_again() {
+        let (_dir, tree) = index();
+        let ids = KnownIds::open_with(tree.clone(), 0, 0, 1 << 10);
+        wait_ready(&ids, || ids.building.load(Ordering::Acquire));
+        // As a failed build leaves it: no filter, a failure just now.
+        *ids.current.write().unwrap() = None;
+        ids.failed();
+        write(&ids, &tree, 1);
+        assert!(!ids.building.load(Ordering::Acquire) && !ids.ready(), "no new build within the retry delay");
+        assert_eq!(ids.lookup(&id(1)), Answer::Unfiltered);
+        *ids.failed_at.lock().unwrap() = Some(std::time::Instant::now() - RETRY_AFTER);
+        write(&ids, &tree, 2);
+        wait_ready(&ids, || ids.building.load(Ordering::Acquire));
+        assert!((1..=2).all(|i| holds(&ids, &id(i))));
+        assert_eq!(ids.lookup(&id(99)), Answer::Absent);
+    }
+
     #[test]
     fn a_full_filter_is_rebuilt_larger_and_keeps_every_id() {
         let (_dir, tree) = index();
@@ -414,7 +479,7 @@ mod tests {
         for i in 0..5_000 {
             write(&ids, &tree, i);
         }
-        wait_ready(&ids, || ids.next.lock().unwrap().is_some());
+        wait_ready(&ids, || ids.building.load(Ordering::Acquire));
         let grown = ids.counts().bytes;
         assert!(grown >= 4 * first, "the filter grew from {first} to {grown} bytes");
         assert!((0..5_000).all(|i| holds(&ids, &id(i))), "every written id is held after the rebuild");

@@ -276,7 +276,7 @@ impl Metrics {
             ),
             event_filter_bytes: gauge(&r, "fedlink_event_filter_bytes", "Size of the in-memory filter of the event ids the event index holds"),
             known_ids_observed: std::sync::Mutex::new(()),
-            event_filter_ids: gauge(&r, "fedlink_event_filter_ids", "Event ids the in-memory filter holds (it is rebuilt four times as large beyond a sixteenth of its bits)"),
+            event_filter_ids: gauge(&r, "fedlink_event_filter_ids", "Ids added to the in-memory event id filter in use (scanned or written; an id written while the filter was built, or written again, counts twice): it is rebuilt at least four times as large beyond a sixteenth of its bits"),
             memory_trims: counter(&r, "fedlink_memory_trims_total", "Trims run: times fedlink asked the allocator to give its free pages back to the system (memory.trim_secs)"),
             memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes (approximate: the fall of RSS across each trim, which other threads move too)"),
             memory_trim_seconds: {
@@ -293,8 +293,9 @@ impl Metrics {
     }
 
     /// Bring the event id filter's metrics up to the store's counts.
-    pub fn observe_known_ids(&self, c: crate::known_ids::Counts) {
+    pub fn observe_known_ids(&self, counts: impl FnOnce() -> crate::known_ids::Counts) {
         let _one_at_a_time = self.known_ids_observed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let c = counts();
         for (answer, n) in [("absent", c.absent), ("present", c.present), ("false_maybe", c.false_maybe), ("unfiltered", c.unfiltered)] {
             let m = self.event_filter_lookups.with_label_values(&[answer]);
             m.inc_by(n.saturating_sub(m.get()));

@@ -8,11 +8,11 @@ pub use own::SigningKey;
 pub use remote::{KeyError, RemoteKeys};
 
 /// Most decompressed public keys [`verifying_key`] keeps.
-const MAX_VERIFYING_KEYS: usize = 4_096;
+pub const MAX_VERIFYING_KEYS: usize = 4_096;
 
 /// The ed25519 public key `bytes` decompressed, as a signature check needs it. Decompressing
 /// costs about a tenth of a verify, and a federation uses few keys for many events, so each
-/// key is decompressed once and kept (at most 4,096; all are dropped when
+/// key is decompressed once and kept (at most [`MAX_VERIFYING_KEYS`]; all are dropped when
 /// that many are held). The result depends only on `bytes`: keeping it trusts nothing.
 pub fn verifying_key(bytes: &[u8]) -> Result<ed25519_dalek::VerifyingKey, String> {
     use std::{collections::HashMap, sync::{Mutex, OnceLock}};
