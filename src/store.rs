@@ -552,15 +552,7 @@ impl Store {
 
     /// Whether `event_index` holds `event_id` (through the filter, as [`Store::index_get`]).
     fn index_holds(&self, event_id: &str) -> Result<bool, StoreError> {
-        let answer = self.known_ids.lookup(event_id.as_bytes());
-        if answer == crate::known_ids::Answer::Absent {
-            return Ok(false);
-        }
-        let held = self.event_index.contains_key(event_id.as_bytes())?;
-        if answer == crate::known_ids::Answer::Maybe {
-            self.known_ids.found(held);
-        }
-        Ok(held)
+        Ok(self.index_get(event_id)?.is_some())
     }
 
     /// Lookups the filter of known event ids answered, and its size.

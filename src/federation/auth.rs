@@ -149,9 +149,7 @@ pub fn verify_request(
     let bytes = request_bytes(method, uri, &auth.origin, destination, content).map_err(|_| AuthError::BadSignature)?;
     let key = STANDARD_NO_PAD.decode(public_key.trim_end_matches('=')).map_err(|_| AuthError::BadSignature)?;
     let sig = STANDARD_NO_PAD.decode(auth.sig.trim_end_matches('=')).map_err(|_| AuthError::BadSignature)?;
-    let sig: &[u8; 64] = sig.as_slice().try_into().map_err(|_| AuthError::BadSignature)?;
-    let key = crate::keys::verifying_key(&key).map_err(|_| AuthError::BadSignature)?;
-    ed25519_dalek::Verifier::verify(&key, &bytes, &ed25519_dalek::Signature::from_bytes(sig)).map_err(|_| AuthError::BadSignature)
+    crate::keys::verify_ed25519(&key, &sig, &bytes).map_err(|_| AuthError::BadSignature)
 }
 
 #[cfg(test)]

@@ -30,3 +30,12 @@ pub fn verifying_key(bytes: &[u8]) -> Result<ed25519_dalek::VerifyingKey, String
     kept.insert(*bytes, key);
     Ok(key)
 }
+
+/// Check an ed25519 `signature` of `message` by the public key `public` (raw bytes), with
+/// the key decompressed once ([`verifying_key`]): the one signature check of events and
+/// requests.
+pub fn verify_ed25519(public: &[u8], signature: &[u8], message: &[u8]) -> Result<(), String> {
+    let signature: &[u8; 64] = signature.try_into().map_err(|_| format!("an ed25519 signature has 64 bytes, not {}", signature.len()))?;
+    let key = verifying_key(public)?;
+    ed25519_dalek::Verifier::verify(&key, message, &ed25519_dalek::Signature::from_bytes(signature)).map_err(|e| e.to_string())
+}

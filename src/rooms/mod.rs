@@ -192,12 +192,7 @@ pub fn verify_signed(
                 return Err(bad(format!("`signatures.{server}.{key_id}` must be a string")));
             };
             let signature = Base64::<Standard>::parse(signature).map_err(|e| bad(format!("`signatures.{server}.{key_id}`: {e}")))?;
-            let signature: &[u8; 64] = signature
-                .as_bytes()
-                .try_into()
-                .map_err(|_| bad(format!("`signatures.{server}.{key_id}` is not 64 bytes")))?;
-            let key = crate::keys::verifying_key(public.as_bytes()).map_err(|e| bad(format!("key {key_id} of {server}: {e}")))?;
-            ed25519_dalek::Verifier::verify(&key, signed, &ed25519_dalek::Signature::from_bytes(signature))
+            crate::keys::verify_ed25519(public.as_bytes(), signature.as_bytes(), signed)
                 .map_err(|e| bad(format!("signature {key_id} of {server}: {e}")))?;
             checked = true;
         }
