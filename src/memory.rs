@@ -1,13 +1,22 @@
-//! Giving freed heap memory back to the system (`memory.trim_secs`).
+//! The allocator, and giving freed heap memory back to the system (`memory.trim_secs`).
 //!
-//! glibc's allocator keeps pages freed in the middle of its heaps: only the top of a heap
-//! is returned when it shrinks. fedlink's long-lived allocations (views, sled's page
-//! cache) are interleaved with short-lived ones (parsed transactions, sled's page
-//! rewrites), so the holes add up. At 10,000 rooms and 1,000 linked persons, a
-//! `malloc_trim` during ingest took RSS from 259 to 205 MiB (gdb on a running fedlink);
-//! it grew back within a minute, so [`worker`] trims every `memory.trim_secs`.
+//! fedlink allocates with jemalloc, not the C library's malloc. A profile under load
+//! (50-PDU transactions, glibc's allocator) put a quarter of fedlink's CPU in `malloc` and
+//! `free` (`_int_malloc`, `malloc_consolidate`, `_int_free`): a transaction parses, copies
+//! and drops thousands of small JSON values and sled rewrites pages. With jemalloc the
+//! same load took 13% less CPU per PDU (see README, Performance).
 //!
-//! The only module with `unsafe` code: one call into the C library, on Linux with glibc.
+//! jemalloc returns freed pages to the system gradually (its decay), and only as it
+//! allocates; [`worker`] also purges every arena every `memory.trim_secs`, so memory a
+//! burst freed goes back even when fedlink is idle afterwards. (With glibc's allocator a
+//! trim was needed to return pages freed in the middle of its heaps: at 10,000 rooms and
+//! 1,000 linked persons `malloc_trim` took RSS from 259 to 205 MiB.)
+//!
+//! The only module with `unsafe` code: calls into the C library and into jemalloc.
+
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Resident set size of this process in bytes, if the platform tells.
 pub fn rss_bytes() -> Option<u64> {
@@ -43,19 +52,22 @@ pub fn page_size() -> u64 {
     4096
 }
 
-/// Whether [`trim`] does anything on this platform.
-pub const SUPPORTED: bool = cfg!(all(target_os = "linux", target_env = "gnu"));
+/// Whether [`trim`] does anything on this platform (where fedlink allocates with jemalloc).
+pub const SUPPORTED: bool = cfg!(not(target_env = "msvc"));
 
-/// Return the allocator's free pages to the system. Blocks for a few milliseconds (it walks
-/// the allocator's free lists, holding each arena's lock in turn): call it off the async
-/// threads. Returns whether any memory was released.
+/// Return the allocator's free pages to the system: jemalloc purges the unused dirty pages
+/// of every arena. Blocks for a few milliseconds (each arena's lock is held while it is
+/// purged): call it off the async threads. Returns whether jemalloc accepted the request.
 pub fn trim() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(not(target_env = "msvc"))]
     {
-        // SAFETY: malloc_trim only takes the allocator's own locks; 0 keeps no padding.
-        unsafe { libc::malloc_trim(0) == 1 }
+        // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena (jemalloc's MALLCTL_ARENAS_ALL is 4096).
+        const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+        // SAFETY: the name is NUL-terminated; the purge command reads and writes no values
+        // (all pointers null, lengths zero).
+        unsafe { tikv_jemalloc_sys::mallctl(PURGE_ALL.as_ptr().cast(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0) == 0 }
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    #[cfg(target_env = "msvc")]
     {
         false
     }

@@ -7,8 +7,9 @@ fn trimming_returns_freed_pages() {
         eprintln!("memory::trim does nothing on this platform; nothing to check");
         return;
     }
-    // Many small blocks, then free all but one every few pages: holes in the middle of the
-    // heap, which glibc keeps without a trim. Pages only count once written.
+    // Many small blocks, then free all but one every few pages: pages freed in the middle
+    // of the heap, which the allocator keeps for a while without a trim. Pages only count
+    // once written.
     let block = 256usize;
     let every = (2 * fedlink::memory::page_size() as usize).div_ceil(block) + 1;
     let n = (64 << 20) / block;

@@ -221,6 +221,8 @@ struct Run {
     pdus: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU time the server used during the run.
+    cpu: Duration,
 }
 
 impl Run {
@@ -234,12 +236,14 @@ impl Run {
     }
     fn line(&self, what: &str) -> String {
         format!(
-            "{what}: {} PDUs in {:.2} s = {:.0} PDUs/s; transaction p50 {:.1} ms, p99 {:.1} ms",
+            "{what}: {} PDUs in {:.2} s = {:.0} PDUs/s; transaction p50 {:.1} ms, p99 {:.1} ms; server CPU {:.0} us per PDU ({:.2} cores)",
             self.pdus,
             self.elapsed.as_secs_f64(),
             self.rate(),
             self.pct(0.5).as_secs_f64() * 1e3,
-            self.pct(0.99).as_secs_f64() * 1e3
+            self.pct(0.99).as_secs_f64() * 1e3,
+            self.cpu.as_secs_f64() * 1e6 / self.pdus.max(1) as f64,
+            self.cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(1e-9)
         )
     }
 }
@@ -305,6 +309,8 @@ trait Server {
     async fn enter(&self, peer: &FakePeer, room: &str) -> Result<()>;
     /// Bytes of its database files.
     fn disk(&self) -> u64;
+    /// CPU time (user and system) the server process has used so far.
+    fn cpu(&self) -> Duration;
     /// Wait until `event_id`, sent in `room`, is processed.
     async fn settle(&self, room: &str, event_id: &str) -> Result<()>;
 }
@@ -358,6 +364,7 @@ async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, R
 /// until the server has processed its last PDU ([`Server::settle`]) before the next is sent.
 async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, batch: usize, txn_prefix: &str) -> Result<Run> {
     let mut run = Run { pdus: pdus.len(), ..Default::default() };
+    let cpu = t.cpu();
     let start = Instant::now();
     for (i, chunk) in pdus.chunks(batch).enumerate() {
         let t0 = Instant::now();
@@ -368,6 +375,7 @@ async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, bat
         run.latencies.push(t0.elapsed());
     }
     run.elapsed = start.elapsed();
+    run.cpu = t.cpu().saturating_sub(cpu);
     Ok(run)
 }
 
@@ -384,6 +392,9 @@ impl Server for Target {
     }
     fn disk(&self) -> u64 {
         dir_bytes(&self.dir.path().join("db"), &|_| true)
+    }
+    fn cpu(&self) -> Duration {
+        proc_cpu(self.child.id())
     }
     /// fedlink answers a transaction once its PDUs are checked, applied and durable.
     async fn settle(&self, _: &str, _: &str) -> Result<()> {
@@ -406,6 +417,9 @@ impl Server for SynapseTarget {
     }
     fn disk(&self) -> u64 {
         dir_bytes(self.hs.dir.path(), &|name| name.starts_with("homeserver.db"))
+    }
+    fn cpu(&self) -> Duration {
+        self.hs.pid().map(proc_cpu).unwrap_or_default()
     }
     /// Synapse answers a transaction once its PDUs are staged, and processes them after
     /// (`federation_inbound_events_staging`): wait until its user can read the last one.
@@ -481,6 +495,25 @@ fn messages(peer: &FakePeer, room: &str, n: usize) -> Vec<(String, Value)> {
 /// (RSS, peak RSS) of process `pid` in bytes, from /proc.
 fn proc_rss(pid: u32) -> (u64, u64) {
     fedlink::memory::rss_of(&pid.to_string()).unwrap_or((0, 0))
+}
+
+/// CPU time (user and system) process `pid` has used, from `/proc/PID/stat` (zero if
+/// unreadable).
+fn proc_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
+    // Fields after the command name (which may hold spaces) start at its closing ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return Duration::ZERO };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are the 14th and 15th fields of the line: 12th and 13th after ')'.
+    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+}
+
+/// Clock ticks per second of `/proc`'s times.
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 { n as u64 } else { 100 }
 }
 
 /// Bytes of the files under `dir` (recursively) whose names pass `keep`.
@@ -567,14 +600,14 @@ async fn main() -> Result<()> {
         }
         let per = args.messages / args.parallel;
         let loads: Vec<(usize, Vec<(String, Value)>)> = rooms.iter().enumerate().map(|(i, r)| (i, messages(&peer, r, per))).collect();
-        let (start, batch) = (Instant::now(), args.batch);
+        let (start, batch, cpu) = (Instant::now(), args.batch, t.cpu());
         let runs = futures::future::join_all(loads.into_iter().map(|(i, pdus)| {
             let (peer, t) = (&peer, &t);
             async move { timed(peer, t, pdus, batch, &format!("par-msg-{i}")).await }
         }))
         .await;
         let elapsed = start.elapsed();
-        let mut all = Run { pdus: per * args.parallel, elapsed, latencies: Vec::new() };
+        let mut all = Run { pdus: per * args.parallel, elapsed, latencies: Vec::new(), cpu: t.cpu().saturating_sub(cpu) };
         for r in runs {
             all.latencies.extend(r?.latencies);
         }
@@ -585,6 +618,8 @@ async fn main() -> Result<()> {
     let records = t.admin("/_fedlink/admin/v1/status").await?["log_entries"].as_u64().unwrap_or(0);
     println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB; {records} log records", mib(rss), mib(hwm), mib(t.disk()));
     let mut phases = Vec::new();
+    let (sum, count) = (t.metric("fedlink_transaction_duration_seconds_sum").await?, t.metric("fedlink_transaction_duration_seconds_count").await?);
+    phases.push(format!("whole /send {:.2} ms", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }));
     for phase in ["prepare", "wait", "apply", "flush"] {
         let sum = t.metric(&format!("fedlink_ingest_phase_duration_seconds_sum{{phase=\"{phase}\"}}")).await?;
         let count = t.metric(&format!("fedlink_ingest_phase_duration_seconds_count{{phase=\"{phase}\"}}")).await?;
