@@ -381,6 +381,32 @@ impl FakePeer {
         self.request(dest, base, Method::PUT, &path, Some(&body)).await
     }
 
+    /// A `/send` transaction built and signed now, to be sent later with
+    /// [`FakePeer::send_built`] (the load generator builds its transactions before timing them).
+    pub fn build_txn(&self, dest: &str, txn_id: &str, pdus: Vec<Value>) -> BuiltRequest {
+        let body = json!({ "origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": [] });
+        let path = format!("/_matrix/federation/v1/send/{}", enc(txn_id));
+        let content = ruma::canonical_json::CanonicalJsonValue::try_from(body.clone()).unwrap();
+        let authz = auth::sign_request(&self.key, &self.name, dest, "PUT", &path, Some(&content));
+        BuiltRequest { path, authz, body: serde_json::to_vec(&body).unwrap() }
+    }
+
+    /// Send a request built by [`FakePeer::build_txn`].
+    pub async fn send_built(&self, base: &str, req: &BuiltRequest) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .put(format!("{base}{}", req.path))
+            .header("Authorization", req.authz.as_str())
+            .header("Content-Type", "application/json")
+            .body(req.body.clone())
+            .send()
+            .await
+            .expect("request to the server");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
     /// Join `user_local` to a room fedlink is resident in, through fedlink
     /// (make_join then send_join v2). Returns the send_join answer.
     pub async fn join_via(&self, room_id: &str, user_local: &str, version: &RoomVersionId, dest: &str, base: &str) -> (StatusCode, Value) {
@@ -412,6 +438,13 @@ impl FakePeer {
     pub fn stop(&self) {
         self.handle.shutdown();
     }
+}
+
+/// A signed request, ready to send.
+pub struct BuiltRequest {
+    path: String,
+    authz: String,
+    body: Vec<u8>,
 }
 
 impl Drop for FakePeer {
