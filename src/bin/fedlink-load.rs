@@ -367,7 +367,9 @@ async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, R
 async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, batch: usize, txn_prefix: &str) -> Result<Run> {
     let mut run = Run { pdus: pdus.len(), ..Default::default() };
     let dest = t.dest();
-    let txns: Vec<(String, fake_peer::BuiltRequest, Option<&(String, Value)>)> = pdus
+    // (transaction id, the signed request, its last PDU)
+    type Built<'a> = (String, fake_peer::BuiltRequest, Option<&'a (String, Value)>);
+    let txns: Vec<Built> = pdus
         .chunks(batch)
         .enumerate()
         .map(|(i, chunk)| {
