@@ -631,7 +631,14 @@ async fn main() -> Result<()> {
     }
     let (rss, hwm) = t.rss();
     let records = t.admin("/_fedlink/admin/v1/status").await?["log_entries"].as_u64().unwrap_or(0);
-    println!("fedlink RSS {:.0} MiB (peak {:.0} MiB); disk {:.1} MiB; {records} log records", mib(rss), mib(hwm), mib(t.disk()));
+    let (trims, trimmed) = (t.metric("fedlink_memory_trims_total").await?, t.metric("fedlink_memory_trimmed_bytes_total").await?);
+    println!(
+        "fedlink RSS {:.0} MiB (peak {:.0} MiB; {trims} trims gave back {:.1} MiB); disk {:.1} MiB; {records} log records",
+        mib(rss),
+        mib(hwm),
+        mib(trimmed as u64),
+        mib(t.disk())
+    );
     let mut phases = Vec::new();
     let (sum, count) = (t.metric("fedlink_transaction_duration_seconds_sum").await?, t.metric("fedlink_transaction_duration_seconds_count").await?);
     phases.push(format!("whole /send {:.2} ms", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }));
