@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::pdu::Pdu;
 
-/// The current record format version.
-pub const LOG_FORMAT: u16 = 1;
+/// The current record format version: 2 since PDU entries leave out the fields their signed
+/// PDU gives (see [`PduEntry`]); format 1 records read as before.
+pub const LOG_FORMAT: u16 = 2;
 
 /// One stored log record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,7 +309,14 @@ pub enum PduStatus {
 
 /// A PDU in the log. `P` is how the signed PDU is held: the whole JSON, except when decoded
 /// for folding (see [`LogRecord::decode_for_fold`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Stored compactly (format 2): a derived field (`room_id`, `event_type`, `state_key`,
+/// `sender`, `membership`, `prev_events`, `depth`, `origin_server_ts`) is left out of the
+/// record when the signed PDU gives the same value, and a reader takes it from the PDU. A
+/// field that differs is written (`null` for an absent `state_key` or `membership` the PDU
+/// would give), so every entry reads back as it was written; records of format 1, which
+/// carry every field, read as before.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PduEntry<P = serde_json::Value> {
     /// The room.
     pub room_id: OwnedRoomId,
@@ -321,12 +329,10 @@ pub struct PduEntry<P = serde_json::Value> {
     /// `type`.
     pub event_type: String,
     /// `state_key`, for state events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_key: Option<String>,
     /// `sender`.
     pub sender: OwnedUserId,
     /// `content.membership` for member events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<String>,
     /// `prev_events`.
     pub prev_events: Vec<OwnedEventId>,
@@ -338,13 +344,212 @@ pub struct PduEntry<P = serde_json::Value> {
     pub pdu: P,
     /// When accepting this event changed the room's current state other than by the event
     /// itself (a fork resolved with state resolution): the whole new current state.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_state: Option<ResolvedState>,
     /// Forward extremities this event supersedes: it closed a gap fedlink could not fill
     /// event by event (its state came from `/state_ids` at the gap and was resolved against
     /// the room's), so the room moves on from here.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub superseded: Vec<OwnedEventId>,
+}
+
+/// The derived fields of a [`PduEntry`] as its signed PDU gives them (`None`: the PDU does
+/// not give that field in the form the entry holds it).
+struct FromPdu<'a> {
+    room_id: Option<&'a str>,
+    event_type: Option<&'a str>,
+    state_key: Option<Option<&'a str>>,
+    sender: Option<&'a str>,
+    membership: Option<Option<&'a str>>,
+    prev_events: Option<Vec<&'a str>>,
+    depth: Option<u64>,
+    origin_server_ts: Option<u64>,
+}
+
+impl<'a> FromPdu<'a> {
+    /// Read through `get`, the signed PDU's top-level fields: what
+    /// [`crate::core::pdu::Pdu`] parses them to (`membership` is `content.membership` of an
+    /// `m.room.member` event when that is a string, else none).
+    fn read(get: impl Fn(&str) -> Option<&'a serde_json::Value>) -> Self {
+        let string = |k: &str| get(k).and_then(serde_json::Value::as_str);
+        let optional = |v: Option<&'a serde_json::Value>| match v {
+            None => Some(None),
+            Some(serde_json::Value::String(s)) => Some(Some(s.as_str())),
+            Some(_) => None,
+        };
+        let event_type = string("type");
+        let membership = event_type.map(|t| match t {
+            "m.room.member" => get("content").and_then(|c| c.get("membership")).and_then(serde_json::Value::as_str),
+            _ => None,
+        });
+        FromPdu {
+            room_id: string("room_id"),
+            event_type,
+            state_key: optional(get("state_key")),
+            sender: string("sender"),
+            membership,
+            prev_events: get("prev_events").and_then(serde_json::Value::as_array).and_then(|a| a.iter().map(serde_json::Value::as_str).collect()),
+            depth: get("depth").and_then(serde_json::Value::as_u64),
+            origin_server_ts: get("origin_server_ts").and_then(serde_json::Value::as_u64),
+        }
+    }
+}
+
+/// A stored signed PDU: what a reader derives an entry's left-out fields from.
+trait SignedPdu {
+    fn derived(&self) -> FromPdu<'_>;
+}
+
+impl SignedPdu for serde_json::Value {
+    fn derived(&self) -> FromPdu<'_> {
+        FromPdu::read(|k| self.get(k))
+    }
+}
+
+impl Serialize for PduEntry<serde_json::Value> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let d = self.pdu.derived();
+        let mut st = ser.serialize_struct("PduEntry", 14)?;
+        if d.room_id != Some(self.room_id.as_str()) {
+            st.serialize_field("room_id", &self.room_id)?;
+        }
+        st.serialize_field("event_id", &self.event_id)?;
+        st.serialize_field("via", &self.via)?;
+        st.serialize_field("status", &self.status)?;
+        if d.event_type != Some(self.event_type.as_str()) {
+            st.serialize_field("event_type", &self.event_type)?;
+        }
+        if d.state_key != Some(self.state_key.as_deref()) {
+            st.serialize_field("state_key", &self.state_key)?;
+        }
+        if d.sender != Some(self.sender.as_str()) {
+            st.serialize_field("sender", &self.sender)?;
+        }
+        if d.membership != Some(self.membership.as_deref()) {
+            st.serialize_field("membership", &self.membership)?;
+        }
+        let same_prev = d.prev_events.is_some_and(|p| p.len() == self.prev_events.len() && p.iter().zip(&self.prev_events).all(|(a, b)| *a == b.as_str()));
+        if !same_prev {
+            st.serialize_field("prev_events", &self.prev_events)?;
+        }
+        if d.depth != Some(self.depth) {
+            st.serialize_field("depth", &self.depth)?;
+        }
+        if d.origin_server_ts != Some(self.origin_server_ts) {
+            st.serialize_field("origin_server_ts", &self.origin_server_ts)?;
+        }
+        st.serialize_field("pdu", &self.pdu)?;
+        if let Some(r) = &self.resolved_state {
+            st.serialize_field("resolved_state", r)?;
+        }
+        if !self.superseded.is_empty() {
+            st.serialize_field("superseded", &self.superseded)?;
+        }
+        st.end()
+    }
+}
+
+/// A stored PDU entry as written: derived fields may be left out (format 2).
+#[derive(Deserialize)]
+struct StoredPduEntry<P> {
+    #[serde(default)]
+    room_id: Option<OwnedRoomId>,
+    event_id: OwnedEventId,
+    via: OwnedServerName,
+    status: PduStatus,
+    #[serde(default)]
+    event_type: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    state_key: Option<Option<String>>,
+    #[serde(default)]
+    sender: Option<OwnedUserId>,
+    #[serde(default, deserialize_with = "present")]
+    membership: Option<Option<String>>,
+    #[serde(default)]
+    prev_events: Option<Vec<OwnedEventId>>,
+    #[serde(default)]
+    depth: Option<u64>,
+    #[serde(default)]
+    origin_server_ts: Option<u64>,
+    pdu: P,
+    #[serde(default)]
+    resolved_state: Option<ResolvedState>,
+    #[serde(default)]
+    superseded: Vec<OwnedEventId>,
+}
+
+/// A field that is there, `null` included (`Some(None)`); `#[serde(default)]` makes an
+/// absent one `None`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl<P: SignedPdu> StoredPduEntry<P> {
+    /// The entry, each left-out field taken from the signed PDU.
+    fn complete<E: serde::de::Error>(self) -> Result<PduEntry<P>, E> {
+        let id = &self.event_id;
+        let missing = |field: &str| E::custom(format!("PDU entry {id}: no `{field}`, and its signed PDU does not give one"));
+        let bad = |field: &str, e: ruma::IdParseError| E::custom(format!("PDU entry {id}: the signed PDU's `{field}`: {e}"));
+        let d = self.pdu.derived();
+        let room_id = match self.room_id {
+            Some(r) => r,
+            None => OwnedRoomId::try_from(d.room_id.ok_or_else(|| missing("room_id"))?).map_err(|e| bad("room_id", e))?,
+        };
+        let sender = match self.sender {
+            Some(s) => s,
+            None => OwnedUserId::try_from(d.sender.ok_or_else(|| missing("sender"))?).map_err(|e| bad("sender", e))?,
+        };
+        let prev_events = match self.prev_events {
+            Some(p) => p,
+            None => d
+                .prev_events
+                .ok_or_else(|| missing("prev_events"))?
+                .into_iter()
+                .map(|p| OwnedEventId::try_from(p).map_err(|e| bad("prev_events", e)))
+                .collect::<Result<_, _>>()?,
+        };
+        let event_type = match self.event_type {
+            Some(t) => t,
+            None => d.event_type.ok_or_else(|| missing("event_type"))?.to_owned(),
+        };
+        let state_key = match self.state_key {
+            Some(k) => k,
+            None => d.state_key.ok_or_else(|| missing("state_key"))?.map(str::to_owned),
+        };
+        let membership = match self.membership {
+            Some(m) => m,
+            None => d.membership.ok_or_else(|| missing("membership"))?.map(str::to_owned),
+        };
+        let depth = match self.depth {
+            Some(x) => x,
+            None => d.depth.ok_or_else(|| missing("depth"))?,
+        };
+        let origin_server_ts = match self.origin_server_ts {
+            Some(x) => x,
+            None => d.origin_server_ts.ok_or_else(|| missing("origin_server_ts"))?,
+        };
+        Ok(PduEntry {
+            room_id,
+            event_id: self.event_id,
+            via: self.via,
+            status: self.status,
+            event_type,
+            state_key,
+            sender,
+            membership,
+            prev_events,
+            depth,
+            origin_server_ts,
+            pdu: self.pdu,
+            resolved_state: self.resolved_state,
+            superseded: self.superseded,
+        })
+    }
+}
+
+impl<'de, P: SignedPdu + Deserialize<'de>> Deserialize<'de> for PduEntry<P> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        StoredPduEntry::<P>::deserialize(d)?.complete()
+    }
 }
 
 /// A room's current state after state resolution.
@@ -367,11 +572,42 @@ pub fn thread_root(event: &serde_json::Value) -> Option<OwnedEventId> {
     rel.get("event_id")?.as_str()?.try_into().ok()
 }
 
-/// What folding into views reads of a signed PDU: its `content`.
+/// What folding into views reads of a signed PDU: its `content`, and the fields a compact
+/// entry leaves out (not its signatures, hashes or auth events).
 #[derive(Deserialize)]
 struct ContentOnly {
     #[serde(default)]
-    content: serde_json::Value,
+    content: Option<serde_json::Value>,
+    #[serde(default)]
+    room_id: Option<serde_json::Value>,
+    #[serde(default, rename = "type")]
+    event_type: Option<serde_json::Value>,
+    #[serde(default)]
+    state_key: Option<serde_json::Value>,
+    #[serde(default)]
+    sender: Option<serde_json::Value>,
+    #[serde(default)]
+    prev_events: Option<serde_json::Value>,
+    #[serde(default)]
+    depth: Option<serde_json::Value>,
+    #[serde(default)]
+    origin_server_ts: Option<serde_json::Value>,
+}
+
+impl SignedPdu for ContentOnly {
+    fn derived(&self) -> FromPdu<'_> {
+        FromPdu::read(|k| match k {
+            "content" => self.content.as_ref(),
+            "room_id" => self.room_id.as_ref(),
+            "type" => self.event_type.as_ref(),
+            "state_key" => self.state_key.as_ref(),
+            "sender" => self.sender.as_ref(),
+            "prev_events" => self.prev_events.as_ref(),
+            "depth" => self.depth.as_ref(),
+            "origin_server_ts" => self.origin_server_ts.as_ref(),
+            _ => None,
+        })
+    }
 }
 
 /// An entry's first `kind`: its tag. (A `user_action` entry has a second `kind` of its own,
@@ -439,7 +675,7 @@ impl LogRecord {
                 prev_events: p.prev_events,
                 depth: p.depth,
                 origin_server_ts: p.origin_server_ts,
-                pdu: serde_json::json!({ "content": p.pdu.content }),
+                pdu: serde_json::json!({ "content": p.pdu.content.unwrap_or(serde_json::Value::Null) }),
                 resolved_state: p.resolved_state,
                 superseded: p.superseded,
             })
@@ -953,6 +1189,168 @@ mod tests {
         // Broken records are errors, not defaults.
         for bad in [&b"{}"[..], br#"{"v":1,"seq":1,"at_ms":1,"entry":{"kind":"pdu"}}"#, br#"{"v":1,"seq":1,"at_ms":1,"entry":{"kind":"nope"}}"#, b"{\"v\":1"] {
             assert!(LogRecord::decode_for_fold(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// A member event's entry as fedlink logs it: every derived field agrees with the PDU.
+    fn member_entry() -> PduEntry {
+        PduEntry {
+            room_id: "!r:kiwi".try_into().unwrap(),
+            event_id: "$m".try_into().unwrap(),
+            via: "kiwi".try_into().unwrap(),
+            status: PduStatus::Accepted,
+            event_type: "m.room.member".into(),
+            state_key: Some("@b:kiwi".into()),
+            sender: "@b:kiwi".try_into().unwrap(),
+            membership: Some("join".into()),
+            prev_events: vec!["$p1".try_into().unwrap(), "$p2".try_into().unwrap()],
+            depth: 7,
+            origin_server_ts: 1_700_000_000_000,
+            pdu: serde_json::json!({
+                "room_id": "!r:kiwi", "type": "m.room.member", "state_key": "@b:kiwi", "sender": "@b:kiwi",
+                "content": {"membership": "join", "displayname": "B"}, "prev_events": ["$p1", "$p2"], "depth": 7,
+                "origin_server_ts": 1_700_000_000_000u64, "auth_events": ["$c"], "hashes": {"sha256": "h"},
+                "signatures": {"kiwi": {"ed25519:1": "sig"}},
+            }),
+            resolved_state: None,
+            superseded: Vec::new(),
+        }
+    }
+
+    /// Encode `p` in a record, then check both decodes give it back (folding: all but the
+    /// signed PDU, which keeps its content only). Returns the entry's stored keys.
+    fn round_trip(p: &PduEntry) -> Vec<String> {
+        let rec = LogRecord { v: LOG_FORMAT, seq: 4, at_ms: 5, entry: Entry::Pdu(p.clone()) };
+        let bytes = serde_json::to_vec(&rec).unwrap();
+        assert_eq!(LogRecord::decode(&bytes).unwrap(), rec, "{}", String::from_utf8_lossy(&bytes));
+        let Entry::Pdu(folded) = LogRecord::decode_for_fold(&bytes).unwrap().entry else { panic!("not a PDU entry") };
+        let mut expected = p.clone();
+        expected.pdu = serde_json::json!({ "content": p.pdu.get("content").cloned().unwrap_or(serde_json::Value::Null) });
+        assert_eq!(folded, expected, "{}", String::from_utf8_lossy(&bytes));
+        let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        stored["entry"].as_object().unwrap().keys().cloned().collect()
+    }
+
+    /// Format 2: an entry stores only what its signed PDU does not give, and reads back whole.
+    #[test]
+    fn pdu_entries_store_only_what_their_pdu_does_not_give() {
+        let p = member_entry();
+        let mut keys = round_trip(&p);
+        keys.sort();
+        assert_eq!(keys, ["event_id", "kind", "pdu", "status", "via"]);
+        let full = serde_json::to_vec(&LogRecord { v: LOG_FORMAT, seq: 4, at_ms: 5, entry: Entry::Pdu(p) }).unwrap();
+        assert!(full.len() < 600, "{} bytes", full.len());
+    }
+
+    /// Each derived field that differs from the PDU, or that the PDU does not give in the
+    /// entry's form, is written, `null` included, and reads back as it was.
+    #[test]
+    fn fields_the_pdu_does_not_give_are_written() {
+        type Change = Box<dyn Fn(&mut PduEntry)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("room_id", Box::new(|p| p.room_id = "!other:kiwi".try_into().unwrap())),
+            ("room_id", Box::new(|p| p.pdu["room_id"] = serde_json::json!(5))),
+            ("event_type", Box::new(|p| p.event_type = "m.room.message".into())),
+            ("state_key", Box::new(|p| p.state_key = None)),
+            ("state_key", Box::new(|p| p.state_key = Some(String::new()))),
+            ("state_key", Box::new(|p| p.pdu["state_key"] = serde_json::Value::Null)),
+            ("sender", Box::new(|p| p.sender = "@c:kiwi".try_into().unwrap())),
+            ("membership", Box::new(|p| p.membership = None)),
+            ("membership", Box::new(|p| p.membership = Some("leave".into()))),
+            ("membership", Box::new(|p| p.pdu.as_object_mut().unwrap().remove("type").map(drop).unwrap_or(()))),
+            ("prev_events", Box::new(|p| p.prev_events.pop().map(drop).unwrap_or(()))),
+            ("prev_events", Box::new(|p| p.pdu["prev_events"] = serde_json::json!(["$p1", 2]))),
+            ("depth", Box::new(|p| p.depth = 8)),
+            ("depth", Box::new(|p| p.pdu["depth"] = serde_json::json!("7"))),
+            ("origin_server_ts", Box::new(|p| p.pdu.as_object_mut().unwrap().remove("origin_server_ts").map(drop).unwrap_or(()))),
+        ];
+        for (field, change) in cases {
+            let mut p = member_entry();
+            change(&mut p);
+            let keys = round_trip(&p);
+            assert!(keys.iter().any(|k| k == field), "{field} not written: {keys:?} for {p:?}");
+        }
+        // An entry whose PDU says nothing (a test message) keeps every field.
+        round_trip(&PduEntry::test_message("$t"));
+    }
+
+    /// Records of format 1 carry every field, whatever the PDU says; they read as written.
+    #[test]
+    fn format_1_pdu_records_load() {
+        let text = r#"{"v":1,"seq":2,"at_ms":3,"entry":{"kind":"pdu","room_id":"!r:kiwi","event_id":"$m","via":"kiwi","status":"accepted","event_type":"m.room.member","state_key":"@b:kiwi","sender":"@b:kiwi","membership":"join","prev_events":["$p1","$p2"],"depth":7,"origin_server_ts":1700000000000,"pdu":{"room_id":"!r:kiwi","type":"m.room.member","state_key":"@b:kiwi","sender":"@b:kiwi","content":{"membership":"join","displayname":"B"},"prev_events":["$p1","$p2"],"depth":7,"origin_server_ts":1700000000000,"auth_events":["$c"],"hashes":{"sha256":"h"},"signatures":{"kiwi":{"ed25519:1":"sig"}}}}}"#;
+        let rec = LogRecord::decode(text.as_bytes()).unwrap();
+        assert_eq!(rec, LogRecord { v: 1, seq: 2, at_ms: 3, entry: Entry::Pdu(member_entry()) });
+        let Entry::Pdu(folded) = LogRecord::decode_for_fold(text.as_bytes()).unwrap().entry else { panic!("not a PDU entry") };
+        assert_eq!((folded.membership.as_deref(), folded.depth, folded.prev_events.len()), (Some("join"), 7, 2));
+        // A format 1 entry without state_key or membership: the PDU has neither either.
+        let msg = r#"{"v":1,"seq":2,"at_ms":3,"entry":{"kind":"pdu","room_id":"!r:kiwi","event_id":"$x","via":"kiwi","status":"accepted","event_type":"m.room.message","sender":"@b:kiwi","prev_events":[],"depth":1,"origin_server_ts":1,"pdu":{"type":"m.room.message","content":{"body":"hi"}}}}"#;
+        let Entry::Pdu(m) = LogRecord::decode(msg.as_bytes()).unwrap().entry else { panic!("not a PDU entry") };
+        assert_eq!((m.state_key, m.membership), (None, None));
+    }
+
+    /// A compact entry whose PDU cannot give a left-out field is an error naming it.
+    #[test]
+    fn a_left_out_field_the_pdu_cannot_give_is_an_error() {
+        let text = |pdu: &str| format!(r#"{{"v":2,"seq":2,"at_ms":3,"entry":{{"kind":"pdu","event_id":"$m","via":"kiwi","status":"accepted","pdu":{pdu}}}}}"#);
+        for (pdu, field) in [
+            (r#"{"type":"m.room.message","sender":"@b:kiwi","prev_events":[],"depth":1,"origin_server_ts":1}"#, "room_id"),
+            (r#"{"room_id":"not a room","type":"m.room.message","sender":"@b:kiwi","prev_events":[],"depth":1,"origin_server_ts":1}"#, "room_id"),
+            (r#"{"room_id":"!r:kiwi","type":"m.room.message","sender":"@b:kiwi","prev_events":["nope"],"depth":1,"origin_server_ts":1}"#, "prev_events"),
+            (r#"{"room_id":"!r:kiwi","type":"m.room.message","sender":"@b:kiwi","prev_events":[],"depth":-1,"origin_server_ts":1}"#, "depth"),
+        ] {
+            let t = text(pdu);
+            for e in [LogRecord::decode(t.as_bytes()).unwrap_err(), LogRecord::decode_for_fold(t.as_bytes()).unwrap_err()] {
+                assert!(e.to_string().contains(field) && e.to_string().contains("$m"), "{field}: {e}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever an entry holds and whatever its PDU says, both decodes give it back.
+        #[test]
+        fn any_pdu_entry_reads_back_as_written(
+            pick in proptest::collection::vec(0u8..4, 8),
+            depth in 0u64..1u64 << 53,
+            ts in 0u64..1u64 << 53,
+            state in proptest::option::of("[a-z@:]{0,6}"),
+            membership in proptest::option::of("(join|leave|invite)"),
+            prevs in proptest::collection::vec("\\$[a-z]{1,4}", 0..3),
+            member in proptest::bool::ANY,
+        ) {
+            let mut p = member_entry();
+            p.event_type = if member { "m.room.member".into() } else { "m.room.topic".into() };
+            p.state_key = state.clone();
+            p.membership = membership.clone();
+            p.prev_events = prevs.iter().map(|e| OwnedEventId::try_from(e.as_str()).unwrap()).collect();
+            p.depth = depth;
+            p.origin_server_ts = ts;
+            // For each field the PDU agrees (0), disagrees (1), lacks it (2) or holds another type (3).
+            let values: [(&str, serde_json::Value, serde_json::Value); 7] = [
+                ("type", serde_json::json!(p.event_type), serde_json::json!("m.other")),
+                ("state_key", serde_json::json!(state), serde_json::json!("zz")),
+                ("sender", serde_json::json!(p.sender), serde_json::json!("@z:kiwi")),
+                ("room_id", serde_json::json!(p.room_id), serde_json::json!("!z:kiwi")),
+                ("prev_events", serde_json::json!(prevs), serde_json::json!(["$z"])),
+                ("depth", serde_json::json!(depth), serde_json::json!(depth + 1)),
+                ("origin_server_ts", serde_json::json!(ts), serde_json::json!(ts + 1)),
+            ];
+            let mut pdu = serde_json::Map::new();
+            for ((key, same, other), how) in values.into_iter().zip(&pick) {
+                match how {
+                    0 if !same.is_null() => { pdu.insert(key.into(), same); }
+                    1 => { pdu.insert(key.into(), other); }
+                    3 => { pdu.insert(key.into(), serde_json::json!({"x": 1})); }
+                    _ => {}
+                }
+            }
+            match pick[7] {
+                0 => { pdu.insert("content".into(), serde_json::json!({ "membership": membership })); }
+                1 => { pdu.insert("content".into(), serde_json::json!({ "membership": "ban" })); }
+                2 => {}
+                _ => { pdu.insert("content".into(), serde_json::json!({ "membership": 3 })); }
+            }
+            p.pdu = serde_json::Value::Object(pdu);
+            round_trip(&p);
         }
     }
 }
