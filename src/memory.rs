@@ -1,10 +1,14 @@
 //! The allocator, and giving freed heap memory back to the system (`memory.trim_secs`).
 //!
 //! fedlink allocates with jemalloc, not the C library's malloc. A profile under load
-//! (50-PDU transactions, glibc's allocator) put a quarter of fedlink's CPU in `malloc` and
-//! `free` (`_int_malloc`, `malloc_consolidate`, `_int_free`): a transaction parses, copies
-//! and drops thousands of small JSON values and sled rewrites pages. With jemalloc the
-//! same load took 13% less CPU per PDU (see README, Performance).
+//! (50-PDU transactions, glibc's allocator) put about a quarter of fedlink's CPU in glibc's
+//! `malloc` and `free` (`_int_malloc`, `malloc_consolidate`, `_int_free`, ...): a
+//! transaction parses, copies and drops thousands of small JSON values and sled rewrites
+//! pages. With jemalloc the same load took 10-27% less CPU per PDU (see README, Performance).
+//!
+//! The allocator is set here, in the library, so that every binary and test built from
+//! this crate runs on the allocator fedlink runs on (the trim test below checks jemalloc's
+//! purge, which would find nothing to purge under another allocator).
 //!
 //! jemalloc returns freed pages to the system gradually (its decay), and only as it
 //! allocates; [`worker`] also purges every arena every `memory.trim_secs`, so memory a
@@ -52,8 +56,9 @@ pub fn page_size() -> u64 {
     4096
 }
 
-/// Whether [`trim`] does anything on this platform (where fedlink allocates with jemalloc).
-pub const SUPPORTED: bool = cfg!(not(target_env = "msvc"));
+/// Whether the trim worker runs on this platform: Linux, where fedlink allocates with
+/// jemalloc and RSS is read from `/proc` (the trim itself works wherever jemalloc does).
+pub const SUPPORTED: bool = cfg!(all(target_os = "linux", not(target_env = "msvc")));
 
 /// Return the allocator's free pages to the system: jemalloc purges the unused dirty pages
 /// of every arena. Blocks for a few milliseconds (each arena's lock is held while it is

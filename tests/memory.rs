@@ -18,7 +18,9 @@ fn trimming_returns_freed_pages() {
     let before = fedlink::memory::rss_bytes().expect("RSS on Linux");
     assert!(fedlink::memory::trim(), "freed pages in the middle of the heap were released");
     let after = fedlink::memory::rss_bytes().expect("RSS on Linux");
-    assert!(after + (20 << 20) < before, "RSS {before} -> {after}: less than 20 MiB of the ~60 MiB freed was returned");
+    // jemalloc keeps 256-byte blocks in one-page slabs: about half of them hold a kept block,
+    // so about 30 MiB of pages are free to return.
+    assert!(after + (20 << 20) < before, "RSS {before} -> {after}: less than 20 MiB of the ~30 MiB of free pages was returned");
     assert_eq!(kept.len(), n.div_ceil(every));
     assert!(kept.iter().enumerate().all(|(i, b)| b.iter().all(|x| *x == (i * every) as u8)), "kept blocks are intact");
 }

@@ -359,28 +359,47 @@ async fn phases(peer: &FakePeer, t: &impl Server, args: &Args) -> Result<(Run, R
     Ok((small_run, big_run, big))
 }
 
+/// A transaction built and signed ahead: its id, the request, and its last PDU (event id, event).
+struct Built {
+    txn: String,
+    /// How many PDUs it carries.
+    pdus: usize,
+    req: fake_peer::BuiltRequest,
+    last: Option<(String, Value)>,
+}
+
+/// `pdus` as signed transactions of `batch` PDUs each, ids `{txn_prefix}-{i}`.
+fn build(peer: &FakePeer, dest: &Dest, pdus: Vec<(String, Value)>, batch: usize, txn_prefix: &str) -> Vec<Built> {
+    pdus.chunks(batch)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let txn = format!("{txn_prefix}-{i}");
+            let req = peer.build_txn(&dest.name, &txn, chunk.iter().map(|(_, e)| e.clone()).collect());
+            Built { txn, pdus: chunk.len(), req, last: chunk.last().cloned() }
+        })
+        .collect()
+}
+
 /// Transactions of `batch` PDUs, one in flight, every PDU accepted: each is timed until the
 /// server has processed its last PDU ([`Server::settle`]) before the next is sent. The
 /// PDUs are built and the transactions serialized and signed before the clock starts, so
 /// the figures are the server's, not the generator's (a sending homeserver prepares its
 /// next transaction while the current one is in flight).
 async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, batch: usize, txn_prefix: &str) -> Result<Run> {
-    let mut run = Run { pdus: pdus.len(), ..Default::default() };
-    let dest = t.dest();
-    // (transaction id, the signed request, its last PDU)
-    type Built<'a> = (String, fake_peer::BuiltRequest, Option<&'a (String, Value)>);
-    let txns: Vec<Built> = pdus
-        .chunks(batch)
-        .enumerate()
-        .map(|(i, chunk)| {
-            let txn = format!("{txn_prefix}-{i}");
-            let req = peer.build_txn(&dest.name, &txn, chunk.iter().map(|(_, e)| e.clone()).collect());
-            (txn, req, chunk.last())
-        })
-        .collect();
+    let txns = build(peer, &t.dest(), pdus, batch, txn_prefix);
     let cpu = t.cpu();
     let start = Instant::now();
-    for (txn, req, last) in &txns {
+    let mut run = send_built(peer, t, &txns).await?;
+    run.elapsed = start.elapsed();
+    run.cpu = t.cpu().saturating_sub(cpu);
+    Ok(run)
+}
+
+/// Send `txns` one after the other, each timed until the server settled it.
+async fn send_built(peer: &FakePeer, t: &impl Server, txns: &[Built]) -> Result<Run> {
+    let dest = t.dest();
+    let mut run = Run::default();
+    for Built { txn, req, last, .. } in txns {
         let t0 = Instant::now();
         let (status, body) = peer.send_built(&dest.url, req).await;
         accepted(txn, status, &body)?;
@@ -389,8 +408,7 @@ async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, bat
         }
         run.latencies.push(t0.elapsed());
     }
-    run.elapsed = start.elapsed();
-    run.cpu = t.cpu().saturating_sub(cpu);
+    run.pdus = txns.iter().map(|b| b.pdus).sum();
     Ok(run)
 }
 
@@ -614,13 +632,10 @@ async fn main() -> Result<()> {
             rooms.push(room);
         }
         let per = args.messages / args.parallel;
-        let loads: Vec<(usize, Vec<(String, Value)>)> = rooms.iter().enumerate().map(|(i, r)| (i, messages(&peer, r, per))).collect();
-        let (start, batch, cpu) = (Instant::now(), args.batch, t.cpu());
-        let runs = futures::future::join_all(loads.into_iter().map(|(i, pdus)| {
-            let (peer, t) = (&peer, &t);
-            async move { timed(peer, t, pdus, batch, &format!("par-msg-{i}")).await }
-        }))
-        .await;
+        // Every room's transactions are built before the clock starts.
+        let loads: Vec<Vec<Built>> = rooms.iter().enumerate().map(|(i, r)| build(&peer, &t.dest(), messages(&peer, r, per), args.batch, &format!("par-msg-{i}"))).collect();
+        let (start, cpu) = (Instant::now(), t.cpu());
+        let runs = futures::future::join_all(loads.iter().map(|txns| send_built(&peer, &t, txns))).await;
         let elapsed = start.elapsed();
         let mut all = Run { pdus: per * args.parallel, elapsed, latencies: Vec::new(), cpu: t.cpu().saturating_sub(cpu) };
         for r in runs {

@@ -2,9 +2,10 @@
 //! EDU it acts on, and every change to the bot's membership is one [`Entry`].
 //!
 //! The stored format is an API: records carry a format version ([`LOG_FORMAT`]) and entries
-//! are tagged by `kind`, so old logs keep loading as the set of kinds grows. Entries carry
-//! the few derived fields views need (type, state key, membership) next to the full PDU, so
-//! folding never re-parses JSON.
+//! are tagged by `kind`, so old logs keep loading as the set of kinds grows. In memory a PDU
+//! entry holds the few derived fields views need (room, type, state key, membership, ...)
+//! next to the full PDU; on disk (format 2) it leaves out those its PDU gives, and folding
+//! reads them from the PDU's top-level fields (not its signatures, hashes or auth events).
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomVersionId};
 use serde::{Deserialize, Serialize};
@@ -359,7 +360,8 @@ struct FromPdu<'a> {
     state_key: Option<Option<&'a str>>,
     sender: Option<&'a str>,
     membership: Option<Option<&'a str>>,
-    prev_events: Option<Vec<&'a str>>,
+    /// The PDU's `prev_events` when every one is a string.
+    prev_events: Option<&'a [serde_json::Value]>,
     depth: Option<u64>,
     origin_server_ts: Option<u64>,
 }
@@ -386,7 +388,7 @@ impl<'a> FromPdu<'a> {
             state_key: optional(get("state_key")),
             sender: string("sender"),
             membership,
-            prev_events: get("prev_events").and_then(serde_json::Value::as_array).and_then(|a| a.iter().map(serde_json::Value::as_str).collect()),
+            prev_events: get("prev_events").and_then(serde_json::Value::as_array).filter(|a| a.iter().all(serde_json::Value::is_string)).map(Vec::as_slice),
             depth: get("depth").and_then(serde_json::Value::as_u64),
             origin_server_ts: get("origin_server_ts").and_then(serde_json::Value::as_u64),
         }
@@ -427,7 +429,7 @@ impl Serialize for PduEntry<serde_json::Value> {
         if d.membership != Some(self.membership.as_deref()) {
             st.serialize_field("membership", &self.membership)?;
         }
-        let same_prev = d.prev_events.is_some_and(|p| p.len() == self.prev_events.len() && p.iter().zip(&self.prev_events).all(|(a, b)| *a == b.as_str()));
+        let same_prev = d.prev_events.is_some_and(|p| p.len() == self.prev_events.len() && p.iter().zip(&self.prev_events).all(|(a, b)| a.as_str() == Some(b.as_str())));
         if !same_prev {
             st.serialize_field("prev_events", &self.prev_events)?;
         }
@@ -503,8 +505,8 @@ impl<P: SignedPdu> StoredPduEntry<P> {
             None => d
                 .prev_events
                 .ok_or_else(|| missing("prev_events"))?
-                .into_iter()
-                .map(|p| OwnedEventId::try_from(p).map_err(|e| bad("prev_events", e)))
+                .iter()
+                .map(|p| OwnedEventId::try_from(p.as_str().unwrap_or_default()).map_err(|e| bad("prev_events", e)))
                 .collect::<Result<_, _>>()?,
         };
         let event_type = match self.event_type {
