@@ -4,10 +4,11 @@
 //! (50-PDU transactions, glibc's allocator) put about a quarter of fedlink's CPU in glibc's
 //! `malloc` and `free` (`_int_malloc`, `malloc_consolidate`, `_int_free`, ...): a
 //! transaction parses, copies and drops thousands of small JSON values and sled rewrites
-//! pages. With jemalloc the same load took 10-27% less CPU per PDU (see README, Performance).
+//! pages. With jemalloc the same load took 10-15% less CPU per PDU in two pairs of runs,
+//! 27% in a third (see README, Performance).
 //!
 //! The allocator is set here, in the library, so that every binary and test built from
-//! this crate runs on the allocator fedlink runs on (the trim test below checks jemalloc's
+//! this crate runs on the allocator fedlink runs on (`tests/memory.rs` checks jemalloc's
 //! purge, which would find nothing to purge under another allocator).
 //!
 //! jemalloc returns freed pages to the system gradually (its decay), and only as it
@@ -39,7 +40,7 @@ pub fn rss_of(pid: &str) -> Option<(u64, u64)> {
 }
 
 /// The system's memory page size in bytes.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(target_os = "linux")]
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -51,7 +52,7 @@ pub fn page_size() -> u64 {
 }
 
 /// The system's memory page size in bytes (assumed).
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(not(target_os = "linux"))]
 pub fn page_size() -> u64 {
     4096
 }

@@ -395,7 +395,8 @@ async fn timed(peer: &FakePeer, t: &impl Server, pdus: Vec<(String, Value)>, bat
     Ok(run)
 }
 
-/// Send `txns` one after the other, each timed until the server settled it.
+/// Send `txns` one after the other, each timed until the server settled it: the `Run`'s
+/// PDUs and latencies (its `elapsed` and `cpu` are the caller's to fill in).
 async fn send_built(peer: &FakePeer, t: &impl Server, txns: &[Built]) -> Result<Run> {
     let dest = t.dest();
     let mut run = Run::default();
@@ -637,9 +638,11 @@ async fn main() -> Result<()> {
         let (start, cpu) = (Instant::now(), t.cpu());
         let runs = futures::future::join_all(loads.iter().map(|txns| send_built(&peer, &t, txns))).await;
         let elapsed = start.elapsed();
-        let mut all = Run { pdus: per * args.parallel, elapsed, latencies: Vec::new(), cpu: t.cpu().saturating_sub(cpu) };
+        let mut all = Run { pdus: 0, elapsed, latencies: Vec::new(), cpu: t.cpu().saturating_sub(cpu) };
         for r in runs {
-            all.latencies.extend(r?.latencies);
+            let r = r?;
+            all.pdus += r.pdus;
+            all.latencies.extend(r.latencies);
         }
         println!("{}", all.line(&format!("messages, {} 3-member rooms, {} transactions in flight", args.parallel, args.parallel)));
         println!("parallel / one in flight: {:.2}x", all.rate() / small_run.rate());

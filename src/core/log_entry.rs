@@ -506,7 +506,8 @@ impl<P: SignedPdu> StoredPduEntry<P> {
                 .prev_events
                 .ok_or_else(|| missing("prev_events"))?
                 .iter()
-                .map(|p| OwnedEventId::try_from(p.as_str().unwrap_or_default()).map_err(|e| bad("prev_events", e)))
+                // `FromPdu::read` keeps `prev_events` only when every one is a string.
+                .map(|p| OwnedEventId::try_from(p.as_str().expect("prev_events filtered to strings")).map_err(|e| bad("prev_events", e)))
                 .collect::<Result<_, _>>()?,
         };
         let event_type = match self.event_type {

@@ -388,7 +388,7 @@ impl FakePeer {
         let path = format!("/_matrix/federation/v1/send/{}", enc(txn_id));
         let content = ruma::canonical_json::CanonicalJsonValue::try_from(body.clone()).unwrap();
         let authz = auth::sign_request(&self.key, &self.name, dest, "PUT", &path, Some(&content));
-        BuiltRequest { path, authz, body: serde_json::to_vec(&body).unwrap() }
+        BuiltRequest { path, authz, body: serde_json::to_vec(&body).unwrap().into() }
     }
 
     /// Send a request built by [`FakePeer::build_txn`].
@@ -444,7 +444,8 @@ impl FakePeer {
 pub struct BuiltRequest {
     path: String,
     authz: String,
-    body: Vec<u8>,
+    /// Shared, so sending it copies nothing.
+    body: bytes::Bytes,
 }
 
 impl Drop for FakePeer {
