@@ -14,6 +14,9 @@
 //! - `server_keys`: `server \0 key_id` -> cached remote key.
 //! - `state_nodes`: id -> a node of the persistent state trie ([`StateNode`]; see
 //!   `rooms::state`): the state at every event, shared between events by path copying.
+//!   A node is a tag byte and its body: encodings 2 and 3 (compact, see `StateNode::encode`)
+//!   are written, 0 and 1 of earlier versions are read. Nodes are never rewritten, so a
+//!   database upgraded in place holds both.
 //! - `state_root_of`: event id -> the trie root of the state after it, as earlier versions
 //!   kept it (read for their events; no longer written).
 //! - `state_before_root`: event id -> the trie root of the state before an event fedlink
@@ -68,6 +71,8 @@ pub enum StateNode {
 }
 
 /// State event types a compact leaf writes as one byte (its index + 1); 0 is a literal.
+/// Part of the stored format: append only, never reorder or edit (stored codes would read
+/// as other types; `compact_node_bytes_are_fixed` pins the layout).
 const COMMON_TYPES: [&str; 16] = [
     "m.room.member",
     "m.room.create",
@@ -1171,11 +1176,49 @@ mod tests {
             proptest::prop_assert!(StateNode::decode(&longer).is_err());
         }
 
-        /// Arbitrary bytes are an error or a node, never a panic.
+        /// Bytes behind any of the four tags, and valid nodes with one byte changed, are an
+        /// error or a node, never a panic.
         #[test]
-        fn any_bytes_decode_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
-            let _ = StateNode::decode(&bytes);
+        fn any_bytes_decode_without_panicking(
+            tag in 0u8..4,
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            node in node_strategy(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let _ = StateNode::decode(&[&[tag][..], &tail].concat());
+            for mut bytes in [node.encode(), encode_v1(&node)] {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+                let _ = StateNode::decode(&bytes);
+            }
         }
+    }
+
+    /// The stored bytes of each encoding, written out: a change to the layout (the type
+    /// table, the tags, the varints) fails here, not in databases.
+    #[test]
+    fn compact_node_bytes_are_fixed() {
+        use base64::Engine;
+        let hash_id = format!("${}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 32]));
+        let leaf = StateNode::Leaf(vec![("m.room.member".into(), "@a:b".into(), hash_id), ("x.y".into(), String::new(), "$t:s".into())]);
+        let mut leaf_bytes = vec![2, 2, 1, 4, b'@', b'a', b':', b'b', 1];
+        leaf_bytes.extend([7u8; 32]);
+        leaf_bytes.extend([0, 3, b'x', b'.', b'y', 0, 0, 4, b'$', b't', b':', b's']);
+        assert_eq!(leaf.encode(), leaf_bytes);
+        assert_eq!(StateNode::decode(&leaf_bytes).unwrap(), leaf);
+        let branch = StateNode::Branch { bitmap: 0x8005, children: vec![1, 300, u64::MAX] };
+        let branch_bytes = vec![3, 0x05, 0x80, 1, 0xac, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(branch.encode(), branch_bytes);
+        assert_eq!(StateNode::decode(&branch_bytes).unwrap(), branch);
+        // Encodings 0 and 1, as earlier versions wrote them.
+        let old_leaf = [0, 3, 0, 0, 0, b'x', b'.', b'y', 0, 0, 0, 0, 4, 0, 0, 0, b'$', b't', b':', b's'];
+        assert_eq!(StateNode::decode(&old_leaf).unwrap(), StateNode::Leaf(vec![("x.y".into(), String::new(), "$t:s".into())]));
+        let old_branch = [1, 0x01, 0x00, 42, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(StateNode::decode(&old_branch).unwrap(), StateNode::Branch { bitmap: 1, children: vec![42] });
+        // An old branch whose length does not match its bitmap is refused, as it was.
+        assert!(StateNode::decode(&[1, 0x03, 0x00, 1, 0, 0, 0, 0, 0, 0, 0]).is_err(), "fewer children than bits");
+        assert!(StateNode::decode(&[1, 0x01, 0x00, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]).is_err(), "more children than bits");
     }
 
     /// A membership leaf of four entries and a full branch take at least 30% less than in
