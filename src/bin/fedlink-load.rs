@@ -173,6 +173,14 @@ impl Target {
         Ok(text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
     }
 
+    /// A histogram's mean in milliseconds (0 when empty) and its count; `labels` is the
+    /// `{...}` selector or empty.
+    async fn mean_ms(&self, histogram: &str, labels: &str) -> Result<(f64, f64)> {
+        let sum = self.metric(&format!("{histogram}_sum{labels}")).await?;
+        let count = self.metric(&format!("{histogram}_count{labels}")).await?;
+        Ok((if count > 0.0 { sum / count * 1000.0 } else { 0.0 }, count))
+    }
+
     fn bot(&self) -> String {
         format!("@fedlink:{}", self.name)
     }
@@ -374,7 +382,7 @@ fn build(peer: &FakePeer, dest: &Dest, pdus: Vec<(String, Value)>, batch: usize,
         .enumerate()
         .map(|(i, chunk)| {
             let txn = format!("{txn_prefix}-{i}");
-            let req = peer.build_txn(&dest.name, &txn, chunk.iter().map(|(_, e)| e.clone()).collect());
+            let req = peer.build_txn(&dest.name, &txn, chunk.iter().map(|(_, e)| e.clone()).collect(), Vec::new());
             Built { txn, pdus: chunk.len(), req, last: chunk.last().cloned() }
         })
         .collect()
@@ -658,19 +666,16 @@ async fn main() -> Result<()> {
         mib(t.disk())
     );
     let mut phases = Vec::new();
-    let (sum, count) = (t.metric("fedlink_transaction_duration_seconds_sum").await?, t.metric("fedlink_transaction_duration_seconds_count").await?);
-    phases.push(format!("whole /send {:.2} ms", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }));
+    phases.push(format!("whole /send {:.2} ms", t.mean_ms("fedlink_transaction_duration_seconds", "").await?.0));
     for phase in ["prepare", "wait", "apply", "flush"] {
-        let sum = t.metric(&format!("fedlink_ingest_phase_duration_seconds_sum{{phase=\"{phase}\"}}")).await?;
-        let count = t.metric(&format!("fedlink_ingest_phase_duration_seconds_count{{phase=\"{phase}\"}}")).await?;
-        phases.push(format!("{phase} {:.2} ms", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }));
+        let (mean, _) = t.mean_ms("fedlink_ingest_phase_duration_seconds", &format!("{{phase=\"{phase}\"}}")).await?;
+        phases.push(format!("{phase} {mean:.2} ms"));
     }
     println!("mean time per transaction by phase: {}", phases.join(", "));
     let mut passes = Vec::new();
     for pass in ["incremental", "full"] {
-        let sum = t.metric(&format!("fedlink_reconcile_duration_seconds_sum{{pass=\"{pass}\"}}")).await?;
-        let count = t.metric(&format!("fedlink_reconcile_duration_seconds_count{{pass=\"{pass}\"}}")).await?;
-        passes.push(format!("{pass} {:.3} ms over {} passes", if count > 0.0 { sum / count * 1000.0 } else { 0.0 }, count as u64));
+        let (mean, count) = t.mean_ms("fedlink_reconcile_duration_seconds", &format!("{{pass=\"{pass}\"}}")).await?;
+        passes.push(format!("{pass} {mean:.3} ms over {} passes", count as u64));
     }
     let within = t.metric("fedlink_reconcile_duration_seconds_bucket{pass=\"incremental\",le=\"0.001\"}").await?;
     let all = t.metric("fedlink_reconcile_duration_seconds_count{pass=\"incremental\"}").await?;

@@ -488,48 +488,20 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Resul
 impl<P: SignedPdu> StoredPduEntry<P> {
     /// The entry, each left-out field taken from the signed PDU.
     fn complete<E: serde::de::Error>(self) -> Result<PduEntry<P>, E> {
-        let id = &self.event_id;
-        let missing = |field: &str| E::custom(format!("PDU entry {id}: no `{field}`, and its signed PDU does not give one"));
-        let bad = |field: &str, e: ruma::IdParseError| E::custom(format!("PDU entry {id}: the signed PDU's `{field}`: {e}"));
+        let id = self.event_id.as_str();
         let d = self.pdu.derived();
-        let room_id = match self.room_id {
-            Some(r) => r,
-            None => OwnedRoomId::try_from(d.room_id.ok_or_else(|| missing("room_id"))?).map_err(|e| bad("room_id", e))?,
-        };
-        let sender = match self.sender {
-            Some(s) => s,
-            None => OwnedUserId::try_from(d.sender.ok_or_else(|| missing("sender"))?).map_err(|e| bad("sender", e))?,
-        };
-        let prev_events = match self.prev_events {
-            Some(p) => p,
-            None => d
-                .prev_events
-                .ok_or_else(|| missing("prev_events"))?
-                .iter()
-                // `FromPdu::read` keeps `prev_events` only when every one is a string.
-                .map(|p| OwnedEventId::try_from(p.as_str().expect("prev_events filtered to strings")).map_err(|e| bad("prev_events", e)))
-                .collect::<Result<_, _>>()?,
-        };
-        let event_type = match self.event_type {
-            Some(t) => t,
-            None => d.event_type.ok_or_else(|| missing("event_type"))?.to_owned(),
-        };
-        let state_key = match self.state_key {
-            Some(k) => k,
-            None => d.state_key.ok_or_else(|| missing("state_key"))?.map(str::to_owned),
-        };
-        let membership = match self.membership {
-            Some(m) => m,
-            None => d.membership.ok_or_else(|| missing("membership"))?.map(str::to_owned),
-        };
-        let depth = match self.depth {
-            Some(x) => x,
-            None => d.depth.ok_or_else(|| missing("depth"))?,
-        };
-        let origin_server_ts = match self.origin_server_ts {
-            Some(x) => x,
-            None => d.origin_server_ts.ok_or_else(|| missing("origin_server_ts"))?,
-        };
+        let owned = |s: &str| Ok(s.to_owned());
+        let room_id = stored_or_pdu(id, "room_id", self.room_id, d.room_id, OwnedRoomId::try_from)?;
+        let sender = stored_or_pdu(id, "sender", self.sender, d.sender, OwnedUserId::try_from)?;
+        // `FromPdu::read` keeps `prev_events` only when every one is a string.
+        let prev_events = stored_or_pdu(id, "prev_events", self.prev_events, d.prev_events, |p| {
+            p.iter().map(|e| OwnedEventId::try_from(e.as_str().expect("prev_events filtered to strings"))).collect()
+        })?;
+        let event_type = stored_or_pdu(id, "event_type", self.event_type, d.event_type, owned)?;
+        let state_key = stored_or_pdu(id, "state_key", self.state_key, d.state_key, |k| Ok(k.map(str::to_owned)))?;
+        let membership = stored_or_pdu(id, "membership", self.membership, d.membership, |m| Ok(m.map(str::to_owned)))?;
+        let depth = stored_or_pdu(id, "depth", self.depth, d.depth, Ok)?;
+        let origin_server_ts = stored_or_pdu(id, "origin_server_ts", self.origin_server_ts, d.origin_server_ts, Ok)?;
         Ok(PduEntry {
             room_id,
             event_id: self.event_id,
@@ -546,6 +518,22 @@ impl<P: SignedPdu> StoredPduEntry<P> {
             resolved_state: self.resolved_state,
             superseded: self.superseded,
         })
+    }
+}
+
+/// A PDU entry's field `field`: the stored value, else the signed PDU's converted, else an
+/// error naming the field and the event.
+fn stored_or_pdu<T, U, E: serde::de::Error>(
+    id: &str,
+    field: &str,
+    stored: Option<T>,
+    from_pdu: Option<U>,
+    convert: impl FnOnce(U) -> Result<T, ruma::IdParseError>,
+) -> Result<T, E> {
+    match (stored, from_pdu) {
+        (Some(v), _) => Ok(v),
+        (None, Some(d)) => convert(d).map_err(|e| E::custom(format!("PDU entry {id}: the signed PDU's `{field}`: {e}"))),
+        (None, None) => Err(E::custom(format!("PDU entry {id}: no `{field}`, and its signed PDU does not give one"))),
     }
 }
 

@@ -332,10 +332,7 @@ impl FakePeer {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.expect("request to fedlink");
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        answer(req.send().await.expect("request to fedlink")).await
     }
 
     /// Invite `user` (fedlink's bot) to a hosted room via `PUT /v2/invite` on fedlink;
@@ -376,15 +373,13 @@ impl FakePeer {
 
     /// Send a transaction to fedlink.
     pub async fn send_txn(&self, dest: &str, base: &str, txn_id: &str, pdus: Vec<Value>, edus: Vec<Value>) -> (StatusCode, Value) {
-        let body = json!({ "origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus });
-        let path = format!("/_matrix/federation/v1/send/{}", enc(txn_id));
-        self.request(dest, base, Method::PUT, &path, Some(&body)).await
+        self.send_built(base, &self.build_txn(dest, txn_id, pdus, edus)).await
     }
 
     /// A `/send` transaction built and signed now, to be sent later with
     /// [`FakePeer::send_built`] (the load generator builds its transactions before timing them).
-    pub fn build_txn(&self, dest: &str, txn_id: &str, pdus: Vec<Value>) -> BuiltRequest {
-        let body = json!({ "origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": [] });
+    pub fn build_txn(&self, dest: &str, txn_id: &str, pdus: Vec<Value>, edus: Vec<Value>) -> BuiltRequest {
+        let body = json!({ "origin": self.name, "origin_server_ts": now_ms(), "pdus": pdus, "edus": edus });
         let path = format!("/_matrix/federation/v1/send/{}", enc(txn_id));
         let content = ruma::canonical_json::CanonicalJsonValue::try_from(body.clone()).unwrap();
         let authz = auth::sign_request(&self.key, &self.name, dest, "PUT", &path, Some(&content));
@@ -393,18 +388,8 @@ impl FakePeer {
 
     /// Send a request built by [`FakePeer::build_txn`].
     pub async fn send_built(&self, base: &str, req: &BuiltRequest) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .put(format!("{base}{}", req.path))
-            .header("Authorization", req.authz.as_str())
-            .header("Content-Type", "application/json")
-            .body(req.body.clone())
-            .send()
-            .await
-            .expect("request to the server");
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let req = self.http.put(format!("{base}{}", req.path)).header("Authorization", req.authz.as_str()).header("Content-Type", "application/json").body(req.body.clone());
+        answer(req.send().await.expect("request to the server")).await
     }
 
     /// Join `user_local` to a room fedlink is resident in, through fedlink
@@ -438,6 +423,13 @@ impl FakePeer {
     pub fn stop(&self) {
         self.handle.shutdown();
     }
+}
+
+/// A response's status and body (JSON, else the text as a JSON string).
+async fn answer(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 /// A signed request, ready to send.
