@@ -133,6 +133,8 @@ pub struct Metrics {
     pub event_filter_bytes: IntGauge,
     /// Ids the filter of known event ids holds.
     pub event_filter_ids: IntGauge,
+    /// Layers of the filter of known event ids.
+    pub event_filter_layers: IntGauge,
     /// Serialises [`Metrics::observe_known_ids`] (concurrent scrapes).
     known_ids_observed: std::sync::Mutex<()>,
 }
@@ -276,7 +278,8 @@ impl Metrics {
             ),
             event_filter_bytes: gauge(&r, "fedlink_event_filter_bytes", "Size of the in-memory filter of the event ids the event index holds"),
             known_ids_observed: std::sync::Mutex::new(()),
-            event_filter_ids: gauge(&r, "fedlink_event_filter_ids", "Ids added to the in-memory event id filter in use (scanned or written; an id written while the filter was built, or written again, counts twice): it is rebuilt at least four times as large beyond a sixteenth of its bits"),
+            event_filter_ids: gauge(&r, "fedlink_event_filter_ids", "Ids added to the in-memory event id filter in use (scanned or written; an id written while the filter was built, or written again, counts twice): when its newest layer holds more than it was sized for, a layer four times as large is added"),
+            event_filter_layers: gauge(&r, "fedlink_event_filter_layers", "Layers of the in-memory event id filter: it grows by adding a layer four times as large as the last when that is full (each full layer answers about one fresh id in a thousand wrongly \"maybe\")"),
             memory_trims: counter(&r, "fedlink_memory_trims_total", "Trims run: times fedlink asked the allocator to give its free pages back to the system (memory.trim_secs)"),
             memory_trimmed_bytes: counter(&r, "fedlink_memory_trimmed_bytes_total", "Resident memory given back to the system by those trims, in bytes (approximate: the fall of RSS across each trim, which other threads move too)"),
             memory_trim_seconds: {
@@ -302,6 +305,7 @@ impl Metrics {
         }
         self.event_filter_bytes.set(c.bytes as i64);
         self.event_filter_ids.set(c.ids as i64);
+        self.event_filter_layers.set(c.layers as i64);
     }
 
     /// The text exposition format.

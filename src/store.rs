@@ -311,11 +311,40 @@ pub struct Store {
     legacy_roots: bool,
     /// The ids `event_index` holds, as a filter: a fresh event's lookup reads nothing.
     known_ids: std::sync::Arc<crate::known_ids::KnownIds>,
+    /// The thread that reads index pages ahead of writes (see [`Store::warm_index`]) and
+    /// the queue it takes ids from.
+    warmer: Mutex<Option<(std::sync::mpsc::SyncSender<String>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
         self.known_ids.close();
+        // Its thread holds the database open: stop it (closing its queue) and wait.
+        if let Some((queue, thread)) = self.warmer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            drop(queue);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Ids queued for the warming thread at most; beyond, an id is not read ahead.
+const WARM_QUEUE: usize = 1_024;
+
+/// Start the thread that reads `event_index` pages ahead of writes: `None` if the machine
+/// cannot start one (writes then read their pages themselves).
+fn start_warmer(index: sled::Tree) -> Option<(std::sync::mpsc::SyncSender<String>, std::thread::JoinHandle<()>)> {
+    let (queue, ids) = std::sync::mpsc::sync_channel::<String>(WARM_QUEUE);
+    let spawned = std::thread::Builder::new().name("fedlink-warm-index".into()).spawn(move || {
+        while let Ok(id) = ids.recv() {
+            let _ = index.get(id.as_bytes());
+        }
+    });
+    match spawned {
+        Ok(thread) => Some((queue, thread)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start the thread that reads event index pages ahead of writes; writes read them themselves");
+            None
+        }
     }
 }
 
@@ -425,6 +454,7 @@ impl Store {
         let known_ids = crate::known_ids::KnownIds::open(event_index.clone(), last);
         Ok(Self {
             known_ids,
+            warmer: Mutex::new(start_warmer(event_index.clone())),
             event_index,
             txns,
             views,
@@ -684,6 +714,19 @@ impl Store {
             self.known_ids.found(v.is_some());
         }
         Ok(v)
+    }
+
+    /// Have the `event_index` page `event_id` would be on read into sled's cache, on a
+    /// thread of its own, answering nothing. Writing an event reads its index entry first
+    /// (sled's transactions read every key they write), and ids are hashes: beyond the
+    /// cache, that read loads a page from the files, under the ingest lock. Called as a
+    /// transaction's PDUs are parsed, so the page is read while the rest of the
+    /// transaction is parsed and checked. Best effort: when the thread's queue is full (or
+    /// there is no thread), the id is not read ahead and its write reads the page.
+    pub fn warm_index(&self, event_id: &str) {
+        if let Some((queue, _)) = &*self.warmer.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            let _ = queue.try_send(event_id.to_owned());
+        }
     }
 
     /// Whether `event_index` holds `event_id` (through the filter, as [`Store::index_get`]).

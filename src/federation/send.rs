@@ -751,6 +751,8 @@ async fn precheck_keys_in(app: &Fedlink, origin: &str, raw: Value, rooms: &Rooms
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
         return Ok(Pre::Known(id));
     }
+    // Its write will read the index page its id is on: have that read now, meanwhile.
+    app.store.warm_index(&id);
     let keys = crate::rooms::keys_to_verify(&app.keys, &pdu.json, &rules, Some(origin)).await.map_err(|r| (Some(id.clone()), r))?;
     Ok(Pre::Fresh(Box::new(Unverified { pdu, signed, keys, rules }), room_id))
 }
@@ -786,9 +788,10 @@ const VERIFY_CHUNK: usize = 8;
 /// Verify `jobs` on up to as many threads as the machine has cores (a transaction's
 /// signatures are the bulk of its CPU work); results in the order of `jobs`.
 fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
+    let check = Unverified::verify;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().div_ceil(VERIFY_CHUNK)).max(1);
     if threads == 1 {
-        return jobs.into_iter().map(Unverified::verify).collect();
+        return jobs.into_iter().map(check).collect();
     }
     let per = jobs.len().div_ceil(threads);
     let mut chunks: Vec<Vec<Unverified>> = Vec::new();
@@ -803,14 +806,14 @@ fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = slots[1..]
             .iter()
-            .map(|slot| std::thread::Builder::new().spawn_scoped(scope, move || take(slot).into_iter().map(Unverified::verify).collect::<Vec<_>>()).ok())
+            .map(|slot| std::thread::Builder::new().spawn_scoped(scope, move || take(slot).into_iter().map(check).collect::<Vec<_>>()).ok())
             .collect();
-        let mut out: Vec<Result<Pdu, Rejection>> = take(&slots[0]).into_iter().map(Unverified::verify).collect();
+        let mut out: Vec<Result<Pdu, Rejection>> = take(&slots[0]).into_iter().map(check).collect();
         for (slot, h) in slots[1..].iter().zip(handles) {
             match h.map(|h| h.join()) {
                 Some(Ok(mut r)) => out.append(&mut r),
                 Some(Err(panic)) => std::panic::resume_unwind(panic),
-                None => out.extend(take(slot).into_iter().map(Unverified::verify)),
+                None => out.extend(take(slot).into_iter().map(check)),
             }
         }
         out
