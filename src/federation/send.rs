@@ -308,6 +308,12 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
     // CPU-bound for a few milliseconds, like the sequential checks it replaces: run here
     // (the work is spread over threads of its own), not handed to the blocking pool.
     let checked = verify_all(jobs);
+    // Each event's write will read the index page its id is on: have those read now, on
+    // a thread of their own, while the rest of the transaction is checked and admitted
+    // (serial work, one core) rather than under the ingest lock at the write.
+    for pdu in checked.iter().flatten() {
+        app.store.warm_index(pdu.event_id.as_str());
+    }
     for ((outcome, room), id) in checked.into_iter().zip(rooms).zip(ids) {
         match outcome {
             // Each result is its own event's (fail closed if that were ever not so).
@@ -751,8 +757,6 @@ async fn precheck_keys_in(app: &Fedlink, origin: &str, raw: Value, rooms: &Rooms
         app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
         return Ok(Pre::Known(id));
     }
-    // Its write will read the index page its id is on: have that read now, meanwhile.
-    app.store.warm_index(&id);
     let keys = crate::rooms::keys_to_verify(&app.keys, &pdu.json, &rules, Some(origin)).await.map_err(|r| (Some(id.clone()), r))?;
     Ok(Pre::Fresh(Box::new(Unverified { pdu, signed, keys, rules }), room_id))
 }
@@ -788,10 +792,9 @@ const VERIFY_CHUNK: usize = 8;
 /// Verify `jobs` on up to as many threads as the machine has cores (a transaction's
 /// signatures are the bulk of its CPU work); results in the order of `jobs`.
 fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
-    let check = Unverified::verify;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().div_ceil(VERIFY_CHUNK)).max(1);
     if threads == 1 {
-        return jobs.into_iter().map(check).collect();
+        return jobs.into_iter().map(Unverified::verify).collect();
     }
     let per = jobs.len().div_ceil(threads);
     let mut chunks: Vec<Vec<Unverified>> = Vec::new();
@@ -806,14 +809,14 @@ fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = slots[1..]
             .iter()
-            .map(|slot| std::thread::Builder::new().spawn_scoped(scope, move || take(slot).into_iter().map(check).collect::<Vec<_>>()).ok())
+            .map(|slot| std::thread::Builder::new().spawn_scoped(scope, move || take(slot).into_iter().map(Unverified::verify).collect::<Vec<_>>()).ok())
             .collect();
-        let mut out: Vec<Result<Pdu, Rejection>> = take(&slots[0]).into_iter().map(check).collect();
+        let mut out: Vec<Result<Pdu, Rejection>> = take(&slots[0]).into_iter().map(Unverified::verify).collect();
         for (slot, h) in slots[1..].iter().zip(handles) {
             match h.map(|h| h.join()) {
                 Some(Ok(mut r)) => out.append(&mut r),
                 Some(Err(panic)) => std::panic::resume_unwind(panic),
-                None => out.extend(take(slot).into_iter().map(check)),
+                None => out.extend(take(slot).into_iter().map(Unverified::verify)),
             }
         }
         out
