@@ -1495,6 +1495,29 @@ mod tests {
         assert_eq!(recs[0].seq, 4);
     }
 
+    /// Reading index pages ahead (a thread of its own) changes no answer, never blocks the
+    /// caller when its queue is full, and the database opens again right after the store is
+    /// dropped (the drop waits for the thread, which holds the database open).
+    #[test]
+    fn reading_the_index_ahead_changes_nothing_and_stops_with_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.append(vec![Entry::Pdu(PduEntry::test_message("$w1"))], None, &[], 42).unwrap();
+            let started = std::time::Instant::now();
+            for i in 0..20 * WARM_QUEUE {
+                s.warm_index(&format!("$warm{i}"));
+            }
+            s.warm_index("$w1");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "queueing ids to read ahead blocked");
+            assert!(s.has_event("$w1").unwrap());
+            assert!(!s.has_event("$warm7").unwrap(), "an id read ahead is not an event");
+        }
+        let s = Store::open(dir.path()).expect("the database opens again after the store was dropped");
+        assert_eq!(s.get_event("$w1").unwrap().unwrap().event_id, "$w1");
+        assert_eq!(s.last_seq(), 1);
+    }
+
     #[test]
     fn txn_keys_do_not_collide_across_origins() {
         assert_ne!(txn_key("a", "bc"), txn_key("ab", "c"));
