@@ -5,11 +5,13 @@
 //! the id would be on. Ids are hashes, so those pages are spread over the whole index, and
 //! beyond sled's cache each such lookup reads and decodes a page from the files: a cost that
 //! grew with the log. The filter answers "certainly not there" from memory; only a "maybe"
-//! (an id that is there, or about one in a thousand that is not) reads the index.
+//! (an id that is there, or a few in a thousand that are not: see [`Filter`]) reads the
+//! index.
 //!
 //! The filter never forgets an id (`event_index` never removes one), and an id is added to
 //! every filter (the one in use and one being built) before the write that puts it in the
-//! index, and again after it, so "not there" is always true of the index. It is built once,
+//! index, and again after it (with no filter in use, it is held as in flight meanwhile),
+//! so "not there" is always true of the index. It is built once,
 //! by scanning the index at open (in the background for a big log; until then every lookup
 //! reads the index); it then grows by layers, each four times as large as the last, when
 //! more ids than its newest layer was sized for have been added (see [`Filter`]): growing
@@ -24,7 +26,7 @@ use std::{
     },
 };
 
-/// Bits per id the filter is sized for: with [`HASHES`] probes, about one false "maybe" in a
+/// Bits per id a layer is sized for: with [`HASHES`] probes, about one false "maybe" in a
 /// thousand lookups while it holds at most its capacity.
 const BITS_PER_ID: u64 = 16;
 /// Probes per id.
@@ -35,7 +37,10 @@ const MIN_CAPACITY: u64 = 1 << 17;
 /// which counts every record ever written (EDUs, superseded typing and presence), not only
 /// PDUs; past this it grows as ids are added.
 const MAX_OPEN_CAPACITY: u64 = 1 << 22;
-/// After a failed build, how long before a larger filter is tried again.
+/// The largest layer, in ids (2 GiB of bits): past it, full layers are followed by layers
+/// of this size.
+const MAX_LAYER_CAPACITY: u64 = 1 << 30;
+/// After a failed first build, how long before it is tried again.
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 /// Up to this many records in the log, the filter is built before the store is opened
 /// (a few milliseconds); above, in the background.
@@ -46,8 +51,8 @@ struct Bloom {
     words: Box<[AtomicU64]>,
     /// Bits - 1 (a power of two).
     mask: u64,
-    /// Ids added (each counted once per add, repeats included): when above `capacity`,
-    /// the filter adds a larger layer.
+    /// Ids inserted (counted by `Filter::insert`, repeats included; `Filter::add` sets bits
+    /// only): when above `capacity`, the filter adds a layer.
     added: AtomicU64,
     capacity: u64,
 }
@@ -57,9 +62,11 @@ type Hashes = (u64, u64);
 
 impl Bloom {
     fn with_capacity(ids: u64, min: u64) -> Self {
-        let capacity = ids.max(min).next_power_of_two();
+        let capacity = ids.max(min).clamp(1, MAX_LAYER_CAPACITY).next_power_of_two();
         let bits = capacity * BITS_PER_ID;
-        Self { words: (0..bits / 64).map(|_| AtomicU64::new(0)).collect(), mask: bits - 1, added: AtomicU64::new(0), capacity }
+        // Zeroed pages, not written: a large layer is added on the write path.
+        let words = crate::memory::zeroed_atomics(usize::try_from(bits / 64).expect("a layer fits in memory"));
+        Self { words, mask: bits - 1, added: AtomicU64::new(0), capacity }
     }
 
     /// The bit positions of an id (double hashing).
@@ -85,9 +92,11 @@ impl Bloom {
 
 /// A filter that grows without reading the index again: ids go into its newest layer, and
 /// when that holds more ids than it was sized for, a layer four times as large is added
-/// (the old ones keep answering). An id may be held if any layer may hold it; wrong
-/// "maybe"s add up over the layers (about one per thousand each, a handful of layers as
-/// the sizes grow fourfold).
+/// (the old ones keep answering; layers are never removed, so a bit once set stays in the
+/// filter). An id may be held if any layer may hold it; wrong "maybe"s add up over the
+/// layers, about one per thousand lookups of fresh ids for each full layer (sizes grow
+/// fourfold, so a filter started at 131,072 ids has 4 layers at 2.8 million ids: about
+/// 0.3-0.4%).
 struct Filter {
     hasher: std::collections::hash_map::RandomState,
     layers: RwLock<Vec<Arc<Bloom>>>,
@@ -120,10 +129,12 @@ impl Filter {
         }
     }
 
-    /// Add a layer four times as large as `full`, unless another was added meanwhile.
+    /// Add a layer four times as large as `full` (at most [`MAX_LAYER_CAPACITY`]), unless
+    /// another was added meanwhile. Allocated zeroed (no page is written here) and before
+    /// the lock: lookups do not wait on it.
     fn grow(&self, full: &Arc<Bloom>) {
-        // Allocated before the lock, so lookups do not wait on it.
-        let layer = Arc::new(Bloom::with_capacity(full.capacity * 4, full.capacity * 4));
+        let capacity = full.capacity.saturating_mul(4);
+        let layer = Arc::new(Bloom::with_capacity(capacity, capacity));
         let mut layers = self.layers.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if layers.last().is_some_and(|l| Arc::ptr_eq(l, full)) {
             tracing::info!(layers = layers.len() + 1, capacity = layer.capacity, bytes = layer.bytes(), "event id filter full: added a layer");
@@ -188,9 +199,13 @@ pub struct KnownIds {
     current: RwLock<Option<Arc<Filter>>>,
     /// The filter the first build is filling: writes add to it too.
     next: Mutex<Option<Arc<Filter>>>,
+    /// Ids between [`KnownIds::adding`] and [`KnownIds::added`] while no filter is in use
+    /// (how many times each): a build that starts after their `adding` and whose scan
+    /// passes their place before they are written adds them before it is swapped in.
+    in_flight: Mutex<std::collections::HashMap<Vec<u8>, u32>>,
     /// Set when the store closes: a build under way stops.
     closed: Arc<AtomicBool>,
-    /// When a build last failed: growth waits [`RETRY_AFTER`] after it.
+    /// When a build last failed: the next waits [`RETRY_AFTER`] after it.
     failed_at: Mutex<Option<std::time::Instant>>,
     absent: AtomicU64,
     present: AtomicU64,
@@ -214,6 +229,7 @@ impl KnownIds {
             open_capacity,
             current: RwLock::new(None),
             next: Mutex::new(None),
+            in_flight: Mutex::new(Default::default()),
             building: AtomicBool::new(false),
             thread: Mutex::new(None),
             closed: Arc::new(AtomicBool::new(false)),
@@ -258,8 +274,8 @@ impl KnownIds {
         match spawned {
             Ok(t) => *self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(t),
             Err(e) => {
-                // Lookups keep using the filter they have, or read the index.
-                tracing::warn!(error = %e, "could not start the event id filter's build; lookups keep the filter they have or read the index");
+                // Lookups read the index meanwhile.
+                tracing::warn!(error = %e, "could not start the event id filter's build; lookups read the index meanwhile");
                 self.failed();
             }
         }
@@ -292,8 +308,8 @@ impl KnownIds {
             match key {
                 Ok(k) => filter.insert(&k),
                 Err(e) => {
-                    // Without every id, "absent" could be wrong: keep the old answers.
-                    tracing::warn!(error = %e, "reading event_index for the event id filter failed; lookups keep the filter they have or read the index");
+                    // Without every id, "absent" could be wrong: no filter is used.
+                    tracing::warn!(error = %e, "reading event_index for the event id filter failed; lookups read the index meanwhile");
                     return;
                 }
             }
@@ -301,6 +317,11 @@ impl KnownIds {
         }
         {
             let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Ids whose write began before this build put its filter where writes add to
+            // it, and whose place the scan may have passed before they were written.
+            for id in self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).keys() {
+                filter.insert(id);
+            }
             *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.take();
         }
         done.1 = true;
@@ -319,11 +340,13 @@ impl KnownIds {
 
     /// Note that `id` is about to be written to the index: call before the write, so a
     /// lookup never finds it absent once it is there, in the filter in use or in one whose
-    /// build finishes before [`KnownIds::added`] runs.
+    /// build finishes before [`KnownIds::added`] runs (with no filter in use, the id is
+    /// held as in flight until then, for a build that starts meanwhile).
     pub fn adding(&self, id: &[u8]) {
         let next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(b) = &*self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
-            b.add(id);
+        match &*self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            Some(f) => f.add(id),
+            None => *self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(id.to_vec()).or_default() += 1,
         }
         if let Some(n) = &*next {
             n.add(id);
@@ -349,6 +372,17 @@ impl KnownIds {
             }
             none
         };
+        {
+            // In a filter now, or written before any build to come starts its scan. (An id
+            // whose write failed stays: at worst a wrong "maybe".)
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = in_flight.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    in_flight.remove(id);
+                }
+            }
+        }
         if !first_build || self.building.load(Ordering::Acquire) || self.closed.load(Ordering::Relaxed) {
             return;
         }
@@ -499,6 +533,28 @@ mod tests {
         assert_eq!(ids.lookup(&id(7)), Answer::Maybe, "an id in the index answered absent");
         ids.added(&id(7));
         assert_eq!(ids.lookup(&id(7)), Answer::Maybe);
+    }
+
+    /// A write that began while no filter was in use, before a build put its filter where
+    /// writes add to it, and committed after the build's scan passed its place: the build
+    /// adds it before its filter is used, so it is not answered absent before its `added`.
+    #[test]
+    fn an_id_written_across_the_start_of_a_build_is_held_after_the_swap() {
+        let (_dir, tree) = index();
+        let ids = KnownIds::open_with(tree.clone(), 0, u64::MAX, 1 << 10);
+        // As after a failed first build: no filter, none being built.
+        *ids.current.write().unwrap() = None;
+        ids.adding(&id(7));
+        // A build starts and finishes (its scan sees nothing) before the write lands.
+        ids.building.store(true, Ordering::Release);
+        ids.build(1 << 10);
+        assert!(ids.ready());
+        tree.insert(id(7), &7u64.to_be_bytes()).unwrap();
+        assert_eq!(ids.lookup(&id(7)), Answer::Maybe, "an id in the index answered absent");
+        ids.added(&id(7));
+        assert_eq!(ids.lookup(&id(7)), Answer::Maybe);
+        assert!(ids.in_flight.lock().unwrap().is_empty(), "an id stays in flight after its write");
+        assert_eq!(ids.lookup(&id(8)), Answer::Absent);
     }
 
     /// A first build that fails leaves lookups reading the index; the next write after

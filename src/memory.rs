@@ -17,11 +17,36 @@
 //! trim was needed to return pages freed in the middle of its heaps: at 10,000 rooms and
 //! 1,000 linked persons `malloc_trim` took RSS from 259 to 205 MiB.)
 //!
-//! The only module with `unsafe` code: calls into the C library and into jemalloc.
+//! The only module with `unsafe` code: calls into the C library and into jemalloc, and
+//! [`zeroed_atomics`].
 
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// `n` zeroed atomic words, allocated zeroed: the allocator hands out large blocks as
+/// fresh pages the system zeroes when first touched, so allocating a large array costs
+/// nothing up front (writing the zeros one by one touches every page at once: about a
+/// millisecond per 4 MiB, on whatever path allocates).
+pub fn zeroed_atomics(n: usize) -> Box<[std::sync::atomic::AtomicU64]> {
+    use std::sync::atomic::AtomicU64;
+    if n == 0 {
+        return Box::new([]);
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(n).expect("an array of atomic words within the address space");
+    // SAFETY: the layout is non-zero-sized (n > 0). An all-zero `AtomicU64` is a valid
+    // value (it has the same in-memory representation as `u64`), the pointer comes from
+    // the global allocator with this exact layout (`Layout::array` of the element type, so
+    // its alignment), and the box takes ownership of the `n` elements and frees them with
+    // the same layout.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<AtomicU64>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n))
+    }
+}
 
 /// Resident set size of this process in bytes, if the platform tells.
 pub fn rss_bytes() -> Option<u64> {
