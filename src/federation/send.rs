@@ -371,7 +371,9 @@ pub async fn apply_prepared<'a>(
     }
     // Each event is checked against the views and store as the earlier ones of the batch
     // left them (folded and staged), and all are written in one log transaction.
+    let t = std::time::Instant::now();
     let mut batch = app.batch().await;
+    app.metrics.ingest_phase_seconds.with_label_values(&["views_wait"]).observe(t.elapsed().as_secs_f64());
     for (pdu, room_id) in verified {
         let id = pdu.event_id.to_string();
         // Events fetched to fill a gap are logged like any other but not answered for.
