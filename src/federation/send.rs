@@ -308,11 +308,14 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
     // CPU-bound for a few milliseconds, like the sequential checks it replaces: run here
     // (the work is spread over threads of its own), not handed to the blocking pool.
     let checked = verify_all(jobs);
-    // Each event's write will read the index page its id is on: have those read now, on
-    // a thread of their own, while the rest of the transaction is checked and admitted
-    // (serial work, one core) rather than under the ingest lock at the write.
-    for pdu in checked.iter().flatten() {
-        app.store.warm_index(pdu.event_id.as_str());
+    // Each event's write will read the index page its id is on: once the index outgrows
+    // sled's cache, have those read now, on a thread of their own, while the rest of the
+    // transaction is checked and admitted (serial work, one core) rather than under the
+    // ingest lock at the write.
+    if app.store.index_outgrows_cache() {
+        for pdu in checked.iter().flatten() {
+            app.store.warm_index(pdu.event_id.as_str());
+        }
     }
     for ((outcome, room), id) in checked.into_iter().zip(rooms).zip(ids) {
         match outcome {
