@@ -742,7 +742,7 @@ impl Store {
     /// Whether the event index holds enough ids that its pages no longer stay in sled's
     /// cache: below, every page a write reads is in memory already and reading ahead is
     /// only work (with read-ahead on, joins into a room grown to 10,000 members, 14,000
-    /// ids, were 6-21% slower in three runs).
+    /// ids, were 6-21% slower in two runs against one without).
     /// Callers ask once per transaction before [`Store::warm_index`].
     pub fn index_outgrows_cache(&self) -> bool {
         self.known_ids.counts().ids > self.warm_from_ids
