@@ -96,7 +96,7 @@ impl Bloom {
 /// filter). An id may be held if any layer may hold it; wrong "maybe"s add up over the
 /// layers, about one per thousand lookups of fresh ids for each full layer (sizes grow
 /// fourfold, so a filter started at 131,072 ids has 4 layers at 2.8 million ids: about
-/// 0.3-0.4%).
+/// 0.3%).
 struct Filter {
     hasher: std::collections::hash_map::RandomState,
     layers: RwLock<Vec<Arc<Bloom>>>,
