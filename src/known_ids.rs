@@ -11,12 +11,12 @@
 //! The filter never forgets an id (`event_index` never removes one), and an id is added to
 //! every filter (the one in use and one being built) before the write that puts it in the
 //! index, and again after it (with no filter in use, it is held as in flight meanwhile),
-//! so "not there" is always true of the index. It is built once,
-//! by scanning the index at open (in the background for a big log; until then every lookup
-//! reads the index); it then grows by layers, each four times as large as the last, when
-//! more ids than its newest layer was sized for have been added (see [`Filter`]): growing
-//! never reads the index again (a rebuild scan took 6-9% of fedlink's CPU in the profiles
-//! that caught one, at 300,000-1,100,000 records). A build that fails is not tried again for a minute.
+//! so "not there" is always true of the index. It is built once, by scanning the index at
+//! open (in the background for a big log; until then every lookup reads the index); it then
+//! grows by layers, each four times as large as the last, when more ids than its newest
+//! layer was sized for have been added (see [`Filter`]): growing never reads the index
+//! again (a rebuild scan took 6-9% of fedlink's CPU in the profiles that caught one, at
+//! 300,000-1,100,000 records). A build that fails is not tried again for a minute.
 
 use std::{
     hash::BuildHasher,
@@ -451,6 +451,17 @@ mod tests {
         (dir, tree)
     }
 
+    /// An index holding ids `0..n`, written in one batch (no filter sees them).
+    fn index_holding(n: u64) -> (tempfile::TempDir, sled::Tree) {
+        let (dir, tree) = index();
+        let mut batch = sled::Batch::default();
+        for i in 0..n {
+            batch.insert(id(i), &i.to_be_bytes());
+        }
+        tree.apply_batch(batch).unwrap();
+        (dir, tree)
+    }
+
     fn id(i: u64) -> Vec<u8> {
         format!("$event{i}").into_bytes()
     }
@@ -494,12 +505,7 @@ mod tests {
 
     #[test]
     fn ids_written_while_the_filter_is_built_in_the_background_are_held() {
-        let (_dir, tree) = index();
-        let mut batch = sled::Batch::default();
-        for i in 0..100_000u64 {
-            batch.insert(id(i), &i.to_be_bytes());
-        }
-        tree.apply_batch(batch).unwrap();
+        let (_dir, tree) = index_holding(100_000);
         // Built in the background (inline only up to 0 records), with writes under way.
         let ids = KnownIds::open_with(tree.clone(), 100_000, 0, 1 << 10);
         let mut i = 100_000;
@@ -609,12 +615,7 @@ mod tests {
     /// build's scan adds layers as it goes.
     #[test]
     fn the_first_build_grows_by_layers_while_it_scans() {
-        let (_dir, tree) = index();
-        let mut batch = sled::Batch::default();
-        for i in 0..50_000u64 {
-            batch.insert(id(i), &i.to_be_bytes());
-        }
-        tree.apply_batch(batch).unwrap();
+        let (_dir, tree) = index_holding(50_000);
         let ids = KnownIds::open_with(tree.clone(), 1_000, u64::MAX, 1 << 10);
         assert!(ids.ready());
         let c = ids.counts();
