@@ -869,8 +869,13 @@ async fn signatures_checked_in_parallel_answer_for_the_right_events() {
     for v in sigs.values_mut() {
         *v = json!("AAAA".repeat(21) + "AA");
     }
+    let before = peer.state.lock().unwrap().requests.len();
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "parallel", pdus.iter().map(|(_, e)| e.clone()).collect(), vec![]).await;
     assert_eq!(s, StatusCode::OK);
+    // The forged event is the last: nothing names it, so nothing was fetched (a fetch would
+    // have happened before the answer).
+    let fetches: Vec<(String, String)> = peer.state.lock().unwrap().requests[before..].iter().filter(|(_, p)| p.contains("/get_missing_events/") || p.contains("/event") || p.contains("/state_ids/")).cloned().collect();
+    assert!(fetches.is_empty(), "nothing fetched: {fetches:?}");
     for (i, (id, _)) in pdus.iter().enumerate() {
         if i == 23 {
             assert!(v["pdus"][id]["error"].as_str().is_some_and(|e| e.contains("ignature")), "the forged event is refused: {v}");
@@ -886,6 +891,44 @@ async fn signatures_checked_in_parallel_answer_for_the_right_events() {
         assert_eq!(e.pdu["content"], expected, "event {i}");
     }
     assert!(store.get_event(&forged).unwrap().is_none());
+}
+
+/// In a transaction with nothing to fetch, events are admitted as their checks end. When an
+/// event that a later one names as its parent fails its check, the later one has a gap after
+/// all: it is filled from the origin (which serves the event properly signed), as for any
+/// other transaction with a gap, and both are stored; the forged copy is refused.
+#[tokio::test]
+async fn a_forged_parent_in_a_linear_transaction_is_fetched_for_its_child() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let mut pdus: Vec<(String, Value)> =
+        (0..20).map(|i| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }))).collect();
+    // The 11th is the 12th's parent; its copy in the transaction carries a bad signature.
+    let forged = pdus[10].0.clone();
+    let sigs = pdus[10].1["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap();
+    for v in sigs.values_mut() {
+        *v = json!("AAAA".repeat(21) + "AA");
+    }
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "forged-parent", pdus.iter().map(|(_, e)| e.clone()).collect(), vec![]).await;
+    assert_eq!(s, StatusCode::OK);
+    for (i, (id, _)) in pdus.iter().enumerate() {
+        if i == 10 {
+            assert!(v["pdus"][id]["error"].as_str().is_some_and(|e| e.contains("ignature")), "the forged copy is refused: {v}");
+        } else {
+            assert_eq!(v["pdus"][id], json!({}), "event {i}: {v}");
+        }
+    }
+    let gap_fills: Vec<String> = peer.state.lock().unwrap().requests.iter().filter(|(m, p)| m == "POST" && p.contains("/get_missing_events/")).map(|(_, p)| p.clone()).collect();
+    assert_eq!(gap_fills.len(), 1, "the child's gap was filled from the origin: {gap_fills:?}");
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["forward_extremities"], json!([pdus[19].0]), "{r}");
+    f.stop().await;
+    let store = open_store(&_dir.path().join("db")).await;
+    for (i, (id, _)) in pdus.iter().enumerate() {
+        let e = store.get_event(id).unwrap().unwrap_or_else(|| panic!("event {i} stored"));
+        assert_eq!(e.pdu["content"], json!({ "body": format!("message {i}") }), "event {i}");
+    }
+    let fetched = store.get_event(&forged).unwrap().unwrap();
+    assert_ne!(fetched.pdu["signatures"], pdus[10].1["signatures"], "the properly signed copy is stored, not the forged one");
 }
 
 /// Issue #9 over federation, with the bot in the room: a direct-chat invite makes the bot's

@@ -140,7 +140,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     phase("prepare", t);
     let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
     let t = std::time::Instant::now();
-    let _lock = app.lock_ingest().await;
+    let mut lock = Some(app.lock_ingest().await);
     phase("wait", t);
     let t = std::time::Instant::now();
     if let Some(resp) = app.store.txn_response(origin, txn_id)? {
@@ -148,7 +148,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     }
     let parked_rooms: std::collections::BTreeSet<OwnedRoomId> = to_park.iter().map(|(r, _, _)| r.clone()).collect();
     park(app, origin, to_park, &mut results).await?;
-    let mut batch = apply_prepared(app, &via, prepared, &mut results).await?;
+    let mut batch = admit_prepared(app, &via, &mut lock, prepared, &mut results).await?;
     for edu in edus {
         let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or("").to_owned();
         let label = edu_metric_label(&edu_type);
@@ -236,9 +236,9 @@ pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize,
     for (origin, pdus) in by_origin {
         let Ok(via) = OwnedServerName::try_from(origin.as_str()) else { continue };
         let prepared = prepare(app, &origin, pdus).await;
-        let _lock = app.lock_ingest().await;
+        let mut lock = Some(app.lock_ingest().await);
         let mut ignored = BTreeMap::new();
-        match apply_prepared(app, &via, prepared, &mut ignored).await {
+        match admit_prepared(app, &via, &mut lock, prepared, &mut ignored).await {
             Ok(batch) => {
                 batch.commit(None)?;
             }
@@ -257,13 +257,30 @@ pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize,
 }
 
 /// PDUs parsed and signature-checked, gaps and missing auth events fetched: everything done
-/// before the ingest lock.
+/// before the ingest lock. A linear transaction (see [`linear`]) has nothing to fetch: its
+/// checks run on while it is admitted, each event as soon as its check ends (`checking`).
 pub struct Prepared {
     results: BTreeMap<String, Value>,
     sent: std::collections::BTreeSet<OwnedEventId>,
     verified: Vec<(Pdu, OwnedRoomId)>,
     auth_only: Vec<(Pdu, OwnedRoomId)>,
     gaps: Vec<GapState>,
+    checking: Option<Checking>,
+}
+
+/// A linear transaction's signature checks, under way.
+struct Checking {
+    checks: Checks,
+    /// Each job's room and event id, in the order of the jobs.
+    jobs: Vec<(OwnedRoomId, OwnedEventId)>,
+    /// Ids of the transaction's events that others of it name as parents or auth events.
+    named: std::collections::HashSet<OwnedEventId>,
+}
+
+/// What is left of a linear transaction after an event another of its events names failed
+/// its check: the rest, checked, to go through the gap fills without the ingest lock.
+pub struct Leftover {
+    verified: Vec<(Pdu, OwnedRoomId)>,
 }
 
 /// The state at a gap `get_missing_events` could not fill: the missing parent, the ids of
@@ -284,7 +301,6 @@ pub const MAX_GAP_STATE_EVENTS: usize = 2_000;
 /// The lock-free part of ingesting `pdus` from `origin`.
 pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared {
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
-    let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     let mut unverified: Vec<(Unverified, OwnedRoomId)> = Vec::new();
     let rooms = rooms_of(app, &pdus).await;
     for raw in pdus {
@@ -303,11 +319,28 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
             }
         }
     }
+    if let Some(named) = linear(app, &unverified) {
+        // Nothing to fetch: admit each event as soon as its signatures are checked, on one
+        // core while the others check the rest. Its index page is read ahead meanwhile.
+        let outgrows = app.store.index_outgrows_cache();
+        let mut jobs = Vec::with_capacity(unverified.len());
+        let mut checks = Vec::with_capacity(unverified.len());
+        for (job, room) in unverified {
+            if outgrows {
+                app.store.warm_index(job.pdu.event_id.as_str());
+            }
+            jobs.push((room, job.pdu.event_id.clone()));
+            checks.push(job);
+        }
+        let sent = jobs.iter().map(|(_, id)| id.clone()).collect();
+        let checking = Checking { checks: Checks::start(checks), jobs, named };
+        return Prepared { results, sent, verified: Vec::new(), auth_only: Vec::new(), gaps: Vec::new(), checking: Some(checking) };
+    }
     let (jobs, rooms): (Vec<Unverified>, Vec<OwnedRoomId>) = unverified.into_iter().unzip();
     let ids: Vec<String> = jobs.iter().map(|j| j.pdu.event_id.to_string()).collect();
     // CPU-bound for a few milliseconds, like the sequential checks it replaces: run here
     // (the work is spread over threads of its own), not handed to the blocking pool.
-    let checked = verify_all(jobs);
+    let checked = Checks::start(jobs).all();
     // Each event's write will read the index page its id is on: once the index outgrows
     // sled's cache, have those read now, on a thread of their own, while the rest of the
     // transaction is checked and admitted (serial work, one core) rather than under the
@@ -317,6 +350,7 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
             app.store.warm_index(pdu.event_id.as_str());
         }
     }
+    let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     for ((outcome, room), id) in checked.into_iter().zip(rooms).zip(ids) {
         match outcome {
             // Each result is its own event's (fail closed if that were ever not so).
@@ -325,6 +359,38 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
             Err(rej) => reject(app, &id, &rej, &mut results),
         }
     }
+    after_checks(app, origin, results, verified).await
+}
+
+/// Whether `jobs` can be admitted in their order as they are checked, with nothing fetched:
+/// their depths do not decrease, and every parent and auth event each names is stored or
+/// comes before it in the transaction. Then the ids of the transaction's events that others
+/// of it name (if one of those fails its check, the rest go through the gap fills after all).
+fn linear(app: &Fedlink, jobs: &[(Unverified, OwnedRoomId)]) -> Option<std::collections::HashSet<OwnedEventId>> {
+    let mut before: std::collections::HashSet<&OwnedEventId> = std::collections::HashSet::with_capacity(jobs.len());
+    let mut named = std::collections::HashSet::new();
+    let mut depth = 0u64;
+    for (job, _) in jobs {
+        let pdu = &job.pdu;
+        if pdu.depth < depth {
+            return None;
+        }
+        depth = pdu.depth;
+        for id in pdu.prev_events.iter().chain(&pdu.auth_events) {
+            if before.contains(id) {
+                named.insert(id.clone());
+            } else if !app.store.has_event(id.as_str()).unwrap_or(false) {
+                return None;
+            }
+        }
+        before.insert(&pdu.event_id);
+    }
+    Some(named)
+}
+
+/// The part of [`prepare`] after the signature checks: fill gaps, fetch the state at those
+/// left and missing auth events, and order the events by depth.
+async fn after_checks(app: &Fedlink, origin: &str, results: BTreeMap<String, Value>, mut verified: Vec<(Pdu, OwnedRoomId)>) -> Prepared {
     let sent: std::collections::BTreeSet<OwnedEventId> = verified.iter().map(|(p, _)| p.event_id.clone()).collect();
     for _ in 0..GAP_FILL_ROUNDS {
         let fetched = fill_gaps(app, origin, &verified).await;
@@ -336,21 +402,42 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
     verified.sort_by_key(|(p, _)| p.depth);
     let gaps = fetch_state_at_gaps(app, origin, &verified).await;
     let auth_only = fetch_missing_auth(app, origin, &verified).await;
-    Prepared { results, sent, verified, auth_only, gaps }
+    Prepared { results, sent, verified, auth_only, gaps, checking: None }
+}
+
+/// Admit `prepared` into a batch under the ingest lock `lock` (taken by the caller). If a
+/// linear transaction leaves events to fetch for, what was admitted is written, the lock is
+/// let go while they are fetched, and taken again to admit the rest. The caller adds what
+/// else the transaction carries, commits the batch and flushes.
+pub async fn admit_prepared<'a>(
+    app: &'a Fedlink,
+    via: &OwnedServerName,
+    lock: &mut Option<crate::node::IngestGuard<'a>>,
+    mut prepared: Prepared,
+    results: &mut BTreeMap<String, Value>,
+) -> Result<crate::node::Batch<'a>, MatrixError> {
+    loop {
+        let (batch, leftover) = apply_prepared(app, via, prepared, results).await?;
+        let Some(Leftover { verified }) = leftover else { return Ok(batch) };
+        batch.commit(None)?;
+        *lock = None;
+        tracing::info!(origin = %via, events = verified.len(), "an event others of the transaction name failed its check: filling gaps for the rest");
+        prepared = after_checks(app, via.as_str(), BTreeMap::new(), verified).await;
+        *lock = Some(app.lock_ingest().await);
+    }
 }
 
 /// Auth-check prepared PDUs and fold them into a batch; answers go into `results`. Call
-/// with the ingest lock held; the caller adds what else the transaction carries, commits
-/// the batch and flushes.
-pub async fn apply_prepared<'a>(
+/// with the ingest lock held (through [`admit_prepared`]); the second value is what a
+/// linear transaction leaves to fetch for, when an event others of it name failed its check.
+async fn apply_prepared<'a>(
     app: &'a Fedlink,
     via: &OwnedServerName,
     prepared: Prepared,
     results: &mut BTreeMap<String, Value>,
-) -> Result<crate::node::Batch<'a>, MatrixError> {
-    let Prepared { results: early, sent, verified, auth_only, gaps } = prepared;
+) -> Result<(crate::node::Batch<'a>, Option<Leftover>), MatrixError> {
+    let Prepared { results: early, sent, verified, auth_only, gaps, checking } = prepared;
     results.extend(early);
-    let origin = via.as_str();
     for gap in gaps {
         apply_gap_state(app, via, gap).await?;
     }
@@ -378,47 +465,87 @@ pub async fn apply_prepared<'a>(
     let mut batch = app.batch().await;
     app.metrics.ingest_phase_seconds.with_label_values(&["views_wait"]).observe(t.elapsed().as_secs_f64());
     for (pdu, room_id) in verified {
-        let id = pdu.event_id.to_string();
         // Events fetched to fill a gap are logged like any other but not answered for.
         let mut answers = Results { map: results, answer: sent.contains(&pdu.event_id) };
-        let answers = &mut answers;
-        if app.store.has_timeline_event(&id)? {
-            app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
-            answers.ok(id);
-            continue;
-        }
-        let views = batch.views();
-        let Some(room) = views.rooms.get(&room_id).filter(|r| r.bot_joined()) else {
-            answers.reject(app, &id, &Rejection::Room("fedlink is not in this room".into()));
-            continue;
-        };
-        let Some(rules) = rules_for(&room.version) else {
-            answers.reject(app, &id, &Rejection::Room("unsupported room version".into()));
-            continue;
-        };
-        if !crate::rooms::server_allowed(&app.store, room, origin) {
-            answers.reject(app, &id, &Rejection::Room("the room's server ACL denies the sending server".into()));
-            continue;
-        }
-        match crate::rooms::admit(&app.store, room, &pdu, &rules) {
-            Ok(crate::rooms::Admitted { status, resolved, superseded, .. }) => {
-                let mut entry = PduEntry::new(&pdu, via.clone(), status);
-                entry.resolved_state = resolved;
-                entry.superseded = superseded;
-                batch.push(Entry::Pdu(entry));
-                let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
-                app.metrics.pdus_received.with_label_values(&[label]).inc();
-                tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");
-                answers.ok(id);
-            }
+        admit_one(app, &mut batch, via, pdu, &room_id, &mut answers)?;
+    }
+    let Some(Checking { mut checks, jobs, named }) = checking else { return Ok((batch, None)) };
+    let mut answers = Results { map: results, answer: true };
+    let mut jobs = jobs.into_iter();
+    while let Some((room_id, id)) = jobs.next() {
+        let Some(outcome) = checks.next() else { break };
+        match outcome {
+            // Each result is its own event's (fail closed if that were ever not so).
+            Ok(pdu) if pdu.event_id != id => answers.reject(app, id.as_str(), &Rejection::Format("internal: a verification result for another event".into())),
+            Ok(pdu) => admit_one(app, &mut batch, via, pdu, &room_id, &mut answers)?,
             Err(rej) => {
-                // Admission may have recorded a state after the event before rejecting it.
-                app.store.forget_unwritten(&id);
-                answers.reject(app, &id, &rej);
+                answers.reject(app, id.as_str(), &rej);
+                if named.contains(&id) {
+                    // Others of the transaction name it: they now have a gap, which is
+                    // filled without the ingest lock.
+                    let mut rest = Vec::with_capacity(checks.remaining());
+                    for ((room_id, id), outcome) in jobs.by_ref().zip(std::iter::from_fn(|| checks.next())) {
+                        match outcome {
+                            Ok(pdu) if pdu.event_id == id => rest.push((pdu, room_id)),
+                            Ok(_) => answers.reject(app, id.as_str(), &Rejection::Format("internal: a verification result for another event".into())),
+                            Err(rej) => answers.reject(app, id.as_str(), &rej),
+                        }
+                    }
+                    observe_checks_wait(app, &checks);
+                    return Ok((batch, Some(Leftover { verified: rest })));
+                }
             }
         }
     }
-    Ok(batch)
+    observe_checks_wait(app, &checks);
+    Ok((batch, None))
+}
+
+fn observe_checks_wait(app: &Fedlink, checks: &Checks) {
+    app.metrics.ingest_phase_seconds.with_label_values(&["checks_wait"]).observe(checks.waited.as_secs_f64());
+}
+
+/// Auth-check one verified PDU against the batch's views and store and, if admitted, add it
+/// to the batch.
+fn admit_one(app: &Fedlink, batch: &mut crate::node::Batch<'_>, via: &OwnedServerName, pdu: Pdu, room_id: &OwnedRoomId, answers: &mut Results<'_>) -> Result<(), MatrixError> {
+    let id = pdu.event_id.to_string();
+    let origin = via.as_str();
+    if app.store.has_timeline_event(&id)? {
+        app.metrics.pdus_received.with_label_values(&["duplicate"]).inc();
+        answers.ok(id);
+        return Ok(());
+    }
+    let views = batch.views();
+    let Some(room) = views.rooms.get(room_id).filter(|r| r.bot_joined()) else {
+        answers.reject(app, &id, &Rejection::Room("fedlink is not in this room".into()));
+        return Ok(());
+    };
+    let Some(rules) = rules_for(&room.version) else {
+        answers.reject(app, &id, &Rejection::Room("unsupported room version".into()));
+        return Ok(());
+    };
+    if !crate::rooms::server_allowed(&app.store, room, origin) {
+        answers.reject(app, &id, &Rejection::Room("the room's server ACL denies the sending server".into()));
+        return Ok(());
+    }
+    match crate::rooms::admit(&app.store, room, &pdu, &rules) {
+        Ok(crate::rooms::Admitted { status, resolved, superseded, .. }) => {
+            let mut entry = PduEntry::new(&pdu, via.clone(), status);
+            entry.resolved_state = resolved;
+            entry.superseded = superseded;
+            batch.push(Entry::Pdu(entry));
+            let label = if status == PduStatus::Accepted { "accepted" } else { "soft_failed" };
+            app.metrics.pdus_received.with_label_values(&[label]).inc();
+            tracing::debug!(%origin, event_id = %id, room_id = %room_id, status = label, "PDU logged");
+            answers.ok(id);
+        }
+        Err(rej) => {
+            // Admission may have recorded a state after the event before rejecting it.
+            app.store.forget_unwritten(&id);
+            answers.reject(app, &id, &rej);
+        }
+    }
+    Ok(())
 }
 
 /// The per-PDU answers, skipping events fedlink fetched itself.
@@ -791,41 +918,109 @@ impl Unverified {
     }
 }
 
-/// Most PDUs one thread checks before the work is shared with another.
+/// Most PDUs per signature-checking thread: fewer are checked by the caller alone.
 const VERIFY_CHUNK: usize = 8;
 
-/// Verify `jobs` on up to as many threads as the machine has cores (a transaction's
-/// signatures are the bulk of its CPU work); results in the order of `jobs`.
-fn verify_all(jobs: Vec<Unverified>) -> Vec<Result<Pdu, Rejection>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().div_ceil(VERIFY_CHUNK)).max(1);
-    if threads == 1 {
-        return jobs.into_iter().map(Unverified::verify).collect();
+/// Signature checks of a transaction's PDUs (the bulk of its CPU work), run on threads of
+/// their own while the caller takes the results in order. A caller waiting for a result
+/// checks a waiting PDU itself rather than idle, so with one core fewer helpers than the
+/// machine has, every core is busy: checking, or admitting what was checked.
+struct Checks {
+    shared: std::sync::Arc<ChecksShared>,
+    rx: std::sync::mpsc::Receiver<(usize, Result<Pdu, Rejection>)>,
+    /// Results that came in ahead of the one taken next.
+    ready: Vec<Option<Result<Pdu, Rejection>>>,
+    next: usize,
+    /// Time spent blocked waiting for a helper's result.
+    waited: std::time::Duration,
+}
+
+struct ChecksShared {
+    jobs: Vec<std::sync::Mutex<Option<Unverified>>>,
+    /// Jobs `0..claimed` are taken (by a helper or the caller): one counter, so each is
+    /// checked once, in order of index.
+    claimed: std::sync::atomic::AtomicUsize,
+}
+
+impl ChecksShared {
+    /// Take the next unclaimed job, if any.
+    fn claim(&self) -> Option<(usize, Unverified)> {
+        let i = self.claimed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let job = self.jobs.get(i)?.lock().ok()?.take()?;
+        Some((i, job))
     }
-    let per = jobs.len().div_ceil(threads);
-    let mut chunks: Vec<Vec<Unverified>> = Vec::new();
-    let mut jobs = jobs.into_iter().peekable();
-    while jobs.peek().is_some() {
-        chunks.push(jobs.by_ref().take(per).collect());
-    }
-    // Each chunk waits in a slot its thread takes it from: a chunk whose thread cannot be
-    // started (the machine is out of threads) is still there, and is checked here instead.
-    let slots: Vec<std::sync::Mutex<Option<Vec<Unverified>>>> = chunks.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect();
-    let take = |slot: &std::sync::Mutex<Option<Vec<Unverified>>>| slot.lock().map(|mut s| s.take()).ok().flatten().unwrap_or_default();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = slots[1..]
-            .iter()
-            .map(|slot| std::thread::Builder::new().spawn_scoped(scope, move || take(slot).into_iter().map(Unverified::verify).collect::<Vec<_>>()).ok())
-            .collect();
-        let mut out: Vec<Result<Pdu, Rejection>> = take(&slots[0]).into_iter().map(Unverified::verify).collect();
-        for (slot, h) in slots[1..].iter().zip(handles) {
-            match h.map(|h| h.join()) {
-                Some(Ok(mut r)) => out.append(&mut r),
-                Some(Err(panic)) => std::panic::resume_unwind(panic),
-                None => out.extend(take(slot).into_iter().map(Unverified::verify)),
-            }
+}
+
+impl Checks {
+    /// Start checking `jobs` on up to one thread fewer than the machine has cores.
+    fn start(jobs: Vec<Unverified>) -> Checks {
+        let n = jobs.len();
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let helpers = (cores - 1).min(n.div_ceil(VERIFY_CHUNK).saturating_sub(1));
+        let shared = std::sync::Arc::new(ChecksShared {
+            jobs: jobs.into_iter().map(|j| std::sync::Mutex::new(Some(j))).collect(),
+            claimed: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..helpers {
+            let (shared, tx) = (shared.clone(), tx.clone());
+            // A helper that cannot be started leaves its share to the caller.
+            let _ = std::thread::Builder::new().name("fedlink-verify".into()).spawn(move || {
+                while let Some((i, job)) = shared.claim() {
+                    if tx.send((i, job.verify())).is_err() {
+                        return; // the caller is gone
+                    }
+                }
+            });
         }
-        out
-    })
+        Checks { shared, rx, ready: (0..n).map(|_| None).collect(), next: 0, waited: std::time::Duration::ZERO }
+    }
+
+    /// How many results are still to be taken.
+    fn remaining(&self) -> usize {
+        self.ready.len() - self.next
+    }
+
+    /// The next job's result, in the order of the jobs; `None` once all were taken.
+    fn next(&mut self) -> Option<Result<Pdu, Rejection>> {
+        let i = self.next;
+        if i >= self.ready.len() {
+            return None;
+        }
+        loop {
+            while let Ok((j, r)) = self.rx.try_recv() {
+                self.ready[j] = Some(r);
+            }
+            if let Some(r) = self.ready[i].take() {
+                self.next += 1;
+                return Some(r);
+            }
+            if let Some((j, job)) = self.shared.claim() {
+                self.ready[j] = Some(job.verify());
+                continue;
+            }
+            // Job `i` is a helper's: wait for it. A helper that panicked dropped its
+            // sender with its job; once all are gone the result cannot come.
+            let t = std::time::Instant::now();
+            match self.rx.recv() {
+                Ok((j, r)) => self.ready[j] = Some(r),
+                Err(_) => panic!("a signature-checking thread stopped without a result"),
+            }
+            self.waited += t.elapsed();
+        }
+    }
+
+    /// All the results, in the order of the jobs.
+    fn all(mut self) -> Vec<Result<Pdu, Rejection>> {
+        std::iter::from_fn(|| self.next()).collect()
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        // Helpers stop at their next claim.
+        self.shared.claimed.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn edu_metric_label(edu_type: &str) -> &'static str {
