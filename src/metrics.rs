@@ -252,7 +252,7 @@ impl Metrics {
             },
             ingest_phase_seconds: {
                 let h = HistogramVec::new(
-                    HistogramOpts::new("fedlink_ingest_phase_duration_seconds", "Time of each phase of an inbound /send transaction: prepare (parse, keys; signatures too unless the transaction is linear, when they are checked on other threads during wait and apply; gap fills; no lock), wait (for the ingest lock), apply (auth checks, fold and write, under the ingest lock), flush (until durable); parts of apply: views_wait, waiting for the views' write lock (held by readers: reconcile, checkpoints, the admin API), and checks_wait, waiting for signature checks still under way (linear transactions only)")
+                    HistogramOpts::new("fedlink_ingest_phase_duration_seconds", "Time of each phase of an inbound /send transaction: prepare (parse, keys, signatures, gap fills; no lock; for a linear transaction of more than 8 PDUs and at most 256 KiB, the signatures are checked on other threads during wait and apply instead), wait (for the ingest lock), apply (auth checks, fold and write, under the ingest lock), flush (until durable); parts of apply: views_wait, waiting for the views' write lock (held by readers: reconcile, checkpoints, the admin API); for linear transactions, checks_here (checking signatures on the admitting thread, under the lock) and checks_wait (waiting for another thread's check); refill (rare: a linear transaction whose named event failed its check: gap fills with the lock let go, and taking it again)")
                         .buckets(vec![0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
                     &["phase"],
                 )

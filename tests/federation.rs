@@ -855,72 +855,116 @@ async fn a_join_interrupted_by_failures_and_a_restart_is_sent_again_not_remade()
     assert_eq!(make_joins, 1, "the template was asked for once");
 }
 
-/// A transaction large enough for its signatures to be checked on several threads: each
-/// result belongs to its own event (a tampered 13th is kept redacted, a forged last one is
-/// refused), and every other event is stored as sent.
+/// A transaction large enough for its signatures to be checked on several threads while its
+/// events are admitted: each result belongs to its own event (a tampered message is kept
+/// redacted; a forged fork in the middle, which no other event names, and a forged last
+/// event are refused, with nothing fetched), and every other event is stored as sent.
 #[tokio::test]
 async fn signatures_checked_in_parallel_answer_for_the_right_events() {
     let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
-    let mut pdus: Vec<(String, Value)> =
-        (0..24).map(|i| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }))).collect();
-    pdus[13].1["content"]["body"] = json!("tampered");
-    let forged = pdus[23].0.clone();
-    let sigs = pdus[23].1["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap();
-    for v in sigs.values_mut() {
-        *v = json!("AAAA".repeat(21) + "AA");
-    }
+    let message = |i: usize| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }));
+    let mut pdus: Vec<(String, Value)> = (0..12).map(message).collect();
+    // A fork off the 12th message, as deep as the 13th, which does not name it.
+    let (fork, obj) = peer.build_detached(&room, &peer.user("alice"), "m.room.message", None, json!({ "body": "a fork" }));
+    pdus.push((fork, serde_json::to_value(&obj).unwrap()));
+    pdus.extend((12..24).map(message));
+    let forge = |ev: &mut Value| {
+        for v in ev["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap().values_mut() {
+            *v = json!("AAAA".repeat(21) + "AA");
+        }
+    };
+    forge(&mut pdus[12].1);
+    forge(&mut pdus[24].1);
+    pdus[14].1["content"]["body"] = json!("tampered");
+    let refused = [12, 24];
     let before = peer.state.lock().unwrap().requests.len();
     let (s, v) = peer.send_txn(&f.name, &f.fed_url, "parallel", pdus.iter().map(|(_, e)| e.clone()).collect(), vec![]).await;
     assert_eq!(s, StatusCode::OK);
-    // The forged event is the last: nothing names it, so nothing was fetched (a fetch would
-    // have happened before the answer).
-    let fetches: Vec<(String, String)> = peer.state.lock().unwrap().requests[before..].iter().filter(|(_, p)| p.contains("/get_missing_events/") || p.contains("/event") || p.contains("/state_ids/")).cloned().collect();
-    assert!(fetches.is_empty(), "nothing fetched: {fetches:?}");
     for (i, (id, _)) in pdus.iter().enumerate() {
-        if i == 23 {
-            assert!(v["pdus"][id]["error"].as_str().is_some_and(|e| e.contains("ignature")), "the forged event is refused: {v}");
+        if refused.contains(&i) {
+            assert!(v["pdus"][id]["error"].as_str().is_some_and(|e| e.contains("ignature")), "the forged event {i} is refused: {v}");
         } else {
             assert_eq!(v["pdus"][id], json!({}), "event {i}: {v}");
         }
     }
+    // Nothing names the forged events: nothing was fetched (a fetch would have happened
+    // before the answer), and the lock was held throughout (no refill).
+    let fetches: Vec<(String, String)> = peer.state.lock().unwrap().requests[before..].iter().filter(|(_, p)| p.contains("/get_missing_events/") || p.contains("/event") || p.contains("/state_ids/")).cloned().collect();
+    assert!(fetches.is_empty(), "nothing fetched: {fetches:?}");
+    assert_eq!(f.metric("fedlink_ingest_phase_duration_seconds_count{phase=\"checks_here\"}").await, 1.0, "admitted as checked");
+    assert_eq!(f.metric("fedlink_ingest_phase_duration_seconds_count{phase=\"refill\"}").await, 0.0);
     f.stop().await;
     let store = open_store(&_dir.path().join("db")).await;
-    for (i, (id, _)) in pdus.iter().enumerate().take(23) {
-        let e = store.get_event(id).unwrap().unwrap_or_else(|| panic!("event {i} stored"));
-        let expected = if i == 13 { json!({}) } else { json!({ "body": format!("message {i}") }) };
+    for (i, (id, _)) in pdus.iter().enumerate() {
+        let stored = store.get_event(id).unwrap();
+        if refused.contains(&i) {
+            assert!(stored.is_none(), "the forged event {i} is not stored");
+            continue;
+        }
+        let e = stored.unwrap_or_else(|| panic!("event {i} stored"));
+        let expected = match i {
+            14 => json!({}),
+            0..=11 => json!({ "body": format!("message {i}") }),
+            _ => json!({ "body": format!("message {}", i - 1) }),
+        };
         assert_eq!(e.pdu["content"], expected, "event {i}");
     }
-    assert!(store.get_event(&forged).unwrap().is_none());
 }
 
 /// In a transaction with nothing to fetch, events are admitted as their checks end. When an
 /// event that a later one names as its parent fails its check, the later one has a gap after
-/// all: it is filled from the origin (which serves the event properly signed), as for any
-/// other transaction with a gap, and both are stored; the forged copy is refused.
+/// all. What was admitted before it is written, and the gap is filled from the origin (which
+/// serves the event properly signed) with the ingest lock let go: another transaction is
+/// answered meanwhile. The forged copy is refused; every event is stored.
 #[tokio::test]
-async fn a_forged_parent_in_a_linear_transaction_is_fetched_for_its_child() {
+async fn a_forged_parent_in_a_linear_transaction_is_fetched_for_its_child_without_the_lock() {
     let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let peer = std::sync::Arc::new(peer);
     let mut pdus: Vec<(String, Value)> =
-        (0..20).map(|i| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }))).collect();
-    // The 11th is the 12th's parent; its copy in the transaction carries a bad signature.
-    let forged = pdus[10].0.clone();
-    let sigs = pdus[10].1["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap();
+        (0..30).map(|i| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }))).collect();
+    // The 26th is the 27th's parent; its copy in the transaction carries a bad signature.
+    let forged = pdus[25].0.clone();
+    let sigs = pdus[25].1["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap();
     for v in sigs.values_mut() {
         *v = json!("AAAA".repeat(21) + "AA");
     }
-    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "forged-parent", pdus.iter().map(|(_, e)| e.clone()).collect(), vec![]).await;
+    let held = Duration::from_secs(8);
+    peer.state.lock().unwrap().delay_missing_events = Some(held);
+    let first = {
+        let (peer, name, url) = (peer.clone(), f.name.clone(), f.fed_url.clone());
+        let pdus: Vec<Value> = pdus.iter().map(|(_, e)| e.clone()).collect();
+        tokio::spawn(async move { peer.send_txn(&name, &url, "forged-parent", pdus, vec![]).await })
+    };
+    wait_until("the gap fill request", Duration::from_secs(20), || async {
+        Ok(peer.state.lock().unwrap().requests.iter().any(|(m, p)| m == "POST" && p.contains("/get_missing_events/")).then_some(()))
+    })
+    .await
+    .unwrap();
+    // The fill is held: a transaction that needs the ingest lock is still answered.
+    let typing = json!({ "edu_type": "m.typing", "content": { "room_id": room, "user_id": peer.user("alice"), "typing": true } });
+    let (s, _) = tokio::time::timeout(held / 2, peer.send_txn(&f.name, &f.fed_url, "meanwhile", vec![], vec![typing]))
+        .await
+        .expect("answered while the gap fill is held: the ingest lock was let go");
+    assert_eq!(s, StatusCode::OK);
+    assert!(!first.is_finished(), "the first transaction is still waiting on the fill");
+    let (s, v) = first.await.unwrap();
     assert_eq!(s, StatusCode::OK);
     for (i, (id, _)) in pdus.iter().enumerate() {
-        if i == 10 {
+        if i == 25 {
             assert!(v["pdus"][id]["error"].as_str().is_some_and(|e| e.contains("ignature")), "the forged copy is refused: {v}");
         } else {
             assert_eq!(v["pdus"][id], json!({}), "event {i}: {v}");
         }
     }
-    let gap_fills: Vec<String> = peer.state.lock().unwrap().requests.iter().filter(|(m, p)| m == "POST" && p.contains("/get_missing_events/")).map(|(_, p)| p.clone()).collect();
-    assert_eq!(gap_fills.len(), 1, "the child's gap was filled from the origin: {gap_fills:?}");
+    // One fill, from the events written before the forged one (had they not been, it would
+    // have taken two rounds of 20 from the room's earlier tip).
+    let bodies = peer.state.lock().unwrap().missing_events_bodies.clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert_eq!(bodies[0]["earliest_events"], json!([pdus[24].0]), "{bodies:?}");
+    assert_eq!(bodies[0]["latest_events"], json!([pdus[26].0]), "{bodies:?}");
+    assert_eq!(f.metric("fedlink_ingest_phase_duration_seconds_count{phase=\"refill\"}").await, 1.0);
     let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
-    assert_eq!(r["forward_extremities"], json!([pdus[19].0]), "{r}");
+    assert_eq!(r["forward_extremities"], json!([pdus[29].0]), "{r}");
     f.stop().await;
     let store = open_store(&_dir.path().join("db")).await;
     for (i, (id, _)) in pdus.iter().enumerate() {
@@ -928,7 +972,7 @@ async fn a_forged_parent_in_a_linear_transaction_is_fetched_for_its_child() {
         assert_eq!(e.pdu["content"], json!({ "body": format!("message {i}") }), "event {i}");
     }
     let fetched = store.get_event(&forged).unwrap().unwrap();
-    assert_ne!(fetched.pdu["signatures"], pdus[10].1["signatures"], "the properly signed copy is stored, not the forged one");
+    assert_ne!(fetched.pdu["signatures"], pdus[25].1["signatures"], "the properly signed copy is stored, not the forged one");
 }
 
 /// Issue #9 over federation, with the bot in the room: a direct-chat invite makes the bot's

@@ -667,7 +667,7 @@ async fn main() -> Result<()> {
     );
     let mut phases = Vec::new();
     phases.push(format!("whole /send {:.2} ms", t.mean_ms("fedlink_transaction_duration_seconds", "").await?.0));
-    for phase in ["prepare", "wait", "apply", "views_wait", "checks_wait", "flush"] {
+    for phase in ["prepare", "wait", "apply", "views_wait", "checks_here", "checks_wait", "flush"] {
         let (mean, _) = t.mean_ms("fedlink_ingest_phase_duration_seconds", &format!("{{phase=\"{phase}\"}}")).await?;
         phases.push(format!("{phase} {mean:.2} ms"));
     }

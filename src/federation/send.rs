@@ -136,7 +136,7 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
 
     let phase = |name: &str, since: std::time::Instant| app.metrics.ingest_phase_seconds.with_label_values(&[name]).observe(since.elapsed().as_secs_f64());
     let t = std::time::Instant::now();
-    let prepared = prepare(app, origin, now).await;
+    let prepared = prepare(app, origin, now, body.len() <= MAX_OVERLAPPED_BODY).await;
     phase("prepare", t);
     let via: OwnedServerName = origin.try_into().map_err(|_| MatrixError::bad_json("bad origin"))?;
     let t = std::time::Instant::now();
@@ -148,7 +148,15 @@ async fn handle_inner(app: &Fedlink, origin: &str, txn_id: &str, body: &[u8]) ->
     }
     let parked_rooms: std::collections::BTreeSet<OwnedRoomId> = to_park.iter().map(|(r, _, _)| r.clone()).collect();
     park(app, origin, to_park, &mut results).await?;
-    let mut batch = admit_prepared(app, &via, &mut lock, prepared, &mut results).await?;
+    let (mut batch, relocked) = admit_prepared(app, &via, &mut lock, prepared, &mut results).await?;
+    if relocked {
+        // A retransmission may have been answered while the lock was let go.
+        if let Some(resp) = app.store.txn_response(origin, txn_id)? {
+            batch.commit(None)?;
+            app.store.flush().await?;
+            return Ok((resp, true));
+        }
+    }
     for edu in edus {
         let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or("").to_owned();
         let label = edu_metric_label(&edu_type);
@@ -235,11 +243,11 @@ pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize,
     }
     for (origin, pdus) in by_origin {
         let Ok(via) = OwnedServerName::try_from(origin.as_str()) else { continue };
-        let prepared = prepare(app, &origin, pdus).await;
+        let prepared = prepare(app, &origin, pdus, false).await;
         let mut lock = Some(app.lock_ingest().await);
         let mut ignored = BTreeMap::new();
         match admit_prepared(app, &via, &mut lock, prepared, &mut ignored).await {
-            Ok(batch) => {
+            Ok((batch, _)) => {
                 batch.commit(None)?;
             }
             Err(e) => {
@@ -298,8 +306,14 @@ pub const MAX_GAP_STATES: usize = 3;
 /// Most events fetched one by one for the state at a gap.
 pub const MAX_GAP_STATE_EVENTS: usize = 2_000;
 
-/// The lock-free part of ingesting `pdus` from `origin`.
-pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared {
+/// Largest transaction body whose signature checks may run on while it is admitted: the
+/// checks the admitting thread does itself happen under the ingest lock, so their cost
+/// under it is bounded (a 50-PDU transaction of ordinary events is about 50 KiB).
+pub const MAX_OVERLAPPED_BODY: usize = 256 * 1024;
+
+/// The lock-free part of ingesting `pdus` from `origin`. With `overlap`, a linear
+/// transaction large enough to be checked on several threads is admitted as its checks end.
+pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: bool) -> Prepared {
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
     let mut unverified: Vec<(Unverified, OwnedRoomId)> = Vec::new();
     let rooms = rooms_of(app, &pdus).await;
@@ -319,7 +333,8 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
             }
         }
     }
-    if let Some(named) = linear(app, &unverified) {
+    let named = (overlap && Checks::helpers(unverified.len()) > 0).then(|| linear(app, &unverified)).flatten();
+    if let Some(named) = named {
         // Nothing to fetch: admit each event as soon as its signatures are checked, on one
         // core while the others check the rest. Its index page is read ahead meanwhile.
         let outgrows = app.store.index_outgrows_cache();
@@ -363,8 +378,8 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>) -> Prepared 
 }
 
 /// Whether `jobs` can be admitted in their order as they are checked, with nothing fetched:
-/// their depths do not decrease, and every parent and auth event each names is stored or
-/// comes before it in the transaction. Then the ids of the transaction's events that others
+/// their depths do not decrease, no event comes twice, and every parent and auth event each
+/// names is stored or comes before it in the transaction. Then the ids of the transaction's events that others
 /// of it name (if one of those fails its check, the rest go through the gap fills after all).
 fn linear(app: &Fedlink, jobs: &[(Unverified, OwnedRoomId)]) -> Option<std::collections::HashSet<OwnedEventId>> {
     let mut before: std::collections::HashSet<&OwnedEventId> = std::collections::HashSet::with_capacity(jobs.len());
@@ -383,7 +398,11 @@ fn linear(app: &Fedlink, jobs: &[(Unverified, OwnedRoomId)]) -> Option<std::coll
                 return None;
             }
         }
-        before.insert(&pdu.event_id);
+        if !before.insert(&pdu.event_id) {
+            // Copies of one event (the signatures are not part of its id): the old path
+            // answers for the event as admitted, whichever copy fails its check.
+            return None;
+        }
     }
     Some(named)
 }
@@ -407,24 +426,28 @@ async fn after_checks(app: &Fedlink, origin: &str, results: BTreeMap<String, Val
 
 /// Admit `prepared` into a batch under the ingest lock `lock` (taken by the caller). If a
 /// linear transaction leaves events to fetch for, what was admitted is written, the lock is
-/// let go while they are fetched, and taken again to admit the rest. The caller adds what
-/// else the transaction carries, commits the batch and flushes.
+/// let go while they are fetched, and taken again to admit the rest: then the second value
+/// is true, and the caller checks again whether the transaction was answered meanwhile. The
+/// caller adds what else the transaction carries, commits the batch and flushes.
 pub async fn admit_prepared<'a>(
     app: &'a Fedlink,
     via: &OwnedServerName,
     lock: &mut Option<crate::node::IngestGuard<'a>>,
-    mut prepared: Prepared,
+    prepared: Prepared,
     results: &mut BTreeMap<String, Value>,
-) -> Result<crate::node::Batch<'a>, MatrixError> {
-    loop {
-        let (batch, leftover) = apply_prepared(app, via, prepared, results).await?;
-        let Some(Leftover { verified }) = leftover else { return Ok(batch) };
-        batch.commit(None)?;
-        *lock = None;
-        tracing::info!(origin = %via, events = verified.len(), "an event others of the transaction name failed its check: filling gaps for the rest");
-        prepared = after_checks(app, via.as_str(), BTreeMap::new(), verified).await;
-        *lock = Some(app.lock_ingest().await);
-    }
+) -> Result<(crate::node::Batch<'a>, bool), MatrixError> {
+    let (batch, leftover) = apply_prepared(app, via, prepared, results).await?;
+    let Some(Leftover { verified }) = leftover else { return Ok((batch, false)) };
+    batch.commit(None)?;
+    *lock = None;
+    let t = std::time::Instant::now();
+    tracing::info!(origin = %via, events = verified.len(), "an event others of the transaction name failed its check: filling gaps for the rest without the ingest lock");
+    let prepared = after_checks(app, via.as_str(), BTreeMap::new(), verified).await;
+    *lock = Some(app.lock_ingest().await);
+    app.metrics.ingest_phase_seconds.with_label_values(&["refill"]).observe(t.elapsed().as_secs_f64());
+    // The rest went through the gap fills: it has no checks under way, so no leftover.
+    let (batch, _) = apply_prepared(app, via, prepared, results).await?;
+    Ok((batch, true))
 }
 
 /// Auth-check prepared PDUs and fold them into a batch; answers go into `results`. Call
@@ -503,6 +526,7 @@ async fn apply_prepared<'a>(
 
 fn observe_checks_wait(app: &Fedlink, checks: &Checks) {
     app.metrics.ingest_phase_seconds.with_label_values(&["checks_wait"]).observe(checks.waited.as_secs_f64());
+    app.metrics.ingest_phase_seconds.with_label_values(&["checks_here"]).observe(checks.here.as_secs_f64());
 }
 
 /// Auth-check one verified PDU against the batch's views and store and, if admitted, add it
@@ -933,6 +957,8 @@ struct Checks {
     next: usize,
     /// Time spent blocked waiting for a helper's result.
     waited: std::time::Duration,
+    /// Time spent checking jobs on the caller's thread.
+    here: std::time::Duration,
 }
 
 struct ChecksShared {
@@ -952,11 +978,17 @@ impl ChecksShared {
 }
 
 impl Checks {
-    /// Start checking `jobs` on up to one thread fewer than the machine has cores.
+    /// Helper threads for `n` jobs: up to one fewer than the machine has cores, none for a
+    /// few jobs.
+    fn helpers(n: usize) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        (cores - 1).min(n.div_ceil(VERIFY_CHUNK).saturating_sub(1))
+    }
+
+    /// Start checking `jobs` on [`Checks::helpers`] threads.
     fn start(jobs: Vec<Unverified>) -> Checks {
         let n = jobs.len();
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        let helpers = (cores - 1).min(n.div_ceil(VERIFY_CHUNK).saturating_sub(1));
+        let helpers = Checks::helpers(n);
         let shared = std::sync::Arc::new(ChecksShared {
             jobs: jobs.into_iter().map(|j| std::sync::Mutex::new(Some(j))).collect(),
             claimed: std::sync::atomic::AtomicUsize::new(0),
@@ -973,7 +1005,7 @@ impl Checks {
                 }
             });
         }
-        Checks { shared, rx, ready: (0..n).map(|_| None).collect(), next: 0, waited: std::time::Duration::ZERO }
+        Checks { shared, rx, ready: (0..n).map(|_| None).collect(), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO }
     }
 
     /// How many results are still to be taken.
@@ -996,7 +1028,9 @@ impl Checks {
                 return Some(r);
             }
             if let Some((j, job)) = self.shared.claim() {
+                let t = std::time::Instant::now();
                 self.ready[j] = Some(job.verify());
+                self.here += t.elapsed();
                 continue;
             }
             // Job `i` is a helper's: wait for it. A helper that panicked dropped its

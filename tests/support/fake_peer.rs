@@ -231,6 +231,8 @@ pub struct PeerState {
     pub state_ids_extra: Vec<String>,
     /// Hold `get_missing_events` answers this long.
     pub delay_missing_events: Option<std::time::Duration>,
+    /// Bodies of the `get_missing_events` requests received.
+    pub missing_events_bodies: Vec<Value>,
     /// Public keys of servers that sent requests (fetched from their key servers and cached).
     pub peer_keys: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -603,6 +605,7 @@ async fn get_missing_events(
     let delay = {
         let mut st = ctx.state.lock().unwrap();
         st.requests.push(("POST".into(), uri.path().to_owned()));
+        st.missing_events_bodies.push(body.clone());
         st.delay_missing_events
     };
     if let Some(d) = delay {
