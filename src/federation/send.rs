@@ -311,15 +311,22 @@ pub const MAX_GAP_STATE_EVENTS: usize = 2_000;
 /// under it is bounded (a 50-PDU transaction of ordinary events is about 50 KiB).
 pub const MAX_OVERLAPPED_BODY: usize = 256 * 1024;
 
-/// The lock-free part of ingesting `pdus` from `origin`. With `overlap`, a linear
-/// transaction large enough to be checked on several threads is admitted as its checks end.
+/// The lock-free part of ingesting `pdus` from `origin`: each PDU's signatures are checked
+/// on other threads as soon as it is parsed. With `overlap`, a linear transaction large
+/// enough to be checked on several threads is admitted as its checks end.
 pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: bool) -> Prepared {
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
-    let mut unverified: Vec<(Unverified, OwnedRoomId)> = Vec::new();
+    let mut checks = Checks::start(pdus.len());
+    let mut jobs: Vec<(OwnedRoomId, OwnedEventId)> = Vec::with_capacity(pdus.len());
+    let mut linear = Linear::new(overlap && Checks::helpers(pdus.len()) > 0);
     let rooms = rooms_of(app, &pdus).await;
     for raw in pdus {
         match precheck_keys_in(app, origin, raw, &rooms).await {
-            Ok(Pre::Fresh(job, room)) => unverified.push((*job, room)),
+            Ok(Pre::Fresh(job, room)) => {
+                linear.add(app, &job.pdu);
+                jobs.push((room, job.pdu.event_id.clone()));
+                checks.add(*job);
+            }
             Ok(Pre::Known(id)) => {
                 results.insert(id, json!({}));
             }
@@ -333,78 +340,83 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: boo
             }
         }
     }
-    let named = (overlap && Checks::helpers(unverified.len()) > 0).then(|| linear(app, &unverified)).flatten();
-    if let Some(named) = named {
+    checks.close();
+    // Each event's write will read the index page its id is on: once the index outgrows
+    // sled's cache, have those read now, on a thread of their own, while the transaction
+    // is checked and admitted, rather than under the ingest lock at the write.
+    let warm = app.store.index_outgrows_cache();
+    if let Some(named) = linear.named() {
         // Nothing to fetch: admit each event as soon as its signatures are checked, on one
-        // core while the others check the rest. Its index page is read ahead meanwhile.
-        let outgrows = app.store.index_outgrows_cache();
-        let mut jobs = Vec::with_capacity(unverified.len());
-        let mut checks = Vec::with_capacity(unverified.len());
-        for (job, room) in unverified {
-            if outgrows {
-                app.store.warm_index(job.pdu.event_id.as_str());
-            }
-            jobs.push((room, job.pdu.event_id.clone()));
-            checks.push(job);
+        // core while the others check the rest.
+        if warm {
+            jobs.iter().for_each(|(_, id)| app.store.warm_index(id.as_str()));
         }
         let sent = jobs.iter().map(|(_, id)| id.clone()).collect();
-        let checking = Checking { checks: Checks::start(checks), jobs, named };
+        let checking = Checking { checks, jobs, named };
         return Prepared { results, sent, verified: Vec::new(), auth_only: Vec::new(), gaps: Vec::new(), checking: Some(checking) };
     }
-    let (jobs, rooms): (Vec<Unverified>, Vec<OwnedRoomId>) = unverified.into_iter().unzip();
-    let ids: Vec<String> = jobs.iter().map(|j| j.pdu.event_id.to_string()).collect();
     // CPU-bound for a few milliseconds, like the sequential checks it replaces: run here
     // (the work is spread over threads of its own), not handed to the blocking pool.
-    let checked = Checks::start(jobs).all();
-    // Each event's write will read the index page its id is on: once the index outgrows
-    // sled's cache, have those read now, on a thread of their own, while the rest of the
-    // transaction is checked and admitted (serial work, one core) rather than under the
-    // ingest lock at the write.
-    if app.store.index_outgrows_cache() {
+    let checked = checks.all();
+    if warm {
         for pdu in checked.iter().flatten() {
             app.store.warm_index(pdu.event_id.as_str());
         }
     }
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
-    for ((outcome, room), id) in checked.into_iter().zip(rooms).zip(ids) {
+    for (outcome, (room, id)) in checked.into_iter().zip(jobs) {
         match outcome {
             // Each result is its own event's (fail closed if that were ever not so).
-            Ok(pdu) if pdu.event_id.as_str() != id => reject(app, &id, &Rejection::Format("internal: a verification result for another event".into()), &mut results),
+            Ok(pdu) if pdu.event_id != id => reject(app, id.as_str(), &Rejection::Format("internal: a verification result for another event".into()), &mut results),
             Ok(pdu) => verified.push((pdu, room)),
-            Err(rej) => reject(app, &id, &rej, &mut results),
+            Err(rej) => reject(app, id.as_str(), &rej, &mut results),
         }
     }
     after_checks(app, origin, results, verified).await
 }
 
-/// Whether `jobs` can be admitted in their order as they are checked, with nothing fetched:
-/// their depths do not decrease, no event comes twice, and every parent and auth event each
-/// names is stored or comes before it in the transaction. Then the ids of the transaction's events that others
-/// of it name (if one of those fails its check, the rest go through the gap fills after all).
-fn linear(app: &Fedlink, jobs: &[(Unverified, OwnedRoomId)]) -> Option<std::collections::HashSet<OwnedEventId>> {
-    let mut before: std::collections::HashSet<&OwnedEventId> = std::collections::HashSet::with_capacity(jobs.len());
-    let mut named = std::collections::HashSet::new();
-    let mut depth = 0u64;
-    for (job, _) in jobs {
-        let pdu = &job.pdu;
-        if pdu.depth < depth {
-            return None;
+/// Whether a transaction's events, in their order, can be admitted as they are checked
+/// with nothing fetched: their depths do not decrease, no event comes twice, and every
+/// parent and auth event each names is stored or comes before it in the transaction.
+struct Linear {
+    /// Still linear (and wanted) so far.
+    ok: bool,
+    depth: u64,
+    before: std::collections::HashSet<OwnedEventId>,
+    /// Ids of the transaction's events that others of it name (if one of those fails its
+    /// check, the rest go through the gap fills after all).
+    named: std::collections::HashSet<OwnedEventId>,
+}
+
+impl Linear {
+    fn new(wanted: bool) -> Linear {
+        Linear { ok: wanted, depth: 0, before: Default::default(), named: Default::default() }
+    }
+
+    /// The transaction's next event.
+    fn add(&mut self, app: &Fedlink, pdu: &Pdu) {
+        if !self.ok {
+            return;
         }
-        depth = pdu.depth;
-        for id in pdu.prev_events.iter().chain(&pdu.auth_events) {
-            if before.contains(id) {
-                named.insert(id.clone());
-            } else if !app.store.has_event(id.as_str()).unwrap_or(false) {
-                return None;
-            }
-        }
-        if !before.insert(&pdu.event_id) {
+        self.ok = pdu.depth >= self.depth
+            && pdu.prev_events.iter().chain(&pdu.auth_events).all(|id| {
+                if self.before.contains(id) {
+                    self.named.insert(id.clone());
+                    true
+                } else {
+                    app.store.has_event(id.as_str()).unwrap_or(false)
+                }
+            })
             // Copies of one event (the signatures are not part of its id): the old path
             // answers for the event as admitted, whichever copy fails its check.
-            return None;
-        }
+            && self.before.insert(pdu.event_id.clone());
+        self.depth = pdu.depth;
     }
-    Some(named)
+
+    /// The ids others name, if the transaction is linear.
+    fn named(self) -> Option<std::collections::HashSet<OwnedEventId>> {
+        self.ok.then_some(self.named)
+    }
 }
 
 /// The part of [`prepare`] after the signature checks: fill gaps, fetch the state at those
@@ -946,9 +958,10 @@ impl Unverified {
 const VERIFY_CHUNK: usize = 8;
 
 /// Signature checks of a transaction's PDUs (the bulk of its CPU work), run on threads of
-/// their own while the caller takes the results in order. A caller waiting for a result
-/// checks a waiting PDU itself rather than idle, so with one core fewer helpers than the
-/// machine has, every core is busy: checking, or admitting what was checked.
+/// their own while the caller parses the rest and then takes the results in order. Jobs are
+/// added as they are parsed. A caller waiting for a result checks a waiting PDU itself rather
+/// than idle, so with one helper fewer than the machine has cores every core is busy:
+/// parsing, checking, or admitting what was checked.
 struct Checks {
     shared: std::sync::Arc<ChecksShared>,
     rx: std::sync::mpsc::Receiver<(usize, Result<Pdu, Rejection>)>,
@@ -961,19 +974,40 @@ struct Checks {
     here: std::time::Duration,
 }
 
+#[derive(Default)]
+struct ChecksQueue {
+    jobs: Vec<Option<Unverified>>,
+    /// Jobs `0..claimed` are taken (by a helper or the caller), each once, in order.
+    claimed: usize,
+    /// No more jobs will come (or the caller is gone: then none is claimed any more).
+    closed: bool,
+    gone: bool,
+}
+
+#[derive(Default)]
 struct ChecksShared {
-    jobs: Vec<std::sync::Mutex<Option<Unverified>>>,
-    /// Jobs `0..claimed` are taken (by a helper or the caller): one counter, so each is
-    /// checked once, in order of index.
-    claimed: std::sync::atomic::AtomicUsize,
+    queue: std::sync::Mutex<ChecksQueue>,
+    added: std::sync::Condvar,
 }
 
 impl ChecksShared {
-    /// Take the next unclaimed job, if any.
-    fn claim(&self) -> Option<(usize, Unverified)> {
-        let i = self.claimed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let job = self.jobs.get(i)?.lock().ok()?.take()?;
-        Some((i, job))
+    /// The next unclaimed job; with `wait`, wait for one until the jobs are closed.
+    fn claim(&self, wait: bool) -> Option<(usize, Unverified)> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if q.gone {
+                return None;
+            }
+            if q.claimed < q.jobs.len() {
+                let i = q.claimed;
+                q.claimed += 1;
+                return q.jobs[i].take().map(|job| (i, job));
+            }
+            if q.closed || !wait {
+                return None;
+            }
+            q = self.added.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
     }
 }
 
@@ -985,27 +1019,35 @@ impl Checks {
         (cores - 1).min(n.div_ceil(VERIFY_CHUNK).saturating_sub(1))
     }
 
-    /// Start checking `jobs` on [`Checks::helpers`] threads.
-    fn start(jobs: Vec<Unverified>) -> Checks {
-        let n = jobs.len();
-        let helpers = Checks::helpers(n);
-        let shared = std::sync::Arc::new(ChecksShared {
-            jobs: jobs.into_iter().map(|j| std::sync::Mutex::new(Some(j))).collect(),
-            claimed: std::sync::atomic::AtomicUsize::new(0),
-        });
+    /// Start [`Checks::helpers`] threads for up to `n` jobs, added with [`Checks::add`].
+    fn start(n: usize) -> Checks {
+        let shared = std::sync::Arc::new(ChecksShared::default());
         let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..helpers {
+        for _ in 0..Checks::helpers(n) {
             let (shared, tx) = (shared.clone(), tx.clone());
             // A helper that cannot be started leaves its share to the caller.
             let _ = std::thread::Builder::new().name("fedlink-verify".into()).spawn(move || {
-                while let Some((i, job)) = shared.claim() {
+                while let Some((i, job)) = shared.claim(true) {
                     if tx.send((i, job.verify())).is_err() {
                         return; // the caller is gone
                     }
                 }
             });
         }
-        Checks { shared, rx, ready: (0..n).map(|_| None).collect(), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO }
+        Checks { shared, rx, ready: Vec::with_capacity(n), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO }
+    }
+
+    /// Queue a job for checking.
+    fn add(&mut self, job: Unverified) {
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).jobs.push(Some(job));
+        self.ready.push(None);
+        self.shared.added.notify_one();
+    }
+
+    /// No more jobs: helpers stop once the queued ones are claimed.
+    fn close(&mut self) {
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.shared.added.notify_all();
     }
 
     /// How many results are still to be taken.
@@ -1013,7 +1055,8 @@ impl Checks {
         self.ready.len() - self.next
     }
 
-    /// The next job's result, in the order of the jobs; `None` once all were taken.
+    /// The next job's result, in the order of the jobs; `None` once all were taken. Call
+    /// after [`Checks::close`].
     fn next(&mut self) -> Option<Result<Pdu, Rejection>> {
         let i = self.next;
         if i >= self.ready.len() {
@@ -1027,7 +1070,7 @@ impl Checks {
                 self.next += 1;
                 return Some(r);
             }
-            if let Some((j, job)) = self.shared.claim() {
+            if let Some((j, job)) = self.shared.claim(false) {
                 let t = std::time::Instant::now();
                 self.ready[j] = Some(job.verify());
                 self.here += t.elapsed();
@@ -1046,14 +1089,16 @@ impl Checks {
 
     /// All the results, in the order of the jobs.
     fn all(mut self) -> Vec<Result<Pdu, Rejection>> {
+        self.close();
         std::iter::from_fn(|| self.next()).collect()
     }
 }
 
 impl Drop for Checks {
     fn drop(&mut self) {
-        // Helpers stop at their next claim.
-        self.shared.claimed.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
+        // Helpers stop at their next claim, or wake from waiting for a job and stop.
+        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).gone = true;
+        self.shared.added.notify_all();
     }
 }
 
@@ -1172,4 +1217,39 @@ fn parse_edu(app: &Fedlink, views: &crate::core::views::Views, origin: &OwnedSer
         _ => {}
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Checks;
+
+    /// Threads of this process named `fedlink-verify`.
+    fn verify_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| d.flatten().filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "fedlink-verify")).count())
+            .unwrap_or(0)
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A transaction whose handling is dropped while its PDUs are still being parsed (the
+    /// sender went away during a key fetch) leaves no thread waiting for jobs.
+    #[test]
+    fn helpers_waiting_for_jobs_stop_when_the_checks_are_dropped() {
+        let helpers = Checks::helpers(50);
+        assert!(helpers > 0 || std::thread::available_parallelism().map_or(1, |c| c.get()) == 1, "50 PDUs are checked on several threads");
+        let before = verify_threads();
+        let mut checks = Checks::start(50);
+        until("the helpers to start", || verify_threads() >= before + helpers);
+        assert_eq!(checks.remaining(), 0);
+        assert!(checks.next().is_none(), "no job, no result");
+        drop(checks);
+        until("the helpers to stop", || verify_threads() <= before);
+    }
 }
