@@ -891,7 +891,9 @@ async fn signatures_checked_in_parallel_answer_for_the_right_events() {
     // before the answer), and the lock was held throughout (no refill).
     let fetches: Vec<(String, String)> = peer.state.lock().unwrap().requests[before..].iter().filter(|(_, p)| p.contains("/get_missing_events/") || p.contains("/event") || p.contains("/state_ids/")).cloned().collect();
     assert!(fetches.is_empty(), "nothing fetched: {fetches:?}");
-    assert_eq!(f.metric("fedlink_ingest_phase_duration_seconds_count{phase=\"checks_here\"}").await, 1.0, "admitted as checked");
+    // On one core there is no thread to share the checks with: admitted after them.
+    let overlapped = if std::thread::available_parallelism().map_or(1, |c| c.get()) > 1 { 1.0 } else { 0.0 };
+    assert_eq!(f.metric("fedlink_ingest_phase_duration_seconds_count{phase=\"checks_here\"}").await, overlapped, "admitted as checked");
     assert_eq!(f.metric("fedlink_ingest_phase_duration_seconds_count{phase=\"refill\"}").await, 0.0);
     f.stop().await;
     let store = open_store(&_dir.path().join("db")).await;
@@ -909,6 +911,32 @@ async fn signatures_checked_in_parallel_answer_for_the_right_events() {
         };
         assert_eq!(e.pdu["content"], expected, "event {i}");
     }
+}
+
+/// Two copies of one event in a transaction, the second with a bad signature (the signatures
+/// are not part of the event's id): the event is stored and answered as such, whatever the
+/// order its copies' checks end in, and nothing is fetched.
+#[tokio::test]
+async fn a_forged_copy_of_an_event_in_the_same_transaction_does_not_undo_its_answer() {
+    let (_dir, f, peer, room) = joined(RoomVersionId::V12).await;
+    let mut pdus: Vec<(String, Value)> =
+        (0..12).map(|i| peer.push(&room, "alice", "m.room.message", None, json!({ "body": format!("message {i}") }))).collect();
+    let mut copy = pdus[4].clone();
+    for v in copy.1["signatures"].as_object_mut().unwrap().values_mut().next().unwrap().as_object_mut().unwrap().values_mut() {
+        *v = json!("AAAA".repeat(21) + "AA");
+    }
+    pdus.insert(5, copy);
+    let before = peer.state.lock().unwrap().requests.len();
+    let (s, v) = peer.send_txn(&f.name, &f.fed_url, "copies", pdus.iter().map(|(_, e)| e.clone()).collect(), vec![]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["pdus"].as_object().unwrap().len(), 12, "one answer per event: {v}");
+    for (id, _) in &pdus {
+        assert_eq!(v["pdus"][id], json!({}), "{id}: {v}");
+    }
+    let fetches: Vec<(String, String)> = peer.state.lock().unwrap().requests[before..].iter().filter(|(_, p)| p.contains("/get_missing_events/") || p.contains("/event")).cloned().collect();
+    assert!(fetches.is_empty(), "nothing fetched: {fetches:?}");
+    let r = f.admin(&format!("/_fedlink/admin/v1/rooms/{}", enc(&room))).await.1;
+    assert_eq!(r["forward_extremities"], json!([pdus[12].0]), "{r}");
 }
 
 /// In a transaction with nothing to fetch, events are admitted as their checks end. When an

@@ -2,8 +2,10 @@
 //! <https://spec.matrix.org/v1.16/server-server-api/#put_matrixfederationv1sendtxnid>
 //!
 //! Limits first (50 PDUs, 100 EDUs, 64 KiB per PDU), then a retransmitted transaction is
-//! answered from the stored response. Each PDU is parsed and signature-checked without a
-//! lock, then auth-checked and appended under the ingest lock; EDUs fedlink cares about are
+//! answered from the stored response. Each PDU is parsed without a lock and its signatures
+//! are checked on the process's checking threads meanwhile; then, under the ingest lock, each
+//! is auth-checked and appended. A linear transaction (nothing to fetch) is admitted as its
+//! checks end, so checking and admitting share the cores. EDUs fedlink cares about are
 //! validated (a server speaks only for its own users) and appended with the transaction's
 //! response in one batch. The store is flushed before the 200 goes out.
 
@@ -265,7 +267,7 @@ pub async fn drain_parked(app: &Fedlink, room_id: &OwnedRoomId) -> Result<usize,
 }
 
 /// PDUs parsed and signature-checked, gaps and missing auth events fetched: everything done
-/// before the ingest lock. A linear transaction (see [`linear`]) has nothing to fetch: its
+/// before the ingest lock. A linear transaction (see [`Linear`]) has nothing to fetch: its
 /// checks run on while it is admitted, each event as soon as its check ends (`checking`).
 pub struct Prepared {
     results: BTreeMap<String, Value>,
@@ -311,19 +313,20 @@ pub const MAX_GAP_STATE_EVENTS: usize = 2_000;
 /// under it is bounded (a 50-PDU transaction of ordinary events is about 50 KiB).
 pub const MAX_OVERLAPPED_BODY: usize = 256 * 1024;
 
-/// The lock-free part of ingesting `pdus` from `origin`: each PDU's signatures are checked
-/// on other threads as soon as it is parsed. With `overlap`, a linear transaction large
-/// enough to be checked on several threads is admitted as its checks end.
+/// The lock-free part of ingesting `pdus` from `origin`: each PDU's signatures are queued
+/// for the checking threads as soon as it is parsed. With `overlap`, a linear transaction of
+/// more than a few checked PDUs is admitted as its checks end (on a machine of more than one
+/// core).
 pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: bool) -> Prepared {
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
-    let mut checks = Checks::start(pdus.len());
+    let mut checks = Checks::start();
     let mut jobs: Vec<(OwnedRoomId, OwnedEventId)> = Vec::with_capacity(pdus.len());
-    let mut linear = Linear::new(overlap && Checks::helpers(pdus.len()) > 0);
+    let mut linear = Linear::new(overlap);
     let rooms = rooms_of(app, &pdus).await;
     for raw in pdus {
         match precheck_keys_in(app, origin, raw, &rooms).await {
             Ok(Pre::Fresh(job, room)) => {
-                linear.add(app, &job.pdu);
+                linear.add(&job.pdu, |id| app.store.has_event(id).unwrap_or(false));
                 jobs.push((room, job.pdu.event_id.clone()));
                 checks.add(*job);
             }
@@ -345,7 +348,7 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: boo
     // sled's cache, have those read now, on a thread of their own, while the transaction
     // is checked and admitted, rather than under the ingest lock at the write.
     let warm = app.store.index_outgrows_cache();
-    if let Some(named) = linear.named() {
+    if let Some(named) = linear.named().filter(|_| Checks::overlapped(jobs.len())) {
         // Nothing to fetch: admit each event as soon as its signatures are checked, on one
         // core while the others check the rest.
         if warm {
@@ -393,8 +396,8 @@ impl Linear {
         Linear { ok: wanted, depth: 0, before: Default::default(), named: Default::default() }
     }
 
-    /// The transaction's next event.
-    fn add(&mut self, app: &Fedlink, pdu: &Pdu) {
+    /// The transaction's next event; `stored` says whether an event is in the store.
+    fn add(&mut self, pdu: &Pdu, stored: impl Fn(&str) -> bool) {
         if !self.ok {
             return;
         }
@@ -404,7 +407,7 @@ impl Linear {
                     self.named.insert(id.clone());
                     true
                 } else {
-                    app.store.has_event(id.as_str()).unwrap_or(false)
+                    stored(id.as_str())
                 }
             })
             // Copies of one event (the signatures are not part of its id): the old path
@@ -954,100 +957,155 @@ impl Unverified {
     }
 }
 
-/// Most PDUs per signature-checking thread: fewer are checked by the caller alone.
+/// Fewest checked PDUs for a transaction to be admitted as its checks end (with fewer, the
+/// admitting thread would do most checks itself, under the ingest lock).
 const VERIFY_CHUNK: usize = 8;
 
-/// Signature checks of a transaction's PDUs (the bulk of its CPU work), run on threads of
-/// their own while the caller parses the rest and then takes the results in order. Jobs are
-/// added as they are parsed. A caller waiting for a result checks a waiting PDU itself rather
-/// than idle, so with one helper fewer than the machine has cores every core is busy:
-/// parsing, checking, or admitting what was checked.
+/// Signature checks of a transaction's PDUs (the bulk of its CPU work), queued as each PDU
+/// is parsed and run by the process's checking threads ([`VerifyPool`]) while the caller
+/// parses the rest; the caller then takes the results in order. A caller waiting for a
+/// result checks a queued PDU itself rather than idle, so every core is busy: parsing,
+/// checking, or admitting what was checked, and no transaction waits for another's checks.
 struct Checks {
     shared: std::sync::Arc<ChecksShared>,
     rx: std::sync::mpsc::Receiver<(usize, Result<Pdu, Rejection>)>,
     /// Results that came in ahead of the one taken next.
     ready: Vec<Option<Result<Pdu, Rejection>>>,
     next: usize,
-    /// Time spent blocked waiting for a helper's result.
+    /// Time spent blocked waiting for a checking thread's result.
     waited: std::time::Duration,
     /// Time spent checking jobs on the caller's thread.
     here: std::time::Duration,
 }
 
+/// One transaction's queue of checks, shared with the checking threads.
+struct ChecksShared {
+    queue: std::sync::Mutex<ChecksQueue>,
+    tx: std::sync::mpsc::Sender<(usize, Result<Pdu, Rejection>)>,
+}
+
 #[derive(Default)]
 struct ChecksQueue {
     jobs: Vec<Option<Unverified>>,
-    /// Jobs `0..claimed` are taken (by a helper or the caller), each once, in order.
+    /// Jobs `0..claimed` are taken (by a checking thread or the caller), each once, in order.
     claimed: usize,
-    /// No more jobs will come (or the caller is gone: then none is claimed any more).
+    /// No more jobs will be added.
     closed: bool,
+    /// The caller is gone: no job is claimed any more.
     gone: bool,
 }
 
-#[derive(Default)]
-struct ChecksShared {
-    queue: std::sync::Mutex<ChecksQueue>,
-    added: std::sync::Condvar,
+impl ChecksShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChecksQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next unclaimed job, if any.
+    fn claim(&self) -> Option<(usize, Unverified)> {
+        let mut q = self.lock();
+        if q.gone || q.claimed >= q.jobs.len() {
+            return None;
+        }
+        let i = q.claimed;
+        q.claimed += 1;
+        q.jobs[i].take().map(|job| (i, job))
+    }
+
+    /// Whether no job will be left to claim (so the pool can forget it).
+    fn finished(&self) -> bool {
+        let q = self.lock();
+        q.gone || (q.closed && q.claimed >= q.jobs.len())
+    }
 }
 
-impl ChecksShared {
-    /// The next unclaimed job; with `wait`, wait for one until the jobs are closed.
-    fn claim(&self, wait: bool) -> Option<(usize, Unverified)> {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+/// Check one job; a panic in the check rejects the event instead of losing its result.
+fn verify_caught(job: Unverified) -> Result<Pdu, Rejection> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.verify()))
+        .unwrap_or_else(|_| Err(Rejection::Format("internal: the signature check failed".into())))
+}
+
+/// The process's signature-checking threads (`fedlink-verify`, one fewer than the machine
+/// has cores, started on first use): they take queued jobs of all transactions under way,
+/// oldest transaction first. Their number does not grow with the transactions in flight.
+struct VerifyPool {
+    active: std::sync::Mutex<std::collections::VecDeque<std::sync::Arc<ChecksShared>>>,
+    work: std::sync::Condvar,
+    threads: usize,
+}
+
+impl VerifyPool {
+    fn get() -> &'static VerifyPool {
+        static POOL: std::sync::OnceLock<VerifyPool> = std::sync::OnceLock::new();
+        static STARTED: std::sync::Once = std::sync::Once::new();
+        let pool = POOL.get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            VerifyPool { active: Default::default(), work: std::sync::Condvar::new(), threads: cores - 1 }
+        });
+        STARTED.call_once(|| {
+            for _ in 0..pool.threads {
+                // A thread that cannot be started leaves its share to the callers.
+                let _ = std::thread::Builder::new().name("fedlink-verify".into()).spawn(|| VerifyPool::get().run());
+            }
+        });
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::sync::Arc<ChecksShared>>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self) {
         loop {
-            if q.gone {
-                return None;
-            }
-            if q.claimed < q.jobs.len() {
-                let i = q.claimed;
-                q.claimed += 1;
-                return q.jobs[i].take().map(|job| (i, job));
-            }
-            if q.closed || !wait {
-                return None;
-            }
-            q = self.added.wait(q).unwrap_or_else(|e| e.into_inner());
+            let (shared, i, job) = {
+                let mut active = self.lock();
+                loop {
+                    active.retain(|s| !s.finished());
+                    if let Some(found) = active.iter().find_map(|s| s.claim().map(|(i, job)| (s.clone(), i, job))) {
+                        break found;
+                    }
+                    active = self.work.wait(active).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            // The caller may be gone: its result is then dropped.
+            let _ = shared.tx.send((i, verify_caught(job)));
         }
     }
 }
 
 impl Checks {
-    /// Helper threads for `n` jobs: up to one fewer than the machine has cores, none for a
-    /// few jobs.
-    fn helpers(n: usize) -> usize {
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        (cores - 1).min(n.div_ceil(VERIFY_CHUNK).saturating_sub(1))
+    /// Whether `n` checked PDUs are enough for a transaction to be admitted as its checks
+    /// end: there is a checking thread to share them with, and more than a few.
+    fn overlapped(n: usize) -> bool {
+        VerifyPool::get().threads > 0 && n > VERIFY_CHUNK
     }
 
-    /// Start [`Checks::helpers`] threads for up to `n` jobs, added with [`Checks::add`].
-    fn start(n: usize) -> Checks {
-        let shared = std::sync::Arc::new(ChecksShared::default());
+    /// An empty queue of checks.
+    fn start() -> Checks {
         let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..Checks::helpers(n) {
-            let (shared, tx) = (shared.clone(), tx.clone());
-            // A helper that cannot be started leaves its share to the caller.
-            let _ = std::thread::Builder::new().name("fedlink-verify".into()).spawn(move || {
-                while let Some((i, job)) = shared.claim(true) {
-                    if tx.send((i, job.verify())).is_err() {
-                        return; // the caller is gone
-                    }
-                }
-            });
-        }
-        Checks { shared, rx, ready: Vec::with_capacity(n), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO }
+        let shared = std::sync::Arc::new(ChecksShared { queue: Default::default(), tx });
+        Checks { shared, rx, ready: Vec::new(), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO }
     }
 
-    /// Queue a job for checking.
+    /// Queue a job for checking (the first makes the queue known to the checking threads).
     fn add(&mut self, job: Unverified) {
-        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).jobs.push(Some(job));
+        self.shared.lock().jobs.push(Some(job));
         self.ready.push(None);
-        self.shared.added.notify_one();
+        let pool = VerifyPool::get();
+        if pool.threads == 0 {
+            return;
+        }
+        // Under the pool's lock, so a thread that found no work is either waiting (and
+        // woken) or has not looked yet (and finds this job).
+        let mut active = pool.lock();
+        if self.ready.len() == 1 {
+            active.push_back(self.shared.clone());
+        }
+        pool.work.notify_one();
     }
 
-    /// No more jobs: helpers stop once the queued ones are claimed.
+    /// No more jobs.
     fn close(&mut self) {
-        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
-        self.shared.added.notify_all();
+        self.shared.lock().closed = true;
     }
 
     /// How many results are still to be taken.
@@ -1055,8 +1113,7 @@ impl Checks {
         self.ready.len() - self.next
     }
 
-    /// The next job's result, in the order of the jobs; `None` once all were taken. Call
-    /// after [`Checks::close`].
+    /// The next job's result, in the order of the jobs; `None` once all were taken.
     fn next(&mut self) -> Option<Result<Pdu, Rejection>> {
         let i = self.next;
         if i >= self.ready.len() {
@@ -1070,18 +1127,17 @@ impl Checks {
                 self.next += 1;
                 return Some(r);
             }
-            if let Some((j, job)) = self.shared.claim(false) {
+            if let Some((j, job)) = self.shared.claim() {
                 let t = std::time::Instant::now();
-                self.ready[j] = Some(job.verify());
+                self.ready[j] = Some(verify_caught(job));
                 self.here += t.elapsed();
                 continue;
             }
-            // Job `i` is a helper's: wait for it. A helper that panicked dropped its
-            // sender with its job; once all are gone the result cannot come.
+            // Job `i` is being checked on a checking thread, which always sends its result
+            // (this holds a sender, so `recv` cannot fail).
             let t = std::time::Instant::now();
-            match self.rx.recv() {
-                Ok((j, r)) => self.ready[j] = Some(r),
-                Err(_) => panic!("a signature-checking thread stopped without a result"),
+            if let Ok((j, r)) = self.rx.recv() {
+                self.ready[j] = Some(r);
             }
             self.waited += t.elapsed();
         }
@@ -1096,9 +1152,10 @@ impl Checks {
 
 impl Drop for Checks {
     fn drop(&mut self) {
-        // Helpers stop at their next claim, or wake from waiting for a job and stop.
-        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).gone = true;
-        self.shared.added.notify_all();
+        // Checking threads claim nothing more of it, and forget it at their next look.
+        let mut q = self.shared.lock();
+        q.gone = true;
+        q.jobs.clear();
     }
 }
 
@@ -1221,35 +1278,50 @@ fn parse_edu(app: &Fedlink, views: &crate::core::views::Views, origin: &OwnedSer
 
 #[cfg(test)]
 mod tests {
-    use super::Checks;
+    use super::Linear;
+    use crate::core::pdu::Pdu;
 
-    /// Threads of this process named `fedlink-verify`.
-    fn verify_threads() -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .map(|d| d.flatten().filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "fedlink-verify")).count())
-            .unwrap_or(0)
+    /// A parsed message event with these parents and auth events (ids are made up: nothing
+    /// here checks hashes).
+    fn pdu(id: &str, depth: u64, prev: &[&str], auth: &[&str]) -> Pdu {
+        let mut p = Pdu::parse(
+            crate::core::pdu::canonical_object(serde_json::json!({
+                "room_id": "!r:x", "sender": "@a:x", "type": "m.room.message", "content": {},
+                "prev_events": prev, "auth_events": auth, "depth": depth, "origin_server_ts": 1,
+                "hashes": { "sha256": "x" }, "signatures": {},
+            }))
+            .unwrap(),
+            &ruma::RoomVersionId::V12.rules().unwrap(),
+        )
+        .unwrap();
+        p.event_id = ruma::OwnedEventId::try_from(id).unwrap();
+        p
     }
 
-    fn until(what: &str, f: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !f() {
-            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(std::time::Duration::from_millis(5));
+    fn linear(pdus: &[Pdu], stored: &[&str]) -> Option<Vec<String>> {
+        let mut l = Linear::new(true);
+        for p in pdus {
+            l.add(p, |id| stored.contains(&id));
         }
+        l.named().map(|n| {
+            let mut v: Vec<String> = n.into_iter().map(|e| e.to_string()).collect();
+            v.sort();
+            v
+        })
     }
 
-    /// A transaction whose handling is dropped while its PDUs are still being parsed (the
-    /// sender went away during a key fetch) leaves no thread waiting for jobs.
+    /// Each rule the old path's gap fills and auth fetches stand for: a transaction is linear
+    /// only if nothing would be fetched and the order by depth is its own.
     #[test]
-    fn helpers_waiting_for_jobs_stop_when_the_checks_are_dropped() {
-        let helpers = Checks::helpers(50);
-        assert!(helpers > 0 || std::thread::available_parallelism().map_or(1, |c| c.get()) == 1, "50 PDUs are checked on several threads");
-        let before = verify_threads();
-        let mut checks = Checks::start(50);
-        until("the helpers to start", || verify_threads() >= before + helpers);
-        assert_eq!(checks.remaining(), 0);
-        assert!(checks.next().is_none(), "no job, no result");
-        drop(checks);
-        until("the helpers to stop", || verify_threads() <= before);
+    fn a_transaction_is_linear_only_when_nothing_would_be_fetched_or_reordered() {
+        let stored = ["$s", "$auth"];
+        let (a, b, c) = (pdu("$a", 5, &["$s"], &["$auth"]), pdu("$b", 6, &["$a"], &["$auth", "$a"]), pdu("$c", 7, &["$b"], &["$auth"]));
+        assert_eq!(linear(&[a.clone(), b.clone(), c.clone()], &stored), Some(vec!["$a".into(), "$b".into()]), "a chain off stored events; the ones others name");
+        assert_eq!(linear(&[b.clone(), a.clone(), c.clone()], &stored), None, "depth goes down: the old path reorders");
+        assert_eq!(linear(&[a.clone(), c.clone()], &stored), None, "a parent neither stored nor earlier: a gap to fill");
+        assert_eq!(linear(&[pdu("$a", 5, &["$s"], &["$gone"])], &stored), None, "an auth event missing: fetched");
+        assert_eq!(linear(&[a.clone(), b.clone(), b.clone()], &stored), None, "an event twice");
+        assert_eq!(linear(&[a.clone(), pdu("$f", 5, &["$s"], &["$auth"])], &stored), Some(vec![]), "a fork at equal depth: nobody names the other");
+        assert!(Linear::new(false).named().is_none(), "not wanted");
     }
 }
