@@ -12,6 +12,9 @@ pub struct Metrics {
     pub pdus_received: IntCounterVec,
     /// PDUs rejected, by reason.
     pub pdus_rejected: IntCounterVec,
+    /// Signature checks of received PDUs, by the thread that did them (`pool`: the checking
+    /// threads; `caller`: the transaction's own thread).
+    pub signature_checks: IntCounterVec,
     /// EDUs received, by type and result (`logged`, `ignored`, `rejected`).
     pub edus_received: IntCounterVec,
     /// Transactions, by result (`ok`, `retransmit`, `rejected`).
@@ -181,6 +184,7 @@ impl Metrics {
         Self {
             pdus_received: counter_vec(&r, "fedlink_pdus_received_total", "PDUs received over /send by result", &["result"]),
             pdus_rejected: counter_vec(&r, "fedlink_pdus_rejected_total", "PDUs rejected by reason", &["reason"]),
+            signature_checks: counter_vec(&r, "fedlink_signature_checks_total", "Signature checks of PDUs received over /send, by the thread that did them: pool (the checking threads, one fewer than the cores) or caller (the transaction's own thread, rather than wait)", &["by"]),
             edus_received: counter_vec(&r, "fedlink_edus_received_total", "EDUs received by type and result", &["edu_type", "result"]),
             transactions: counter_vec(&r, "fedlink_transactions_total", "Inbound transactions by result", &["result"]),
             transaction_seconds,

@@ -672,6 +672,8 @@ async fn main() -> Result<()> {
         phases.push(format!("{phase} {mean:.2} ms"));
     }
     println!("mean time per transaction by phase: {}", phases.join(", "));
+    let (pool, caller) = (t.metric("fedlink_signature_checks_total{by=\"pool\"}").await?, t.metric("fedlink_signature_checks_total{by=\"caller\"}").await?);
+    println!("signature checks: {pool:.0} on the checking threads, {caller:.0} on the transactions' own");
     let mut passes = Vec::new();
     for pass in ["incremental", "full"] {
         let (mean, count) = t.mean_ms("fedlink_reconcile_duration_seconds", &format!("{{pass=\"{pass}\"}}")).await?;

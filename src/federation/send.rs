@@ -358,9 +358,10 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: boo
         let checking = Checking { checks, jobs, named };
         return Prepared { results, sent, verified: Vec::new(), auth_only: Vec::new(), gaps: Vec::new(), checking: Some(checking) };
     }
-    // CPU-bound for a few milliseconds, like the sequential checks it replaces: run here
-    // (the work is spread over threads of its own), not handed to the blocking pool.
+    // CPU-bound for a few milliseconds: the checking threads and this one share the work
+    // (not handed to tokio's blocking pool).
     let checked = checks.all();
+    checks.count(app);
     if warm {
         for pdu in checked.iter().flatten() {
             app.store.warm_index(pdu.event_id.as_str());
@@ -508,6 +509,7 @@ async fn apply_prepared<'a>(
         admit_one(app, &mut batch, via, pdu, &room_id, &mut answers)?;
     }
     let Some(Checking { mut checks, jobs, named }) = checking else { return Ok((batch, None)) };
+    checks.urgent();
     let mut answers = Results { map: results, answer: true };
     let mut jobs = jobs.into_iter();
     while let Some((room_id, id)) = jobs.next() {
@@ -540,6 +542,7 @@ async fn apply_prepared<'a>(
 }
 
 fn observe_checks_wait(app: &Fedlink, checks: &Checks) {
+    checks.count(app);
     app.metrics.ingest_phase_seconds.with_label_values(&["checks_wait"]).observe(checks.waited.as_secs_f64());
     app.metrics.ingest_phase_seconds.with_label_values(&["checks_here"]).observe(checks.here.as_secs_f64());
 }
@@ -957,8 +960,8 @@ impl Unverified {
     }
 }
 
-/// Fewest checked PDUs for a transaction to be admitted as its checks end (with fewer, the
-/// admitting thread would do most checks itself, under the ingest lock).
+/// A transaction is admitted as its checks end only with more checked PDUs than this (with
+/// fewer, the admitting thread would do most checks itself, under the ingest lock).
 const VERIFY_CHUNK: usize = 8;
 
 /// Signature checks of a transaction's PDUs (the bulk of its CPU work), queued as each PDU
@@ -974,8 +977,9 @@ struct Checks {
     next: usize,
     /// Time spent blocked waiting for a checking thread's result.
     waited: std::time::Duration,
-    /// Time spent checking jobs on the caller's thread.
+    /// Time spent checking jobs on the caller's thread, and how many.
     here: std::time::Duration,
+    here_count: usize,
 }
 
 /// One transaction's queue of checks, shared with the checking threads.
@@ -1030,24 +1034,29 @@ fn verify_caught(job: Unverified) -> Result<Pdu, Rejection> {
 struct VerifyPool {
     active: std::sync::Mutex<std::collections::VecDeque<std::sync::Arc<ChecksShared>>>,
     work: std::sync::Condvar,
-    threads: usize,
+    /// Threads started.
+    started: std::sync::atomic::AtomicUsize,
 }
 
 impl VerifyPool {
     fn get() -> &'static VerifyPool {
         static POOL: std::sync::OnceLock<VerifyPool> = std::sync::OnceLock::new();
         static STARTED: std::sync::Once = std::sync::Once::new();
-        let pool = POOL.get_or_init(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-            VerifyPool { active: Default::default(), work: std::sync::Condvar::new(), threads: cores - 1 }
-        });
+        let pool: &'static VerifyPool = POOL.get_or_init(|| VerifyPool { active: Default::default(), work: std::sync::Condvar::new(), started: Default::default() });
         STARTED.call_once(|| {
-            for _ in 0..pool.threads {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            for _ in 1..cores {
                 // A thread that cannot be started leaves its share to the callers.
-                let _ = std::thread::Builder::new().name("fedlink-verify".into()).spawn(|| VerifyPool::get().run());
+                if std::thread::Builder::new().name("fedlink-verify".into()).spawn(move || pool.run()).is_ok() {
+                    pool.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         });
         pool
+    }
+
+    fn threads(&self) -> usize {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::sync::Arc<ChecksShared>>> {
@@ -1076,14 +1085,14 @@ impl Checks {
     /// Whether `n` checked PDUs are enough for a transaction to be admitted as its checks
     /// end: there is a checking thread to share them with, and more than a few.
     fn overlapped(n: usize) -> bool {
-        VerifyPool::get().threads > 0 && n > VERIFY_CHUNK
+        VerifyPool::get().threads() > 0 && n > VERIFY_CHUNK
     }
 
     /// An empty queue of checks.
     fn start() -> Checks {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = std::sync::Arc::new(ChecksShared { queue: Default::default(), tx });
-        Checks { shared, rx, ready: Vec::new(), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO }
+        Checks { shared, rx, ready: Vec::new(), next: 0, waited: std::time::Duration::ZERO, here: std::time::Duration::ZERO, here_count: 0 }
     }
 
     /// Queue a job for checking (the first makes the queue known to the checking threads).
@@ -1091,7 +1100,7 @@ impl Checks {
         self.shared.lock().jobs.push(Some(job));
         self.ready.push(None);
         let pool = VerifyPool::get();
-        if pool.threads == 0 {
+        if pool.threads() == 0 {
             return;
         }
         // Under the pool's lock, so a thread that found no work is either waiting (and
@@ -1131,22 +1140,45 @@ impl Checks {
                 let t = std::time::Instant::now();
                 self.ready[j] = Some(verify_caught(job));
                 self.here += t.elapsed();
+                self.here_count += 1;
                 continue;
             }
             // Job `i` is being checked on a checking thread, which always sends its result
             // (this holds a sender, so `recv` cannot fail).
             let t = std::time::Instant::now();
-            if let Ok((j, r)) = self.rx.recv() {
-                self.ready[j] = Some(r);
-            }
+            let (j, r) = self.rx.recv().expect("the checks hold a sender");
+            self.ready[j] = Some(r);
             self.waited += t.elapsed();
         }
     }
 
     /// All the results, in the order of the jobs.
-    fn all(mut self) -> Vec<Result<Pdu, Rejection>> {
+    fn all(&mut self) -> Vec<Result<Pdu, Rejection>> {
         self.close();
         std::iter::from_fn(|| self.next()).collect()
+    }
+
+    /// Have the checking threads take this transaction's jobs before others' (it holds the
+    /// ingest lock, so everyone waits for it).
+    fn urgent(&self) {
+        let pool = VerifyPool::get();
+        if pool.threads() == 0 {
+            return;
+        }
+        let mut active = pool.lock();
+        if let Some(at) = active.iter().position(|s| std::sync::Arc::ptr_eq(s, &self.shared)) {
+            if let Some(me) = active.remove(at) {
+                active.push_front(me);
+            }
+        }
+        pool.work.notify_all();
+    }
+
+    /// Count the checks by who did them.
+    fn count(&self, app: &Fedlink) {
+        let pooled = self.ready.len().saturating_sub(self.here_count);
+        app.metrics.signature_checks.with_label_values(&["pool"]).inc_by(pooled as u64);
+        app.metrics.signature_checks.with_label_values(&["caller"]).inc_by(self.here_count as u64);
     }
 }
 
@@ -1317,7 +1349,10 @@ mod tests {
         let stored = ["$s", "$auth"];
         let (a, b, c) = (pdu("$a", 5, &["$s"], &["$auth"]), pdu("$b", 6, &["$a"], &["$auth", "$a"]), pdu("$c", 7, &["$b"], &["$auth"]));
         assert_eq!(linear(&[a.clone(), b.clone(), c.clone()], &stored), Some(vec!["$a".into(), "$b".into()]), "a chain off stored events; the ones others name");
-        assert_eq!(linear(&[b.clone(), a.clone(), c.clone()], &stored), None, "depth goes down: the old path reorders");
+        let (x, y) = (pdu("$x", 6, &["$s"], &["$auth"]), pdu("$y", 5, &["$s"], &["$auth"]));
+        assert_eq!(linear(&[y.clone(), x.clone()], &stored), Some(vec![]), "two forks off stored events");
+        assert_eq!(linear(&[x, y], &stored), None, "depth goes down: the old path reorders");
+        assert_eq!(linear(&[b.clone(), a.clone(), c.clone()], &stored), None, "a parent later in the transaction");
         assert_eq!(linear(&[a.clone(), c.clone()], &stored), None, "a parent neither stored nor earlier: a gap to fill");
         assert_eq!(linear(&[pdu("$a", 5, &["$s"], &["$gone"])], &stored), None, "an auth event missing: fetched");
         assert_eq!(linear(&[a.clone(), b.clone(), b.clone()], &stored), None, "an event twice");
