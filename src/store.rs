@@ -752,8 +752,9 @@ impl Store {
     /// thread of its own, answering nothing. Writing an event reads its index entry first
     /// (sled's transactions read every key they write), and ids are hashes: beyond the
     /// cache, that read loads a page from the files, under the ingest lock. Called for a
-    /// transaction's PDUs once their signatures are checked, so the pages are read while
-    /// the transaction is admitted (serial work on one core; the other is free). Best
+    /// transaction's PDUs before they are admitted (for a linear transaction once they are
+    /// parsed, for others once their signatures are checked), so the pages are read while
+    /// the transaction is checked and admitted. Best
     /// effort: when the thread's queue is full (or there is no thread), the id is not read
     /// ahead and its write reads the page. (A read here and sled's transactions share one
     /// lock in sled: a write may wait for a read under way.)

@@ -673,7 +673,9 @@ async fn main() -> Result<()> {
     }
     println!("mean time per transaction by phase: {}", phases.join(", "));
     let (pool, caller) = (t.metric("fedlink_signature_checks_total{by=\"pool\"}").await?, t.metric("fedlink_signature_checks_total{by=\"caller\"}").await?);
-    println!("signature checks: {pool:.0} on the checking threads, {caller:.0} on the transactions' own");
+    if pool + caller > 0.0 {
+        println!("signature checks: {pool:.0} on the checking threads, {caller:.0} on the transactions' own");
+    }
     let mut passes = Vec::new();
     for pass in ["incremental", "full"] {
         let (mean, count) = t.mean_ms("fedlink_reconcile_duration_seconds", &format!("{{pass=\"{pass}\"}}")).await?;

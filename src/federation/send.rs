@@ -321,7 +321,9 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: boo
     let mut results: BTreeMap<String, Value> = BTreeMap::new();
     let mut checks = Checks::start();
     let mut jobs: Vec<(OwnedRoomId, OwnedEventId)> = Vec::with_capacity(pdus.len());
-    let mut linear = Linear::new(overlap);
+    // Its store lookups are only worth it when the transaction can be overlapped at all
+    // (the gap fills look the same events up otherwise).
+    let mut linear = Linear::new(overlap && Checks::overlapped(pdus.len()));
     let rooms = rooms_of(app, &pdus).await;
     for raw in pdus {
         match precheck_keys_in(app, origin, raw, &rooms).await {
@@ -369,9 +371,7 @@ pub async fn prepare(app: &Fedlink, origin: &str, pdus: Vec<Value>, overlap: boo
     }
     let mut verified: Vec<(Pdu, OwnedRoomId)> = Vec::new();
     for (outcome, (room, id)) in checked.into_iter().zip(jobs) {
-        match outcome {
-            // Each result is its own event's (fail closed if that were ever not so).
-            Ok(pdu) if pdu.event_id != id => reject(app, id.as_str(), &Rejection::Format("internal: a verification result for another event".into()), &mut results),
+        match own_result(outcome, &id) {
             Ok(pdu) => verified.push((pdu, room)),
             Err(rej) => reject(app, id.as_str(), &rej, &mut results),
         }
@@ -514,9 +514,7 @@ async fn apply_prepared<'a>(
     let mut jobs = jobs.into_iter();
     while let Some((room_id, id)) = jobs.next() {
         let Some(outcome) = checks.next() else { break };
-        match outcome {
-            // Each result is its own event's (fail closed if that were ever not so).
-            Ok(pdu) if pdu.event_id != id => answers.reject(app, id.as_str(), &Rejection::Format("internal: a verification result for another event".into())),
+        match own_result(outcome, &id) {
             Ok(pdu) => admit_one(app, &mut batch, via, pdu, &room_id, &mut answers)?,
             Err(rej) => {
                 answers.reject(app, id.as_str(), &rej);
@@ -525,9 +523,8 @@ async fn apply_prepared<'a>(
                     // filled without the ingest lock.
                     let mut rest = Vec::with_capacity(checks.remaining());
                     for ((room_id, id), outcome) in jobs.by_ref().zip(std::iter::from_fn(|| checks.next())) {
-                        match outcome {
-                            Ok(pdu) if pdu.event_id == id => rest.push((pdu, room_id)),
-                            Ok(_) => answers.reject(app, id.as_str(), &Rejection::Format("internal: a verification result for another event".into())),
+                        match own_result(outcome, &id) {
+                            Ok(pdu) => rest.push((pdu, room_id)),
                             Err(rej) => answers.reject(app, id.as_str(), &rej),
                         }
                     }
@@ -1019,6 +1016,14 @@ impl ChecksShared {
     fn finished(&self) -> bool {
         let q = self.lock();
         q.gone || (q.closed && q.claimed >= q.jobs.len())
+    }
+}
+
+/// A check's result as its own event's: fail closed if it were ever another's.
+fn own_result(outcome: Result<Pdu, Rejection>, id: &OwnedEventId) -> Result<Pdu, Rejection> {
+    match outcome {
+        Ok(pdu) if pdu.event_id != *id => Err(Rejection::Format("internal: a verification result for another event".into())),
+        other => other,
     }
 }
 
