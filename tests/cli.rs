@@ -161,3 +161,17 @@ fn the_production_template_checks_out() {
     assert!(!out.contains("0123456789abcdef0123456789abcdef"), "the token is printed: {out}");
     assert!(!out.contains("generated-token"), "registration tokens are printed: {out}");
 }
+
+/// The README's run command is `cargo run --release -- run -c config/example.toml`: with a
+/// second binary in the crate (`fedlink-load`), cargo picks one only through `default-run`
+/// (without it the command fails with "could not determine which binary to run").
+#[test]
+fn the_readmes_run_command_picks_the_server_binary() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    assert!(readme.contains("cargo run --release -- run -c config/example.toml"), "the README's run command changed: update this test");
+    let manifest: toml::Table = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap().parse().unwrap();
+    let bins = manifest.get("bin").and_then(|b| b.as_array()).map_or(0, |b| b.len());
+    let default = manifest["package"].get("default-run").and_then(|d| d.as_str());
+    assert!(bins <= 1 || default == Some("fedlink"), "{bins} binaries and default-run {default:?}");
+}
