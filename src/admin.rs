@@ -122,6 +122,7 @@ async fn status(State(app): State<AppState>) -> Json<Value> {
         "rooms_joining": views.index.joining.len(),
         "rooms_join_failed": views.index.join_failed.len(),
         "storage_bytes": app.store.size_on_disk(),
+        "storage_compressed": app.store.compressed(),
         // Whether people are in step (as of the last in-step pass, every 15 s).
         "persons": crate::core::step::Step::ALL.iter().map(|s| (s.label(), app.metrics.persons.with_label_values(&[s.label()]).get())).collect::<std::collections::BTreeMap<_, _>>(),
         "out_of_step_oldest_seconds": app.metrics.out_of_step_oldest_seconds.get(),

@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Replay { config } => {
             let cfg = load(&config)?;
-            let store = fedlink::store::Store::open_with(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024, cfg.storage.compression).context("storage.path")?;
+            let (store, _) = fedlink::store::Store::open_configured(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024, cfg.storage.compression).context("storage.path")?;
             let bot = cfg.bot_user_id().try_into().context("bot.localpart")?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {

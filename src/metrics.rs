@@ -83,6 +83,7 @@ pub struct Metrics {
     pub log_appends: IntCounterVec,
     /// sled size on disk.
     pub storage_bytes: IntGauge,
+    pub storage_compressed: IntGauge,
     /// Rooms the bot is joined to.
     pub rooms_joined: IntGauge,
     /// Rooms with an invite pending a join.
@@ -226,6 +227,7 @@ impl Metrics {
             log_entries: gauge(&r, "fedlink_log_entries", "Records in the event log"),
             log_appends: counter_vec(&r, "fedlink_log_appends_total", "Log records appended by kind", &["kind"]),
             storage_bytes: gauge(&r, "fedlink_storage_bytes", "Size of the sled database on disk"),
+            storage_compressed: gauge(&r, "fedlink_storage_compressed", "1 when sled's pages are written zstd-compressed (storage.compression, fixed when the database was created)"),
             rooms_joined: gauge(&r, "fedlink_rooms_joined", "Rooms the bot is joined to"),
             rooms_pending_join: gauge(&r, "fedlink_rooms_pending_join", "Rooms with an accepted invite whose join has not completed"),
             views_snapshots,

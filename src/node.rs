@@ -196,8 +196,17 @@ impl Fedlink {
     pub fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
         let key = Arc::new(SigningKey::load_or_create(&cfg.keys.signing_key)?);
         let admin_token = cfg.admin_token()?;
-        let store = Arc::new(Store::open_with(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024, cfg.storage.compression).with_context(|| format!("storage.path {}", cfg.storage.path.display()))?);
+        let (store, compressed) = Store::open_configured(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024, cfg.storage.compression)
+            .with_context(|| format!("storage.path {}", cfg.storage.path.display()))?;
+        tracing::info!(
+            path = %cfg.storage.path.display(),
+            compressed,
+            configured = ?cfg.storage.compression,
+            "storage opened (storage.compression unset: an existing database keeps its setting, a new one is compressed)"
+        );
+        let store = Arc::new(store);
         let metrics = Arc::new(Metrics::new());
+        metrics.storage_compressed.set(i64::from(compressed));
         let client = Arc::new(FederationClient::new(&cfg, key.clone(), metrics.clone())?);
         let keys = Arc::new(RemoteKeys::new(
             store.clone(),

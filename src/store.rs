@@ -281,6 +281,8 @@ pub struct StoredKey {
 /// The store.
 pub struct Store {
     db: sled::Db,
+    /// Whether sled writes its pages compressed (fixed when the database was created).
+    compressed: bool,
     log: sled::Tree,
     event_index: sled::Tree,
     txns: sled::Tree,
@@ -442,6 +444,22 @@ impl Store {
         Self::open_with(path, cache_bytes, false)
     }
 
+    /// Open (or create) the database at `path` with `storage.compression` as configured:
+    /// `Some(c)` as [`Store::open_with`]; `None` opens an existing database with the setting
+    /// it was created with and creates a new one compressed. Returns the store and whether
+    /// it is compressed.
+    pub fn open_configured(path: &Path, cache_bytes: u64, compression: Option<bool>) -> Result<(Self, bool), StoreError> {
+        match compression {
+            Some(c) => Self::open_with(path, cache_bytes, c).map(|s| (s, c)),
+            // A mismatch is found before sled reads or writes anything (and its file lock
+            // is let go with the error), so the second open sees the database as it was.
+            None => match Self::open_with(path, cache_bytes, true) {
+                Err(StoreError::CompressionMismatch { created_with: false }) => Self::open_with(path, cache_bytes, false).map(|s| (s, false)),
+                r => r.map(|s| (s, true)),
+            },
+        }
+    }
+
     /// Open (or create) the database at `path` with a page cache of `cache_bytes`; `compress`
     /// writes sled's pages zstd-compressed (`storage.compression`). A database keeps the
     /// choice it was created with: opening it with the other one fails with
@@ -475,6 +493,7 @@ impl Store {
         // there is a store to drop only once nothing above can fail.
         let known_ids = crate::known_ids::KnownIds::open(event_index.clone(), last);
         Ok(Self {
+            compressed: compress,
             known_ids,
             warmer: start_warmer(event_index.clone()),
             warm_from_ids: cache_bytes / CACHE_BYTES_PER_INDEXED_ID,
@@ -502,6 +521,11 @@ impl Store {
             next_seq: Mutex::new(last),
             staged: Mutex::new(Default::default()),
         })
+    }
+
+    /// Whether sled writes this database's pages zstd-compressed (`storage.compression`).
+    pub fn compressed(&self) -> bool {
+        self.compressed
     }
 
     /// Append `entries` (and, for a federation transaction, its response) atomically.
@@ -1460,15 +1484,7 @@ mod tests {
     /// Reopen a database just dropped. sled's flusher thread may hold the last reference (and
     /// the file lock) for a moment after the drop: wait for it.
     async fn reopen(path: &Path, compress: bool) -> Result<Store, StoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Store::open_with(path, DEFAULT_CACHE_BYTES, compress) {
-                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
-                }
-                r => return r,
-            }
-        }
+        open_configured_when_unlocked(path, Some(compress)).await.map(|(s, _)| s)
     }
 
     #[tokio::test]
@@ -1490,6 +1506,123 @@ mod tests {
         drop(Store::open_with(plain.path(), DEFAULT_CACHE_BYTES, false).unwrap());
         let e = reopen(plain.path(), true).await.err().expect("opening a plain database compressed must fail");
         assert!(matches!(e, StoreError::CompressionMismatch { created_with: false }), "{e}");
+    }
+
+    /// The vendored sled's compression (vendor/sled/PATCH.md): page updates written as
+    /// stored zstd frames, whole pages compressed with reused contexts, recovery without
+    /// decompressing. Each size gets a tree of its own, updated more times than sled's
+    /// consolidation threshold (10), so that its page is read back as a compressed whole
+    /// page plus stored updates of that size. The sizes span the edges of the frame's
+    /// content size field (1, 2 and 4 bytes, after sled's few bytes of key and header),
+    /// more than one 128 KiB block, and sled's blobs. Every value reads back the same:
+    /// while cached, after a clean reopen, and after a reopen that must recover from the
+    /// log (the files copied while the database was open, as a crash leaves them).
+    #[test]
+    fn compressed_sled_reads_back_values_of_every_frame_size() {
+        let sizes: Vec<usize> = (0..=8)
+            .chain(220..=270)
+            .chain((65_700..=65_820).step_by(4))
+            .chain([131_000, 131_072, 131_100, 300_000])
+            .collect();
+        let updates = 12;
+        let value = |size: usize, round: usize| -> Vec<u8> {
+            // Half repetitive (compressible), half varied, and different in each round.
+            (0..size).map(|i| if i % 2 == 0 { b'a' } else { (i.wrapping_mul(31) ^ round.wrapping_mul(7)) as u8 }).collect()
+        };
+        let open = |path: &Path| sled::Config::new().path(path).use_compression(true).compression_factor(1).open().unwrap();
+        let check = |db: &sled::Db| {
+            for &size in &sizes {
+                let t = db.open_tree(format!("t{size}")).unwrap();
+                let got = t.get(b"k").unwrap().unwrap_or_else(|| panic!("value of {size} bytes missing"));
+                assert!(got.as_ref() == value(size, updates - 1).as_slice(), "value of {size} bytes read back differently");
+                assert_eq!(t.len(), 1);
+            }
+            assert!(db.open_tree("gone").unwrap().is_empty(), "a removed key came back");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        {
+            let db = open(dir.path());
+            for &size in &sizes {
+                let t = db.open_tree(format!("t{size}")).unwrap();
+                for round in 0..updates {
+                    t.insert(b"k", value(size, round)).unwrap();
+                }
+            }
+            // Removals are page updates too.
+            let gone = db.open_tree("gone").unwrap();
+            for round in 0..updates {
+                gone.insert(b"g", value(100, round)).unwrap();
+                gone.remove(b"g").unwrap();
+            }
+            db.flush().unwrap();
+            check(&db);
+            copy_dir(dir.path(), crashed.path());
+        }
+        check(&open(dir.path()));
+        check(&open(crashed.path()));
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let target = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_dir(&e.path(), &target);
+            } else {
+                std::fs::copy(e.path(), &target).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unset_compression_keeps_an_existing_databases_setting_and_compresses_new_ones() {
+        // A database created before compression was the default keeps working, uncompressed.
+        let plain = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open_with(plain.path(), DEFAULT_CACHE_BYTES, false).unwrap();
+            s.append(vec![Entry::Pdu(PduEntry::test_message("$p1"))], None, &[], 42).unwrap();
+            s.flush().await.unwrap();
+        }
+        let (s, compressed) = open_configured_when_unlocked(plain.path(), None).await.unwrap();
+        assert!(!compressed && !s.compressed());
+        assert_eq!(s.get_event("$p1").unwrap().unwrap().event_id, "$p1");
+        s.append(vec![Entry::Pdu(PduEntry::test_message("$p2"))], None, &[], 43).unwrap();
+        s.flush().await.unwrap();
+        drop(s);
+        // Still plain: asking for compression now is refused.
+        let e = open_configured_when_unlocked(plain.path(), Some(true)).await.err().expect("a plain database cannot be opened compressed");
+        assert!(matches!(e, StoreError::CompressionMismatch { created_with: false }), "{e}");
+        let (s, compressed) = open_configured_when_unlocked(plain.path(), None).await.unwrap();
+        assert!(!compressed);
+        assert_eq!(s.last_seq(), 2);
+        drop(s);
+        // A new database is compressed: opening it uncompressed is refused.
+        let fresh = tempfile::tempdir().unwrap();
+        let (s, compressed) = open_configured_when_unlocked(fresh.path(), None).await.unwrap();
+        assert!(compressed && s.compressed());
+        s.append(vec![Entry::Pdu(PduEntry::test_message("$c1"))], None, &[], 44).unwrap();
+        s.flush().await.unwrap();
+        drop(s);
+        let e = open_configured_when_unlocked(fresh.path(), Some(false)).await.err().expect("a compressed database cannot be opened plain");
+        assert!(matches!(e, StoreError::CompressionMismatch { created_with: true }), "{e}");
+        let (s, compressed) = open_configured_when_unlocked(fresh.path(), None).await.unwrap();
+        assert!(compressed);
+        assert_eq!(s.get_event("$c1").unwrap().unwrap().event_id, "$c1");
+    }
+
+    /// [`Store::open_configured`], waiting for a just-dropped store's file lock (see `reopen`).
+    async fn open_configured_when_unlocked(path: &Path, compression: Option<bool>) -> Result<(Store, bool), StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open_configured(path, DEFAULT_CACHE_BYTES, compression) {
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                r => return r,
+            }
+        }
     }
 
     #[tokio::test]

@@ -72,9 +72,13 @@ struct Args {
     /// the total rate.
     #[arg(long, default_value_t = 1)]
     parallel: usize,
-    /// Start fedlink with `storage.compression = true`.
-    #[arg(long)]
+    /// Start fedlink with `storage.compression = true` (without this or `--no-compression`
+    /// the setting is left out: fedlink's default, compressed since the eighth session).
+    #[arg(long, conflicts_with = "no_compression")]
     compression: bool,
+    /// Start fedlink with `storage.compression = false`.
+    #[arg(long)]
+    no_compression: bool,
     /// Finally kill fedlink (SIGKILL) and time its restart until it serves again.
     #[arg(long)]
     restart: bool,
@@ -116,7 +120,7 @@ impl Drop for Target {
 }
 
 impl Target {
-    async fn start(bin: &Path, compression: bool) -> Result<Target> {
+    async fn start(bin: &Path, compression: Option<bool>) -> Result<Target> {
         let dir = tempfile::tempdir()?;
         let port = |_: ()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
         let (fed_port, metrics_port) = (port(())?, port(())?);
@@ -126,7 +130,10 @@ impl Target {
              [tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n[keys]\nsigning_key = \"signing.key\"\n[storage]\npath = \"db\"\n{compression}\
              [admin]\ntoken = \"{ADMIN_TOKEN}\"\n[federation]\nverify_tls = false\nmax_inflight_per_origin = 64\n[bot]\nmax_rooms = 100000\n",
             // Only when asked, so that builds without the setting can be driven too.
-            compression = if compression { "compression = true\n" } else { "" },
+            compression = match compression {
+                Some(c) => format!("compression = {c}\n"),
+                None => String::new(),
+            },
         );
         std::fs::write(dir.path().join("fedlink.toml"), config)?;
         let child = spawn(bin, dir.path())?;
@@ -586,12 +593,17 @@ async fn main() -> Result<()> {
     };
     let peer = FakePeer::start().await;
     if args.synapse {
-        if args.rooms > 0 || args.persons > 0 || args.parallel > 1 || args.compression || args.restart || args.keep || args.fedlink.is_some() {
-            bail!("--synapse runs the message and growth phases only: --rooms, --persons, --parallel, --compression, --restart, --keep and --fedlink are fedlink's");
+        if args.rooms > 0 || args.persons > 0 || args.parallel > 1 || args.compression || args.no_compression || args.restart || args.keep || args.fedlink.is_some() {
+            bail!("--synapse runs the message and growth phases only: --rooms, --persons, --parallel, --compression, --no-compression, --restart, --keep and --fedlink are fedlink's");
         }
         return against_synapse(&peer, &args).await;
     }
-    let t = Target::start(&bin, args.compression).await?;
+    let compression = match (args.compression, args.no_compression) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    let t = Target::start(&bin, compression).await?;
     println!("fedlink {} (pid {}) <- peer {}", t.name, t.child.id(), peer.name);
 
     if args.rooms > 0 {

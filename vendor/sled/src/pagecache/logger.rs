@@ -132,12 +132,19 @@ impl Log {
 
                 let _measure = Measure::new(&M.compress);
 
-                // fedlink patch: this thread's reused context (see
-                // `compress_reusing_context`).
-                let compressed_buf = super::compress_reusing_context(
-                    &buf,
-                    self.config.compression_factor,
-                );
+                // fedlink patch: a page's updates (`Link`: one key's insert or
+                // removal) are written as a stored zstd frame, not compressed;
+                // whole pages (`Replace`: a consolidation, a rewrite by the
+                // segment cleaner) are compressed with this thread's reused
+                // context (see `compress_reusing_context` and PATCH.md).
+                let compressed_buf = if log_kind == LogKind::Link {
+                    super::stored_zstd_frame(&buf)
+                } else {
+                    super::compress_reusing_context(
+                        &buf,
+                        self.config.compression_factor,
+                    )
+                };
 
                 return self.reserve_inner(
                     log_kind,
