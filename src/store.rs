@@ -52,6 +52,10 @@ pub enum StoreError {
     /// The database was created with the other `storage.compression` setting.
     #[error("storage.compression: this database was created with compression = {created_with}; sled cannot change it for an existing database (set it back, or start a new database and replay)")]
     CompressionMismatch { created_with: bool },
+    /// `storage.compression` is unset and the database's own record of it (sled's `conf`
+    /// file) is missing or unreadable.
+    #[error("storage.compression: the database has data but its conf file (which records whether it is compressed) is missing or unreadable; set storage.compression to what it was created with")]
+    CompressionUnknown,
     /// A stored record did not decode.
     #[error("corrupt record in {tree}: {reason}")]
     Corrupt { tree: &'static str, reason: String },
@@ -433,15 +437,15 @@ fn corrupt(tree: &'static str, reason: impl ToString) -> StoreError {
 }
 
 impl Store {
-    /// Open (or create) the database at `path`.
+    /// Open (or create) the database at `path` as fedlink does with `storage.compression`
+    /// unset: an existing database with its setting, a new one compressed.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
 
-    /// Open (or create) the database at `path` with a page cache of `cache_bytes`, without
-    /// compression.
+    /// [`Store::open`] with a page cache of `cache_bytes`.
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        Self::open_with(path, cache_bytes, false)
+        Self::open_configured(path, cache_bytes, None).map(|(s, _)| s)
     }
 
     /// Open (or create) the database at `path` with `storage.compression` as configured:
@@ -453,10 +457,33 @@ impl Store {
             Some(c) => Self::open_with(path, cache_bytes, c).map(|s| (s, c)),
             // A mismatch is found before sled reads or writes anything (and its file lock
             // is let go with the error), so the second open sees the database as it was.
-            None => match Self::open_with(path, cache_bytes, true) {
-                Err(StoreError::CompressionMismatch { created_with: false }) => Self::open_with(path, cache_bytes, false).map(|s| (s, false)),
-                r => r.map(|s| (s, true)),
-            },
+            None => {
+                let compress = Self::created_compressed(path)?.unwrap_or(true);
+                match Self::open_with(path, cache_bytes, compress) {
+                    Err(StoreError::CompressionMismatch { created_with }) => Self::open_with(path, cache_bytes, created_with).map(|s| (s, created_with)),
+                    r => r.map(|s| (s, compress)),
+                }
+            }
+        }
+    }
+
+    /// How the database at `path` was created: `Some(compressed)` from sled's `conf` file,
+    /// `None` for a new database (no data file, or an empty one). A data file without a
+    /// readable `conf` is refused: sled would take the `conf` it writes then for the truth,
+    /// and a guess could read an uncompressed database as compressed.
+    fn created_compressed(path: &Path) -> Result<Option<bool>, StoreError> {
+        let has_data = std::fs::metadata(path.join("db")).map(|m| m.len() > 0).unwrap_or(false);
+        // Text lines, then a 4-byte CRC.
+        let conf = String::from_utf8_lossy(&std::fs::read(path.join("conf")).unwrap_or_default()).into_owned();
+        let setting = conf.lines().find_map(|l| match l.trim().strip_prefix("use_compression:").map(str::trim) {
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            _ => None,
+        });
+        match (setting, has_data) {
+            (Some(c), _) => Ok(Some(c)),
+            (None, false) => Ok(None),
+            (None, true) => Err(StoreError::CompressionUnknown),
         }
     }
 
@@ -826,11 +853,37 @@ impl Store {
 
     /// The records after sequence number `after`, in order, decoded for folding into views
     /// ([`LogRecord::decode_for_fold`]: a PDU keeps only its content).
+    ///
+    /// The log's pages are read (and, in a compressed database, decompressed) on a thread
+    /// of their own, `fedlink-log-read`, a chunk of records ahead of the caller, which
+    /// decodes and folds: a replay of a compressed log spent about a sixth of its time
+    /// decompressing. The thread stops when the iterator is dropped.
     pub fn records_to_fold(&self, after: u64) -> impl Iterator<Item = Result<LogRecord, StoreError>> + '_ {
-        self.log.range((after + 1).to_be_bytes()..).map(|r| {
-            let (_, v) = r?;
-            LogRecord::decode_for_fold(&v).map_err(|e| corrupt("log", e))
-        })
+        const CHUNK: usize = 512;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<sled::IVec, sled::Error>>>(4);
+        let log = self.log.clone();
+        let read_ahead = std::thread::Builder::new().name("fedlink-log-read".into()).spawn(move || {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            for r in log.range((after + 1).to_be_bytes()..) {
+                let failed = r.is_err();
+                chunk.push(r.map(|(_, v)| v));
+                if chunk.len() == CHUNK || failed {
+                    // A failed read ends the chunks; so does a caller that stopped.
+                    if tx.send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))).is_err() || failed {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(chunk);
+        });
+        let values: Box<dyn Iterator<Item = Result<sled::IVec, sled::Error>> + '_> = match read_ahead {
+            Ok(_) => Box::new(rx.into_iter().flatten()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the log reading thread; reading the log on the folding thread");
+                Box::new(self.log.range((after + 1).to_be_bytes()..).map(|r| r.map(|(_, v)| v)))
+            }
+        };
+        values.map(|v| LogRecord::decode_for_fold(&v?).map_err(|e| corrupt("log", e)))
     }
 
     /// The highest sequence number written.
@@ -1410,7 +1463,7 @@ mod tests {
             assert_eq!(store.state_root_of("$auth").unwrap(), Some(17));
             store.db.flush().unwrap();
         }
-        let store = reopen(dir.path(), false).await.unwrap();
+        let store = reopen_unset(dir.path()).await.unwrap();
         assert_eq!(store.state_root_of("$a").unwrap(), Some(11));
         assert_eq!(store.state_root_of("$b").unwrap(), Some(13));
         assert_eq!(store.state_root_of("$old").unwrap(), Some(14));
@@ -1487,6 +1540,11 @@ mod tests {
         open_configured_when_unlocked(path, Some(compress)).await.map(|(s, _)| s)
     }
 
+    /// Reopen a database just dropped as fedlink does with `storage.compression` unset.
+    async fn reopen_unset(path: &Path) -> Result<Store, StoreError> {
+        open_configured_when_unlocked(path, None).await.map(|(s, _)| s)
+    }
+
     #[tokio::test]
     async fn a_compressed_database_keeps_its_setting_and_a_mismatch_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -1508,13 +1566,15 @@ mod tests {
         assert!(matches!(e, StoreError::CompressionMismatch { created_with: false }), "{e}");
     }
 
-    /// The vendored sled's compression (vendor/sled/PATCH.md): page updates written as
-    /// stored zstd frames, whole pages compressed with reused contexts, recovery without
-    /// decompressing. Each size gets a tree of its own, updated more times than sled's
-    /// consolidation threshold (10), so that its page is read back as a compressed whole
-    /// page plus stored updates of that size. The sizes span the edges of the frame's
-    /// content size field (1, 2 and 4 bytes, after sled's few bytes of key and header),
-    /// more than one 128 KiB block, and sled's blobs. Every value reads back the same:
+    /// The vendored sled's compression (vendor/sled/PATCH.md): page updates under 256
+    /// bytes written as stored zstd frames, larger ones at level -1, whole pages at the
+    /// configured level, all with reused contexts; recovery without decompressing. Each
+    /// size gets a tree of its own, updated more times than sled's consolidation
+    /// threshold (10), so that its page is read back as a compressed whole page plus
+    /// updates of that size. The sizes span the stored frames and the edge to compressed
+    /// ones (after sled's few bytes of key and header), the edges of zstd's content size
+    /// field (1, 2 and 4 bytes), more than one 128 KiB block, and sled's blobs. Every
+    /// value reads back the same:
     /// while cached, after a clean reopen, and after a reopen that must recover from the
     /// log (the files copied while the database was open, as a crash leaves them).
     #[test]
@@ -1529,7 +1589,18 @@ mod tests {
             // Half repetitive (compressible), half varied, and different in each round.
             (0..size).map(|i| if i % 2 == 0 { b'a' } else { (i.wrapping_mul(31) ^ round.wrapping_mul(7)) as u8 }).collect()
         };
-        let open = |path: &Path| sled::Config::new().path(path).use_compression(true).compression_factor(1).open().unwrap();
+        // sled's flusher thread may hold a dropped database's file lock for a moment.
+        let open = |path: &Path| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match sled::Config::new().path(path).use_compression(true).compression_factor(1).open() {
+                    Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    r => return r.unwrap(),
+                }
+            }
+        };
         let check = |db: &sled::Db| {
             for &size in &sizes {
                 let t = db.open_tree(format!("t{size}")).unwrap();
@@ -1561,6 +1632,38 @@ mod tests {
         }
         check(&open(dir.path()));
         check(&open(crashed.path()));
+    }
+
+    /// The stored frames the vendored sled writes for small page updates decode, to the
+    /// same bytes, with upstream sled's streaming decoder (`zstd::stream::decode_all`) and
+    /// with zstd's one-shot decoder, at every size they are written for.
+    #[test]
+    fn stored_zstd_frames_decode_with_upstreams_decoder() {
+        for n in 0..256usize {
+            let buf: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
+            let frame = sled::fedlink_stored_zstd_frame(&buf);
+            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), buf, "streaming, {n} bytes");
+            assert_eq!(zstd::block::Decompressor::new().decompress(&frame, n).unwrap(), buf, "one-shot, {n} bytes");
+            assert_eq!(zstd::zstd_safe::get_frame_content_size(&frame), n as u64, "declared size, {n} bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn unset_compression_refuses_data_without_its_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open_with(dir.path(), DEFAULT_CACHE_BYTES, false).unwrap();
+            s.append(vec![Entry::Pdu(PduEntry::test_message("$p1"))], None, &[], 42).unwrap();
+            s.db.flush().unwrap();
+        }
+        std::fs::remove_file(dir.path().join("conf")).unwrap();
+        let e = Store::open_configured(dir.path(), DEFAULT_CACHE_BYTES, None).err().expect("no guess without conf");
+        assert!(matches!(e, StoreError::CompressionUnknown), "{e}");
+        assert!(e.to_string().contains("storage.compression"), "{e}");
+        assert!(!dir.path().join("conf").exists(), "the refusal wrote nothing");
+        // Told what it was created with, it opens, and sled records it again.
+        let (s, _) = open_configured_when_unlocked(dir.path(), Some(false)).await.unwrap();
+        assert_eq!(s.get_event("$p1").unwrap().unwrap().event_id, "$p1");
     }
 
     fn copy_dir(from: &Path, to: &Path) {
@@ -1638,7 +1741,7 @@ mod tests {
             s.flush().await.unwrap();
         }
         // Reopen: everything is there, sequence continues.
-        let s = reopen(dir.path(), false).await.unwrap();
+        let s = reopen_unset(dir.path()).await.unwrap();
         assert_eq!(s.last_seq(), 3);
         assert!(s.has_event("$e1").unwrap());
         assert_eq!(s.get_event("$e1").unwrap().unwrap().depth, 3);

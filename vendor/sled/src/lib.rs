@@ -112,6 +112,15 @@ macro_rules! testing_assert {
     };
 }
 
+/// fedlink patch: the stored zstd frame written for page updates under 256 bytes
+/// (see PATCH.md), exposed for fedlink's tests, which decode it with upstream's
+/// streaming decoder as well.
+#[doc(hidden)]
+#[cfg(feature = "compression")]
+pub fn fedlink_stored_zstd_frame(buf: &[u8]) -> Vec<u8> {
+    pagecache::stored_zstd_frame(buf)
+}
+
 mod arc;
 mod atomic_shim;
 mod batch;

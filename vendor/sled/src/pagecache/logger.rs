@@ -23,6 +23,16 @@ pub struct Log {
     pub(crate) config: RunningConfig,
 }
 
+/// fedlink patch: page updates below this size are stored, not compressed.
+#[cfg(feature = "compression")]
+const SMALLEST_COMPRESSED_UPDATE: usize = 256;
+
+/// fedlink patch: the zstd level of page updates. At negative levels zstd leaves
+/// literals without Huffman coding (`ZSTD_literalsCompressionIsDisabled`), which for a
+/// 1 KiB update took about half the time of level 1 for 1.2x its output.
+#[cfg(feature = "compression")]
+const UPDATE_LEVEL: i32 = -1;
+
 impl Log {
     /// Start the log, open or create the configured file,
     /// and optionally start the periodic buffer flush thread.
@@ -132,13 +142,18 @@ impl Log {
 
                 let _measure = Measure::new(&M.compress);
 
-                // fedlink patch: a page's updates (`Link`: one key's insert or
-                // removal) are written as a stored zstd frame, not compressed;
-                // whole pages (`Replace`: a consolidation, a rewrite by the
-                // segment cleaner) are compressed with this thread's reused
-                // context (see `compress_reusing_context` and PATCH.md).
+                // fedlink patch (see PATCH.md): a page's updates (`Link`: one
+                // key's insert or removal) are compressed at zstd's fast level -1,
+                // or stored when under 256 bytes; whole
+                // pages (`Replace`: a consolidation, a rewrite by the segment
+                // cleaner) at the configured level. Both with this thread's
+                // reused context (see `compress_reusing_context`).
                 let compressed_buf = if log_kind == LogKind::Link {
-                    super::stored_zstd_frame(&buf)
+                    if buf.len() < SMALLEST_COMPRESSED_UPDATE {
+                        super::stored_zstd_frame(&buf)
+                    } else {
+                        super::compress_reusing_context(&buf, UPDATE_LEVEL)
+                    }
                 } else {
                     super::compress_reusing_context(
                         &buf,

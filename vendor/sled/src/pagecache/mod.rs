@@ -283,48 +283,24 @@ pub(crate) fn compress_reusing_context(buf: &[u8], level: i32) -> Vec<u8> {
         .unwrap()
 }
 
-/// fedlink patch: `buf` as one zstd frame of stored (raw) blocks, which every zstd
-/// decoder reads (RFC 8878, sections 3.1.1 and 3.1.1.2): the magic number, a frame
-/// header declaring a single segment of `buf.len()` bytes (no checksum, no dictionary),
-/// then raw blocks of at most 128 KiB, the last one marked. Costs a copy, where
-/// compressing costs building entropy tables for every call.
+/// fedlink patch: `buf` (under 256 bytes) as a zstd frame of one stored (raw) block,
+/// which every zstd decoder reads as a copy (RFC 8878, sections 3.1.1 and 3.1.1.2): the
+/// magic number; the frame header descriptor 0x20 (single segment, so no window
+/// descriptor; a 1-byte content size; no checksum, no dictionary); the content size;
+/// the block header (3 bytes little-endian: bit 0 last block, bits 1-2 the type, 0 for
+/// raw, bits 3-23 the size); the bytes. Costs a copy, where compressing costs building
+/// entropy tables for every call.
 #[cfg(feature = "compression")]
 pub(crate) fn stored_zstd_frame(buf: &[u8]) -> Vec<u8> {
-    const MAX_BLOCK: usize = 128 * 1024;
-    let len = buf.len() as u64;
-    let mut out = Vec::with_capacity(buf.len() + 16 + 3 * (buf.len() / MAX_BLOCK));
+    let len = u8::try_from(buf.len())
+        .expect("stored frames are only written for updates under 256 bytes");
+    let mut out = Vec::with_capacity(buf.len() + 9);
     out.extend_from_slice(&0xFD2F_B528_u32.to_le_bytes());
-    // Frame header descriptor: bits 7-6 the content size field's size (with the
-    // single segment flag, bit 5: 1, 2, 4 or 8 bytes; the 2-byte field holds the
-    // size minus 256).
-    if len < 256 {
-        out.push(0b0010_0000);
-        out.push(len as u8);
-    } else if len < 256 + 65536 {
-        out.push(0b0110_0000);
-        out.extend_from_slice(&((len - 256) as u16).to_le_bytes());
-    } else if len <= u64::from(u32::MAX) {
-        out.push(0b1010_0000);
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-    } else {
-        out.push(0b1110_0000);
-        out.extend_from_slice(&len.to_le_bytes());
-    }
-    // Block header, 3 bytes little-endian: bit 0 last block, bits 1-2 the type
-    // (0: raw), bits 3-23 the size.
-    let mut block = |chunk: &[u8], last: bool| {
-        let header = u32::from(last) | ((chunk.len() as u32) << 3);
-        out.extend_from_slice(&header.to_le_bytes()[..3]);
-        out.extend_from_slice(chunk);
-    };
-    if buf.is_empty() {
-        block(&[], true);
-    } else {
-        let mut chunks = buf.chunks(MAX_BLOCK).peekable();
-        while let Some(chunk) = chunks.next() {
-            block(chunk, chunks.peek().is_none());
-        }
-    }
+    out.push(0b0010_0000);
+    out.push(len);
+    let block_header = 1 | (u32::from(len) << 3);
+    out.extend_from_slice(&block_header.to_le_bytes()[..3]);
+    out.extend_from_slice(buf);
     out
 }
 
