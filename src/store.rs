@@ -1589,18 +1589,7 @@ mod tests {
             // Half repetitive (compressible), half varied, and different in each round.
             (0..size).map(|i| if i % 2 == 0 { b'a' } else { (i.wrapping_mul(31) ^ round.wrapping_mul(7)) as u8 }).collect()
         };
-        // sled's flusher thread may hold a dropped database's file lock for a moment.
-        let open = |path: &Path| {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                match sled::Config::new().path(path).use_compression(true).compression_factor(1).open() {
-                    Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
-                        std::thread::sleep(std::time::Duration::from_millis(20))
-                    }
-                    r => return r.unwrap(),
-                }
-            }
-        };
+        let open = |path: &Path| when_unlocked(|| sled::Config::new().path(path).use_compression(true).compression_factor(1).open()).unwrap();
         let check = |db: &sled::Db| {
             for &size in &sizes {
                 let t = db.open_tree(format!("t{size}")).unwrap();
@@ -1717,11 +1706,17 @@ mod tests {
 
     /// [`Store::open_configured`], waiting for a just-dropped store's file lock (see `reopen`).
     async fn open_configured_when_unlocked(path: &Path, compression: Option<bool>) -> Result<(Store, bool), StoreError> {
+        when_unlocked(|| Store::open_configured(path, DEFAULT_CACHE_BYTES, compression))
+    }
+
+    /// Retry `open` while sled's flusher thread still holds a dropped database's file lock
+    /// (for a moment after the drop), for up to 10 s.
+    fn when_unlocked<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> Result<T, E> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match Store::open_configured(path, DEFAULT_CACHE_BYTES, compression) {
+            match open() {
                 Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                    std::thread::sleep(std::time::Duration::from_millis(20))
                 }
                 r => return r,
             }

@@ -120,10 +120,26 @@ impl Drop for Target {
 }
 
 impl Target {
+    /// Start fedlink on fresh ports and wait until it serves. Ports are picked free and
+    /// released for fedlink to bind, so another process may take one meanwhile: a start
+    /// that fails on an address in use is tried again (three times in all).
     async fn start(bin: &Path, compression: Option<bool>) -> Result<Target> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(bin, compression).await {
+                Err(e) if tries < 3 && e.to_string().contains("in use") => eprintln!("fedlink did not start ({e}); trying other ports"),
+                r => return r,
+            }
+        }
+    }
+
+    async fn start_once(bin: &Path, compression: Option<bool>) -> Result<Target> {
         let dir = tempfile::tempdir()?;
-        let port = |_: ()| -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-        let (fed_port, metrics_port) = (port(())?, port(())?);
+        // Both listeners are held until both ports are known, so the two differ.
+        let (fed, metrics) = (std::net::TcpListener::bind("127.0.0.1:0")?, std::net::TcpListener::bind("127.0.0.1:0")?);
+        let (fed_port, metrics_port) = (fed.local_addr()?.port(), metrics.local_addr()?.port());
+        drop((fed, metrics));
         util::self_signed_cert(dir.path(), &["localhost", "127.0.0.1"]);
         let config = format!(
             "server_name = \"localhost:{fed_port}\"\n[listen]\nfederation = \"127.0.0.1:{fed_port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
@@ -138,7 +154,7 @@ impl Target {
         std::fs::write(dir.path().join("fedlink.toml"), config)?;
         let child = spawn(bin, dir.path())?;
         let http = reqwest::Client::builder().danger_accept_invalid_certs(true).timeout(Duration::from_secs(120)).build()?;
-        let t = Target {
+        let mut t = Target {
             bin: bin.to_owned(),
             child,
             dir,
@@ -151,17 +167,27 @@ impl Target {
         Ok(t)
     }
 
-    async fn wait_serving(&self) -> Result<()> {
+    async fn wait_serving(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if self.http.get(format!("{}/_matrix/key/v2/server", self.fed_url)).send().await.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());
             }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("fedlink exited before serving ({status}); the end of its log:\n{}", self.log_tail());
+            }
             if Instant::now() > deadline {
-                bail!("fedlink did not start; see {}", self.dir.path().join("fedlink.log").display());
+                bail!("fedlink did not serve within 120 s; the end of its log:\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The last 20 lines of fedlink's log.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("fedlink.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// SIGKILL, start again on the same database; returns the time until it serves.
