@@ -240,8 +240,8 @@ pub struct Storage {
     /// with the log).
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
-    /// Write sled's pages zstd-compressed: about 0.6x the disk, at 0.8-0.9x the ingest
-    /// rate (see Performance in the README). Fixed when the database is created. Unset:
+    /// Write sled's pages zstd-compressed: less disk for less ingest and join speed (see
+    /// Performance in the README). Fixed when the database is created. Unset:
     /// an existing database keeps what it was created with, a new one is compressed. Set:
     /// a new database is created with it, and an existing one must have been.
     #[serde(default)]

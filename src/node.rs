@@ -198,12 +198,11 @@ impl Fedlink {
         let admin_token = cfg.admin_token()?;
         let (store, compressed) = Store::open_configured(&cfg.storage.path, cfg.storage.cache_mb * 1024 * 1024, cfg.storage.compression)
             .with_context(|| format!("storage.path {}", cfg.storage.path.display()))?;
-        tracing::info!(
-            path = %cfg.storage.path.display(),
-            compressed,
-            configured = ?cfg.storage.compression,
-            "storage opened (storage.compression unset: an existing database keeps its setting, a new one is compressed)"
-        );
+        let why = match cfg.storage.compression {
+            None => "storage.compression unset: an existing database keeps its setting, a new one is compressed",
+            Some(_) => "storage.compression set",
+        };
+        tracing::info!(path = %cfg.storage.path.display(), compressed, configured = ?cfg.storage.compression, "storage opened ({why})");
         let store = Arc::new(store);
         let metrics = Arc::new(Metrics::new());
         metrics.storage_compressed.set(i64::from(compressed));

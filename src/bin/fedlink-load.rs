@@ -119,6 +119,9 @@ impl Drop for Target {
     }
 }
 
+/// How a start that failed because fedlink exited is reported.
+const EXITED: &str = "fedlink exited before serving";
+
 impl Target {
     /// Start fedlink on fresh ports and wait until it serves. Ports are picked free and
     /// released for fedlink to bind, so another process may take one meanwhile: a start
@@ -128,7 +131,9 @@ impl Target {
         loop {
             tries += 1;
             match Self::start_once(bin, compression).await {
-                Err(e) if tries < 3 && e.to_string().contains("in use") => eprintln!("fedlink did not start ({e}); trying other ports"),
+                Err(e) if tries < 3 && e.to_string().starts_with(EXITED) && e.to_string().contains("Address already in use") => {
+                    eprintln!("fedlink did not start ({e}); trying other ports")
+                }
                 r => return r,
             }
         }
@@ -170,11 +175,13 @@ impl Target {
     async fn wait_serving(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if self.http.get(format!("{}/_matrix/key/v2/server", self.fed_url)).send().await.is_ok_and(|r| r.status().is_success()) {
-                return Ok(());
-            }
+            let served = self.http.get(format!("{}/_matrix/key/v2/server", self.fed_url)).send().await.is_ok_and(|r| r.status().is_success());
+            // Checked after the probe too: another process may hold the port and answer.
             if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("fedlink exited before serving ({status}); the end of its log:\n{}", self.log_tail());
+                bail!("{EXITED} ({status}); the end of its log:\n{}", self.log_tail());
+            }
+            if served {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("fedlink did not serve within 120 s; the end of its log:\n{}", self.log_tail());
