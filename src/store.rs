@@ -569,7 +569,12 @@ impl Store {
     /// choice it was created with: opening it with the other one fails with
     /// [`StoreError::CompressionMismatch`] and changes nothing.
     pub fn open_with(path: &Path, cache_bytes: u64, compress: bool) -> Result<Self, StoreError> {
-        let config = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes);
+        // sled counts a cached page at its size on disk, so a compressed database's cache
+        // holds more in memory for the same budget: it gets three quarters of it (at the
+        // issue's size RSS 253 MiB with 24 MiB against 283 MiB with 32, at the same ingest
+        // rate within this machine's spread; one run each).
+        let sled_cache = if compress { cache_bytes / 4 * 3 } else { cache_bytes };
+        let config = sled::Config::new().path(path).mode(sled::Mode::HighThroughput).cache_capacity(sled_cache);
         let config = if compress { config.use_compression(true).compression_factor(1) } else { config };
         let db = config.open().map_err(|e| match e {
             sled::Error::Unsupported(m) if m.contains("use_compression") => StoreError::CompressionMismatch { created_with: !compress },
