@@ -523,14 +523,10 @@ impl Store {
     pub fn open_configured(path: &Path, cache_bytes: u64, compression: Option<bool>) -> Result<(Self, bool), StoreError> {
         match compression {
             Some(c) => Self::open_with(path, cache_bytes, c).map(|s| (s, c)),
-            // A mismatch is found before sled reads or writes anything (and its file lock
-            // is let go with the error), so the second open sees the database as it was.
+            // sled's own check (a mismatch with its `conf`) still stands behind this.
             None => {
                 let compress = Self::created_compressed(path)?.unwrap_or(true);
-                match Self::open_with(path, cache_bytes, compress) {
-                    Err(StoreError::CompressionMismatch { created_with }) => Self::open_with(path, cache_bytes, created_with).map(|s| (s, created_with)),
-                    r => r.map(|s| (s, compress)),
-                }
+                Self::open_with(path, cache_bytes, compress).map(|s| (s, compress))
             }
         }
     }
@@ -1602,6 +1598,14 @@ mod tests {
         assert_eq!(loaded.presence.len(), 1);
     }
 
+    /// Create a database at `path`, with or without compression, holding one message
+    /// event `event_id` (durable), and close it.
+    async fn created_with_one_event(path: &Path, compress: bool, event_id: &str) {
+        let s = Store::open_with(path, DEFAULT_CACHE_BYTES, compress).unwrap();
+        s.append(vec![Entry::Pdu(PduEntry::test_message(event_id))], None, &[], 42).unwrap();
+        s.flush().await.unwrap();
+    }
+
     /// Reopen a database just dropped. sled's flusher thread may hold the last reference (and
     /// the file lock) for a moment after the drop: wait for it.
     async fn reopen(path: &Path, compress: bool) -> Result<Store, StoreError> {
@@ -1616,11 +1620,7 @@ mod tests {
     #[tokio::test]
     async fn a_compressed_database_keeps_its_setting_and_a_mismatch_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open_with(dir.path(), DEFAULT_CACHE_BYTES, true).unwrap();
-            s.append(vec![Entry::Pdu(PduEntry::test_message("$z1"))], None, &[], 42).unwrap();
-            s.flush().await.unwrap();
-        }
+        created_with_one_event(dir.path(), true, "$z1").await;
         let e = reopen(dir.path(), false).await.err().expect("opening a compressed database uncompressed must fail");
         assert!(matches!(e, StoreError::CompressionMismatch { created_with: true }), "{e}");
         assert!(e.to_string().contains("storage.compression"), "{e}");
@@ -1735,11 +1735,7 @@ mod tests {
     #[tokio::test]
     async fn unset_compression_refuses_data_without_its_conf() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open_with(dir.path(), DEFAULT_CACHE_BYTES, false).unwrap();
-            s.append(vec![Entry::Pdu(PduEntry::test_message("$p1"))], None, &[], 42).unwrap();
-            s.db.flush().unwrap();
-        }
+        created_with_one_event(dir.path(), false, "$p1").await;
         std::fs::remove_file(dir.path().join("conf")).unwrap();
         let e = Store::open_configured(dir.path(), DEFAULT_CACHE_BYTES, None).err().expect("no guess without conf");
         assert!(matches!(e, StoreError::CompressionUnknown), "{e}");
@@ -1767,11 +1763,7 @@ mod tests {
     async fn unset_compression_keeps_an_existing_databases_setting_and_compresses_new_ones() {
         // A database created before compression was the default keeps working, uncompressed.
         let plain = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open_with(plain.path(), DEFAULT_CACHE_BYTES, false).unwrap();
-            s.append(vec![Entry::Pdu(PduEntry::test_message("$p1"))], None, &[], 42).unwrap();
-            s.flush().await.unwrap();
-        }
+        created_with_one_event(plain.path(), false, "$p1").await;
         let (s, compressed) = open_configured_when_unlocked(plain.path(), None).await.unwrap();
         assert!(!compressed && !s.compressed());
         assert_eq!(s.get_event("$p1").unwrap().unwrap().event_id, "$p1");

@@ -266,21 +266,32 @@ pub(crate) fn u32_to_arr(number: u32) -> [u8; 4] {
 /// parameter on each call, so the bytes are those of a fresh context.
 #[cfg(feature = "compression")]
 pub(crate) fn compress_reusing_context(buf: &[u8], level: i32) -> Vec<u8> {
-    use std::cell::RefCell;
     use zstd::block::Compressor;
 
     thread_local! {
-        static COMPRESSOR: RefCell<Option<Compressor>> = RefCell::new(None);
+        static COMPRESSOR: std::cell::RefCell<Option<Compressor>> =
+            std::cell::RefCell::new(None);
     }
-    COMPRESSOR
-        .try_with(|cell| match cell.try_borrow_mut() {
-            Ok(mut slot) => {
-                slot.get_or_insert_with(Compressor::new).compress(buf, level)
-            }
-            Err(_) => Compressor::new().compress(buf, level),
-        })
-        .unwrap_or_else(|_| Compressor::new().compress(buf, level))
-        .unwrap()
+    with_thread_context(&COMPRESSOR, Compressor::new, |c| {
+        c.compress(buf, level)
+    })
+    .unwrap()
+}
+
+/// fedlink patch: run `f` with this thread's context in `slot`, made by `new` on first
+/// use. A fresh context serves when the slot is in use (re-entered on this thread) or
+/// gone (the thread is exiting).
+#[cfg(feature = "compression")]
+fn with_thread_context<C: 'static, R>(
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Option<C>>>,
+    new: fn() -> C,
+    f: impl Fn(&mut C) -> R,
+) -> R {
+    slot.try_with(|cell| match cell.try_borrow_mut() {
+        Ok(mut context) => f(context.get_or_insert_with(new)),
+        Err(_) => f(&mut new()),
+    })
+    .unwrap_or_else(|_| f(&mut new()))
 }
 
 /// fedlink patch: `buf` (under 256 bytes) as a zstd frame of one stored (raw) block,
@@ -311,7 +322,6 @@ pub(crate) fn stored_zstd_frame(buf: &[u8]) -> Vec<u8> {
 /// it declares is an error.
 #[cfg(feature = "compression")]
 fn decompress_reusing_context(frame: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::cell::RefCell;
     use zstd::block::Decompressor;
 
     // Unknown (u64::MAX) and error (u64::MAX - 1) are above this bound too.
@@ -326,16 +336,12 @@ fn decompress_reusing_context(frame: &[u8]) -> std::io::Result<Vec<u8>> {
     }
     let size = usize::try_from(size).unwrap();
     thread_local! {
-        static DECOMPRESSOR: RefCell<Option<Decompressor>> = RefCell::new(None);
+        static DECOMPRESSOR: std::cell::RefCell<Option<Decompressor>> =
+            std::cell::RefCell::new(None);
     }
-    let out = DECOMPRESSOR
-        .try_with(|cell| match cell.try_borrow_mut() {
-            Ok(mut slot) => slot
-                .get_or_insert_with(Decompressor::new)
-                .decompress(frame, size),
-            Err(_) => Decompressor::new().decompress(frame, size),
-        })
-        .unwrap_or_else(|_| Decompressor::new().decompress(frame, size))?;
+    let out = with_thread_context(&DECOMPRESSOR, Decompressor::new, |d| {
+        d.decompress(frame, size)
+    })?;
     if out.len() == size {
         Ok(out)
     } else {
